@@ -1,0 +1,115 @@
+"""Every strategy equals an independent reference on small real Parquet files."""
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from throttler import graphs
+from throttler.errors import DataError, MisalignedKeys
+from tests.datafiles import assert_matches_reference, plan_for, write_sim
+
+STRATEGIES = ["aligned", "sum", "groupby"]
+
+
+def run_in_process(plan, out):
+    return graphs.build(plan, str(out)).final.compute(scheduler="threads")
+
+
+def _files(tmp_path, n, **kw):
+    return [write_sim(tmp_path / f"f{i:04d}.parquet", seed=i, **kw) for i in range(n)]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("n_files,files_per_task,fan_in", [(1, 1, 2), (2, 1, 2), (7, 2, 3), (20, 3, 2)])
+def test_strategy_matches_reference(tmp_path, strategy, n_files, files_per_task, fan_in):
+    files = _files(tmp_path, n_files)
+    summary = run_in_process(plan_for("g", files, strategy, files_per_task, fan_in), tmp_path / "out.parquet")
+    assert_matches_reference(tmp_path / "out.parquet", files)
+    assert summary["files"] == n_files and summary["rows"] == 50 * 6
+    assert summary["strategy"] == strategy
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_500_files(tmp_path, strategy):
+    files = _files(tmp_path, 500, n_paths=5, n_dates=3)
+    summary = run_in_process(plan_for("g", files, strategy, 40, 4), tmp_path / "out.parquet")
+    assert_matches_reference(tmp_path / "out.parquet", files)
+    assert summary["files"] == 500
+
+
+@pytest.mark.parametrize("strategy", ["sum", "groupby"])
+def test_shuffled_and_missing_paths_union_of_keys(tmp_path, strategy):
+    files = [write_sim(tmp_path / "a.parquet", seed=1),
+             write_sim(tmp_path / "b.parquet", seed=2, shuffle=True),
+             write_sim(tmp_path / "c.parquet", seed=3, drop_paths=[0, 7, 49]),
+             write_sim(tmp_path / "d.parquet", seed=4, n_paths=60)]
+    run_in_process(plan_for("g", files, strategy), tmp_path / "out.parquet")
+    assert_matches_reference(tmp_path / "out.parquet", files)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_nan_skipped_and_counted(tmp_path, strategy):
+    files = _files(tmp_path, 3, nan_frac=0.2)
+    expected_nans = sum(int(np.isnan(pq.read_table(f).column("value").to_numpy()).sum()) for f in files)
+    summary = run_in_process(plan_for("g", files, strategy), tmp_path / "out.parquet")
+    assert expected_nans > 0 and summary["nan_count"] == expected_nans
+    assert_matches_reference(tmp_path / "out.parquet", files)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_float32_values_and_narrow_types(tmp_path, strategy):
+    files = [write_sim(tmp_path / "a.parquet", seed=1, value_type=pa.float32(), path_type=pa.int32()),
+             write_sim(tmp_path / "b.parquet", seed=2, value_type=pa.float32(), path_type=pa.int32())]
+    run_in_process(plan_for("g", files, strategy), tmp_path / "out.parquet")
+    assert_matches_reference(tmp_path / "out.parquet", files)
+    assert pq.read_schema(tmp_path / "out.parquet").field("value").type == pa.float64()
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_timestamp_dates_keep_their_type(tmp_path, strategy):
+    files = _files(tmp_path, 2, date_type=pa.timestamp("us"))
+    run_in_process(plan_for("g", files, strategy), tmp_path / "out.parquet")
+    assert_matches_reference(tmp_path / "out.parquet", files)
+    assert pq.read_schema(tmp_path / "out.parquet").field("Date").type == pa.timestamp("us")
+
+
+def test_aligned_accepts_same_keys_with_different_encoding(tmp_path):
+    """Different bytes (other row groups, other path width) but equal keys: still aligned."""
+    files = [write_sim(tmp_path / "a.parquet", seed=1),
+             write_sim(tmp_path / "b.parquet", seed=2, row_group_size=37, path_type=pa.int32())]
+    run_in_process(plan_for("g", files, "aligned"), tmp_path / "out.parquet")
+    assert_matches_reference(tmp_path / "out.parquet", files)
+
+
+@pytest.mark.parametrize("defect", [dict(shuffle=True), dict(drop_paths=[3]), dict(n_paths=51)])
+def test_aligned_detects_misaligned_file(tmp_path, defect):
+    files = [write_sim(tmp_path / "a.parquet", seed=1), write_sim(tmp_path / "b.parquet", seed=2, **defect)]
+    with pytest.raises(MisalignedKeys, match="b.parquet"):
+        run_in_process(plan_for("g", files, "aligned"), tmp_path / "out.parquet")
+    assert not (tmp_path / "out.parquet").exists()
+
+
+def test_aligned_unsorted_reference_is_sorted_in_output(tmp_path):
+    files = [write_sim(tmp_path / f"{i}.parquet", seed=i, shuffle=True) for i in range(1)]
+    files.append(str(tmp_path / "copy.parquet"))
+    pq.write_table(pq.read_table(files[0]), files[1])
+    run_in_process(plan_for("g", files, "aligned"), tmp_path / "out.parquet")
+    assert_matches_reference(tmp_path / "out.parquet", files)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_duplicated_keys_are_a_data_error(tmp_path, strategy):
+    t = pq.read_table(write_sim(tmp_path / "a.parquet"))
+    pq.write_table(pa.concat_tables([t, t.slice(0, 3)]), tmp_path / "dup.parquet")
+    files = [str(tmp_path / "dup.parquet"), str(tmp_path / "dup.parquet")]
+    with pytest.raises(DataError, match="duplicated key"):
+        run_in_process(plan_for("g", files, strategy), tmp_path / "out.parquet")
+
+
+def test_keys_unique_per_submission(tmp_path):
+    files = _files(tmp_path, 4)
+    plan = plan_for("g", files, "aligned")
+    a, b = graphs.build(plan, "x"), graphs.build(plan, "x")
+    keys_a, keys_b = set(a.final.dask.keys()), set(b.final.dask.keys())
+    assert len(keys_a) == a.n_tasks and not keys_a & keys_b

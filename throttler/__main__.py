@@ -1,0 +1,3 @@
+from throttler.cli import main
+
+raise SystemExit(main())

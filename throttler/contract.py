@@ -1,0 +1,172 @@
+"""The input data contract: what a simulation file must hold, checked per file.
+
+Columns ``path`` (any integer type), ``Date`` (date32/date64 or timestamp) and
+``value`` (float32/float64). Extra columns are ignored. Every violation raises
+:class:`~throttler.errors.DataError` naming the file and the problem.
+
+Keys are normalised for computation to ``path`` int64 and ``Date`` int64
+nanoseconds since the epoch, so files of one group may mix integer widths or
+date representations; the output keeps the ``Date`` type of the group's first
+file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from throttler.errors import DataError
+
+KEY_COLUMNS = ("path", "Date")
+VALUE_COLUMN = "value"
+REQUIRED_COLUMNS = KEY_COLUMNS + (VALUE_COLUMN,)
+DATE_NS = pa.timestamp("ns")
+
+
+@dataclass(frozen=True)
+class FileSchema:
+    """The checked types of one file's three contract columns."""
+
+    path_type: pa.DataType
+    date_type: pa.DataType
+    value_type: pa.DataType
+    num_rows: int
+    num_row_groups: int
+
+
+def open_parquet(path: str) -> pq.ParquetFile:
+    """Open ``path`` (footer only); unreadable or non-Parquet files are DataErrors."""
+    try:
+        return pq.ParquetFile(pa.memory_map(path, "r"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
+        raise DataError(f"{path}: not a readable Parquet file ({_short(exc)})") from None
+
+
+def check_schema(pf: pq.ParquetFile, path: str) -> FileSchema:
+    """Check the three contract columns of an open file against the contract."""
+    schema = pf.schema_arrow
+    missing = [c for c in REQUIRED_COLUMNS if schema.get_field_index(c) < 0]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; have {schema.names}")
+    path_type = schema.field("path").type
+    date_type = schema.field("Date").type
+    value_type = schema.field(VALUE_COLUMN).type
+    if not pa.types.is_integer(path_type):
+        raise DataError(f"{path}: column 'path' must be an integer type, found {path_type}")
+    if not (pa.types.is_date(date_type) or pa.types.is_timestamp(date_type)):
+        raise DataError(f"{path}: column 'Date' must be a date or timestamp, found {date_type}")
+    if not (pa.types.is_float32(value_type) or pa.types.is_float64(value_type)):
+        raise DataError(f"{path}: column 'value' must be float32 or float64, found {value_type}")
+    md = pf.metadata
+    return FileSchema(path_type, date_type, value_type, md.num_rows, md.num_row_groups)
+
+
+def key_fingerprint(pf: pq.ParquetFile, path: str, schema: FileSchema) -> bytes:
+    """A digest of the key columns' encoded bytes, read straight from the file.
+
+    Two files with equal fingerprints hold identical key columns: identical
+    encoded bytes under an identical physical layout decode to identical keys.
+    Hashing the column chunks costs a few milliseconds a file, against tens to
+    decode and compare them. Unequal fingerprints prove nothing: the caller
+    then decodes and compares.
+    """
+    digest = hashlib.blake2b(digest_size=20)
+    digest.update(f"{schema.path_type}|{schema.date_type}|".encode())
+    md = pf.metadata
+    names = [md.schema.column(i).path for i in range(md.num_columns)]
+    key_idx = [names.index(c) for c in KEY_COLUMNS]
+    with pa.memory_map(path, "r") as source:
+        for rg in range(md.num_row_groups):
+            row_group = md.row_group(rg)
+            digest.update(row_group.num_rows.to_bytes(8, "little"))
+            for ci in key_idx:
+                digest.update(_chunk_bytes(row_group.column(ci), source))
+    return digest.digest()
+
+
+def _chunk_bytes(col: pq.ColumnChunkMetaData, source: pa.NativeFile) -> bytes:
+    start = col.data_page_offset
+    if col.has_dictionary_page and col.dictionary_page_offset is not None:
+        start = min(start, col.dictionary_page_offset)
+    header = f"{col.physical_type}|{col.compression}|{col.num_values}|".encode()
+    return header + source.read_at(col.total_compressed_size, start)
+
+
+def read_keys(pf: pq.ParquetFile, path: str) -> tuple[np.ndarray, np.ndarray]:
+    """Decode the key columns as (path int64, Date int64 ns); nulls are DataErrors."""
+    table = pf.read(columns=list(KEY_COLUMNS))
+    return normalise_keys(table, path)
+
+
+def normalise_keys(table: pa.Table, path: str) -> tuple[np.ndarray, np.ndarray]:
+    """(path, Date) columns of ``table`` as int64 arrays (Date in ns since the epoch)."""
+    paths, dates = table.column("path"), table.column("Date")
+    if paths.null_count or dates.null_count:
+        raise DataError(f"{path}: null keys in 'path' or 'Date'")
+    path_arr = paths.cast(pa.int64()).to_numpy()
+    date_arr = date_to_ns(dates, path).to_numpy().view("int64")
+    return path_arr, date_arr
+
+
+def date_to_ns(dates: pa.ChunkedArray, path: str) -> pa.ChunkedArray:
+    """Cast a date or timestamp column to timestamp[ns] (time zones are dropped)."""
+    try:
+        if pa.types.is_timestamp(dates.type) and dates.type.tz is not None:
+            dates = dates.cast(pa.timestamp(dates.type.unit))
+        return pc.cast(dates, DATE_NS)
+    except pa.ArrowInvalid as exc:
+        raise DataError(f"{path}: 'Date' out of range for nanosecond timestamps ({_short(exc)})") from None
+
+
+def ns_to_date_type(date_ns: np.ndarray, date_type: pa.DataType) -> pa.Array:
+    """Turn int64 nanoseconds back into the group's output ``Date`` type."""
+    arr = pa.array(date_ns.view("datetime64[ns]"), DATE_NS)
+    return arr.cast(date_type, safe=False) if date_type != DATE_NS else arr
+
+
+def read_values(pf: pq.ParquetFile, row_group: int, path: str) -> np.ndarray:
+    """One row group's ``value`` column as a float array (nulls become NaN)."""
+    try:
+        col = pf.read_row_group(row_group, columns=[VALUE_COLUMN]).column(0)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(f"{path}: cannot decode 'value' in row group {row_group} ({_short(exc)})") from None
+    return col.to_numpy() if col.null_count == 0 else col.to_numpy(zero_copy_only=False)
+
+
+def keys_strictly_sorted(paths: np.ndarray, dates: np.ndarray) -> bool:
+    """True when keys are strictly increasing by (path, Date): sorted and unique."""
+    if len(paths) < 2:
+        return True
+    dp = paths[1:] - paths[:-1]
+    dd = dates[1:] - dates[:-1]
+    return bool(np.all((dp > 0) | ((dp == 0) & (dd > 0))))
+
+
+def sort_keys(paths: np.ndarray, dates: np.ndarray, path: str) -> np.ndarray | None:
+    """The permutation that sorts keys by (path, Date), or None if already sorted.
+
+    Raises DataError on a duplicated (path, Date) key: the contract wants keys
+    unique within a file.
+    """
+    if keys_strictly_sorted(paths, dates):
+        return None
+    order = np.lexsort((dates, paths))
+    sp, sd = paths[order], dates[order]
+    dup = (sp[1:] == sp[:-1]) & (sd[1:] == sd[:-1])
+    if dup.any():
+        i = int(np.argmax(dup))
+        raise DataError(f"{path}: duplicated key (path={sp[i]}, Date={sd[i].astype('datetime64[ns]')})"
+                        f" ({int(dup.sum())} duplicates)")
+    return order
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:200]

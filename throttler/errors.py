@@ -1,0 +1,32 @@
+"""Error taxonomy: what is retried and what fails a group at once."""
+
+
+class ThrottlerError(Exception):
+    """Base class of every error throttler raises on purpose."""
+
+
+class DataError(ThrottlerError):
+    """Permanent: the input is wrong (missing column, bad type, unreadable file).
+
+    Retrying cannot help; the group fails at once with this message.
+    """
+
+
+class CatalogError(DataError):
+    """Permanent: the group is unknown, empty, or names a file outside the data root."""
+
+
+class MisalignedKeys(DataError):
+    """The files of a group do not share the same keys in the same order.
+
+    Raised by the ``aligned`` strategy; ``auto`` answers it by re-running the
+    group with the index-aligned ``sum`` strategy.
+    """
+
+
+class DoesNotFit(ThrottlerError):
+    """Permanent: a single task of the plan needs more memory than any worker has."""
+
+
+class RequestError(ThrottlerError):
+    """Permanent: a queue request is malformed (bad name, bad JSON, symlink...)."""

@@ -1,0 +1,70 @@
+"""Graph builders: a plan becomes a Dask graph of leaf, combine and final tasks.
+
+Three strategies share one tree shape (see :mod:`throttler.kernels`):
+
+* ``aligned`` streams ``value`` columns into float64 accumulators (the fast path);
+* ``sum`` folds (path, Date)-indexed pandas Series: index-aligned summation;
+* ``groupby`` concatenates a chunk of files and groups it, the seed's first way.
+
+Keys carry a per-submission token: Dask applies resource restrictions only to
+keys it has not seen, so a resubmitted group must never reuse old keys.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+import dask
+from dask.delayed import Delayed
+
+from throttler import kernels
+from throttler.plan import Plan
+
+
+@dataclass(frozen=True)
+class GroupGraph:
+    """The built graph of one submission of one group."""
+
+    final: Delayed  #: computes to the summary dict
+    token: str  #: unique per submission; every key of the graph contains it
+    n_tasks: int
+    key_prefix: str
+
+
+def new_token() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def build(plan: Plan, output_path: str, token: str | None = None) -> GroupGraph:
+    """Build the graph of ``plan`` writing ``output_path``."""
+    token = token or new_token()
+    prefix = f"throttler-{plan.strategy}-{token}"
+    files = [f.path for f in plan.files]
+    leaf_fn, combine_fn, final_fn, extra = _functions(plan.strategy, files)
+    chunks = [files[i:i + plan.files_per_task] for i in range(0, len(files), plan.files_per_task)]
+    level = [_task(leaf_fn, f"{prefix}-leaf-{i}", chunk, *extra) for i, chunk in enumerate(chunks)]
+    n_tasks = len(level)
+    depth = 0
+    fan_in = max(2, plan.fan_in)
+    while len(level) > fan_in:
+        depth += 1
+        level = [_task(combine_fn, f"{prefix}-combine-{depth}-{i}", level[j:j + fan_in])
+                 for i, j in enumerate(range(0, len(level), fan_in))]
+        n_tasks += len(level)
+    final = _task(final_fn, f"{prefix}-final", level, *extra, output_path)
+    return GroupGraph(final, token, n_tasks + 1, prefix)
+
+
+def _functions(strategy: str, files: list[str]):
+    if strategy == "aligned":
+        return kernels.aligned_leaf, kernels.aligned_combine, kernels.aligned_final, (files[0],)
+    if strategy == "sum":
+        return kernels.sum_leaf, kernels.sum_combine, kernels.sum_final, ()
+    if strategy == "groupby":
+        return kernels.groupby_leaf, kernels.groupby_combine, kernels.groupby_final, ()
+    raise ValueError(f"unknown strategy {strategy!r}")
+
+
+def _task(fn, key: str, *args) -> Delayed:
+    return dask.delayed(fn, pure=False)(*args, dask_key_name=key)

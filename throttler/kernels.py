@@ -1,0 +1,285 @@
+"""Task functions that run on Dask workers: leaf reads, combines, the final write.
+
+Every strategy follows one shape: leaf tasks read a slice of the group's files
+into a partial result, combine tasks add partials in a tree, and the final task
+adds the last partials and writes the group's output file atomically. Only a
+small summary dict travels back to the client.
+
+NaN inputs are skipped (treated as 0, like pandas ``groupby().sum()``) and
+counted; infinities are summed as IEEE arithmetic gives (inf + -inf = NaN).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from throttler import contract
+from throttler.errors import DataError, MisalignedKeys
+from throttler.output import write_output
+
+
+@dataclass
+class Partial:
+    """A partial sum plus the bookkeeping that travels up the tree."""
+
+    data: Any  #: ndarray (aligned), Series (sum) or DataFrame (groupby)
+    date_type: pa.DataType | None = None
+    files: int = 0
+    bytes_read: int = 0
+    nan_count: int = 0
+    peak_bytes: int = 0
+    task_seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def absorb_stats(self, other: "Partial") -> None:
+        self.files += other.files
+        self.bytes_read += other.bytes_read
+        self.nan_count += other.nan_count
+        self.peak_bytes = max(self.peak_bytes, other.peak_bytes)
+        self.task_seconds += other.task_seconds
+        if self.date_type is None:
+            self.date_type = other.date_type
+
+
+def _skip_nans(values: np.ndarray) -> tuple[np.ndarray, int]:
+    """(values with NaN replaced by 0, NaN count); one cheap pass when there are none."""
+    total = values.sum()
+    if np.isfinite(total):
+        return values, 0
+    nan_mask = np.isnan(values)
+    count = int(np.count_nonzero(nan_mask))
+    return (np.where(nan_mask, 0.0, values) if count else values), count
+
+
+# --------------------------------------------------------------------------- aligned
+
+
+class _Reference:
+    """The group's first file: its key fingerprint and, only if needed, its keys."""
+
+    def __init__(self, path: str):
+        self.path = path
+        pf = contract.open_parquet(path)
+        self.schema = contract.check_schema(pf, path)
+        self.fingerprint = contract.key_fingerprint(pf, path, self.schema)
+        self._keys: tuple[np.ndarray, np.ndarray] | None = None
+
+    def keys(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._keys is None:
+            self._keys = contract.read_keys(contract.open_parquet(self.path), self.path)
+        return self._keys
+
+    def verify_same_keys(self, pf, path: str) -> int:
+        """Decode ``path``'s keys and compare with the reference; returns bytes held."""
+        ref_paths, ref_dates = self.keys()
+        paths, dates = contract.read_keys(pf, path)
+        if len(paths) != len(ref_paths):
+            raise MisalignedKeys(f"{path}: {len(paths)} rows, but {self.path} has {len(ref_paths)}:"
+                                 " keys are not aligned")
+        if not (np.array_equal(paths, ref_paths) and np.array_equal(dates, ref_dates)):
+            bad = int(np.argmax((paths != ref_paths) | (dates != ref_dates)))
+            raise MisalignedKeys(f"{path}: keys differ from {self.path} at row {bad}: keys are not aligned")
+        return 4 * paths.nbytes
+
+
+def aligned_leaf(paths: list[str], reference_path: str) -> Partial:
+    """Stream the ``value`` column of each file into one float64 accumulator.
+
+    Memory: the accumulator plus one row group, however many files the leaf
+    reads. Each file's keys are verified against the reference by fingerprint;
+    only a file whose fingerprint differs has its keys decoded and compared.
+    """
+    started = time.perf_counter()
+    ref = _Reference(reference_path)
+    acc = np.zeros(ref.schema.num_rows, dtype=np.float64)
+    part = Partial(acc, date_type=ref.schema.date_type)
+    peak = acc.nbytes
+    for path in paths:
+        pf = contract.open_parquet(path)
+        schema = contract.check_schema(pf, path)
+        extra = 0
+        if schema.num_rows != ref.schema.num_rows or contract.key_fingerprint(pf, path, schema) != ref.fingerprint:
+            extra = ref.verify_same_keys(pf, path)
+        peak = max(peak, acc.nbytes + extra, acc.nbytes + _add_values(acc, pf, path, part))
+        part.files += 1
+        part.bytes_read += os.path.getsize(path)
+    part.peak_bytes = peak
+    part.task_seconds = time.perf_counter() - started
+    return part
+
+
+def _add_values(acc: np.ndarray, pf, path: str, part: Partial) -> int:
+    """Add every row group's values into ``acc`` in place; returns the largest chunk held."""
+    offset, largest = 0, 0
+    for rg in range(pf.metadata.num_row_groups):
+        values, nans = _skip_nans(contract.read_values(pf, rg, path))
+        n = len(values)
+        np.add(acc[offset:offset + n], values, out=acc[offset:offset + n])
+        part.nan_count += nans
+        offset += n
+        largest = max(largest, values.nbytes)
+    return largest
+
+
+def aligned_combine(partials: list[Partial]) -> Partial:
+    """Add accumulators (into a fresh array: inputs may be reused on a retry)."""
+    started = time.perf_counter()
+    out = Partial(partials[0].data.copy())
+    out.absorb_stats(partials[0])
+    for p in partials[1:]:
+        out.data += p.data
+        out.absorb_stats(p)
+    out.peak_bytes = max(out.peak_bytes, out.data.nbytes * (len(partials) + 1))
+    out.task_seconds += time.perf_counter() - started
+    return out
+
+
+def aligned_final(partials: list[Partial], reference_path: str, output_path: str) -> dict:
+    """Add the last partials, attach the reference keys, sort, write the output."""
+    started = time.perf_counter()
+    total = aligned_combine(partials)
+    paths, dates = contract.read_keys(contract.open_parquet(reference_path), reference_path)
+    order = contract.sort_keys(paths, dates, reference_path)
+    values = total.data
+    if order is not None:
+        paths, dates, values = paths[order], dates[order], values[order]
+    peak = max(total.peak_bytes, values.nbytes * 4 + (order.nbytes if order is not None else 0))
+    return _finish(total, paths, dates, values, output_path, peak, started, "aligned")
+
+
+def _finish(total: Partial, paths, dates, values, output_path, peak, started, strategy) -> dict:
+    written = write_output(output_path, paths, dates, values, total.date_type)
+    return {
+        "strategy": strategy,
+        "rows": int(len(values)),
+        "files": total.files,
+        "bytes_read": total.bytes_read,
+        "bytes_written": written,
+        "nan_count": total.nan_count,
+        "peak_bytes": int(peak),
+        "task_seconds": round(total.task_seconds + time.perf_counter() - started, 6),
+        "output": output_path,
+    }
+
+
+# --------------------------------------------------------------------------- sum
+
+
+def _read_frame(path: str, part: Partial) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Read one file's keys (int64) and values (float64, NaN skipped) and check the keys."""
+    pf = contract.open_parquet(path)
+    schema = contract.check_schema(pf, path)
+    if part.date_type is None:
+        part.date_type = schema.date_type
+    table = pf.read(columns=list(contract.REQUIRED_COLUMNS))
+    paths, dates = contract.normalise_keys(table, path)
+    col = table.column(contract.VALUE_COLUMN)
+    values = col.to_numpy() if col.null_count == 0 else col.to_numpy(zero_copy_only=False)
+    values, nans = _skip_nans(values.astype(np.float64, copy=False))
+    part.nan_count += nans
+    part.files += 1
+    part.bytes_read += os.path.getsize(path)
+    return paths, dates, values
+
+
+def _series(paths, dates, values, path: str) -> pd.Series:
+    index = pd.MultiIndex.from_arrays([paths, dates], names=list(contract.KEY_COLUMNS))
+    if not contract.keys_strictly_sorted(paths, dates) and not index.is_unique:
+        contract.sort_keys(paths, dates, path)  # raises with the duplicated key
+    return pd.Series(values, index=index, name=contract.VALUE_COLUMN)
+
+
+def sum_leaf(paths: list[str]) -> Partial:
+    """Index-aligned summation: fold each file's (path, Date)-indexed Series in turn."""
+    started = time.perf_counter()
+    part = Partial(None)
+    for path in paths:
+        p, d, v = _read_frame(path, part)
+        series = _series(p, d, v, path)
+        held = _series_bytes(series) * (1 if part.data is None else 3)
+        part.data = series if part.data is None else part.data.add(series, fill_value=0.0)
+        part.peak_bytes = max(part.peak_bytes, held)
+    part.task_seconds = time.perf_counter() - started
+    return part
+
+
+def _series_bytes(series: pd.Series) -> int:
+    return int(series.memory_usage(index=True, deep=False))
+
+
+def sum_combine(partials: list[Partial]) -> Partial:
+    started = time.perf_counter()
+    out = Partial(partials[0].data)
+    out.absorb_stats(partials[0])
+    for p in partials[1:]:
+        out.data = out.data.add(p.data, fill_value=0.0)
+        out.absorb_stats(p)
+    out.peak_bytes = max(out.peak_bytes, _series_bytes(out.data) * (len(partials) + 1))
+    out.task_seconds += time.perf_counter() - started
+    return out
+
+
+def sum_final(partials: list[Partial], output_path: str) -> dict:
+    started = time.perf_counter()
+    total = sum_combine(partials)
+    series = total.data.sort_index()
+    paths = series.index.get_level_values(0).to_numpy(dtype=np.int64)
+    dates = series.index.get_level_values(1).to_numpy(dtype=np.int64)
+    return _finish(total, paths, dates, series.to_numpy(dtype=np.float64), output_path,
+                   total.peak_bytes, started, "sum")
+
+
+# --------------------------------------------------------------------------- groupby
+
+
+def _grouped(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.groupby(list(contract.KEY_COLUMNS), sort=False, as_index=False)[contract.VALUE_COLUMN].sum()
+
+
+def groupby_leaf(paths: list[str]) -> Partial:
+    """The seed's chunked group-by: concatenate a chunk of files, group and sum."""
+    started = time.perf_counter()
+    part = Partial(None)
+    frames = []
+    for path in paths:
+        p, d, v = _read_frame(path, part)
+        if not contract.keys_strictly_sorted(p, d):
+            contract.sort_keys(p, d, path)  # raises on a duplicated key
+        frames.append(pd.DataFrame({"path": p, "Date": d, "value": v}))
+    frame = pd.concat(frames, ignore_index=True)
+    part.data = _grouped(frame)
+    part.peak_bytes = int(frame.memory_usage(deep=False).sum() * 2 + part.data.memory_usage(deep=False).sum())
+    part.task_seconds = time.perf_counter() - started
+    return part
+
+
+def groupby_combine(partials: list[Partial]) -> Partial:
+    started = time.perf_counter()
+    out = Partial(None)
+    for p in partials:
+        out.absorb_stats(p)
+    frame = pd.concat([p.data for p in partials], ignore_index=True)
+    out.data = _grouped(frame)
+    out.peak_bytes = max(out.peak_bytes, int(frame.memory_usage(deep=False).sum() * 2))
+    out.task_seconds += time.perf_counter() - started
+    return out
+
+
+def groupby_final(partials: list[Partial], output_path: str) -> dict:
+    started = time.perf_counter()
+    total = groupby_combine(partials)
+    frame = total.data.sort_values(list(contract.KEY_COLUMNS), kind="stable")
+    return _finish(total, frame["path"].to_numpy(np.int64), frame["Date"].to_numpy(np.int64),
+                   frame["value"].to_numpy(np.float64), output_path, total.peak_bytes, started, "groupby")
+
+
+def check_not_empty(partials: list[Partial]) -> None:
+    if not partials:
+        raise DataError("group has no files")

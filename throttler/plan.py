@@ -1,0 +1,60 @@
+"""The plan of one group: what to read, how to chunk it, and what it costs in memory.
+
+A plan is a plain value. It is made by :mod:`throttler.planner`, priced by
+:mod:`throttler.estimator`, judged by :mod:`throttler.admission` and turned into a
+Dask graph by :mod:`throttler.graphs`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+STRATEGIES = ("aligned", "sum", "groupby")
+STRATEGY_CHOICES = ("auto",) + STRATEGIES
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """One input file as the planner saw it."""
+
+    path: str  #: absolute path, already checked to lie under the data root
+    size_bytes: int  #: on-disk size
+    rows: int = 0  #: rows from the Parquet footer (0 when unknown)
+    decoded_bytes: int = 0  #: uncompressed size from the Parquet footer (0 when unknown)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one group is computed, and its memory price.
+
+    ``task_peak_bytes`` is the peak of the largest single task (it must fit one
+    worker); ``group_peak_bytes`` is the most the whole group can hold at once
+    across the cluster (what admission reserves).
+    """
+
+    group: str
+    strategy: str  #: one of STRATEGIES (never "auto": the planner resolves it)
+    files: tuple[FileInfo, ...]
+    files_per_task: int  #: files read by one leaf task
+    fan_in: int  #: how many partial results one combine task adds
+    task_peak_bytes: int
+    group_peak_bytes: int
+    expansion: float  #: decoded bytes per on-disk byte used for the estimate
+    requested_strategy: str = "auto"
+    attempt: int = 1
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def n_files(self) -> int:
+        return len(self.files)
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(f.size_bytes for f in self.files)
+
+    @property
+    def n_leaf_tasks(self) -> int:
+        return -(-self.n_files // max(1, self.files_per_task))
+
+    def with_changes(self, **changes) -> "Plan":
+        return replace(self, **changes)
