@@ -1,0 +1,226 @@
+"""Admission: may this plan start now? A pure policy over a cluster snapshot.
+
+No I/O and no clock: the caller passes the snapshot, its own reservations and
+the time. The submitter thread carries a decision out under its lock (reserve
+in the :class:`Ledger`, then submit).
+
+Memory accounting. Only running workers count (a paused worker starts no
+task; a closing one is leaving). Each contributes ``memory_limit x
+memory_fraction`` to the capacity. Used memory is
+``max(sum process, sum unmanaged_old + reserved)``: a just-submitted group
+does not show in heartbeats for a second or two, so its reservation stands in
+for it; once its memory shows up in process memory, the larger of the two
+counts it once, not twice. (Working memory of a task running longer than
+``distributed.worker.memory.recent-to-old-time``, 30 s, turns into
+unmanaged_old and is then counted twice: the error is on the safe side.)
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Iterable
+
+from throttler.cluster import ClusterSnapshot
+from throttler.plan import Plan
+
+#: Default share of each worker's memory_limit that admitted work may fill:
+#: Dask's target threshold (0.6, where spilling starts) below spill (0.7),
+#: pause (0.8) and terminate (0.95).
+DEFAULT_MEMORY_FRACTION = 0.6
+
+#: How long the head of the queue may be overtaken by smaller groups before
+#: nothing new starts until it fits.
+DEFAULT_MAX_HEAD_WAIT_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Memory promised to a submitted group until it finishes."""
+
+    group: str
+    key: str  #: unique per submission
+    group_peak_bytes: int
+    task_peak_bytes: int
+    submitted_at_seconds: float
+
+
+class Ledger:
+    """Our reservations by key. Thread-safe; holds its lock only to change the dict."""
+
+    def __init__(self, reservations: Iterable[Reservation] = ()):
+        self._lock = threading.Lock()
+        self._by_key = {r.key: r for r in reservations}
+
+    def reserve(self, reservation: Reservation) -> None:
+        """Add a reservation; a key is reserved once."""
+        with self._lock:
+            if reservation.key in self._by_key:
+                raise KeyError(f"already reserved: {reservation.key}")
+            self._by_key[reservation.key] = reservation
+
+    def release(self, key: str) -> Reservation | None:
+        """Drop a reservation; releasing an unknown key is a no-op."""
+        with self._lock:
+            return self._by_key.pop(key, None)
+
+    def total_bytes(self) -> int:
+        with self._lock:
+            return sum(r.group_peak_bytes for r in self._by_key.values())
+
+    def items(self) -> list[Reservation]:
+        """A copy of the reservations, oldest first."""
+        with self._lock:
+            return sorted(self._by_key.values(), key=lambda r: r.submitted_at_seconds)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._by_key)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The verdict on one candidate, with the figures behind it."""
+
+    admit: bool
+    reason: str
+    free_bytes: int  #: capacity minus used (negative when over budget)
+    needed_bytes: int  #: the candidate's group peak
+    fatal: bool = False  #: the candidate can never run on this cluster
+
+
+def decide(snapshot: ClusterSnapshot, reserved: list[Reservation], candidate: Plan, *,
+           memory_fraction: float = DEFAULT_MEMORY_FRACTION, now_seconds: float,
+           head_waiting_since_seconds: float | None = None, is_head: bool = True,
+           max_backfill_delay_seconds: float = DEFAULT_MAX_HEAD_WAIT_SECONDS) -> Decision:
+    """Admit ``candidate`` now, or say why it waits (or can never run).
+
+    A candidate that is not the head of the queue waits once the head has
+    waited ``max_backfill_delay_seconds`` (backfill is closed).
+    """
+    needed = candidate.group_peak_bytes
+    fatal = _never_fits(snapshot, candidate, memory_fraction)
+    if fatal:
+        return Decision(False, fatal, 0, needed, fatal=True)
+    running = snapshot.running_workers
+    if not running:
+        return Decision(False, "no running workers", 0, needed)
+    capacity = sum(int(w.memory_limit_bytes * memory_fraction) for w in running)
+    reserved_bytes = sum(r.group_peak_bytes for r in reserved)
+    used = max(sum(w.process_bytes for w in running),
+               sum(w.unmanaged_old_bytes for w in running) + reserved_bytes)
+    free = capacity - used
+    if not is_head and head_waiting_since_seconds is not None \
+            and now_seconds - head_waiting_since_seconds >= max_backfill_delay_seconds:
+        return Decision(False, "backfill closed: the head of the queue has waited too long", free, needed)
+    if not any(candidate.task_peak_bytes <= w.memory_limit_bytes * memory_fraction for w in running):
+        return Decision(False, f"largest task ({_human(candidate.task_peak_bytes)}) fits no running worker now",
+                        free, needed)
+    if needed > capacity:
+        return _lone_big_group(reserved, capacity, free, needed)
+    if needed <= free:
+        return Decision(True, f"fits: needs {_human(needed)}, {_human(free)} free", free, needed)
+    return Decision(False, f"waits for memory: needs {_human(needed)}, {_human(free)} free", free, needed)
+
+
+def _never_fits(snapshot: ClusterSnapshot, candidate: Plan, memory_fraction: float) -> str:
+    """Why the candidate's largest task fits no worker even empty ("" when it fits one)."""
+    if not snapshot.workers:
+        return ""
+    budget = max(int(w.memory_limit_bytes * memory_fraction) for w in snapshot.workers)
+    if candidate.task_peak_bytes <= budget:
+        return ""
+    return (f"does not fit: the largest task needs {_human(candidate.task_peak_bytes)} but the largest "
+            f"worker allows {_human(budget)} (memory_limit x {memory_fraction})")
+
+
+def _lone_big_group(reserved: list[Reservation], capacity: int, free: int, needed: int) -> Decision:
+    """A group larger than the whole cluster runs alone, never waits forever."""
+    if reserved:
+        return Decision(False, f"waits to run alone: needs {_human(needed)}, more than the "
+                               f"cluster's {_human(capacity)}", free, needed)
+    return Decision(True, f"runs alone: needs {_human(needed)}, more than the cluster's "
+                          f"{_human(capacity)}; worker resources keep each task safe", free, needed)
+
+
+# --------------------------------------------------------------------------- the queue
+
+
+@dataclass(frozen=True)
+class QueueEntry:
+    """A planned group waiting for admission."""
+
+    plan: Plan
+    priority: int = 0  #: higher first
+    enqueued_at_seconds: float = 0.0
+    key: str = ""  #: the reservation key ("" means the group name)
+
+    @property
+    def reservation_key(self) -> str:
+        return self.key or self.plan.group
+
+
+@dataclass(frozen=True)
+class AdmissionPolicy:
+    """The tunables of :func:`choose`."""
+
+    memory_fraction: float = DEFAULT_MEMORY_FRACTION
+    max_head_wait_seconds: float = DEFAULT_MAX_HEAD_WAIT_SECONDS
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A decision about one queue entry."""
+
+    entry: QueueEntry
+    decision: Decision
+
+    @property
+    def plan(self) -> Plan:
+        return self.entry.plan
+
+
+def queue_order(queue: Iterable[QueueEntry]) -> list[QueueEntry]:
+    """Priority first (higher first), then the order of arrival."""
+    return sorted(queue, key=lambda e: (-e.priority, e.enqueued_at_seconds))
+
+
+def choose(snapshot: ClusterSnapshot, reserved: list[Reservation], queue: list[QueueEntry],
+           now_seconds: float, policy: AdmissionPolicy = AdmissionPolicy()) -> list[Choice]:
+    """One admission round: every entry to admit now, and every fatal one.
+
+    The head is the first entry, in queue order, that waits. Smaller entries
+    behind it may start (backfill) until the head has waited
+    ``policy.max_head_wait_seconds`` since it was enqueued; then nothing new
+    starts until the head fits, so it starts within a bounded time. A fatal
+    entry never becomes the head. Admits are reserved virtually as the round
+    goes, so one round never over-admits.
+    """
+    virtual = list(reserved)
+    out: list[Choice] = []
+    head: QueueEntry | None = None
+    for entry in queue_order(queue):
+        decision = decide(
+            snapshot, virtual, entry.plan, memory_fraction=policy.memory_fraction,
+            now_seconds=now_seconds, is_head=head is None,
+            head_waiting_since_seconds=None if head is None else head.enqueued_at_seconds,
+            max_backfill_delay_seconds=policy.max_head_wait_seconds)
+        if decision.admit:
+            virtual.append(_reservation_for(entry, now_seconds))
+        elif head is None and not decision.fatal:
+            head = entry
+        if decision.admit or decision.fatal:
+            out.append(Choice(entry, decision))
+    return out
+
+
+def _reservation_for(entry: QueueEntry, now_seconds: float) -> Reservation:
+    plan = entry.plan
+    return Reservation(plan.group, entry.reservation_key, plan.group_peak_bytes,
+                       plan.task_peak_bytes, now_seconds)
+
+
+def _human(n_bytes: float) -> str:
+    if abs(n_bytes) >= 2**30:
+        return f"{n_bytes / 2**30:.2f} GiB"
+    return f"{n_bytes / 2**20:.1f} MiB"

@@ -1,0 +1,266 @@
+"""The ``throttler`` command line: serve, submit, status, plan, run, generate, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from throttler import __version__
+from throttler.config import ConfigError, load
+from throttler.errors import ThrottlerError
+from throttler.plan import STRATEGY_CHOICES
+
+log = logging.getLogger("throttler")
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # read when distributed is imported
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(args, "log_level", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ConfigError, ThrottlerError) as exc:
+        print(f"throttler: {exc}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="throttler", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"throttler {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    _submit_parser(sub)
+    _status_parser(sub)
+    _plan_parser(sub)
+    _run_parser(sub)
+    _generate_parser(sub)
+    _demo_parser(sub)
+    return parser
+
+
+def _add_data_flags(p, output=True) -> None:
+    p.add_argument("--data-root", required=True, help="directory holding the estate")
+    p.add_argument("--manifest", help="CSV or Parquet with columns group_id, file (relative to --data-root)")
+    if output:
+        p.add_argument("--output", required=True, help="directory for one <group>.parquet per group")
+
+
+def _add_cluster_flags(p) -> None:
+    p.add_argument("--scheduler", help="Dask scheduler address; none: an embedded local cluster")
+    p.add_argument("--workers", type=int, default=0, help="embedded cluster: worker processes")
+    p.add_argument("--worker-memory-bytes", type=int, default=0, help="embedded cluster: limit per worker")
+    p.add_argument("--memory-fraction", type=float, default=0.6, help="share of worker memory to fill")
+
+
+# ------------------------------------------------------------------------- serve
+
+
+def _serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="run the daemon")
+    p.add_argument("--config", help="TOML configuration file")
+    for flag in ("spool", "data-root", "output", "manifest", "scheduler", "metrics-address", "strategy",
+                 "log-level"):
+        p.add_argument(f"--{flag}", dest=flag.replace("-", "_"))
+    for flag in ("builder-threads", "submitter-threads", "workers", "threads-per-worker",
+                 "worker-memory-bytes"):
+        p.add_argument(f"--{flag}", dest=flag.replace("-", "_"), type=int)
+    for flag in ("memory-fraction", "drain-timeout-seconds", "rescan-seconds", "poll-seconds"):
+        p.add_argument(f"--{flag}", dest=flag.replace("-", "_"), type=float)
+    p.set_defaults(func=cmd_serve)
+
+
+def _serve_overrides(args) -> dict:
+    skip = {"command", "func", "config"}
+    return {k: v for k, v in vars(args).items() if k not in skip and v is not None}
+
+
+def cmd_serve(args) -> int:
+    from throttler import daemon
+
+    overrides = _serve_overrides(args)
+    cfg = load(args.config, overrides)
+    logging.getLogger().setLevel(cfg.log_level)
+    return daemon.serve(cfg, args.config, overrides)
+
+
+# ------------------------------------------------------------------------- submit / status
+
+
+def _submit_parser(sub) -> None:
+    p = sub.add_parser("submit", help="queue groups for the daemon")
+    p.add_argument("groups", nargs="+", metavar="GROUP")
+    p.add_argument("--spool", required=True)
+    p.add_argument("--priority", type=int, default=0)
+    p.add_argument("--strategy", choices=STRATEGY_CHOICES, default="auto")
+    p.set_defaults(func=cmd_submit)
+
+
+def cmd_submit(args) -> int:
+    from throttler.spool import Spool
+
+    spool = Spool(args.spool).ensure()
+    for group in args.groups:
+        path = spool.submit(group, priority=args.priority, strategy=args.strategy)
+        print(f"queued {group} as {path.name}")
+    return 0
+
+
+def _status_parser(sub) -> None:
+    p = sub.add_parser("status", help="queue depths, running groups, reservations, cluster memory")
+    p.add_argument("--spool", required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+
+def cmd_status(args) -> int:
+    from throttler.spool import Spool
+    from throttler.status import read_status
+
+    spool = Spool(args.spool)
+    doc = {"queue": spool.counts(), "daemon": read_status(spool.state_dir)}
+    if args.json:
+        print(json.dumps(doc, indent=1, sort_keys=True))
+        return 0
+    q = doc["queue"]
+    print(f"incoming {q['incoming']}  active {q['active']}  done {q['done']}  failed {q['failed']}")
+    daemon = doc["daemon"]
+    if not daemon:
+        print("daemon: no status file (not running yet?)")
+        return 0
+    mem = daemon["cluster_memory"]
+    print(f"daemon pid {daemon['pid']}: states {daemon['states']}; workers {daemon['workers']}")
+    print(f"cluster memory (admission view): limit {mem['limit_bytes'] / 2**30:.2f} GiB, used "
+          f"{mem['used_bytes'] / 2**30:.2f} GiB, free {mem['free_bytes'] / 2**30:.2f} GiB, reserved "
+          f"{mem['reserved_bytes'] / 2**30:.2f} GiB")
+    for r in daemon["running"]:
+        print(f"  running {r['group']}: {r['strategy']}, reserves {r['estimate_bytes'] / 2**20:.1f} MiB, "
+              f"attempt {r['attempt']}, {r['running_seconds']:.1f} s")
+    return 0
+
+
+# ------------------------------------------------------------------------- plan / run
+
+
+def _plan_parser(sub) -> None:
+    p = sub.add_parser("plan", help="dry run: files, bytes, estimate, chunking, would it fit now")
+    p.add_argument("group")
+    _add_data_flags(p, output=False)
+    _add_cluster_flags(p)
+    p.add_argument("--strategy", choices=STRATEGY_CHOICES, default="auto")
+    p.set_defaults(func=cmd_plan)
+
+
+def cmd_plan(args) -> int:
+    from throttler import admission, estimator, planner
+    from throttler.catalog import Catalog
+    from throttler.cluster import read_snapshot
+
+    files = [estimator.file_info(f) for f in Catalog(args.data_root, args.manifest).files(args.group)]
+    client, cluster = _connect(args)
+    try:
+        snapshot = read_snapshot(client)
+        plan = planner.make_plan(args.group, files, args.strategy, snapshot.shape(), estimator.Estimator(),
+                                 memory_fraction=args.memory_fraction)
+        decision = admission.decide(snapshot, [], plan, memory_fraction=args.memory_fraction, now_seconds=0.0)
+    finally:
+        _disconnect(client, cluster)
+    print(f"group {plan.group}: {plan.n_files} files, {plan.input_bytes / 2**20:,.1f} MiB on disk, "
+          f"naive estimate {estimator.naive_group_bytes(files) / 2**20:,.1f} MiB")
+    print(f"strategy {plan.strategy} (asked {args.strategy}); {plan.n_leaf_tasks} leaf tasks x "
+          f"{plan.files_per_task} files, fan-in {plan.fan_in}")
+    print(f"peak per task {plan.task_peak_bytes / 2**20:,.1f} MiB; group reserves "
+          f"{plan.group_peak_bytes / 2**20:,.1f} MiB")
+    print(f"fits now: {'yes' if decision.admit else 'no'} ({decision.reason})")
+    return 0
+
+
+def _run_parser(sub) -> None:
+    p = sub.add_parser("run", help="aggregate groups now and exit (non-zero if any failed)")
+    p.add_argument("groups", nargs="+", metavar="GROUP")
+    _add_data_flags(p)
+    _add_cluster_flags(p)
+    p.add_argument("--strategy", choices=STRATEGY_CHOICES, default="auto")
+    p.set_defaults(func=cmd_run)
+
+
+def cmd_run(args) -> int:
+    from throttler.catalog import Catalog
+    from throttler.estimator import Estimator
+    from throttler.runner import print_progress, run_group
+
+    os.makedirs(args.output, exist_ok=True)
+    catalog = Catalog(args.data_root, args.manifest)
+    client, cluster = _connect(args)
+    failed = 0
+    try:
+        for group in args.groups:
+            result = run_group(client, catalog, group, args.output, args.strategy, estimator=Estimator(),
+                               memory_fraction=args.memory_fraction, progress=print_progress)
+            print(result.line(), flush=True)
+            failed += not result.ok
+    finally:
+        _disconnect(client, cluster)
+    return 1 if failed else 0
+
+
+def _connect(args):
+    if args.scheduler:
+        from distributed import Client
+
+        return Client(args.scheduler), None
+    from throttler.cluster import start_embedded_cluster
+
+    cluster, client = start_embedded_cluster(args.worker_memory_bytes or None, args.workers or None)
+    return client, cluster
+
+
+def _disconnect(client, cluster) -> None:
+    client.close()
+    if cluster is not None:
+        cluster.close()
+
+
+# ------------------------------------------------------------------------- generate / demo
+
+
+def _generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="write a synthetic estate shaped like the seed's")
+    p.add_argument("--root", required=True)
+    p.add_argument("--groups", type=int, default=10)
+    p.add_argument("--max-files", type=int, default=50)
+    p.add_argument("--min-files", type=int, default=2)
+    p.add_argument("--paths", type=int, default=50_000)
+    p.add_argument("--dates", type=int, default=120)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--physical-files", type=int, help="write this many real files; the rest are hard links")
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args) -> int:
+    from throttler.generate import EstateSpec, write_estate
+
+    spec = EstateSpec(groups=args.groups, max_files=args.max_files, min_files=args.min_files,
+                      paths=args.paths, dates=args.dates, seed=args.seed, physical_files=args.physical_files)
+    groups = write_estate(args.root, spec)
+    total = sum(len(f) for f in groups.values())
+    print(f"wrote {len(groups)} groups, {total} files ({args.paths * args.dates:,} rows each) under "
+          f"{args.root}; manifest {args.root}/manifest.csv")
+    return 0
+
+
+def _demo_parser(sub) -> None:
+    p = sub.add_parser("demo", help="generate a small estate and process it with the daemon, end to end")
+    p.add_argument("--dir", default="demo-estate")
+    p.add_argument("--groups", type=int, default=6)
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args) -> int:
+    from throttler.demo import run_demo
+
+    return run_demo(args.dir, args.groups)

@@ -1,0 +1,118 @@
+"""Configuration: one table of defaults, a TOML file, environment overrides, flags.
+
+Precedence, highest first: command-line flags, ``THROTTLER_<NAME>`` environment
+variables, the TOML file, the defaults below. :func:`load` validates the result
+and raises ``ConfigError`` with every problem at once.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from throttler.plan import STRATEGY_CHOICES
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message lists every problem."""
+
+
+@dataclass(frozen=True)
+class Config:
+    spool: str = "spool"
+    data_root: str = "data"
+    output: str = "output"
+    manifest: str | None = None
+    scheduler: str | None = None  #: None: start an embedded local cluster
+    strategy: str = "auto"  #: default strategy of requests that name none
+    builder_threads: int = 0  #: 0: derived from the cluster
+    submitter_threads: int = 0  #: 0: derived from the cluster
+    memory_fraction: float = 0.6  #: share of each worker's memory limit admission may fill
+    fan_in: int = 8
+    max_attempts: int = 4  #: attempts of a group that killed a worker (re-planned each time)
+    max_transient_attempts: int = 12  #: attempts through scheduler or storage outages
+    max_head_wait_seconds: float = 60.0  #: after this, small groups stop jumping a waiting big one
+    poll_seconds: float = 0.25  #: how often a waiting group re-reads the scheduler
+    rescan_seconds: float = 5.0  #: full spool rescan period, whatever inotify says
+    drain_timeout_seconds: float = 300.0
+    metrics_address: str | None = "127.0.0.1:9464"  #: "" or None: no metrics endpoint
+    allowed_uids: tuple[int, ...] | None = None  #: None: any owner may write requests
+    workers: int = 0  #: embedded cluster: worker processes (0: derived from the machine)
+    threads_per_worker: int = 0  #: embedded cluster (0: derived)
+    worker_memory_bytes: int = 0  #: embedded cluster: memory limit per worker (0: derived)
+    log_level: str = "INFO"
+
+
+DEFAULTS = Config()
+_FIELDS = {f.name: f for f in fields(Config)}
+
+
+def load(path: str | None = None, overrides: dict[str, Any] | None = None,
+         environ: dict[str, str] | None = None) -> Config:
+    """Defaults < TOML file < environment < overrides (flags that were given)."""
+    values: dict[str, Any] = {}
+    if path:
+        values.update(_read_toml(path))
+    values.update(_from_environ(os.environ if environ is None else environ))
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    unknown = sorted(set(values) - set(_FIELDS))
+    if unknown:
+        raise ConfigError(f"unknown configuration key(s): {', '.join(unknown)}")
+    config = replace(DEFAULTS, **{k: _coerce(k, v) for k, v in values.items()})
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    problems = []
+    if config.strategy not in STRATEGY_CHOICES:
+        problems.append(f"strategy must be one of {STRATEGY_CHOICES}, not {config.strategy!r}")
+    if not 0.05 <= config.memory_fraction <= 0.95:
+        problems.append("memory_fraction must be within [0.05, 0.95]")
+    for name in ("builder_threads", "submitter_threads", "workers", "threads_per_worker", "worker_memory_bytes"):
+        if getattr(config, name) < 0:
+            problems.append(f"{name} must be >= 0")
+    if config.fan_in < 2:
+        problems.append("fan_in must be >= 2")
+    if config.max_attempts < 1 or config.max_transient_attempts < 1:
+        problems.append("max_attempts and max_transient_attempts must be >= 1")
+    for name in ("poll_seconds", "rescan_seconds", "drain_timeout_seconds"):
+        if getattr(config, name) <= 0:
+            problems.append(f"{name} must be > 0")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
+    return data.get("throttler", data)
+
+
+def _from_environ(environ) -> dict[str, Any]:
+    prefix = "THROTTLER_"
+    return {k[len(prefix):].lower(): v for k, v in environ.items()
+            if k.startswith(prefix) and k[len(prefix):].lower() in _FIELDS}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Turn strings from the environment into the field's type."""
+    kind = str(_FIELDS[name].type)
+    if value in ("", None) and "None" in kind:
+        return None
+    try:
+        if kind.startswith("int"):
+            return int(value)
+        if kind.startswith("float"):
+            return float(value)
+        if kind.startswith("tuple"):
+            items = value.split(",") if isinstance(value, str) else value
+            return tuple(int(x) for x in items if str(x).strip())
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: cannot read {value!r} as {kind}") from None

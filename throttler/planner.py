@@ -1,0 +1,212 @@
+"""The planner: how to chunk one group so every task fits a worker and the group fits the cluster.
+
+Pure: it reads footers already collected in :class:`~throttler.plan.FileInfo`,
+the cluster's :class:`~throttler.cluster.ClusterShape` and the estimator's
+prices, and returns a :class:`~throttler.plan.Plan`.
+
+Chunking rules:
+
+* every task's peak fits the per-task budget (the largest worker's
+  ``memory_limit x memory_fraction``); groupby leaves shrink their files per
+  task until they fit, combines shrink their fan-in; if even the smallest
+  task cannot fit, :class:`~throttler.errors.DoesNotFit`;
+* about one leaf per cluster thread (more leaves than threads buys no
+  parallelism), never more leaves than files, and fewer when the group peak
+  would exceed the cluster budget (the sum of every ``memory_limit x
+  memory_fraction``). The aligned and sum leaves stream their files one at a
+  time, so reading more files per leaf costs time, not memory;
+* a re-plan after a worker died (``attempt > 1``) multiplies the estimates by
+  1.5 per attempt and halves the fan-in (and groupby's files per task).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from throttler.cluster import ClusterShape
+from throttler.errors import CatalogError, DoesNotFit, RequestError
+from throttler.estimator import (
+    Estimator, TaskPeaks, decoded_bytes_of, expansion, group_peak_bytes, raw_task_peaks, rows_of,
+)
+from throttler.plan import STRATEGY_CHOICES, FileInfo, Plan
+
+#: Estimates are multiplied by this once per attempt after the first.
+ATTEMPT_SAFETY_FACTOR = 1.5
+
+#: Default and smallest number of partial results one combine task adds.
+DEFAULT_FAN_IN = 8
+MIN_FAN_IN = 2
+
+DEFAULT_MEMORY_FRACTION = 0.6
+
+
+@dataclass(frozen=True)
+class _Pricing:
+    """Prices task shapes of one group for one strategy and attempt.
+
+    The largest file and the correction are read once: a plan prices many
+    layouts of groups of up to 18,000 files.
+    """
+
+    strategy: str
+    files: list[FileInfo]
+    safety: float  #: the attempt's factor
+    factor: float  #: safety x the estimator's correction
+    rows: int
+    file_decoded_bytes: int
+
+    @classmethod
+    def of(cls, strategy: str, files: list[FileInfo], estimator: Estimator, safety: float) -> "_Pricing":
+        return cls(strategy, files, safety, safety * estimator.correction(strategy),
+                   max(rows_of(f) for f in files), max(decoded_bytes_of(f) for f in files))
+
+    def peaks(self, files_per_task: int, fan_in: int, n_leaves: int) -> TaskPeaks:
+        inputs = max(MIN_FAN_IN, min(fan_in, n_leaves))  # a combine adds at most n_leaves results
+        raw = raw_task_peaks(self.strategy, self.rows, self.file_decoded_bytes,
+                             files_per_task, inputs, n_leaves)
+        return raw.scaled(self.factor)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    files_per_task: int
+    n_leaves: int
+    peaks: TaskPeaks
+    group_peak_bytes: int
+
+
+def make_plan(group: str, files: list[FileInfo], strategy: str, shape: ClusterShape,
+              estimator: Estimator, *, attempt: int = 1,
+              memory_fraction: float = DEFAULT_MEMORY_FRACTION,
+              max_files_per_task: int | None = None, fan_in: int = DEFAULT_FAN_IN) -> Plan:
+    """Plan ``group`` for ``shape``; raises DoesNotFit if its smallest task fits no worker."""
+    _validate(group, files, strategy, shape, attempt)
+    resolved, notes = resolve_strategy(strategy, files)
+    safety = ATTEMPT_SAFETY_FACTOR ** (attempt - 1)
+    if attempt > 1:
+        notes.append(f"attempt {attempt}: estimates x{safety:.2f}, smaller chunks")
+    pricing = _Pricing.of(resolved, list(files), estimator, safety)
+    budget = shape.task_budget_bytes(memory_fraction)
+    _check_smallest_fits(group, pricing, shape, memory_fraction, attempt)
+    fan_in = _fitting_fan_in(pricing, budget, max(MIN_FAN_IN, fan_in >> (attempt - 1)), notes)
+    limit = _files_per_task_limit(pricing, budget, fan_in, attempt, max_files_per_task)
+    layout = _choose_layout(pricing, shape, memory_fraction, fan_in, limit, notes)
+    return Plan(
+        group=group, strategy=resolved, files=tuple(files),
+        files_per_task=layout.files_per_task, fan_in=fan_in,
+        task_peak_bytes=layout.peaks.peak_bytes, group_peak_bytes=layout.group_peak_bytes,
+        expansion=expansion(files), requested_strategy=strategy, attempt=attempt,
+        notes=tuple(notes),
+    )
+
+
+def replan_after_oom(plan: Plan, shape: ClusterShape, estimator: Estimator, *,
+                     memory_fraction: float = DEFAULT_MEMORY_FRACTION) -> Plan:
+    """Plan again after a worker died running ``plan``: next attempt, same strategy.
+
+    The resolved strategy is kept (a group that fell back to ``sum`` stays
+    there); the fan-in restarts from what the first attempt would have used.
+    """
+    first_fan_in = plan.fan_in << (plan.attempt - 1)
+    new = make_plan(plan.group, list(plan.files), plan.strategy, shape, estimator,
+                    attempt=plan.attempt + 1, memory_fraction=memory_fraction, fan_in=first_fan_in)
+    return new.with_changes(requested_strategy=plan.requested_strategy)
+
+
+def resolve_strategy(strategy: str, files: list[FileInfo]) -> tuple[str, list[str]]:
+    """Turn ``auto`` into a concrete strategy; returns it with a note saying why.
+
+    ``auto`` picks ``aligned`` when every footer reports the same row count
+    (the runtime still checks the keys and falls back to ``sum`` on
+    MisalignedKeys), else ``sum``.
+    """
+    if strategy != "auto":
+        return strategy, []
+    rows = {f.rows for f in files}
+    if len(rows) == 1 and 0 not in rows:
+        return "aligned", ["auto -> aligned: every footer reports the same row count"]
+    return "sum", ["auto -> sum: row counts differ or are unknown"]
+
+
+def _validate(group: str, files: list[FileInfo], strategy: str, shape: ClusterShape, attempt: int) -> None:
+    if not files:
+        raise CatalogError(f"group {group}: no files")
+    if strategy not in STRATEGY_CHOICES:
+        raise RequestError(f"group {group}: unknown strategy {strategy!r}; expected one of {STRATEGY_CHOICES}")
+    if attempt < 1:
+        raise ValueError(f"attempt must be >= 1, got {attempt}")
+    if shape.n_workers == 0:
+        raise ValueError("cannot plan for a cluster without workers; wait for workers first")
+
+
+def _check_smallest_fits(group: str, pricing: _Pricing, shape: ClusterShape,
+                         memory_fraction: float, attempt: int) -> None:
+    """Raise DoesNotFit when even one file per leaf and the smallest fan-in exceed the budget."""
+    budget = shape.task_budget_bytes(memory_fraction)
+    peaks = pricing.peaks(1, MIN_FAN_IN, min(2, len(pricing.files)))
+    if peaks.peak_bytes <= budget:
+        return
+    shapes = {"leaf": peaks.leaf_bytes, "combine": peaks.combine_bytes, "final": peaks.final_bytes}
+    worst = max(shapes, key=shapes.get)
+    limit = shape.largest_memory_limit_bytes
+    raise DoesNotFit(
+        f"group {group}: the smallest {pricing.strategy} {worst} task needs about "
+        f"{format_bytes(peaks.peak_bytes)} (attempt {attempt}, estimate x{pricing.safety:.2f}), but the "
+        f"largest worker allows {format_bytes(budget)} (memory_limit {format_bytes(limit)} x {memory_fraction})"
+        + ("; workers declare no memory_limit" if limit == 0 else ""))
+
+
+def _fitting_fan_in(pricing: _Pricing, budget: int, fan_in: int, notes: list[str]) -> int:
+    """The largest fan-in up to ``fan_in`` whose combine fits the budget."""
+    start = fan_in
+    while fan_in > MIN_FAN_IN and pricing.peaks(1, fan_in, fan_in).combine_bytes > budget:
+        fan_in -= 1
+    if fan_in < start:
+        notes.append(f"fan-in {start} -> {fan_in}: a wider combine exceeds {format_bytes(budget)}")
+    return fan_in
+
+
+def _files_per_task_limit(pricing: _Pricing, budget: int, fan_in: int, attempt: int,
+                          max_files_per_task: int | None) -> int:
+    """Most files one leaf may read: any number when streaming, else what fits."""
+    n = len(pricing.files)
+    limit = n if max_files_per_task is None else max(1, min(n, max_files_per_task))
+    if pricing.strategy != "groupby":
+        return limit
+    fitting = 1
+    while fitting < limit and pricing.peaks(fitting + 1, fan_in, 2).leaf_bytes <= budget:
+        fitting += 1
+    return max(1, fitting >> (attempt - 1))
+
+
+def _choose_layout(pricing: _Pricing, shape: ClusterShape, memory_fraction: float,
+                   fan_in: int, limit: int, notes: list[str]) -> _Layout:
+    """About one leaf per thread, fewer while the group exceeds the cluster budget."""
+    n, threads = len(pricing.files), max(1, shape.total_threads)
+    cluster_budget = shape.cluster_budget_bytes(memory_fraction)
+    layout = None
+    for target in range(min(n, threads), 0, -1):
+        layout = _layout(pricing, n, target, limit, fan_in, threads)
+        if layout.group_peak_bytes <= cluster_budget:
+            return layout
+    notes.append(f"group peak {format_bytes(layout.group_peak_bytes)} exceeds the cluster budget "
+                 f"{format_bytes(cluster_budget)}: it runs alone")
+    return layout
+
+
+def _layout(pricing: _Pricing, n_files: int, target_leaves: int, limit: int,
+            fan_in: int, threads: int) -> _Layout:
+    files_per_task = min(limit, math.ceil(n_files / target_leaves))
+    n_leaves = math.ceil(n_files / files_per_task)
+    peaks = pricing.peaks(files_per_task, fan_in, n_leaves)
+    group = group_peak_bytes(peaks.peak_bytes, peaks.result_bytes, n_leaves,
+                             min(n_leaves, threads), fan_in)
+    return _Layout(files_per_task, n_leaves, peaks, group)
+
+
+def format_bytes(n_bytes: float) -> str:
+    """Bytes for people: MiB below 1 GiB, GiB above."""
+    if abs(n_bytes) >= 2**30:
+        return f"{n_bytes / 2**30:.2f} GiB"
+    return f"{n_bytes / 2**20:.1f} MiB"

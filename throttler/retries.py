@@ -1,0 +1,73 @@
+"""What is retried, how long to wait, and when to give up: configured in one place.
+
+Failures of a submitted group fall in four classes:
+
+* ``permanent``: bad data, unknown group, a task that cannot fit: fail at once;
+* ``misaligned``: the ``aligned`` strategy found files whose keys differ: re-run
+  the group with ``sum`` (for ``auto`` requests; an explicit ``aligned`` fails);
+* ``memory``: a worker died under the group (``KilledWorker``, ``MemoryError``):
+  re-plan with a larger estimate and smaller chunks, then retry;
+* ``transient``: the scheduler connection or shared storage failed: retry with
+  exponential backoff and jitter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+
+import tenacity
+from distributed.comm.core import CommClosedError
+from distributed.scheduler import KilledWorker
+
+from throttler.errors import DataError, DoesNotFit, MisalignedKeys, RequestError
+
+PERMANENT, MISALIGNED, MEMORY, TRANSIENT = "permanent", "misaligned", "memory", "transient"
+
+#: exponential backoff with jitter between attempts of one group, capped
+BACKOFF = tenacity.wait_exponential_jitter(initial=1.0, max=30.0, jitter=1.0)
+#: reconnecting to the scheduler (client start, snapshots)
+SCHEDULER_RETRY = dict(
+    wait=tenacity.wait_exponential_jitter(initial=0.5, max=10.0, jitter=0.5),
+    stop=tenacity.stop_after_delay(300),
+    retry=tenacity.retry_if_exception_type((OSError, TimeoutError, CommClosedError, asyncio.TimeoutError)),
+    reraise=True,
+)
+
+
+def classify(exc: BaseException) -> str:
+    """The failure class of an exception raised by a group's computation."""
+    if isinstance(exc, MisalignedKeys):
+        return MISALIGNED
+    if isinstance(exc, (DataError, DoesNotFit, RequestError)):
+        return PERMANENT
+    if isinstance(exc, (KilledWorker, MemoryError)):
+        return MEMORY
+    return TRANSIENT
+
+
+def reason_class(exc: BaseException) -> str:
+    """A bounded label for metrics (never the message itself)."""
+    if isinstance(exc, DoesNotFit):
+        return "does_not_fit"
+    if isinstance(exc, DataError):
+        return "catalog" if type(exc).__name__ == "CatalogError" else "data"
+    if isinstance(exc, (KilledWorker, MemoryError)):
+        return "killed_worker"
+    if isinstance(exc, (CommClosedError, concurrent.futures.CancelledError, asyncio.CancelledError, TimeoutError)):
+        return "scheduler"
+    if isinstance(exc, OSError):
+        return "io"
+    return "other"
+
+
+def backoff_seconds(attempt: int) -> float:
+    """Delay before attempt ``attempt + 1`` (attempt counts from 1)."""
+    state = tenacity.RetryCallState(None, None, (), {})
+    state.attempt_number = attempt
+    return float(BACKOFF(state))
+
+
+def describe(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return f"{type(exc).__name__}: {text}"[:2000]

@@ -1,0 +1,135 @@
+"""What the daemon shows of itself: cluster view, metrics, the status file.
+
+The main loop calls :meth:`StatusReporter.refresh` every iteration; it reads a
+fresh scheduler snapshot at most once a second (submitters also feed it theirs),
+publishes gauges, counts lost workers, and writes ``state/status.json``
+atomically for ``throttler status``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+
+from throttler.cluster import ClusterShape, ClusterSnapshot, read_snapshot
+from throttler.estimator import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+REFRESH_SECONDS = 1.0
+KNOWN_STATUSES = ("running", "paused", "closing")
+
+
+class StatusReporter:
+    def __init__(self, service):
+        self.service = service
+        self._lock = threading.Lock()
+        self._snapshot: ClusterSnapshot | None = None
+        self._refreshed_at = 0.0
+        self._addresses: set[str] = set()
+        self.workers_lost = 0
+
+    @property
+    def last_threads(self) -> int:
+        snap = self._snapshot
+        return snap.total_threads if snap else 0
+
+    def shape(self) -> ClusterShape:
+        """The cluster shape to plan for (reads the scheduler if nothing is known yet)."""
+        if self._snapshot is None or not self._snapshot.workers:
+            self.observe_snapshot(read_snapshot(self.service.client))
+        return self._snapshot.shape()
+
+    def observe_snapshot(self, snapshot: ClusterSnapshot) -> None:
+        """Keep the newest snapshot and count workers that vanished since the last one."""
+        with self._lock:
+            if self._snapshot is not None and snapshot.taken_at_seconds < self._snapshot.taken_at_seconds:
+                return
+            current = {w.address for w in snapshot.workers}
+            lost = self._addresses - current
+            self._addresses = current
+            self._snapshot = snapshot
+        for address in lost:
+            self.workers_lost += 1
+            log.warning("worker %s left the cluster", address)
+            self.service.metrics.worker_lost()
+
+    def refresh(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._refreshed_at < REFRESH_SECONDS:
+            return
+        self._refreshed_at = now
+        try:
+            self.observe_snapshot(read_snapshot(self.service.client))
+        except Exception as exc:  # noqa: BLE001 - the scheduler may be away for a while
+            log.warning("cannot read the scheduler: %s", exc)
+        self._publish()
+
+    def cluster_memory(self) -> dict:
+        """Capacity, used and free as admission sees them (see admission.decide)."""
+        snap, svc = self._snapshot, self.service
+        if snap is None:
+            return {"limit_bytes": 0, "used_bytes": 0, "free_bytes": 0, "reserved_bytes": 0}
+        running = snap.running_workers
+        fraction = svc.config.memory_fraction
+        capacity = sum(int(w.memory_limit_bytes * fraction) for w in running)
+        reserved = svc.ledger.total_bytes()
+        used = max(sum(w.process_bytes for w in running), sum(w.unmanaged_old_bytes for w in running) + reserved)
+        return {"limit_bytes": capacity, "used_bytes": used, "free_bytes": capacity - used,
+                "reserved_bytes": reserved}
+
+    def workers_by_status(self) -> dict[str, int]:
+        counts = dict.fromkeys(KNOWN_STATUSES + ("other",), 0)
+        for w in (self._snapshot.workers if self._snapshot else ()):
+            counts[w.status if w.status in KNOWN_STATUSES else "other"] += 1
+        return counts
+
+    def document(self) -> dict:
+        svc = self.service
+        return {
+            "pid": os.getpid(),
+            "updated_unix_seconds": time.time(),
+            "states": svc.state_counts(),
+            "queue": svc.spool.counts(),
+            "running": svc.running_groups(),
+            "cluster_memory": self.cluster_memory(),
+            "workers": self.workers_by_status(),
+            "workers_lost": self.workers_lost,
+            "pools": {k: {"busy": b, "size": s} for k, (b, s) in svc.busy().items()},
+            "estimator": svc.estimator.accuracy(),
+        }
+
+    def _publish(self) -> None:
+        svc, metrics = self.service, self.service.metrics
+        doc = self.document()
+        memory = doc["cluster_memory"]
+        metrics.set_group_states(doc["states"])
+        metrics.set_queue_depth(doc["queue"]["incoming"], doc["queue"]["active"])
+        metrics.set_reserved_bytes(memory["reserved_bytes"])
+        metrics.set_cluster_memory(memory["limit_bytes"], memory["used_bytes"], memory["free_bytes"])
+        metrics.set_workers(doc["workers"])
+        for pool, figures in doc["pools"].items():
+            metrics.set_pool(pool, figures["busy"], figures["size"])
+        try:
+            write_json_atomic(str(svc.spool.state_dir / "status.json"), doc)
+        except OSError as exc:
+            log.warning("cannot write status file: %s", exc)
+
+    def summary_line(self) -> str:
+        """One line for systemd's STATUS=."""
+        states = self.service.state_counts()
+        memory = self.cluster_memory()
+        return (f"queued {states['queued'] + states['planning']}, waiting {states['waiting']}, "
+                f"running {states['running']}; reserved {memory['reserved_bytes'] / 2**30:.1f} GiB "
+                f"of {memory['limit_bytes'] / 2**30:.1f} GiB")
+
+
+def read_status(state_dir) -> dict | None:
+    try:
+        with open(os.path.join(state_dir, "status.json"), encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
