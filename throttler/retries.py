@@ -25,10 +25,10 @@ from throttler.errors import DataError, DoesNotFit, MisalignedKeys, RequestError
 PERMANENT, MISALIGNED, MEMORY, TRANSIENT = "permanent", "misaligned", "memory", "transient"
 
 #: exponential backoff with jitter between attempts of one group, capped
-BACKOFF = tenacity.wait_exponential_jitter(initial=1.0, max=30.0, jitter=1.0)
+BACKOFF = tenacity.wait_exponential_jitter(multiplier=1.0, max=30.0, jitter=1.0)
 #: reconnecting to the scheduler (client start, snapshots)
 SCHEDULER_RETRY = dict(
-    wait=tenacity.wait_exponential_jitter(initial=0.5, max=10.0, jitter=0.5),
+    wait=tenacity.wait_exponential_jitter(multiplier=0.5, max=10.0, jitter=0.5),
     stop=tenacity.stop_after_delay(300),
     retry=tenacity.retry_if_exception_type((OSError, TimeoutError, CommClosedError, asyncio.TimeoutError)),
     reraise=True,

@@ -435,17 +435,22 @@ class Spool:
         """Depths: ``incoming`` request files, ``active`` runs, ``done``/``failed`` records.
 
         Record counts are listed once, then kept by :meth:`write_record` (the
-        daemon is their only writer), so this stays cheap with many records.
+        daemon is their only writer), so this stays cheap with many records. A
+        missing directory counts 0 (a spool not yet created is empty).
         """
         with self._lock:
             if self._finished is None:
-                self._finished = {kind: len(listdir(self.root / kind)) for kind in RECORD_KINDS}
+                self._finished = {kind: _depth(self.root / kind) for kind in RECORD_KINDS}
             finished = dict(self._finished)
-        return {
-            "incoming": len(listdir(self.root / "incoming")),
-            "active": len(listdir(self.root / "active")),
-            **finished,
-        }
+        queued = {name: _depth(self.root / name) for name in ("incoming", "active")}
+        return {**queued, **finished}
+
+
+def _depth(path: Path) -> int:
+    try:
+        return len(listdir(path))
+    except FileNotFoundError:
+        return 0
 
 
 def _order(request: Request) -> tuple:

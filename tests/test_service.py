@@ -1,0 +1,134 @@
+"""The daemon's service end to end: real spool, real Parquet files, a real multi-process cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import wait_for
+from tests.datafiles import assert_matches_reference, write_sim
+from throttler import sdnotify
+from throttler.catalog import Catalog
+from throttler.config import load
+from throttler.estimator import Estimator
+from throttler.metrics import Metrics
+from throttler.service import Service
+from throttler.spool import Spool
+
+
+def make_estate(root, groups: dict[str, int], **kw) -> dict[str, list[str]]:
+    out = {}
+    for group, n in groups.items():
+        os.makedirs(root / group, exist_ok=True)
+        out[group] = [write_sim(root / group / f"f{i:03d}.parquet", seed=hash((group, i)) % 1000, **kw)
+                      for i in range(n)]
+    return out
+
+
+def make_service(tmp_path, client, **overrides):
+    cfg = load(overrides={"spool": str(tmp_path / "spool"), "data_root": str(tmp_path / "data"),
+                          "output": str(tmp_path / "out"), "metrics_address": None, "poll_seconds": 0.05,
+                          **overrides}, environ={})
+    os.makedirs(cfg.output, exist_ok=True)
+    spool = Spool(cfg.spool).ensure()
+    metrics = Metrics()
+    service = Service(cfg, client, spool=spool, catalog=Catalog(cfg.data_root, cfg.manifest), metrics=metrics,
+                      estimator=Estimator(str(spool.state_dir / "estimator.json")), notifier=sdnotify)
+    return service, spool, metrics
+
+
+def drop_request(spool_root, name, content=b""):
+    """A request written by plain file operations, as another program would."""
+    tmp = os.path.join(spool_root, "tmp", name)
+    with open(tmp, "wb") as fh:
+        fh.write(content)
+    os.rename(tmp, os.path.join(spool_root, "incoming", name))
+
+
+def records(spool_root, kind):
+    folder = os.path.join(spool_root, kind)
+    out = []
+    for name in sorted(os.listdir(folder)):
+        with open(os.path.join(folder, name)) as fh:
+            out.append(json.load(fh))
+    return out
+
+
+def run_service_until_settled(service, spool, expected, timeout_seconds=120):
+    service.start()
+    try:
+        wait_for(lambda: sum(len(r["requests"]) for k in ("done", "failed") for r in records(spool.root, k))
+                 >= expected, timeout_seconds, step=service.step)
+    finally:
+        service.drain(30)
+
+
+def test_groups_end_to_end_with_records_and_reference(tmp_path, client):
+    estate = make_estate(tmp_path / "data", {"alpha": 3, "beta": 7, "gamma": 1})
+    service, spool, metrics = make_service(tmp_path, client)
+    drop_request(spool.root, "alpha")
+    drop_request(spool.root, "req-1.json", json.dumps({"group": "beta", "strategy": "sum", "priority": 5}).encode())
+    drop_request(spool.root, "req-2.json", json.dumps({"group": "gamma", "strategy": "groupby"}).encode())
+    run_service_until_settled(service, spool, 3)
+    done = {r["group"]: r for r in records(spool.root, "done")}
+    assert set(done) == {"alpha", "beta", "gamma"} and not records(spool.root, "failed")
+    assert (done["alpha"]["strategy"], done["beta"]["strategy"], done["gamma"]["strategy"]) == \
+        ("aligned", "sum", "groupby")
+    for group, files in estate.items():
+        r = done[group]
+        assert_matches_reference(r["output"], files)
+        assert r["files"] == len(files) and r["rows"] == 300 and r["attempts"] == 1
+        for key in ("output", "rows", "files", "strategy", "estimate_bytes", "attempts", "seconds",
+                    "observed_peak_bytes", "admission_wait_seconds", "bytes"):
+            assert key in r
+    assert metrics.registry.get_sample_value("throttler_groups_finished_total",
+                                             {"outcome": "done", "strategy": "aligned"}) == 1
+    assert not os.listdir(os.path.join(spool.root, "incoming"))
+    assert not os.listdir(os.path.join(spool.root, "active"))
+    assert sorted(os.listdir(tmp_path / "out")) == ["alpha.parquet", "beta.parquet", "gamma.parquet"]
+
+
+def test_bad_groups_fail_clearly_and_others_are_served(tmp_path, client):
+    estate = make_estate(tmp_path / "data", {"good": 2, "badcol": 2})
+    pq.write_table(pq.read_table(estate["badcol"][1]).drop_columns(["value"]), estate["badcol"][1])
+    service, spool, metrics = make_service(tmp_path, client)
+    for name in ("good", "badcol", "missing-group", ".hidden"):
+        drop_request(spool.root, name)
+    run_service_until_settled(service, spool, 4)
+    failed = {r.get("group") or r["request"]: r["reason"] for r in records(spool.root, "failed")}
+    assert [r["group"] for r in records(spool.root, "done")] == ["good"]
+    assert "missing column(s) value" in failed["badcol"] and "f001.parquet" in failed["badcol"]
+    assert "unknown group 'missing-group'" in failed["missing-group"]
+    assert any("hidden" in k for k in failed)
+    assert metrics.registry.get_sample_value("throttler_group_failures_total", {"reason": "data"}) == 1
+    assert metrics.registry.get_sample_value("throttler_group_failures_total", {"reason": "catalog"}) == 1
+
+
+def test_misaligned_group_falls_back_to_sum_under_auto_and_fails_under_aligned(tmp_path, client):
+    estate = make_estate(tmp_path / "data", {"mixed": 3})
+    write_sim(tmp_path / "data" / "mixed" / "f002.parquet", seed=9, shuffle=True)
+    shutil.copytree(tmp_path / "data" / "mixed", tmp_path / "data" / "strict")
+    service, spool, _ = make_service(tmp_path, client)
+    drop_request(spool.root, "mixed")
+    drop_request(spool.root, "strict.json", json.dumps({"group": "strict", "strategy": "aligned"}).encode())
+    run_service_until_settled(service, spool, 2)
+    (done,) = records(spool.root, "done")
+    assert done["group"] == "mixed" and done["strategy"] == "sum" and "not aligned" in done["history"][0]
+    assert_matches_reference(done["output"], estate["mixed"])
+    (failed,) = records(spool.root, "failed")
+    assert failed["group"] == "strict" and "keys" in failed["reason"] and "f002.parquet" in failed["reason"]
+    assert not os.path.exists(tmp_path / "out" / "strict.parquet")
+
+
+def test_same_group_requested_many_times_runs_once(tmp_path, client):
+    make_estate(tmp_path / "data", {"dup": 2})
+    service, spool, _ = make_service(tmp_path, client)
+    for i in range(50):
+        spool.submit("dup")
+    run_service_until_settled(service, spool, 50)
+    (done,) = records(spool.root, "done")
+    assert len(done["requests"]) == 50 and done["coalesced"] == 49
