@@ -96,7 +96,9 @@ def decide(snapshot: ClusterSnapshot, reserved: list[Reservation], candidate: Pl
     """Admit ``candidate`` now, or say why it waits (or can never run).
 
     A candidate that is not the head of the queue waits once the head has
-    waited ``max_backfill_delay_seconds`` (backfill is closed).
+    waited ``max_backfill_delay_seconds`` (backfill is closed). A candidate
+    that does not fit the free memory still runs when nothing of ours is
+    reserved, so no group waits forever (see :func:`_alone`).
     """
     needed = candidate.group_peak_bytes
     fatal = _never_fits(snapshot, candidate, memory_fraction)
@@ -116,11 +118,9 @@ def decide(snapshot: ClusterSnapshot, reserved: list[Reservation], candidate: Pl
     if not any(candidate.task_peak_bytes <= w.memory_limit_bytes * memory_fraction for w in running):
         return Decision(False, f"largest task ({_human(candidate.task_peak_bytes)}) fits no running worker now",
                         free, needed)
-    if needed > capacity:
-        return _lone_big_group(reserved, capacity, free, needed)
     if needed <= free:
         return Decision(True, f"fits: needs {_human(needed)}, {_human(free)} free", free, needed)
-    return Decision(False, f"waits for memory: needs {_human(needed)}, {_human(free)} free", free, needed)
+    return _alone(reserved, candidate, capacity, free)
 
 
 def _never_fits(snapshot: ClusterSnapshot, candidate: Plan, memory_fraction: float) -> str:
@@ -134,13 +134,24 @@ def _never_fits(snapshot: ClusterSnapshot, candidate: Plan, memory_fraction: flo
             f"worker allows {_human(budget)} (memory_limit x {memory_fraction})")
 
 
-def _lone_big_group(reserved: list[Reservation], capacity: int, free: int, needed: int) -> Decision:
-    """A group larger than the whole cluster runs alone, never waits forever."""
+def _alone(reserved: list[Reservation], candidate: Plan, capacity: int, free: int) -> Decision:
+    """A group that does not fit the free memory runs alone rather than wait forever.
+
+    With nothing of ours reserved, waiting frees nothing of ours: the memory
+    in use is the workers' own (allocator pages kept from earlier tasks,
+    which the next task reuses) or someone else's, and a group larger than
+    the cluster (planned for a stale shape) would never fit at all. Each of
+    its tasks fits a running worker (checked before); the MEMORY resource
+    keeps each worker to what its tasks may hold, and Dask's pause threshold
+    guards the rest.
+    """
+    needed = candidate.group_peak_bytes
     if reserved:
-        return Decision(False, f"waits to run alone: needs {_human(needed)}, more than the "
-                               f"cluster's {_human(capacity)}", free, needed)
-    return Decision(True, f"runs alone: needs {_human(needed)}, more than the cluster's "
-                          f"{_human(capacity)}; worker resources keep each task safe", free, needed)
+        wait = "waits to run alone" if needed > capacity else "waits for memory"
+        return Decision(False, f"{wait}: needs {_human(needed)}, {_human(free)} free of "
+                               f"{_human(capacity)}", free, needed)
+    return Decision(True, f"runs alone: needs {_human(needed)}, {_human(free)} free of "
+                          f"{_human(capacity)}; nothing else of ours runs", free, needed)
 
 
 # --------------------------------------------------------------------------- the queue

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import time
 
 from throttler import __version__
 from throttler.config import ConfigError, load
@@ -20,8 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # read when distributed is imported
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(args, "log_level", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     except (ConfigError, ThrottlerError) as exc:
@@ -84,7 +84,7 @@ def cmd_serve(args) -> int:
 
     overrides = _serve_overrides(args)
     cfg = load(args.config, overrides)
-    logging.getLogger().setLevel(cfg.log_level)
+    logging.getLogger().setLevel(daemon.log_level_number(cfg.log_level))
     return daemon.serve(cfg, args.config, overrides)
 
 
@@ -133,7 +133,9 @@ def cmd_status(args) -> int:
         print("daemon: no status file (not running yet?)")
         return 0
     mem = daemon["cluster_memory"]
-    print(f"daemon pid {daemon['pid']}: states {daemon['states']}; workers {daemon['workers']}")
+    age_seconds = time.time() - daemon.get("updated_unix_seconds", 0)
+    print(f"daemon pid {daemon['pid']} (status written {age_seconds:.0f} s ago): states {daemon['states']}; "
+          f"workers {daemon['workers']}")
     print(f"cluster memory (admission view): limit {mem['limit_bytes'] / 2**30:.2f} GiB, used "
           f"{mem['used_bytes'] / 2**30:.2f} GiB, free {mem['free_bytes'] / 2**30:.2f} GiB, reserved "
           f"{mem['reserved_bytes'] / 2**30:.2f} GiB")
@@ -212,7 +214,10 @@ def _connect(args):
     if args.scheduler:
         from distributed import Client
 
-        return Client(args.scheduler), None
+        try:
+            return Client(args.scheduler, timeout="30s"), None
+        except OSError as exc:
+            raise ThrottlerError(f"cannot connect to the scheduler {args.scheduler}: {exc}") from None
     from throttler.cluster import start_embedded_cluster
 
     cluster, client = start_embedded_cluster(args.worker_memory_bytes or None, args.workers or None)

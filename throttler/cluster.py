@@ -79,6 +79,21 @@ class ClusterShape:
     def largest_memory_limit_bytes(self) -> int:
         return max(self.memory_limit_bytes, default=0)
 
+    def concurrent_tasks(self, task_peak_bytes: int) -> int:
+        """How many tasks of one plan can run at once.
+
+        Each thread runs one task. With the MEMORY resource, every task of a
+        plan asks for its task peak, so a worker also runs at most
+        ``memory_limit // task_peak`` of them (assuming workers declare MEMORY
+        equal to their memory_limit, as :func:`start_embedded_cluster` does;
+        a smaller declaration only lowers the real figure).
+        """
+        if not self.has_memory_resource or task_peak_bytes <= 0:
+            return max(1, self.total_threads)
+        slots = sum(min(threads, limit // task_peak_bytes)
+                    for threads, limit in zip(self.nthreads, self.memory_limit_bytes))
+        return max(1, slots)
+
     def task_budget_bytes(self, memory_fraction: float) -> int:
         """What one task may hold: the largest worker's limit x the fraction."""
         return int(self.largest_memory_limit_bytes * memory_fraction)

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 #: settings a SIGHUP may change while running (the rest need a restart)
 RELOADABLE = ("strategy", "memory_fraction", "max_head_wait_seconds", "poll_seconds", "rescan_seconds",
-              "max_attempts", "max_transient_attempts", "fan_in", "log_level")
+              "max_attempts", "max_transient_attempts", "fan_in", "log_level", "drain_timeout_seconds")
 
 
 class Signals:
@@ -58,13 +58,20 @@ class Signals:
         self.wake.set()
 
 
-def connect(cfg: config_mod.Config):
-    """(client, embedded cluster or None): the scheduler given, else a local cluster."""
+def connect(cfg: config_mod.Config, stop: threading.Event | None = None):
+    """(client, embedded cluster or None): the scheduler given, else a local cluster.
+
+    Retries an unreachable scheduler (:data:`throttler.retries.SCHEDULER_RETRY`)
+    until ``stop`` is set; then the last connection error is raised.
+    """
     if not cfg.scheduler:
         return _embedded(cfg)
     from distributed import Client
 
-    for attempt in tenacity.Retrying(**retries.SCHEDULER_RETRY):
+    stop = stop or threading.Event()
+    policy = {**retries.SCHEDULER_RETRY, "sleep": stop.wait,
+              "stop": retries.SCHEDULER_RETRY["stop"] | tenacity.stop_when_event_set(stop)}
+    for attempt in tenacity.Retrying(**policy):
         with attempt:
             client = Client(cfg.scheduler, timeout="10s")
     log.info("connected to scheduler %s", cfg.scheduler)
@@ -87,7 +94,14 @@ def serve(cfg: config_mod.Config, config_path: str | None = None, overrides: dic
              spool.recover(), len(sweep_temporaries(cfg.output)))
     metrics = Metrics()
     metrics_server = _serve_metrics(metrics, cfg)
-    client, cluster = connect(cfg)
+    try:
+        client, cluster = connect(cfg, signals.stop)
+    except BaseException as exc:
+        _close(None, None, metrics_server)
+        if not signals.stop.is_set():
+            raise
+        log.info("stopped while connecting to the scheduler (%s)", exc)
+        return 0
     service = Service(cfg, client, spool=spool, catalog=Catalog(cfg.data_root, cfg.manifest),
                       estimator=Estimator(str(spool.state_dir / "estimator.json")), metrics=metrics,
                       notifier=sdnotify)
@@ -98,7 +112,7 @@ def serve(cfg: config_mod.Config, config_path: str | None = None, overrides: dic
         metrics.set_up({"version": _version()})
         sdnotify.ready(service.status.summary_line())
         log.info("serving spool %s", cfg.spool)
-        _main_loop(service, signals, config_path, overrides)
+        _main_loop(service, signals, watcher, config_path, overrides)
         sdnotify.stopping()
         service.drain(service.config.drain_timeout_seconds)
     finally:
@@ -108,13 +122,14 @@ def serve(cfg: config_mod.Config, config_path: str | None = None, overrides: dic
     return 0
 
 
-def _main_loop(service: Service, signals: Signals, config_path, overrides) -> None:
+def _main_loop(service: Service, signals: Signals, watcher: SpoolWatcher, config_path, overrides) -> None:
     watchdog_seconds = sdnotify.watchdog_interval_seconds()
     last_ping = last_status = 0.0
     while not signals.stop.is_set():
         if signals.reload.is_set():
             signals.reload.clear()
             _reload(service, config_path, overrides)
+            watcher.rescan_seconds = service.config.rescan_seconds
         try:
             service.step()
         except Exception:  # noqa: BLE001 - keep serving; the log says what broke
@@ -127,22 +142,49 @@ def _main_loop(service: Service, signals: Signals, config_path, overrides) -> No
         if now - last_status >= 1.0:
             sdnotify.status(service.status.summary_line())
             last_status = now
-        signals.wake.wait(min(1.0, service.config.rescan_seconds, watchdog_seconds or 1.0))
+        signals.wake.wait(_wait_seconds(service.config.rescan_seconds, watchdog_seconds, last_ping))
         signals.wake.clear()
+
+
+def _wait_seconds(rescan_seconds: float, watchdog_seconds: float | None, last_ping: float) -> float:
+    """How long the main loop may sleep: at most 1 s, the rescan period, and never
+    past the next watchdog ping (a wake-up in between must not push the ping back)."""
+    wait = min(1.0, rescan_seconds)
+    if watchdog_seconds:
+        wait = min(wait, max(0.0, last_ping + watchdog_seconds - time.monotonic()))
+    return wait
 
 
 def _reload(service: Service, config_path, overrides) -> None:
     sdnotify.reloading()
     try:
         new = config_mod.load(config_path, overrides)
+        level = log_level_number(new.log_level)
     except config_mod.ConfigError as exc:
         log.error("reload refused, keeping the running configuration: %s", exc)
     else:
-        changes = {k: getattr(new, k) for k in RELOADABLE if getattr(new, k) != getattr(service.config, k)}
-        service.config = dataclasses.replace(service.config, **changes)
-        logging.getLogger().setLevel(service.config.log_level)
+        old = service.config
+        changes = {k: getattr(new, k) for k in RELOADABLE if getattr(new, k) != getattr(old, k)}
+        ignored = [f.name for f in dataclasses.fields(new)
+                   if f.name not in RELOADABLE and getattr(new, f.name) != getattr(old, f.name)]
+        service.config = dataclasses.replace(old, **changes)
+        root = logging.getLogger()
+        root.setLevel(min(root.level, level))  # the confirmation shows under the old or the new level
         log.info("configuration reloaded: %s", changes or "no change")
+        root.setLevel(level)
+        if ignored:
+            log.warning("configuration change(s) to %s need a restart; still using the old value(s)",
+                        ", ".join(ignored))
     sdnotify.ready(service.status.summary_line())
+
+
+def log_level_number(name: str) -> int:
+    """The logging level called ``name`` (any case); ConfigError if there is none."""
+    level = logging.getLevelNamesMapping().get(str(name).upper())
+    if level is None:
+        raise config_mod.ConfigError(f"log_level must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, "
+                                     f"not {name!r}")
+    return level
 
 
 def _serve_metrics(metrics: Metrics, cfg):
@@ -154,8 +196,9 @@ def _serve_metrics(metrics: Metrics, cfg):
 
 
 def _close(client, cluster, metrics_server) -> None:
-    for what, closer in (("client", client.close), ("cluster", cluster.close if cluster else None),
-                         ("metrics", metrics_server.shutdown if metrics_server else None)):
+    for what, closer in (("client", client.close if client is not None else None),
+                         ("cluster", cluster.close if cluster is not None else None),
+                         ("metrics", metrics_server.shutdown if metrics_server is not None else None)):
         if closer is None:
             continue
         try:

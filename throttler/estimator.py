@@ -3,23 +3,28 @@
 Two models live here. The *base* model is what operators first asked for: a
 group costs ``n_files x file size x expansion``, the expansion read from the
 Parquet footers (:func:`naive_group_bytes`). The *strategy* model prices each
-task shape of a plan (leaf, combine, final) from the rows of the largest file,
-with per-row figures measured on a real file (see the constants), and bounds
-the group by what can run at once (:func:`group_peak_bytes`).
+task shape of a plan (leaf, combine, final) from the rows of the group's
+largest file, with per-row figures measured on real files (see the
+constants), and bounds the group by what can run at once
+(:func:`group_peak_bytes`).
 
 The :class:`Estimator` corrects the strategy model online from observed peaks
 and persists its corrections. The math is pure functions; the class only adds a
 lock and the JSON file.
 
-Measurement behind the constants (2-core VM, numpy 2.4, pandas 3.1, pyarrow 26
-with mimalloc): one file of 6,000,000 rows (50,000 paths x 120 irregular
-dates, ``value`` random float64), 50.4 MB on disk, footer ``total_byte_size``
-55.6 MB (expansion 1.10), 6 row groups. Each task shape ran in a fresh process
-with numpy/pandas/pyarrow already imported; the figure is the peak RSS (VmHWM,
-reset through ``/proc/self/clear_refs``) minus the RSS just before the task.
-Inputs a task receives from other tasks were built inside the window. Keys were
-normalised as :mod:`throttler.contract` does (path int64, Date int64 ns).
-Sub-second runs vary; figures were stable within about 5% between two runs.
+How the constants were measured (2-core VM, numpy 2.4, pandas 3.1, pyarrow 26
+with its mimalloc pool): 9 files of 6,000,000 rows (50,000 paths x 120
+irregular dates, ``value`` random float64), 50.4 MB on disk each, footer
+``total_byte_size`` 55.6 MB (expansion 1.10), 6 row groups. Each task
+function of :mod:`throttler.kernels` ran in a fresh process with numpy,
+pandas and pyarrow imported; the figure is the peak RSS (VmHWM, reset through
+``/proc/self/clear_refs``) minus the RSS just before the task, which is what
+Dask's memory thresholds see. Combine and final inputs (pickled leaf results)
+were loaded inside the window. Repeated runs agreed within a few percent
+except where noted. "B/row" is bytes per row of one file.
+
+Assumption: the files of a group share their keys (simulation outputs do), so
+a partial result has about as many rows as one file.
 """
 
 from __future__ import annotations
@@ -45,56 +50,73 @@ log = logging.getLogger(__name__)
 MIB = 2**20
 
 #: Slack added to every task: allocator pages kept after frees (pyarrow's
-#: mimalloc pool, glibc arenas) and Dask's per-task bookkeeping. The measured
-#: shapes exceeded their arithmetic (e.g. accumulators x 8 bytes) by up to 25 MiB.
+#: mimalloc pool, glibc arenas) and Dask's per-task bookkeeping (5.6 B/row on
+#: a 6M-row file). Measured shapes exceeded their array arithmetic by up to 25 MiB.
 TASK_OVERHEAD_BYTES = 32 * MIB
 
 #: Decoded-per-on-disk bytes assumed when a file's footer is unknown. Measured
 #: 1.10 on the simulation files (random float64 does not compress); 1.5 leaves room.
 DEFAULT_EXPANSION = 1.5
 
-#: A float64 accumulator (the aligned strategy's partial result).
+#: A float64 accumulator: the aligned strategy's partial result.
+#: Aligned leaf = accumulator + the file's on-disk bytes (it is memory-mapped,
+#: and mapped pages count in RSS) + its decoded bytes (row-group buffers, a
+#: safe bound). Measured 128 MB (21 B/row) streaming 1, 2, 4 or 8 files in six
+#: runs, 160 MB once (the first run after writing the files); modelled 188 MB.
+#: Aligned combine of k inputs measured exactly (k + 1) x 8 B/row (412 MiB for 8).
 ACCUMULATOR_BYTES_PER_ROW = 8
 
-#: Aligned final task: decode one file's keys (2 x int64), sort permutation,
-#: permuted keys and values, output table and Parquet writer buffers.
-#: Measured 54 B/row when keys are already sorted, 69 B/row with a permutation.
-ALIGNED_FINAL_BYTES_PER_ROW = 72
+#: Aligned final, beyond adding its k inputs ((k + 1) x 8 B/row): one file's
+#: keys as int64, the sort permutation, permuted copies, the output table and
+#: the Parquet writer. Measured 62 / 70 / 118 B/row in total for k = 1 / 2 / 8,
+#: i.e. 46 B/row beyond the accumulators.
+ALIGNED_FINAL_EXTRA_BYTES_PER_ROW = 56
 
-#: Sum leaf: a (path, Date)-indexed Series accumulator, the next file's Series
-#: being built (factorising the keys is the peak) and the ``add`` result.
-#: Measured 82 / 111 / 123 / 124 B/row streaming 1 / 3 / 6 / 9 files (it
-#: levels off: files are streamed one at a time).
+#: Sum leaf: the (path, Date)-indexed Series accumulator, the next file's table,
+#: keys and Series being built, and the ``add`` result. Files are streamed, so
+#: it levels off: measured 60 / 116 / 122 B/row for 1 / 4 / 8 files (a
+#: pandas-only variant: 82 / 111 / 123 / 124 B/row for 1 / 3 / 6 / 9 files).
 SUM_LEAF_BYTES_PER_ROW = 136
 
-#: Sum combine, fixed part (the alignment hash tables and the result).
-#: With :data:`PARTIAL_RESULT_BYTES_PER_ROW` per input, measured 101 / 146 /
-#: 187 B/row for 2 / 4 / 8 inputs (119 / 205 counting the pickled input bytes).
-SUM_COMBINE_BASE_BYTES_PER_ROW = 90
+#: A sum partial result held between tasks: a Series with a (path, Date)
+#: MultiIndex, values 8 + int32/int8 codes 5 = 13 B/row (``dask.sizeof``).
+SUM_RESULT_BYTES_PER_ROW = 16
 
-#: A Series/grouped result with a (path, Date) MultiIndex held between tasks:
-#: values 8 + int32/int8 codes 5 = 13 B/row (``dask.sizeof`` 78.4 MB for 6M rows).
-PARTIAL_RESULT_BYTES_PER_ROW = 16
+#: Sum combine, fixed part; plus :data:`SUM_RESULT_BYTES_PER_ROW` per input.
+#: Measured 39 / 126 B/row for 2 / 8 inputs loaded from files, 101 / 187 B/row
+#: for inputs unpickled from bytes in memory (as received over the network).
+SUM_COMBINE_BASE_BYTES_PER_ROW = 64
 
-#: Sum and groupby final task: index to columns, Arrow table, Parquet writer.
-#: Measured 100 B/row.
-FRAME_FINAL_BYTES_PER_ROW = 108
+#: Sum final, fixed part (sort, index levels to arrays, output table, writer);
+#: plus :data:`SUM_RESULT_BYTES_PER_ROW` per input. Measured 45 / 70 / 149 B/row
+#: for 1 / 2 / 8 inputs.
+SUM_FINAL_BASE_BYTES_PER_ROW = 56
 
-#: Groupby leaf, fixed part (the hash table and the grouped result).
-#: Measured 160 / 215 / 340 / 562 B/row for 1 / 2 / 4 / 8 files per leaf.
-GROUPBY_LEAF_BASE_BYTES_PER_ROW = 100
+#: A groupby partial result: a (path, Date, value) frame, 3 x 8 B/row.
+GROUPBY_RESULT_BYTES_PER_ROW = 24
 
-#: Groupby leaf, per file concatenated (decoded frame, its copy in the concat).
-GROUPBY_FILE_BYTES_PER_ROW = 60
+#: Groupby leaf, fixed part (hash table, grouped result); plus
+#: :data:`GROUPBY_FILE_BYTES_PER_ROW` per file concatenated. Measured 171 /
+#: 268 / 443 / 757 B/row for 1 / 2 / 4 / 8 files per leaf.
+GROUPBY_LEAF_BASE_BYTES_PER_ROW = 80
 
-#: Groupby combine, fixed part. Measured 259 / 422 / 703 B/row for 2 / 4 / 8 inputs.
-GROUPBY_COMBINE_BASE_BYTES_PER_ROW = 125
+#: Groupby leaf, per file: its table, key arrays, frame and the concat copy.
+GROUPBY_FILE_BYTES_PER_ROW = 96
 
-#: Groupby combine, per input concatenated.
-GROUPBY_PARTIAL_BYTES_PER_ROW = 75
+#: Groupby combine (and final: sorting and writing stay below the concat
+#: peak), fixed part; plus :data:`GROUPBY_PARTIAL_BYTES_PER_ROW` per input.
+#: Measured 208 / 362 / 682 B/row for 2 / 4 / 8 inputs; the final 136 / 208 /
+#: 682 B/row for 1 / 2 / 8 inputs.
+GROUPBY_COMBINE_BASE_BYTES_PER_ROW = 56
+
+#: Groupby combine, per input concatenated and regrouped.
+GROUPBY_PARTIAL_BYTES_PER_ROW = 80
 
 #: Bounds of the learned correction factor (multiplies every task estimate).
-MIN_CORRECTION = 0.5
+#: The floor is 1: the model above is measured, while the peaks the kernels
+#: report are array arithmetic that leaves out allocator and mapped pages
+#: (e.g. 54 MiB reported for a 122 MiB leaf), so observations may only add.
+MIN_CORRECTION = 1.0
 MAX_CORRECTION = 4.0
 
 #: Share of the gap closed by one observation: fast up (an under-estimate
@@ -160,7 +182,7 @@ class TaskPeaks:
     """Peak bytes of each task shape of a plan, and of one partial result."""
 
     leaf_bytes: int
-    combine_bytes: int  #: 0 when the plan has a single leaf (no combine)
+    combine_bytes: int  #: 0 when the plan has no combine task (leaves <= fan-in)
     final_bytes: int
     result_bytes: int  #: one partial result held between tasks
 
@@ -174,71 +196,103 @@ class TaskPeaks:
             self.leaf_bytes, self.combine_bytes, self.final_bytes, self.result_bytes)))
 
 
-def raw_task_peaks(strategy: str, rows: int, file_decoded_bytes: int,
-                   files_per_task: int, fan_in: int, n_leaves: int) -> TaskPeaks:
-    """Uncorrected peaks of a plan's tasks; ``rows`` of the largest file.
+def largest_file(files: Iterable[FileInfo]) -> FileInfo:
+    """A file as large as the group's largest in every respect (a safe stand-in)."""
+    files = list(files)
+    return FileInfo(path="(largest)", size_bytes=max(f.size_bytes for f in files),
+                    rows=max(rows_of(f) for f in files),
+                    decoded_bytes=max(decoded_bytes_of(f) for f in files))
 
-    Assumes the files of a group share their keys (simulation outputs do): a
-    partial result has about as many rows as one file.
+
+def raw_task_peaks(strategy: str, largest: FileInfo, files_per_task: int,
+                   fan_in: int, n_leaves: int) -> TaskPeaks:
+    """Uncorrected peaks of a plan's tasks, for the tree :mod:`throttler.graphs` builds.
+
+    Leaves read ``files_per_task`` files each; combine tasks (only when there
+    are more than ``fan_in`` leaves) add ``fan_in`` partials; the final task
+    adds the last ``min(n_leaves, fan_in)`` partials and writes the output.
     """
+    combine_inputs = fan_in if n_leaves > fan_in else 0
+    final_inputs = max(1, min(n_leaves, fan_in))
     if strategy == "aligned":
-        peaks = _aligned_peaks(rows, file_decoded_bytes, fan_in)
+        peaks = _aligned_peaks(largest, combine_inputs, final_inputs)
     elif strategy == "sum":
-        peaks = _sum_peaks(rows, fan_in)
+        peaks = _sum_peaks(largest.rows, combine_inputs, final_inputs)
     elif strategy == "groupby":
-        peaks = _groupby_peaks(rows, files_per_task, fan_in)
+        peaks = _groupby_peaks(largest.rows, files_per_task, combine_inputs, final_inputs)
     else:
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
-    return peaks if n_leaves > 1 else replace(peaks, combine_bytes=0)
+    return peaks
 
 
-def _aligned_peaks(rows: int, file_decoded_bytes: int, fan_in: int) -> TaskPeaks:
-    # Leaf measured 104 MiB (18 B/row) for 1, 4 or 9 files read a row group at a
-    # time; reading whole value columns instead measured 218-278 MiB.
-    # Combine measured exactly (fan_in + 1) x 8 B/row (412 MiB for 8 inputs).
-    acc = rows * ACCUMULATOR_BYTES_PER_ROW
+def _task_bytes(rows: int, bytes_per_row: int) -> int:
+    return rows * bytes_per_row + TASK_OVERHEAD_BYTES
+
+
+def _aligned_peaks(largest: FileInfo, combine_inputs: int, final_inputs: int) -> TaskPeaks:
+    rows, acc = largest.rows, ACCUMULATOR_BYTES_PER_ROW
     return TaskPeaks(
-        leaf_bytes=acc + file_decoded_bytes + TASK_OVERHEAD_BYTES,
-        combine_bytes=(fan_in + 1) * acc + TASK_OVERHEAD_BYTES,
-        final_bytes=rows * ALIGNED_FINAL_BYTES_PER_ROW + TASK_OVERHEAD_BYTES,
-        result_bytes=acc,
+        leaf_bytes=rows * acc + largest.size_bytes + largest.decoded_bytes + TASK_OVERHEAD_BYTES,
+        combine_bytes=_task_bytes(rows, (combine_inputs + 1) * acc) if combine_inputs else 0,
+        final_bytes=_task_bytes(rows, (final_inputs + 1) * acc + ALIGNED_FINAL_EXTRA_BYTES_PER_ROW),
+        result_bytes=rows * acc,
     )
 
 
-def _sum_peaks(rows: int, fan_in: int) -> TaskPeaks:
-    combine_per_row = SUM_COMBINE_BASE_BYTES_PER_ROW + fan_in * PARTIAL_RESULT_BYTES_PER_ROW
+def _sum_peaks(rows: int, combine_inputs: int, final_inputs: int) -> TaskPeaks:
+    per_input = SUM_RESULT_BYTES_PER_ROW
     return TaskPeaks(
-        leaf_bytes=rows * SUM_LEAF_BYTES_PER_ROW + TASK_OVERHEAD_BYTES,
-        combine_bytes=rows * combine_per_row + TASK_OVERHEAD_BYTES,
-        final_bytes=rows * FRAME_FINAL_BYTES_PER_ROW + TASK_OVERHEAD_BYTES,
-        result_bytes=rows * PARTIAL_RESULT_BYTES_PER_ROW,
+        leaf_bytes=_task_bytes(rows, SUM_LEAF_BYTES_PER_ROW),
+        combine_bytes=(_task_bytes(rows, SUM_COMBINE_BASE_BYTES_PER_ROW + combine_inputs * per_input)
+                       if combine_inputs else 0),
+        final_bytes=_task_bytes(rows, SUM_FINAL_BASE_BYTES_PER_ROW + final_inputs * per_input),
+        result_bytes=rows * per_input,
     )
 
 
-def _groupby_peaks(rows: int, files_per_task: int, fan_in: int) -> TaskPeaks:
-    leaf_per_row = GROUPBY_LEAF_BASE_BYTES_PER_ROW + files_per_task * GROUPBY_FILE_BYTES_PER_ROW
-    combine_per_row = GROUPBY_COMBINE_BASE_BYTES_PER_ROW + fan_in * GROUPBY_PARTIAL_BYTES_PER_ROW
+def _groupby_peaks(rows: int, files_per_task: int, combine_inputs: int, final_inputs: int) -> TaskPeaks:
+    def combine(inputs: int) -> int:
+        return _task_bytes(rows, GROUPBY_COMBINE_BASE_BYTES_PER_ROW + inputs * GROUPBY_PARTIAL_BYTES_PER_ROW)
+
     return TaskPeaks(
-        leaf_bytes=rows * leaf_per_row + TASK_OVERHEAD_BYTES,
-        combine_bytes=rows * combine_per_row + TASK_OVERHEAD_BYTES,
-        final_bytes=rows * FRAME_FINAL_BYTES_PER_ROW + TASK_OVERHEAD_BYTES,
-        result_bytes=rows * PARTIAL_RESULT_BYTES_PER_ROW,
+        leaf_bytes=_task_bytes(rows, GROUPBY_LEAF_BASE_BYTES_PER_ROW
+                               + files_per_task * GROUPBY_FILE_BYTES_PER_ROW),
+        combine_bytes=combine(combine_inputs) if combine_inputs else 0,
+        final_bytes=combine(final_inputs),
+        result_bytes=rows * GROUPBY_RESULT_BYTES_PER_ROW,
     )
 
 
-def group_peak_bytes(task_peak_bytes: int, result_bytes: int, n_leaves: int,
-                     concurrent_leaves: int, fan_in: int) -> int:
+def merge_task_count(n_leaves: int, fan_in: int) -> int:
+    """Combine tasks plus the final task of the tree :mod:`throttler.graphs` builds."""
+    count, level = 1, n_leaves
+    while level > fan_in:
+        level = -(-level // fan_in)
+        count += level
+    return count
+
+
+def group_peak_bytes(peaks: TaskPeaks, n_leaves: int, concurrent_tasks: int, fan_in: int) -> int:
     """The most one group holds across the cluster at once.
 
-    At most ``concurrent_leaves`` tasks run at once, each at most the task
-    peak; besides them, finished partial results wait for their combine. Dask
-    orders a reduction depth first (a ready combine outranks new leaves), so
-    at most ``concurrent_leaves x fan_in`` results wait, and never more than
-    there are leaves.
+    At most ``concurrent_tasks`` of its tasks run at once (the cluster's
+    threads); they cost at most the most expensive tasks of the tree taken
+    that many times. Besides them, finished partial results wait for their
+    merge: ``dask.order`` ranks a ready combine above leaves not yet started,
+    so about ``concurrent_tasks x fan_in`` results wait at most, and never
+    more than there are leaves.
     """
-    running = max(1, min(n_leaves, concurrent_leaves))
-    waiting = min(n_leaves, running * max(2, fan_in)) if n_leaves > 1 else 0
-    return running * task_peak_bytes + waiting * result_bytes
+    n_merges = merge_task_count(n_leaves, fan_in)
+    running = max(1, min(concurrent_tasks, n_leaves + n_merges))
+    merge_bytes = max(peaks.combine_bytes, peaks.final_bytes)
+    if merge_bytes >= peaks.leaf_bytes:
+        merges = min(running, n_merges)
+        running_bytes = merges * merge_bytes + (running - merges) * peaks.leaf_bytes
+    else:
+        leaves = min(running, n_leaves)
+        running_bytes = leaves * peaks.leaf_bytes + (running - leaves) * merge_bytes
+    waiting = min(n_leaves, running * fan_in) if n_leaves > 1 else 0
+    return running_bytes + waiting * peaks.result_bytes
 
 
 # --------------------------------------------------------------------------- learning (pure)
@@ -327,9 +381,7 @@ class Estimator:
     def task_peaks(self, strategy: str, files: list[FileInfo], *, files_per_task: int,
                    fan_in: int, n_leaves: int, safety: float = 1.0) -> TaskPeaks:
         """Corrected peaks of a plan's tasks, priced on the group's largest file."""
-        rows = max(rows_of(f) for f in files)
-        decoded = max(decoded_bytes_of(f) for f in files)
-        raw = raw_task_peaks(strategy, rows, decoded, files_per_task, fan_in, n_leaves)
+        raw = raw_task_peaks(strategy, largest_file(files), files_per_task, fan_in, n_leaves)
         return raw.scaled(self.correction(strategy) * safety)
 
     def observe(self, strategy: str, predicted_task_peak_bytes: int, observed_peak_bytes: int) -> float:

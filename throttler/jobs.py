@@ -34,6 +34,7 @@ class Job:
     submitted_at_seconds: float = 0.0
     run_seconds: float = 0.0
     history: list[str] = field(default_factory=list)  #: one line per failed attempt
+    requests_counted: int = 0  #: request files already counted in the metrics
 
     @property
     def strategy(self) -> str:

@@ -62,14 +62,20 @@ def _skip_nans(values: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 class _Reference:
-    """The group's first file: its key fingerprint and, only if needed, its keys."""
+    """The group's first file: its encoded key chunks and, only if needed, its decoded keys."""
 
     def __init__(self, path: str):
         self.path = path
         pf = contract.open_parquet(path)
         self.schema = contract.check_schema(pf, path)
-        self.fingerprint = contract.key_fingerprint(pf, path, self.schema)
+        self.key_chunks = contract.key_chunks(pf, path, self.schema)
         self._keys: tuple[np.ndarray, np.ndarray] | None = None
+
+    def same_key_bytes(self, pf, path: str, schema: contract.FileSchema) -> bool:
+        """True when ``path``'s key chunks are byte-identical to the reference's (so are its keys)."""
+        if path == self.path:
+            return True
+        return schema.num_rows == self.schema.num_rows and contract.key_chunks(pf, path, schema) == self.key_chunks
 
     def keys(self) -> tuple[np.ndarray, np.ndarray]:
         if self._keys is None:
@@ -93,8 +99,12 @@ def aligned_leaf(paths: list[str], reference_path: str) -> Partial:
     """Stream the ``value`` column of each file into one float64 accumulator.
 
     Memory: the accumulator plus one row group, however many files the leaf
-    reads. Each file's keys are verified against the reference by fingerprint;
-    only a file whose fingerprint differs has its keys decoded and compared.
+    reads. Each file's keys are verified against the reference by comparing
+    their encoded bytes; only a file whose bytes differ has its keys decoded
+    and compared. Values are added unchecked and the accumulator is checked
+    once at the end: NaN and infinities propagate through addition, so a
+    finite row had only finite inputs, and any other row is recomputed exactly
+    as a per-value check would have (:func:`_redo_nonfinite_rows`).
     """
     started = time.perf_counter()
     ref = _Reference(reference_path)
@@ -104,53 +114,123 @@ def aligned_leaf(paths: list[str], reference_path: str) -> Partial:
     for path in paths:
         pf = contract.open_parquet(path)
         schema = contract.check_schema(pf, path)
-        extra = 0
-        if schema.num_rows != ref.schema.num_rows or contract.key_fingerprint(pf, path, schema) != ref.fingerprint:
-            extra = ref.verify_same_keys(pf, path)
-        peak = max(peak, acc.nbytes + extra, acc.nbytes + _add_values(acc, pf, path, part))
+        extra = 0 if ref.same_key_bytes(pf, path, schema) else ref.verify_same_keys(pf, path)
+        peak = max(peak, acc.nbytes + extra, acc.nbytes + _add_values(acc, pf, path))
         part.files += 1
         part.bytes_read += os.path.getsize(path)
+    if not np.isfinite(acc.sum()):
+        peak = max(peak, acc.nbytes + _redo_nonfinite_rows(acc, paths, part))
     part.peak_bytes = peak
     part.task_seconds = time.perf_counter() - started
     return part
 
 
-def _add_values(acc: np.ndarray, pf, path: str, part: Partial) -> int:
+def _add_values(acc: np.ndarray, pf, path: str) -> int:
     """Add every row group's values into ``acc`` in place; returns the largest chunk held."""
     offset, largest = 0, 0
     for rg in range(pf.metadata.num_row_groups):
-        values, nans = _skip_nans(contract.read_values(pf, rg, path))
+        values = contract.read_values(pf, rg, path)
         n = len(values)
         np.add(acc[offset:offset + n], values, out=acc[offset:offset + n])
-        part.nan_count += nans
         offset += n
         largest = max(largest, values.nbytes)
     return largest
 
 
+def _redo_nonfinite_rows(acc: np.ndarray, paths: list[str], part: Partial) -> int:
+    """Recompute the rows of ``acc`` that are not finite, NaN inputs skipped and counted.
+
+    Those rows are summed again from zero in the same file order, so they come
+    out bit-identical to checking every value on the way in; a NaN input always
+    lands in such a row, so the count is complete. Only row groups holding such
+    rows are read again. Returns the bytes held besides ``acc``.
+    """
+    bad = ~np.isfinite(acc)
+    if not bad.any():
+        return bad.nbytes  # all rows finite: only the check's own sum overflowed
+    np.copyto(acc, 0.0, where=bad)
+    largest = 0
+    for path in paths:
+        pf = contract.open_parquet(path)
+        offset = 0
+        for rg in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(rg).num_rows
+            rows = bad[offset:offset + n]
+            if rows.any():
+                values = contract.read_values(pf, rg, path).astype(np.float64, copy=False)
+                nan = np.isnan(values)
+                part.nan_count += int(np.count_nonzero(nan))
+                np.add(acc[offset:offset + n], _select(values, rows & ~nan), out=acc[offset:offset + n])
+                largest = max(largest, values.nbytes * 3)
+            offset += n
+    return bad.nbytes + largest
+
+
+def _select(values: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """``values`` where ``keep``, else +0.0; branch-free, 3-10x faster than ``np.where`` here.
+
+    Adding +0.0 leaves every accumulator row as it was: rows start at +0.0 and
+    a sum is -0.0 only when both terms are, so no row is ever -0.0.
+    """
+    mask = -keep.view(np.int8).astype(np.int64)  # all bits set where keep, none elsewhere
+    return (values.view(np.int64) & mask).view(np.float64)
+
+
+def _sum_arrays(arrays: list[np.ndarray]) -> np.ndarray:
+    """The element-wise sum in a fresh array (one pass for two inputs, no copy first)."""
+    if len(arrays) == 1:
+        return arrays[0].copy()
+    total = np.add(arrays[0], arrays[1])
+    for arr in arrays[2:]:
+        total += arr
+    return total
+
+
 def aligned_combine(partials: list[Partial]) -> Partial:
     """Add accumulators (into a fresh array: inputs may be reused on a retry)."""
     started = time.perf_counter()
-    out = Partial(partials[0].data.copy())
-    out.absorb_stats(partials[0])
-    for p in partials[1:]:
-        out.data += p.data
+    out = Partial(_sum_arrays([p.data for p in partials]))
+    for p in partials:
         out.absorb_stats(p)
     out.peak_bytes = max(out.peak_bytes, out.data.nbytes * (len(partials) + 1))
     out.task_seconds += time.perf_counter() - started
     return out
 
 
-def aligned_final(partials: list[Partial], reference_path: str, output_path: str) -> dict:
-    """Add the last partials, attach the reference keys, sort, write the output."""
-    started = time.perf_counter()
-    total = aligned_combine(partials)
+def aligned_result(partials: list[Partial], reference_path: str):
+    """Add the last partials and attach the reference keys, sorted by (path, Date).
+
+    Returns (total, paths, dates, values, peak bytes): everything the final task
+    does but the write. A single partial is read, never copied or changed.
+    """
+    if len(partials) == 1:
+        total = Partial(partials[0].data)
+        total.absorb_stats(partials[0])
+    else:
+        total = aligned_combine(partials)
     paths, dates = contract.read_keys(contract.open_parquet(reference_path), reference_path)
-    order = contract.sort_keys(paths, dates, reference_path)
+    order = None if _sorted_by_blocks(paths, dates) else contract.sort_keys(paths, dates, reference_path)
     values = total.data
     if order is not None:
         paths, dates, values = paths[order], dates[order], values[order]
     peak = max(total.peak_bytes, values.nbytes * 4 + (order.nbytes if order is not None else 0))
+    return total, paths, dates, values, peak
+
+
+def _sorted_by_blocks(paths: np.ndarray, dates: np.ndarray, block_rows: int = 1 << 16) -> bool:
+    """:func:`contract.keys_strictly_sorted`, a cache-sized block at a time (blocks overlap by a row).
+
+    Same answer; 2-3x faster on millions of rows, since the temporaries stay in
+    cache instead of costing fresh pages each.
+    """
+    return all(contract.keys_strictly_sorted(paths[i:i + block_rows + 1], dates[i:i + block_rows + 1])
+               for i in range(0, len(paths), block_rows))
+
+
+def aligned_final(partials: list[Partial], reference_path: str, output_path: str) -> dict:
+    """Add the last partials, attach the reference keys, sort, write the output."""
+    started = time.perf_counter()
+    total, paths, dates, values, peak = aligned_result(partials, reference_path)
     return _finish(total, paths, dates, values, output_path, peak, started, "aligned")
 
 

@@ -26,9 +26,7 @@ from dataclasses import dataclass
 
 from throttler.cluster import ClusterShape
 from throttler.errors import CatalogError, DoesNotFit, RequestError
-from throttler.estimator import (
-    Estimator, TaskPeaks, decoded_bytes_of, expansion, group_peak_bytes, raw_task_peaks, rows_of,
-)
+from throttler.estimator import Estimator, TaskPeaks, expansion, group_peak_bytes, largest_file, raw_task_peaks
 from throttler.plan import STRATEGY_CHOICES, FileInfo, Plan
 
 #: Estimates are multiplied by this once per attempt after the first.
@@ -45,26 +43,23 @@ DEFAULT_MEMORY_FRACTION = 0.6
 class _Pricing:
     """Prices task shapes of one group for one strategy and attempt.
 
-    The largest file and the correction are read once: a plan prices many
+    The largest file and the correction are read once: one plan prices many
     layouts of groups of up to 18,000 files.
     """
 
     strategy: str
-    files: list[FileInfo]
+    n_files: int
+    largest: FileInfo
     safety: float  #: the attempt's factor
     factor: float  #: safety x the estimator's correction
-    rows: int
-    file_decoded_bytes: int
 
     @classmethod
     def of(cls, strategy: str, files: list[FileInfo], estimator: Estimator, safety: float) -> "_Pricing":
-        return cls(strategy, files, safety, safety * estimator.correction(strategy),
-                   max(rows_of(f) for f in files), max(decoded_bytes_of(f) for f in files))
+        return cls(strategy, len(files), largest_file(files), safety,
+                   safety * estimator.correction(strategy))
 
     def peaks(self, files_per_task: int, fan_in: int, n_leaves: int) -> TaskPeaks:
-        inputs = max(MIN_FAN_IN, min(fan_in, n_leaves))  # a combine adds at most n_leaves results
-        raw = raw_task_peaks(self.strategy, self.rows, self.file_decoded_bytes,
-                             files_per_task, inputs, n_leaves)
+        raw = raw_task_peaks(self.strategy, self.largest, files_per_task, fan_in, n_leaves)
         return raw.scaled(self.factor)
 
 
@@ -80,18 +75,23 @@ def make_plan(group: str, files: list[FileInfo], strategy: str, shape: ClusterSh
               estimator: Estimator, *, attempt: int = 1,
               memory_fraction: float = DEFAULT_MEMORY_FRACTION,
               max_files_per_task: int | None = None, fan_in: int = DEFAULT_FAN_IN) -> Plan:
-    """Plan ``group`` for ``shape``; raises DoesNotFit if its smallest task fits no worker."""
+    """Plan ``group`` for ``shape``.
+
+    Raises DoesNotFit when even the smallest layout (one file per groupby
+    leaf, fan-in 2) has a task larger than the largest worker's budget,
+    CatalogError for an empty group and RequestError for an unknown strategy.
+    """
     _validate(group, files, strategy, shape, attempt)
     resolved, notes = resolve_strategy(strategy, files)
     safety = ATTEMPT_SAFETY_FACTOR ** (attempt - 1)
     if attempt > 1:
         notes.append(f"attempt {attempt}: estimates x{safety:.2f}, smaller chunks")
-    pricing = _Pricing.of(resolved, list(files), estimator, safety)
+    pricing = _Pricing.of(resolved, files, estimator, safety)
     budget = shape.task_budget_bytes(memory_fraction)
-    _check_smallest_fits(group, pricing, shape, memory_fraction, attempt)
     fan_in = _fitting_fan_in(pricing, budget, max(MIN_FAN_IN, fan_in >> (attempt - 1)), notes)
-    limit = _files_per_task_limit(pricing, budget, fan_in, attempt, max_files_per_task)
-    layout = _choose_layout(pricing, shape, memory_fraction, fan_in, limit, notes)
+    limit = _files_per_task_limit(pricing, budget, fan_in, attempt, max_files_per_task,
+                                  shape.total_threads)
+    layout = _choose_layout(group, pricing, shape, memory_fraction, fan_in, limit, notes)
     return Plan(
         group=group, strategy=resolved, files=tuple(files),
         files_per_task=layout.files_per_task, fan_in=fan_in,
@@ -140,69 +140,87 @@ def _validate(group: str, files: list[FileInfo], strategy: str, shape: ClusterSh
         raise ValueError("cannot plan for a cluster without workers; wait for workers first")
 
 
-def _check_smallest_fits(group: str, pricing: _Pricing, shape: ClusterShape,
-                         memory_fraction: float, attempt: int) -> None:
-    """Raise DoesNotFit when even one file per leaf and the smallest fan-in exceed the budget."""
-    budget = shape.task_budget_bytes(memory_fraction)
-    peaks = pricing.peaks(1, MIN_FAN_IN, min(2, len(pricing.files)))
-    if peaks.peak_bytes <= budget:
-        return
-    shapes = {"leaf": peaks.leaf_bytes, "combine": peaks.combine_bytes, "final": peaks.final_bytes}
-    worst = max(shapes, key=shapes.get)
-    limit = shape.largest_memory_limit_bytes
-    raise DoesNotFit(
-        f"group {group}: the smallest {pricing.strategy} {worst} task needs about "
-        f"{format_bytes(peaks.peak_bytes)} (attempt {attempt}, estimate x{pricing.safety:.2f}), but the "
-        f"largest worker allows {format_bytes(budget)} (memory_limit {format_bytes(limit)} x {memory_fraction})"
-        + ("; workers declare no memory_limit" if limit == 0 else ""))
-
-
 def _fitting_fan_in(pricing: _Pricing, budget: int, fan_in: int, notes: list[str]) -> int:
-    """The largest fan-in up to ``fan_in`` whose combine fits the budget."""
+    """The largest fan-in up to ``fan_in`` whose combine and final tasks fit the budget."""
     start = fan_in
-    while fan_in > MIN_FAN_IN and pricing.peaks(1, fan_in, fan_in).combine_bytes > budget:
+    while fan_in > MIN_FAN_IN and _widest_merge_bytes(pricing, fan_in) > budget:
         fan_in -= 1
     if fan_in < start:
         notes.append(f"fan-in {start} -> {fan_in}: a wider combine exceeds {format_bytes(budget)}")
     return fan_in
 
 
+def _widest_merge_bytes(pricing: _Pricing, fan_in: int) -> int:
+    peaks = pricing.peaks(1, fan_in, fan_in + 1)  # one more leaf than fan-in: a full combine
+    return max(peaks.combine_bytes, peaks.final_bytes)
+
+
 def _files_per_task_limit(pricing: _Pricing, budget: int, fan_in: int, attempt: int,
-                          max_files_per_task: int | None) -> int:
-    """Most files one leaf may read: any number when streaming, else what fits."""
-    n = len(pricing.files)
+                          max_files_per_task: int | None, threads: int) -> int:
+    """Most files one leaf may read: any number when streaming, else what fits.
+
+    A groupby re-plan halves, per attempt, what the first attempt would read.
+    """
+    n = pricing.n_files
     limit = n if max_files_per_task is None else max(1, min(n, max_files_per_task))
     if pricing.strategy != "groupby":
         return limit
     fitting = 1
     while fitting < limit and pricing.peaks(fitting + 1, fan_in, 2).leaf_bytes <= budget:
         fitting += 1
-    return max(1, fitting >> (attempt - 1))
+    first_attempt = min(fitting, math.ceil(n / min(n, max(1, threads))))
+    return max(1, first_attempt >> (attempt - 1))
 
 
-def _choose_layout(pricing: _Pricing, shape: ClusterShape, memory_fraction: float,
+def _choose_layout(group: str, pricing: _Pricing, shape: ClusterShape, memory_fraction: float,
                    fan_in: int, limit: int, notes: list[str]) -> _Layout:
-    """About one leaf per thread, fewer while the group exceeds the cluster budget."""
-    n, threads = len(pricing.files), max(1, shape.total_threads)
+    """About one leaf per thread, fewer while the group exceeds the cluster budget.
+
+    Raises DoesNotFit when no layout's largest task fits the per-task budget.
+    """
+    n, threads = pricing.n_files, max(1, shape.total_threads)
+    task_budget = shape.task_budget_bytes(memory_fraction)
     cluster_budget = shape.cluster_budget_bytes(memory_fraction)
-    layout = None
-    for target in range(min(n, threads), 0, -1):
-        layout = _layout(pricing, n, target, limit, fan_in, threads)
+    layouts = [_layout(pricing, shape, n, target, limit, fan_in)
+               for target in range(min(n, threads), 0, -1)]
+    fitting = [lay for lay in layouts if lay.peaks.peak_bytes <= task_budget]
+    if not fitting:
+        _raise_does_not_fit(group, pricing, shape, memory_fraction, min(layouts, key=_peak))
+    for layout in fitting:
         if layout.group_peak_bytes <= cluster_budget:
             return layout
-    notes.append(f"group peak {format_bytes(layout.group_peak_bytes)} exceeds the cluster budget "
+    smallest = min(fitting, key=lambda lay: lay.group_peak_bytes)
+    notes.append(f"group peak {format_bytes(smallest.group_peak_bytes)} exceeds the cluster budget "
                  f"{format_bytes(cluster_budget)}: it runs alone")
-    return layout
+    return smallest
 
 
-def _layout(pricing: _Pricing, n_files: int, target_leaves: int, limit: int,
-            fan_in: int, threads: int) -> _Layout:
+def _peak(layout: _Layout) -> int:
+    return layout.peaks.peak_bytes
+
+
+def _layout(pricing: _Pricing, shape: ClusterShape, n_files: int, target_leaves: int,
+            limit: int, fan_in: int) -> _Layout:
     files_per_task = min(limit, math.ceil(n_files / target_leaves))
     n_leaves = math.ceil(n_files / files_per_task)
     peaks = pricing.peaks(files_per_task, fan_in, n_leaves)
-    group = group_peak_bytes(peaks.peak_bytes, peaks.result_bytes, n_leaves,
-                             min(n_leaves, threads), fan_in)
+    group = group_peak_bytes(peaks, n_leaves, shape.concurrent_tasks(peaks.peak_bytes), fan_in)
     return _Layout(files_per_task, n_leaves, peaks, group)
+
+
+def _raise_does_not_fit(group: str, pricing: _Pricing, shape: ClusterShape,
+                        memory_fraction: float, smallest: _Layout) -> None:
+    peaks = smallest.peaks
+    shapes = {"leaf": peaks.leaf_bytes, "combine": peaks.combine_bytes, "final": peaks.final_bytes}
+    worst = max(shapes, key=shapes.get)
+    limit = shape.largest_memory_limit_bytes
+    budget = shape.task_budget_bytes(memory_fraction)
+    files = "1 file" if smallest.files_per_task == 1 else f"{smallest.files_per_task} files"
+    raise DoesNotFit(
+        f"group {group}: the smallest {pricing.strategy} plan ({files} per leaf) has a {worst} task "
+        f"of about {format_bytes(peaks.peak_bytes)} (estimate x{pricing.factor:.2f}), but the largest "
+        f"worker allows {format_bytes(budget)} (memory_limit {format_bytes(limit)} x {memory_fraction})"
+        + ("; the workers declare no memory_limit" if limit == 0 else ""))
 
 
 def format_bytes(n_bytes: float) -> str:

@@ -113,8 +113,7 @@ class Service:
         with self._jobs_lock:
             unstarted = [j for j in self._jobs.values() if j.state in (QUEUED, PLANNING)] + waiting
         for job in unstarted:
-            self._forget(job)
-            self.spool.release(job.claim)
+            self._give_back(job)
         return len(unstarted)
 
     def _release_running(self) -> int:
@@ -123,9 +122,16 @@ class Service:
         for job in running:
             if job.future is not None:
                 job.future.cancel()
-            self._forget(job)
-            self.spool.release(job.claim)
+            self._give_back(job)
         return len(running)
+
+    def _give_back(self, job: Job) -> None:
+        """Return a job's requests to incoming/ (unless a completion closed it meanwhile)."""
+        self._forget(job)
+        try:
+            self.spool.release(job.claim)
+        except RuntimeError:
+            log.info("%s finished while shutting down; nothing to give back", job.group)
 
     # ----------------------------------------------------------------- main loop step
 
@@ -148,8 +154,7 @@ class Service:
                       claim.priority or 0, self.clock())
             with self._jobs_lock:
                 self._jobs[job.group] = job
-            for _ in claim.files:
-                self.metrics.request_received()
+            self._count_requests(job)
             self._builders.submit(self._build, job)
             claimed += 1
         return claimed
@@ -180,8 +185,7 @@ class Service:
     def _hand_off(self, job: Job) -> None:
         with self.submit_lock:
             if self._stop_submitting.is_set():
-                self._forget(job)
-                self.spool.release(job.claim)
+                self._give_back(job)
                 return
             job.state = WAITING
             job.waiting_since_seconds = self.clock()
@@ -329,8 +333,7 @@ class Service:
         job.state = QUEUED
         job.not_before_seconds = self.clock() + delay_seconds
         if self._stop_intake.is_set():
-            self._forget(job)
-            self.spool.release(job.claim)
+            self._give_back(job)
             return
         self._builders.submit(self._build, job)
 
@@ -344,7 +347,14 @@ class Service:
 
     # ----------------------------------------------------------------- bookkeeping
 
+    def _count_requests(self, job: Job) -> None:
+        """Count request files received for this run (coalesced ones join late)."""
+        for _ in range(len(job.claim.files) - job.requests_counted):
+            self.metrics.request_received()
+        job.requests_counted = len(job.claim.files)
+
     def _forget(self, job: Job) -> None:
+        self._count_requests(job)
         with self._jobs_lock:
             if self._jobs.get(job.group) is job:
                 del self._jobs[job.group]

@@ -1,0 +1,281 @@
+"""Helpers for end-to-end tests of ``throttler serve`` as a real process.
+
+* :class:`Proc` starts a command in its own session (so its process group holds
+  every child it forks, even orphans) with output to a log file, and remembers
+  the group so :func:`leaked_processes` can prove nothing outlived the tests.
+* :class:`ExternalCluster` is ``dask scheduler`` plus ``dask worker`` processes.
+* :class:`Daemon` is ``python -m throttler serve`` with its log.
+* :func:`throttler_cli` runs another subcommand and returns its completed process.
+* :func:`gate_workers` occupies every worker thread until a file appears, so
+  groups stay submitted-but-unfinished for as long as a test needs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import psutil
+
+from tests.conftest import wait_for
+from tests.datafiles import write_sim
+
+#: process groups started by these helpers (each Proc is its own session leader)
+STARTED_GROUPS: set[int] = set()
+
+CHILD_ENV = {"DASK_LOGGING__DISTRIBUTED": "warning", "PYTHONUNBUFFERED": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Proc:
+    """One command in its own session, stdout+stderr to ``log_path``."""
+
+    def __init__(self, argv: list[str], log_path: Path, env: dict | None = None, cwd: str | None = None):
+        self.argv, self.log_path = argv, Path(log_path)
+        full_env = {**os.environ, **CHILD_ENV, **(env or {})}
+        for key in [k for k, v in full_env.items() if v is None]:
+            del full_env[key]
+        with open(self.log_path, "ab") as log:
+            self.popen = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=cwd,
+                                          start_new_session=True, stdin=subprocess.DEVNULL)
+        self.pid = self.popen.pid
+        STARTED_GROUPS.add(self.pid)  # session leader: pgid == pid
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def signal(self, signum: int) -> None:
+        self.popen.send_signal(signum)
+
+    def wait(self, timeout_seconds: float) -> int:
+        return self.popen.wait(timeout_seconds)
+
+    def kill_group(self) -> None:
+        """SIGKILL every process still in this command's group, then reap the leader."""
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            self.popen.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+        wait_for(lambda: not group_members(self.pid), 10)
+
+
+def group_members(pgid: int) -> list[psutil.Process]:
+    """Live (non-zombie) processes in process group ``pgid``."""
+    members = []
+    for proc in psutil.process_iter(["pid", "status"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                members.append(proc)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return members
+
+
+def leaked_processes() -> list[str]:
+    """Processes still alive in any group these helpers started."""
+    return [f"{p.pid} {' '.join(p.cmdline()[:4])}" for pgid in sorted(STARTED_GROUPS) for p in group_members(pgid)]
+
+
+# ------------------------------------------------------------------------ the cluster
+
+
+class ExternalCluster:
+    """``dask scheduler`` + ``n_workers`` x ``dask worker`` (1 thread, 1 GB), on loopback."""
+
+    def __init__(self, log_dir: Path, n_workers: int = 2, memory_bytes: int = 1_000_000_000,
+                 declare_memory: bool = True):
+        self.log_dir = Path(log_dir)
+        self.port = free_port()
+        self.address = f"tcp://127.0.0.1:{self.port}"
+        self.procs: list[Proc] = []
+        self.client = None
+        self.procs.append(Proc(["dask", "scheduler", "--host", "127.0.0.1", "--port", str(self.port),
+                                "--no-dashboard", "--dashboard-address", "127.0.0.1:0"],
+                               self.log_dir / "scheduler.log"))
+        for i in range(n_workers):
+            argv = ["dask", "worker", self.address, "--nthreads", "1", "--memory-limit", str(memory_bytes),
+                    "--no-dashboard", "--name", f"w{i}"]
+            if declare_memory:
+                argv += ["--resources", f"MEMORY={memory_bytes}"]
+            self.procs.append(Proc(argv, self.log_dir / f"worker{i}.log"))
+
+    def connect(self, n_workers: int, timeout_seconds: float = 60.0):
+        """A client in the test process, once ``n_workers`` workers have joined."""
+        from distributed import Client
+
+        deadline = time.monotonic() + timeout_seconds
+        while True:  # the scheduler may not listen yet
+            try:
+                self.client = Client(self.address, timeout="2s")
+                break
+            except OSError:
+                if time.monotonic() > deadline or any(p.popen.poll() is not None for p in self.procs):
+                    raise AssertionError(f"scheduler {self.address} not reachable\n{self.logs()}") from None
+                time.sleep(0.1)
+        self.client.wait_for_workers(n_workers, timeout=max(1.0, deadline - time.monotonic()))
+        return self.client
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.log_path.name}\n{p.log()[-4000:]}" for p in self.procs)
+
+    def close(self) -> None:
+        if self.client is not None:
+            try:
+                self.client.close(timeout=5)
+            except Exception:  # noqa: BLE001 - teardown goes on regardless
+                pass
+        for proc in reversed(self.procs):
+            proc.kill_group()
+
+
+def gate_workers(client, gate_file: Path) -> list:
+    """Occupy every worker's threads with a task that returns once ``gate_file`` exists.
+
+    Returns the futures; the caller creates ``gate_file`` to release them. Tasks
+    submitted meanwhile (e.g. the daemon's groups) stay queued on the workers.
+    """
+    def hold(path, tag):
+        Path(f"{path}.started.{tag}").touch()
+        while not os.path.exists(path):
+            time.sleep(0.02)
+        return True
+
+    futures, tags = [], []
+    for n, (address, info) in enumerate(client.scheduler_info()["workers"].items()):
+        for slot in range(info["nthreads"]):
+            tags.append(f"{n}-{slot}")
+            futures.append(client.submit(hold, str(gate_file), tags[-1], workers=[address],
+                                         allow_other_workers=False, pure=False))
+    wait_for(lambda: all(os.path.exists(f"{gate_file}.started.{tag}") for tag in tags), 30)
+    return futures
+
+
+# ------------------------------------------------------------------------ the daemon
+
+
+class Daemon:
+    """``python -m throttler serve ARGS`` with its log; one instance per start."""
+
+    def __init__(self, args: list[str], log_path: Path, env: dict | None = None):
+        self.args = args
+        self.proc = Proc([sys.executable, "-m", "throttler", "serve", *args], log_path, env)
+        self.pid = self.proc.pid
+        self._log_offset = len(self.proc.log())
+
+    def log(self) -> str:
+        """This start's part of the log file."""
+        return self.proc.log()[self._log_offset:]
+
+    def wait_for_log(self, text: str, timeout_seconds: float = 60.0) -> None:
+        def seen():
+            if self.proc.popen.poll() is not None and text not in self.log():
+                raise AssertionError(f"daemon exited ({self.proc.popen.returncode}) before logging "
+                                     f"{text!r}:\n{self.log()}")
+            return text in self.log()
+        try:
+            wait_for(seen, timeout_seconds)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; waiting for {text!r} in the daemon log:\n{self.log()}") from None
+
+    def wait_ready(self, timeout_seconds: float = 60.0) -> None:
+        self.wait_for_log("serving spool", timeout_seconds)
+
+    def metrics_url(self) -> str:
+        match = re.search(r"metrics on (http://\S+/metrics)", self.log())
+        assert match, f"no metrics address in the log:\n{self.log()}"
+        return match.group(1)
+
+    def stop(self, timeout_seconds: float) -> tuple[int, float]:
+        """SIGTERM; (exit code, seconds it took)."""
+        started = time.monotonic()
+        self.proc.signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout_seconds)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"daemon did not exit within {timeout_seconds} s:\n{self.log()}") from None
+        return code, time.monotonic() - started
+
+    def kill(self) -> None:
+        self.proc.kill_group()
+
+
+def throttler_cli(*args: str, timeout_seconds: float = 60.0) -> subprocess.CompletedProcess:
+    """Run ``python -m throttler ARGS`` to completion; stdout and stderr as text."""
+    return subprocess.run([sys.executable, "-m", "throttler", *args], capture_output=True, text=True,
+                          timeout=timeout_seconds, env={**os.environ, **CHILD_ENV}, stdin=subprocess.DEVNULL)
+
+
+def serve_args(tmp_path: Path, scheduler: str | None = None, *extra: str) -> list[str]:
+    """The usual ``serve`` arguments for a test directory."""
+    args = ["--spool", str(tmp_path / "spool"), "--data-root", str(tmp_path / "data"),
+            "--output", str(tmp_path / "out"), "--metrics-address", "127.0.0.1:0",
+            "--poll-seconds", "0.05", "--rescan-seconds", "0.5"]
+    if scheduler:
+        args += ["--scheduler", scheduler]
+    return args + list(extra)
+
+
+# ------------------------------------------------------------------------ data and records
+
+
+def make_estate(root: Path, groups: dict[str, int], **kw) -> dict[str, list[str]]:
+    """``root/<group>/fNNN.parquet`` files (stable seeds); returns each group's paths."""
+    out = {}
+    for group, n in groups.items():
+        os.makedirs(root / group, exist_ok=True)
+        out[group] = [write_sim(root / group / f"f{i:03d}.parquet", seed=zlib.crc32(f"{group}/{i}".encode()) % 1000,
+                                **kw) for i in range(n)]
+    return out
+
+
+def drop_request(spool_root: Path, name: str, content: bytes = b"") -> None:
+    """A request written with plain file operations, as another program would."""
+    tmp = Path(spool_root) / "tmp" / name
+    tmp.write_bytes(content)
+    os.rename(tmp, Path(spool_root) / "incoming" / name)
+
+
+def records(spool_root: Path, kind: str) -> list[dict]:
+    folder = Path(spool_root) / kind
+    out = []
+    for path in sorted(folder.glob("*.json")):
+        out.append(json.loads(path.read_text()))
+    return out
+
+
+def closed_requests(spool_root: Path) -> list[str]:
+    """Every request name listed by a record in done/ or failed/ (duplicates kept)."""
+    return [name for kind in ("done", "failed") for r in records(spool_root, kind) for name in r["requests"]]
+
+
+def wait_closed(spool_root: Path, expected: int, timeout_seconds: float, daemon: Daemon | None = None) -> None:
+    """Until ``expected`` request files are closed by records."""
+    try:
+        wait_for(lambda: len(closed_requests(spool_root)) >= expected, timeout_seconds)
+    except AssertionError:
+        raise AssertionError(f"{len(closed_requests(spool_root))} of {expected} requests closed after "
+                             f"{timeout_seconds} s\n{daemon.log() if daemon else ''}") from None
+
+
+def listing(path: Path) -> list[str]:
+    return sorted(os.listdir(path))

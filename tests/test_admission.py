@@ -1,0 +1,262 @@
+"""Admission policy: pure, in milliseconds, with fake snapshots."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from throttler.admission import (
+    AdmissionPolicy, Ledger, QueueEntry, Reservation, choose, decide, queue_order,
+)
+from throttler.cluster import ClusterSnapshot, WorkerView
+from throttler.plan import Plan
+
+GiB = 2**30
+MiB = 2**20
+
+
+def worker(name="w1", limit=10 * GiB, process=0, old=None, managed=0, status="running", nthreads=2):
+    return WorkerView(name=name, address=f"tcp://{name}:1", status=status, nthreads=nthreads,
+                      memory_limit_bytes=limit, process_bytes=process, managed_bytes=managed,
+                      unmanaged_old_bytes=process if old is None else old, memory_resource=float(limit))
+
+
+def snap(*workers):
+    return ClusterSnapshot(workers=tuple(workers), taken_at_seconds=0.0)
+
+
+def plan(group="g", group_peak=1 * GiB, task_peak=None):
+    return Plan(group=group, strategy="aligned", files=(), files_per_task=1, fan_in=8,
+                task_peak_bytes=group_peak if task_peak is None else task_peak,
+                group_peak_bytes=group_peak, expansion=1.0)
+
+
+def reservation(key="r", peak=1 * GiB):
+    return Reservation(group=key, key=key, group_peak_bytes=peak, task_peak_bytes=peak,
+                       submitted_at_seconds=0.0)
+
+
+def entry(group, peak, priority=0, at=0.0, task_peak=None):
+    return QueueEntry(plan(group, peak, task_peak), priority=priority, enqueued_at_seconds=at)
+
+
+# two 10 GiB workers at fraction 0.6: capacity 12 GiB
+TWO = snap(worker("w1"), worker("w2"))
+
+
+# --------------------------------------------------------------------------- decide
+
+
+def test_admits_what_fits_and_reports_figures():
+    d = decide(TWO, [], plan(group_peak=5 * GiB, task_peak=1 * GiB), now_seconds=0)
+    assert d.admit and not d.fatal
+    assert d.free_bytes == 12 * GiB
+    assert d.needed_bytes == 5 * GiB
+    assert "fits" in d.reason
+
+
+def test_lag_reservations_stand_in_for_memory_not_yet_visible():
+    # Two groups of 5 GiB were just submitted: heartbeats still show empty workers.
+    reserved = [reservation("a", 5 * GiB), reservation("b", 5 * GiB)]
+    d = decide(TWO, reserved, plan(group_peak=3 * GiB, task_peak=1 * GiB), now_seconds=1)
+    assert not d.admit
+    assert d.free_bytes == 2 * GiB
+    assert "waits for memory" in d.reason
+
+
+def test_no_double_counting_once_memory_shows_up():
+    # The reserved 5 GiB group now shows in process memory (managed), above a 1 GiB baseline.
+    shown = snap(worker("w1", process=3 * GiB + GiB // 2, old=GiB // 2, managed=3 * GiB),
+                 worker("w2", process=2 * GiB + GiB // 2, old=GiB // 2, managed=2 * GiB))
+    d = decide(shown, [reservation("a", 5 * GiB)], plan(group_peak=6 * GiB, task_peak=1 * GiB),
+               now_seconds=5)
+    assert d.free_bytes == 12 * GiB - 6 * GiB  # used = max(6, 1 + 5), not 6 + 5
+    assert d.admit
+
+
+def test_process_memory_counts_when_larger_than_reservations():
+    busy = snap(worker("w1", process=6 * GiB, old=1 * GiB), worker("w2", process=4 * GiB, old=1 * GiB))
+    d = decide(busy, [reservation("a", 1 * GiB)], plan(group_peak=3 * GiB, task_peak=1 * GiB), now_seconds=0)
+    assert d.free_bytes == 2 * GiB
+    assert not d.admit
+
+
+@pytest.mark.parametrize("status", ["paused", "closing", "closed", "closing_gracefully"])
+def test_non_running_workers_bring_no_capacity(status):
+    s = snap(worker("w1"), worker("w2", status=status))
+    d = decide(s, [], plan(group_peak=5 * GiB, task_peak=1 * GiB), now_seconds=0)
+    assert d.admit and d.free_bytes == 6 * GiB
+    d = decide(s, [], plan(group_peak=7 * GiB, task_peak=1 * GiB), now_seconds=0)
+    # 7 GiB exceeds the running capacity (6 GiB): admitted only because nothing else is reserved
+    assert d.admit and "alone" in d.reason
+    d = decide(s, [reservation()], plan(group_peak=7 * GiB, task_peak=1 * GiB), now_seconds=0)
+    assert not d.admit
+
+
+def test_paused_workers_memory_is_not_counted_as_used():
+    s = snap(worker("w1"), worker("w2", status="paused", process=9 * GiB))
+    assert decide(s, [], plan(group_peak=5 * GiB), now_seconds=0).free_bytes == 6 * GiB
+
+
+def test_nothing_running_waits():
+    s = snap(worker("w1", status="paused"), worker("w2", status="closing"))
+    d = decide(s, [], plan(group_peak=1 * GiB), now_seconds=0)
+    assert not d.admit and not d.fatal
+    assert d.reason == "no running workers"
+    d = decide(snap(), [], plan(group_peak=1 * GiB), now_seconds=0)
+    assert d.reason == "no running workers" and not d.fatal
+
+
+def test_a_task_larger_than_any_worker_is_fatal():
+    d = decide(TWO, [], plan(group_peak=8 * GiB, task_peak=7 * GiB), now_seconds=0)
+    assert not d.admit and d.fatal
+    assert "7.00 GiB" in d.reason and "6.00 GiB" in d.reason
+
+
+def test_a_task_fitting_only_a_paused_worker_waits_without_being_fatal():
+    s = snap(worker("small", limit=2 * GiB), worker("big", limit=20 * GiB, status="paused"))
+    d = decide(s, [], plan(group_peak=8 * GiB, task_peak=8 * GiB), now_seconds=0)
+    assert not d.admit and not d.fatal
+    assert "fits no running worker" in d.reason
+
+
+def test_lone_big_group_runs_on_an_empty_cluster():
+    d = decide(TWO, [], plan(group_peak=30 * GiB, task_peak=2 * GiB), now_seconds=0)
+    assert d.admit and "alone" in d.reason
+    d = decide(TWO, [reservation(peak=1)], plan(group_peak=30 * GiB, task_peak=2 * GiB), now_seconds=0)
+    assert not d.admit and not d.fatal
+
+
+def test_a_group_that_never_fits_the_free_memory_runs_alone_instead_of_waiting_forever():
+    # The workers' own memory (4 GiB each, not ours) leaves 4 GiB free: a 10 GiB group
+    # fits the capacity (12 GiB) but never the free memory.
+    baseline = snap(worker("w1", process=4 * GiB), worker("w2", process=4 * GiB))
+    candidate = plan(group_peak=10 * GiB, task_peak=1 * GiB)
+    d = decide(baseline, [reservation()], candidate, now_seconds=0)
+    assert not d.admit and "waits for memory" in d.reason
+    d = decide(baseline, [], candidate, now_seconds=0)
+    assert d.admit and "runs alone" in d.reason and d.free_bytes == 4 * GiB
+
+
+def test_backfill_closes_after_the_head_waited_long_enough():
+    small = plan("small", 1 * GiB)
+    d = decide(TWO, [], small, now_seconds=59, is_head=False, head_waiting_since_seconds=0,
+               max_backfill_delay_seconds=60)
+    assert d.admit
+    d = decide(TWO, [], small, now_seconds=60, is_head=False, head_waiting_since_seconds=0,
+               max_backfill_delay_seconds=60)
+    assert not d.admit and "backfill closed" in d.reason
+
+
+# --------------------------------------------------------------------------- choose
+
+
+def test_choose_admits_in_priority_then_arrival_order_without_over_admitting():
+    queue = [entry("late", 5 * GiB, at=3), entry("urgent", 5 * GiB, priority=5, at=9),
+             entry("early", 5 * GiB, at=1)]
+    assert [e.plan.group for e in queue_order(queue)] == ["urgent", "early", "late"]
+    choices = choose(TWO, [], queue, now_seconds=10)
+    assert [c.plan.group for c in choices] == ["urgent", "early"]  # 12 GiB: two of three
+    assert all(c.decision.admit for c in choices)
+
+
+def test_smaller_groups_backfill_while_the_head_is_young():
+    reserved = [reservation("running", 8 * GiB)]
+    queue = [entry("big", 6 * GiB, at=100), entry("small", 2 * GiB, at=101)]
+    choices = choose(TWO, reserved, queue, now_seconds=130, policy=AdmissionPolicy(max_head_wait_seconds=60))
+    assert [c.plan.group for c in choices] == ["small"]
+
+
+def test_an_old_head_blocks_backfill_so_it_starts_within_a_bound():
+    reserved = [reservation("running", 8 * GiB)]
+    queue = [entry("big", 6 * GiB, at=100), entry("small", 2 * GiB, at=101)]
+    policy = AdmissionPolicy(max_head_wait_seconds=60)
+    assert choose(TWO, reserved, queue, now_seconds=160, policy=policy) == []
+    # once the running group is released, the big head starts first
+    choices = choose(TWO, [], queue, now_seconds=170, policy=policy)
+    assert [c.plan.group for c in choices] == ["big", "small"]
+
+
+def test_a_fatal_head_is_returned_and_blocks_nobody():
+    queue = [entry("huge-task", 8 * GiB, at=0, task_peak=7 * GiB), entry("small", 1 * GiB, at=1)]
+    choices = choose(TWO, [], queue, now_seconds=1000)
+    assert [(c.plan.group, c.decision.admit, c.decision.fatal) for c in choices] == [
+        ("huge-task", False, True), ("small", True, False)]
+
+
+def test_a_lone_big_group_is_admitted_once_then_others_wait():
+    queue = [entry("giant", 30 * GiB, at=0, task_peak=2 * GiB), entry("small", 1 * GiB, at=1)]
+    choices = choose(TWO, [], queue, now_seconds=1)
+    assert [c.plan.group for c in choices] == ["giant"]  # the virtual ledger now holds 30 GiB
+
+
+def test_reservation_keys_come_from_entries():
+    e = QueueEntry(plan("g"), key="tok-1")
+    assert e.reservation_key == "tok-1"
+    assert QueueEntry(plan("g")).reservation_key == "g"
+
+
+# --------------------------------------------------------------------------- ledger
+
+
+def test_ledger_reserve_release_total():
+    ledger = Ledger()
+    ledger.reserve(reservation("a", 3))
+    ledger.reserve(Reservation("b", "b", 4, 1, submitted_at_seconds=-1.0))
+    assert ledger.total_bytes() == 7 and len(ledger) == 2
+    assert [r.key for r in ledger.items()] == ["b", "a"]
+    with pytest.raises(KeyError):
+        ledger.reserve(reservation("a", 3))
+    assert ledger.release("a").group_peak_bytes == 3
+    assert ledger.release("a") is None
+    assert ledger.total_bytes() == 4
+
+
+def test_ledger_is_thread_safe():
+    ledger = Ledger()
+
+    def work(t):
+        for i in range(500):
+            ledger.reserve(reservation(f"{t}-{i}", 1))
+            if i % 2:
+                ledger.release(f"{t}-{i}")
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert ledger.total_bytes() == 8 * 250
+
+
+# --------------------------------------------------------------------------- property
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    limits=st.lists(st.integers(1 * GiB, 16 * GiB), min_size=1, max_size=4),
+    baseline_share=st.floats(0.0, 0.5),
+    peaks=st.lists(st.integers(1 * MiB, 8 * GiB), min_size=1, max_size=30),
+    rounds=st.integers(1, 5),
+)
+def test_admitted_memory_plus_baseline_never_exceeds_capacity(limits, baseline_share, peaks, rounds):
+    """Memory never shows up in heartbeats (worst lag): the ledger alone must hold the line."""
+    workers = [worker(f"w{i}", limit=lim, process=int(lim * 0.6 * baseline_share))
+               for i, lim in enumerate(limits)]
+    s = snap(*workers)
+    capacity = sum(int(w.memory_limit_bytes * 0.6) for w in workers)
+    baseline = sum(w.process_bytes for w in workers)
+    ledger = Ledger()
+    queue = [entry(f"g{i}", p, at=i, task_peak=min(p, 512 * MiB)) for i, p in enumerate(peaks)]
+    for r in range(rounds):  # several rounds, each seeing the ledger of the previous ones
+        for c in choose(s, ledger.items(), queue, now_seconds=float(r)):
+            if c.decision.admit:
+                ledger.reserve(Reservation(c.plan.group, c.entry.reservation_key,
+                                           c.plan.group_peak_bytes, c.plan.task_peak_bytes, float(r)))
+        queue = [e for e in queue if e.reservation_key not in {x.key for x in ledger.items()}]
+    admitted = ledger.items()
+    alone = len(admitted) == 1  # a group may run alone even if it does not fit (never deadlock)
+    assert alone or baseline + ledger.total_bytes() <= capacity

@@ -1,0 +1,109 @@
+"""Admission on a real memory-limited cluster: a queue several times the cluster's memory,
+including a group larger than the whole cluster, completes with no worker paused or killed."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import wait_for
+from tests.test_service import make_service, records
+from throttler.cluster import read_snapshot, start_embedded_cluster
+from throttler.estimator import file_info, naive_group_bytes
+from throttler.generate import EstateSpec, simulation_dates, simulation_table
+
+WORKER_LIMIT_BYTES = 500_000_000
+ROWS_PATHS, ROWS_DATES = 5_000, 100  # 500,000 rows a file
+
+
+@pytest.fixture(scope="module")
+def small_cluster():
+    cluster, client = start_embedded_cluster(memory_limit_bytes=WORKER_LIMIT_BYTES, n_workers=2,
+                                             threads_per_worker=1)
+    yield client
+    client.close()
+    cluster.close()
+
+
+def hardlinked_estate(root, groups: dict[str, int], physical: int = 3) -> dict[str, list[str]]:
+    """Groups of hard links to a few physical files (a big group needs little disk)."""
+    rng = np.random.default_rng(5)
+    pool = []
+    for i in range(physical):
+        path = root / f"physical-{i}.parquet"
+        pq.write_table(simulation_table(ROWS_PATHS, simulation_dates(ROWS_DATES, 0), rng), path)
+        pool.append(path)
+    estate = {}
+    for g, (group, n) in enumerate(groups.items()):
+        (root / group).mkdir()
+        estate[group] = []
+        for i in range(n):
+            target = root / group / f"f{i:04d}.parquet"
+            os.link(pool[(g + i) % physical], target)
+            estate[group].append(str(target))
+    return estate
+
+
+def reference_values(files: list[str]) -> np.ndarray:
+    """Independent reference for files sharing keys: per physical file, values x link count."""
+    counts = Counter(os.stat(f).st_ino for f in files)
+    by_inode = {os.stat(f).st_ino: f for f in files}
+    total = np.zeros(ROWS_PATHS * ROWS_DATES)
+    for inode, count in counts.items():
+        total += count * pq.read_table(by_inode[inode], columns=["value"]).column(0).to_numpy()
+    return total
+
+
+def cluster_events(client) -> list[dict]:
+    events = client.get_events()
+    return [msg for topic in events.values() for _, msg in topic if isinstance(msg, dict)]
+
+
+def test_queue_larger_than_cluster_completes_without_pauses_or_kills(tmp_path, small_cluster):
+    client = small_cluster
+    groups = {f"sum{i}": 30 for i in range(8)}
+    groups.update({f"gb{i}": 10 for i in range(3)})
+    groups["huge"] = 250
+    (tmp_path / "data").mkdir()
+    estate = hardlinked_estate(tmp_path / "data", groups)
+    strategies = {g: ("sum" if g.startswith("sum") else "groupby" if g.startswith("gb") else "auto")
+                  for g in groups}
+    cluster_memory = 2 * WORKER_LIMIT_BYTES
+    naive = {g: naive_group_bytes([file_info(f) for f in files]) for g, files in estate.items()}
+    assert naive["huge"] > cluster_memory and sum(naive.values()) > 2 * cluster_memory
+    workers_before = {w.address for w in read_snapshot(client).workers}
+
+    service, spool, _ = make_service(tmp_path, client, max_head_wait_seconds=5.0)
+    for group, strategy in strategies.items():
+        spool.submit(group, strategy=strategy)
+    peak_fraction = [0.0]
+
+    def step():
+        service.step()
+        for w in read_snapshot(client).workers:
+            peak_fraction[0] = max(peak_fraction[0], w.process_bytes / w.memory_limit_bytes)
+
+    service.start()
+    try:
+        wait_for(lambda: len(records(spool.root, "done")) + len(records(spool.root, "failed")) >= len(groups),
+                 240, interval_seconds=0.02, step=step)
+    finally:
+        service.drain(30)
+
+    assert not records(spool.root, "failed")
+    done = {r["group"]: r for r in records(spool.root, "done")}
+    assert set(done) == set(groups) and all(r["attempts"] == 1 for r in done.values())
+    for group, files in estate.items():
+        got = pq.read_table(done[group]["output"]).column("value").to_numpy()
+        np.testing.assert_allclose(got, reference_values(files), rtol=1e-9, atol=1e-9)
+    assert done["huge"]["strategy"] == "aligned"
+    assert max(r["admission_wait_seconds"] for r in done.values()) > 0, "admission never made a group wait"
+    assert {w.address for w in read_snapshot(client).workers} == workers_before, "a worker was restarted"
+    bad = [e for e in cluster_events(client) if e.get("action") in ("remove-worker", "worker-status-change")
+           and e.get("status") != "running"]
+    assert not bad, bad
+    assert peak_fraction[0] < 0.8, f"a worker reached {peak_fraction[0]:.0%} of its limit (pause at 80%)"

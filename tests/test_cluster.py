@@ -1,0 +1,163 @@
+"""Reading the scheduler, against a real LocalCluster of worker processes."""
+
+from __future__ import annotations
+
+import time
+
+import cloudpickle
+import pytest
+
+from throttler.cluster import (
+    MEMORY_RESOURCE, ClusterShape, ClusterSnapshot, WorkerView, _scheduler_worker_records,
+    default_worker_layout, read_snapshot, start_embedded_cluster,
+)
+
+GiB = 2**30
+MiB = 2**20
+
+
+@pytest.fixture(scope="module")
+def cluster_client():
+    cluster, client = start_embedded_cluster(memory_limit_bytes=1 * GiB, n_workers=2, threads_per_worker=1)
+    client.wait_for_workers(2, timeout=30)
+    yield cluster, client
+    client.close()
+    cluster.close()
+
+
+def wait_for(client, predicate, timeout_seconds=8.0):
+    """Poll read_snapshot until predicate(snapshot) holds; returns that snapshot."""
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+        snapshot = read_snapshot(client)
+        if predicate(snapshot) or time.monotonic() > deadline:
+            return snapshot
+        time.sleep(0.02)
+
+
+# --------------------------------------------------------------------------- real cluster
+
+
+def test_snapshot_reads_limits_status_and_resources(cluster_client):
+    _, client = cluster_client
+    before = time.monotonic()
+    snapshot = read_snapshot(client)
+    assert before <= snapshot.taken_at_seconds <= time.monotonic()
+    assert len(snapshot.workers) == 2
+    for w in snapshot.workers:
+        assert w.status == "running" and w.is_running
+        assert w.nthreads == 1
+        assert w.memory_limit_bytes == 1 * GiB
+        assert w.memory_resource == float(1 * GiB)
+        assert w.used_memory_resource == 0.0
+        assert 10 * MiB < w.process_bytes < 1 * GiB
+        assert 0 <= w.unmanaged_old_bytes <= w.process_bytes
+        assert w.address.startswith("tcp://")
+    assert snapshot.shape() == ClusterShape(2, (GiB, GiB), (1, 1), has_memory_resource=True)
+    assert snapshot.total_threads == 2
+
+
+def test_snapshot_sees_a_task_holding_the_memory_resource(cluster_client):
+    from distributed import Event
+
+    _, client = cluster_client
+    hold = Event("throttler-test-hold", client=client)
+
+    def held(n):
+        Event("throttler-test-hold").wait(timeout=10)
+        return n
+
+    future = client.submit(held, 1, resources={MEMORY_RESOURCE: 300 * MiB}, pure=False)
+    try:
+        seen = wait_for(client, lambda s: sum(w.used_memory_resource for w in s.workers) > 0)
+        assert sorted(w.used_memory_resource for w in seen.workers) == [0.0, float(300 * MiB)]
+    finally:
+        hold.set()
+    assert future.result(timeout=10) == 1
+    done = wait_for(client, lambda s: all(w.used_memory_resource == 0 for w in s.workers))
+    assert all(w.used_memory_resource == 0 for w in done.workers)
+
+
+def test_snapshot_sees_managed_memory_at_once(cluster_client):
+    _, client = cluster_client
+    future = client.submit(lambda: b"x" * (50 * MiB), pure=False)
+    future.result(timeout=10)
+    try:
+        seen = wait_for(client, lambda s: sum(w.managed_bytes for w in s.workers) >= 50 * MiB)
+        assert sum(w.managed_bytes for w in seen.workers) >= 50 * MiB
+    finally:
+        future.release()
+
+
+def test_snapshot_sees_a_paused_worker(cluster_client):
+    _, client = cluster_client
+
+    def set_status(dask_worker, name):
+        from distributed.core import Status
+        dask_worker.status = Status[name]
+
+    address = read_snapshot(client).workers[0].address
+    client.run(set_status, name="paused", workers=[address])
+    try:
+        paused = wait_for(client, lambda s: any(w.status == "paused" for w in s.workers))
+        assert [w.status for w in paused.workers if w.address == address] == ["paused"]
+        assert len(paused.running_workers) == 1
+        assert paused.shape().n_workers == 2  # a paused worker still belongs to the shape
+    finally:
+        client.run(set_status, name="running", workers=[address])
+    wait_for(client, lambda s: all(w.is_running for w in s.workers))
+
+
+def test_the_scheduler_function_ships_by_value():
+    """A remote scheduler need not have throttler installed."""
+    blob = cloudpickle.dumps(_scheduler_worker_records())
+    assert b"throttler.cluster\n_scheduler_worker_records" not in blob
+    assert b"_scheduler_worker_records.<locals>.collect" in blob
+
+
+# --------------------------------------------------------------------------- pure values
+
+
+def view(name, status="running", limit=GiB, threads=2, resource=True):
+    return WorkerView(name, f"tcp://{name}:1", status, threads, limit, 100, 0, 100,
+                      float(limit) if resource else None)
+
+
+def test_shape_keeps_running_and_paused_workers_only():
+    snapshot = ClusterSnapshot((view("a"), view("b", "paused", 2 * GiB), view("c", "closing")), 1.0)
+    shape = snapshot.shape()
+    assert shape.n_workers == 2
+    assert shape.memory_limit_bytes == (GiB, 2 * GiB)
+    assert shape.largest_memory_limit_bytes == 2 * GiB
+    assert shape.total_threads == 4
+    assert shape.task_budget_bytes(0.5) == GiB
+    assert shape.cluster_budget_bytes(0.5) == 3 * GiB // 2
+    assert snapshot.process_bytes == 100  # running workers only
+
+
+def test_shape_declares_memory_only_if_every_worker_does():
+    snapshot = ClusterSnapshot((view("a"), view("b", resource=False)), 0.0)
+    assert not snapshot.shape().has_memory_resource
+    assert not ClusterSnapshot((), 0.0).shape().has_memory_resource
+
+
+def test_shape_validates_its_tuples():
+    with pytest.raises(ValueError):
+        ClusterShape(2, (GiB,), (1, 1))
+
+
+def test_concurrency_is_threads_limited_by_the_memory_resource():
+    shape = ClusterShape(2, (4 * GiB, 1 * GiB), (4, 4), has_memory_resource=True)
+    assert shape.concurrent_tasks(1 * GiB) == 4 + 1
+    assert shape.concurrent_tasks(3 * GiB) == 1
+    assert shape.concurrent_tasks(10) == 8
+    assert ClusterShape(2, (GiB, GiB), (4, 4)).concurrent_tasks(GiB) == 8
+
+
+def test_default_layout_is_one_single_threaded_worker_per_core(monkeypatch):
+    import psutil
+
+    monkeypatch.setattr(psutil, "cpu_count", lambda logical=True: 2)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"total": 10 * GiB})())
+    assert default_worker_layout() == (2, 1, int(10 * GiB * 0.8 / 2))
+    assert default_worker_layout(4, 2, GiB) == (4, 2, GiB)

@@ -1,0 +1,375 @@
+"""``throttler serve`` as a real process against real Dask processes.
+
+Every daemon, scheduler and worker here is a separate process in its own
+session; fixtures kill each process group at teardown and the module ends by
+checking that none of them is left. Logs are printed at teardown (pytest shows
+them only when a test fails).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from tests.conftest import wait_for
+from tests.daemon_helpers import (
+    Daemon,
+    ExternalCluster,
+    closed_requests,
+    drop_request,
+    free_port,
+    gate_workers,
+    leaked_processes,
+    listing,
+    make_estate,
+    records,
+    serve_args,
+    throttler_cli,
+    wait_closed,
+)
+from tests.datafiles import assert_matches_reference
+from throttler import daemon as daemon_mod
+
+WORKER_MEMORY_BYTES = 1_000_000_000
+SHUTDOWN_LINES = ("shutdown 1/4: intake stopped", "shutdown 2/4: admission stopped",
+                  "shutdown 3/4:", "shutdown 4/4:", "INFO throttler.daemon: stopped")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_leaked_processes():
+    """Runs last in the module: every process the tests started must be gone."""
+    yield
+    assert not leaked_processes(), f"processes left behind: {leaked_processes()}"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """One external cluster for the module: 2 workers x 1 thread, 1 GB, declaring MEMORY."""
+    cluster = ExternalCluster(tmp_path_factory.mktemp("cluster"), n_workers=2)
+    try:
+        cluster.connect(2)
+        yield cluster
+    finally:
+        print(cluster.logs())
+        cluster.close()
+
+
+@pytest.fixture()
+def daemons(tmp_path):
+    """Start daemons with ``daemons(args, env=...)``; kills leftovers and prints logs at teardown."""
+    started: list[Daemon] = []
+
+    def start(args, env=None, name="daemon.log") -> Daemon:
+        daemon = Daemon(args, tmp_path / name, env)
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.kill()
+        print(f"--- daemon pid {daemon.pid} ({daemon.proc.log_path.name}):\n{daemon.log()}")
+
+
+def assert_shutdown_logged_in_order(log: str) -> None:
+    positions = [log.find(line) for line in SHUTDOWN_LINES]
+    assert -1 not in positions and positions == sorted(positions), \
+        f"shutdown lines missing or out of order: {dict(zip(SHUTDOWN_LINES, positions))}\n{log}"
+
+
+def assert_outputs_match(tmp_path, estate, groups=None) -> None:
+    for group in groups or estate:
+        assert_matches_reference(tmp_path / "out" / f"{group}.parquet", estate[group])
+
+
+# ---------------------------------------------------------------------------- external cluster
+
+
+def test_external_cluster_cli_and_dropped_requests_then_sigterm(tmp_path, cluster, daemons):
+    estate = make_estate(tmp_path / "data", {"g1": 3, "g2": 2, "g3": 1, "g4": 4})
+    daemon = daemons(serve_args(tmp_path, cluster.address, "--drain-timeout-seconds", "20"))
+    daemon.wait_ready()
+    assert "connected to scheduler " + cluster.address in daemon.log()
+
+    submitted = throttler_cli("submit", "g1", "g2", "--spool", str(tmp_path / "spool"))
+    assert submitted.returncode == 0, submitted.stderr
+    assert re.findall(r"^queued (g\d) as \S+\.json$", submitted.stdout, re.M) == ["g1", "g2"]
+    spool = tmp_path / "spool"
+    drop_request(spool, "g3")
+    drop_request(spool, "req-g4.json", json.dumps({"group": "g4", "strategy": "sum", "priority": 3}).encode())
+    wait_closed(spool, 4, 60, daemon)
+
+    done = {r["group"]: r for r in records(spool, "done")}
+    assert sorted(done) == ["g1", "g2", "g3", "g4"] and not records(spool, "failed")
+    assert done["g4"]["strategy"] == "sum" and done["g1"]["strategy"] == "aligned"
+    assert_outputs_match(tmp_path, estate)
+    assert all(r["rows"] == 300 and r["attempts"] == 1 for r in done.values())
+
+    status = throttler_cli("status", "--spool", str(spool), "--json")
+    assert status.returncode == 0, status.stderr
+    doc = json.loads(status.stdout)
+    assert doc["queue"] == {"incoming": 0, "active": 0, "done": 4, "failed": 0}
+    daemon_doc = doc["daemon"]
+    assert daemon_doc["pid"] == daemon.pid and daemon_doc["workers"]["running"] == 2
+    assert daemon_doc["cluster_memory"]["limit_bytes"] == 2 * int(WORKER_MEMORY_BYTES * 0.6)
+    assert set(daemon_doc["states"]) == {"queued", "planning", "waiting", "running"}
+    human = throttler_cli("status", "--spool", str(spool)).stdout
+    assert "incoming 0  active 0  done 4  failed 0" in human
+    assert re.search(rf"daemon pid {daemon.pid} \(status written \d+ s ago\)", human), human
+
+    metrics = urllib.request.urlopen(daemon.metrics_url(), timeout=10).read().decode()
+    assert "throttler_requests_received_total 4.0" in metrics
+    assert 'throttler_groups_finished_total{outcome="done",strategy="sum"} 1.0' in metrics
+
+    plan = throttler_cli("plan", "g4", "--data-root", str(tmp_path / "data"), "--scheduler", cluster.address)
+    assert plan.returncode == 0, plan.stderr
+    assert "group g4: 4 files" in plan.stdout and "fits now: yes (" in plan.stdout, plan.stdout
+
+    code, seconds = daemon.stop(20)
+    assert code == 0 and seconds < 20, daemon.log()
+    assert_shutdown_logged_in_order(daemon.log())
+    assert "shutdown 3/4: 0 unstarted" in daemon.log() and "shutdown 4/4: 0 running" in daemon.log()
+    assert "Traceback" not in daemon.log()
+
+
+def test_run_command_against_external_cluster(tmp_path, cluster):
+    estate = make_estate(tmp_path / "data", {"solo": 3})
+    result = throttler_cli("run", "solo", "missing", "--data-root", str(tmp_path / "data"),
+                           "--output", str(tmp_path / "out"), "--scheduler", cluster.address)
+    assert result.returncode == 1, (result.stdout, result.stderr)  # "missing" failed
+    assert re.search(r"^ok +solo: 300 rows from 3 files", result.stdout, re.M), result.stdout
+    assert "FAILED missing: CatalogError: unknown group 'missing'" in result.stdout
+    assert_outputs_match(tmp_path, estate)
+
+
+def test_workers_without_memory_resource_still_serve_with_a_warning(tmp_path, daemons):
+    (tmp_path / "plain").mkdir()
+    plain = ExternalCluster(tmp_path / "plain", n_workers=1, declare_memory=False)
+    try:
+        plain.connect(1)
+        estate = make_estate(tmp_path / "data", {"bare": 2})
+        daemon = daemons(serve_args(tmp_path, plain.address))
+        daemon.wait_ready()
+        drop_request(tmp_path / "spool", "bare")
+        wait_closed(tmp_path / "spool", 1, 60, daemon)
+        (done,) = records(tmp_path / "spool", "done")
+        assert done["group"] == "bare"
+        assert_outputs_match(tmp_path, estate)
+        assert "workers declare no MEMORY resource: admission alone protects them" in daemon.log()
+        code, _ = daemon.stop(20)
+        assert code == 0
+    finally:
+        print(plain.logs())
+        plain.close()
+
+
+# ---------------------------------------------------------------------------- sd_notify
+
+
+class NotifyListener:
+    """A bound AF_UNIX datagram socket standing in for systemd; keeps (monotonic time, message)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.settimeout(0.2)
+        self.messages: list[tuple[float, str]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._receive, daemon=True)
+        self._thread.start()
+
+    def _receive(self):
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            with self._lock:
+                self.messages.append((time.monotonic(), data.decode()))
+
+    def snapshot(self) -> list[tuple[float, str]]:
+        with self._lock:
+            return list(self.messages)
+
+    def index(self, prefix: str, after: int = -1) -> int:
+        """Index of the first message after ``after`` starting with ``prefix``, or -1."""
+        for i, (_, message) in enumerate(self.snapshot()):
+            if i > after and message.startswith(prefix):
+                return i
+        return -1
+
+    def wait(self, prefix: str, after: int = -1, timeout_seconds: float = 30.0) -> int:
+        try:
+            wait_for(lambda: self.index(prefix, after) >= 0, timeout_seconds)
+        except AssertionError:
+            raise AssertionError(f"no {prefix!r} after message {after}: {self.snapshot()}") from None
+        return self.index(prefix, after)
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+def test_sd_notify_ready_watchdog_reload_and_stop(tmp_path, daemons):
+    make_estate(tmp_path / "data", {"n1": 2})
+    config = tmp_path / "throttler.toml"
+    config.write_text("[throttler]\nmemory_fraction = 0.5\n")
+    listener = NotifyListener(tmp_path / "notify")
+    try:
+        env = {"NOTIFY_SOCKET": listener.path, "WATCHDOG_USEC": "2000000", "WATCHDOG_PID": None}
+        # a rescan period just under the ping period: wake-ups must not push pings back
+        args = serve_args(tmp_path, None, "--config", str(config), "--workers", "1",
+                          "--worker-memory-bytes", str(WORKER_MEMORY_BYTES), "--rescan-seconds", "0.95")
+        daemon = daemons(args, env=env)
+        ready = listener.wait("READY=1", timeout_seconds=60)
+        daemon.wait_ready()
+        assert re.fullmatch(r"READY=1\nSTATUS=queued \d+, waiting \d+, running \d+; .*", listener.snapshot()[ready][1])
+        drop_request(tmp_path / "spool", "n1")
+        wait_closed(tmp_path / "spool", 1, 60, daemon)
+
+        wait_for(lambda: len(pings(listener)) >= 3, 10)  # ~1 s apart: 3 within about 3 s
+        times = pings(listener)
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        assert all(0.9 <= gap <= 1.5 for gap in gaps), f"watchdog gaps {gaps} (WATCHDOG_USEC/2 = 1 s)"
+        assert any(m.startswith("STATUS=queued ") for _, m in listener.snapshot()[ready + 1:])
+
+        config.write_text("[throttler]\nmemory_fraction = 0.4\n")
+        daemon.proc.signal(signal.SIGHUP)
+        reloading = listener.wait("RELOADING=1", after=ready)
+        assert re.fullmatch(r"RELOADING=1\nMONOTONIC_USEC=\d+", listener.snapshot()[reloading][1])
+        usec = int(listener.snapshot()[reloading][1].rsplit("=", 1)[1])
+        assert abs(usec / 1e6 - time.clock_gettime(time.CLOCK_MONOTONIC)) < 30
+        reloaded = listener.wait("READY=1", after=reloading)
+        daemon.wait_for_log("configuration reloaded: {'memory_fraction': 0.4}")
+
+        last = reloaded
+        for bad, complaint in (("memory_fraction = 2.0", "memory_fraction must be within"),
+                               ('log_level = "verbose"', "log_level must be one of")):
+            config.write_text(f"[throttler]\n{bad}\n")  # invalid: refused, the daemon keeps running
+            daemon.proc.signal(signal.SIGHUP)
+            last = listener.wait("READY=1", after=listener.wait("RELOADING=1", after=last))
+            daemon.wait_for_log(f"reload refused, keeping the running configuration: {complaint}")
+        config.write_text('[throttler]\nmemory_fraction = 0.4\nlog_level = "warning"\nthreads_per_worker = 2\n')
+        daemon.proc.signal(signal.SIGHUP)
+        last = listener.wait("READY=1", after=listener.wait("RELOADING=1", after=last))
+        daemon.wait_for_log("configuration change(s) to threads_per_worker need a restart")
+        assert "configuration reloaded: {'log_level': 'warning'}" in daemon.log()  # shown, then quieter
+        config.write_text('[throttler]\nmemory_fraction = 0.4\nlog_level = "info"\n')
+        daemon.proc.signal(signal.SIGHUP)
+        refused = listener.wait("READY=1", after=listener.wait("RELOADING=1", after=last))
+        daemon.wait_for_log("configuration reloaded: {'log_level': 'info'}")
+
+        code, _ = daemon.stop(30)
+        assert code == 0, daemon.log()
+        assert listener.index("STOPPING=1", after=refused) > refused
+        assert_shutdown_logged_in_order(daemon.log())
+    finally:
+        listener.close()
+
+
+def pings(listener: NotifyListener) -> list[float]:
+    return [t for t, m in listener.snapshot() if m == "WATCHDOG=1"]
+
+
+def test_main_loop_never_sleeps_past_the_next_watchdog_ping():
+    now = time.monotonic()
+    assert daemon_mod._wait_seconds(5.0, None, 0.0) == 1.0
+    assert daemon_mod._wait_seconds(0.25, None, 0.0) == 0.25
+    assert 0.0 < daemon_mod._wait_seconds(5.0, 1.0, now - 0.7) <= 0.3
+    assert daemon_mod._wait_seconds(5.0, 1.0, now - 3.0) == 0.0
+
+
+def test_unknown_log_level_is_a_configuration_error(tmp_path):
+    result = throttler_cli("serve", *serve_args(tmp_path), "--log-level", "verbose")
+    assert result.returncode == 2 and "throttler: log_level must be one of" in result.stderr, result.stderr
+
+
+def test_sigterm_while_the_scheduler_is_unreachable_exits_cleanly(tmp_path, daemons):
+    dead = f"tcp://127.0.0.1:{free_port()}"  # nothing listens there
+    daemon = daemons(serve_args(tmp_path, dead))
+    daemon.wait_for_log("metrics on http://")  # now retrying the scheduler
+    drop_request(tmp_path / "spool", "early")
+    code, seconds = daemon.stop(20)  # one connection attempt (10 s) at most
+    assert code == 0 and "stopped while connecting to the scheduler" in daemon.log()
+    assert listing(tmp_path / "spool" / "incoming") == ["early"] and not closed_requests(tmp_path / "spool")
+
+
+# ---------------------------------------------------------------------------- crash and restart
+
+
+def test_kill_9_while_running_then_restart_closes_every_request_once(tmp_path, cluster, daemons):
+    groups = {f"c{i:02d}": 2 + i % 3 for i in range(12)}
+    estate = make_estate(tmp_path / "data", groups, n_paths=400, n_dates=24)
+    spool = tmp_path / "spool"
+    submitted = throttler_cli("submit", *groups, "c00", "c05", "--spool", str(spool))  # two duplicates
+    assert submitted.returncode == 0, submitted.stderr
+    requests = listing(spool / "incoming")
+    assert len(requests) == 14
+    args = serve_args(tmp_path, cluster.address)
+
+    first = daemons(args, name="first.log")
+    wait_for(lambda: os.listdir(spool / "done"), 60, interval_seconds=0.005)
+    first.kill()  # SIGKILL to its process group (the daemon alone: the cluster is external)
+    assert first.proc.popen.returncode == -signal.SIGKILL
+    left_active = listing(spool / "active")
+    print(f"crash left {len(left_active)} run(s) in active/, {len(records(spool, 'done'))} done")
+    assert left_active, "the crash came too late to interrupt any group"
+    assert "shutdown 1/4" not in first.log()
+
+    second = daemons(args, name="second.log")
+    wait_closed(spool, 14, 90, second)
+    closed = closed_requests(spool)
+    assert sorted(closed) == sorted(requests), "each request must be closed exactly once"
+    assert not listing(spool / "incoming") and not listing(spool / "active")
+    assert not records(spool, "failed")
+    assert {r["group"] for r in records(spool, "done")} == set(groups)
+    assert_outputs_match(tmp_path, estate)
+    assert not [n for n in listing(tmp_path / "out") if n.startswith(".") and n.endswith(".tmp")]
+    recovered = re.search(r"spool recovered: \{'requeued': (\d+), 'closed': (\d+)\}", second.log())
+    assert recovered and int(recovered.group(1)) >= len(left_active), second.log()
+    code, _ = second.stop(30)
+    assert code == 0
+
+
+def test_second_sigterm_exits_at_once_and_claims_are_requeued(tmp_path, cluster, daemons):
+    estate = make_estate(tmp_path / "data", {"s1": 2, "s2": 3, "s3": 1})
+    spool = tmp_path / "spool"
+    args = serve_args(tmp_path, cluster.address, "--drain-timeout-seconds", "60")
+    gate = tmp_path / "gate"
+    gates = gate_workers(cluster.client, gate)  # the groups' tasks queue behind these
+    try:
+        first = daemons(args, name="first.log")
+        first.wait_ready()
+        assert throttler_cli("submit", "s1", "s2", "s3", "--spool", str(spool)).returncode == 0
+        wait_for(lambda: first.log().count("INFO throttler.service: submitted ") == 3, 60)
+
+        first.proc.signal(signal.SIGTERM)
+        first.wait_for_log("shutdown 3/4")  # now draining: waiting for the three running groups
+        started = time.monotonic()
+        first.proc.signal(signal.SIGTERM)
+        code = first.proc.wait(10)
+        assert code == 128 + signal.SIGTERM and time.monotonic() - started < 5
+        assert "shutdown 4/4" not in first.log()
+        assert len(listing(spool / "active")) == 3 and not closed_requests(spool)
+    finally:
+        gate.touch()
+        cluster.client.gather(gates)
+
+    second = daemons(args, name="second.log")
+    wait_closed(spool, 3, 60, second)
+    assert "spool recovered: {'requeued': 3, 'closed': 0}" in second.log()
+    assert sorted(r["group"] for r in records(spool, "done")) == ["s1", "s2", "s3"]
+    assert not listing(spool / "active") and not listing(spool / "incoming")
+    assert_outputs_match(tmp_path, estate)
+    code, _ = second.stop(30)
+    assert code == 0

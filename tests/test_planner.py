@@ -1,0 +1,180 @@
+"""The planner: strategy resolution, chunking against worker and cluster budgets, re-plans."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from throttler.cluster import ClusterShape
+from throttler.errors import CatalogError, DoesNotFit, RequestError
+from throttler.estimator import Estimator
+from throttler.plan import FileInfo
+from throttler.planner import ATTEMPT_SAFETY_FACTOR, make_plan, replan_after_oom, resolve_strategy
+
+GiB = 2**30
+MiB = 2**20
+ROWS = 6_000_000
+
+
+def files(n, rows=ROWS):
+    return [FileInfo(f"/data/f{i}.parquet", size_bytes=50_390_300, rows=rows, decoded_bytes=55_553_687)
+            for i in range(n)]
+
+
+def budgets(shape, fraction=0.6):
+    return shape.task_budget_bytes(fraction), shape.cluster_budget_bytes(fraction)
+
+
+SMALL = ClusterShape.uniform(2, 4 * 10**9, nthreads=1)  # the seed's failing cluster
+
+
+# --------------------------------------------------------------------------- strategy
+
+
+def test_auto_picks_aligned_when_footers_agree_else_sum():
+    assert resolve_strategy("auto", files(3))[0] == "aligned"
+    mixed = files(2) + files(1, rows=5_000_000)
+    assert resolve_strategy("auto", mixed)[0] == "sum"
+    assert resolve_strategy("auto", files(2, rows=0))[0] == "sum"
+    assert resolve_strategy("groupby", mixed) == ("groupby", [])
+
+
+def test_plan_records_requested_and_resolved_strategy():
+    p = make_plan("g", files(10), "auto", SMALL, Estimator())
+    assert (p.strategy, p.requested_strategy, p.attempt) == ("aligned", "auto", 1)
+    assert any("auto -> aligned" in n for n in p.notes)
+    assert p.files == tuple(files(10))
+    assert p.expansion == pytest.approx(1.10, abs=0.01)
+
+
+# --------------------------------------------------------------------------- budgets
+
+
+@pytest.mark.parametrize("strategy", ["aligned", "sum", "groupby"])
+@pytest.mark.parametrize("n", [1, 2, 10, 500])
+def test_every_task_fits_the_largest_worker(strategy, n):
+    p = make_plan("g", files(n), strategy, SMALL, Estimator())
+    task_budget, cluster_budget = budgets(SMALL)
+    assert p.task_peak_bytes <= task_budget
+    assert p.group_peak_bytes <= cluster_budget or any("runs alone" in n for n in p.notes)
+    assert 1 <= p.n_leaf_tasks <= n
+    assert p.files_per_task * p.n_leaf_tasks >= n
+
+
+def test_about_one_leaf_per_thread():
+    shape = ClusterShape.uniform(4, 16 * GiB, nthreads=2)
+    p = make_plan("g", files(100), "aligned", shape, Estimator())
+    assert p.n_leaf_tasks == 8 and p.files_per_task == 13
+    few = make_plan("g", files(3), "aligned", shape, Estimator())
+    assert few.n_leaf_tasks == 3 and few.files_per_task == 1
+
+
+def test_a_group_larger_than_the_cluster_gets_fewer_leaves_reading_more_files():
+    # many threads, little memory, no MEMORY resource to limit concurrency
+    shape = ClusterShape(2, (2 * GiB, 2 * GiB), (16, 16), has_memory_resource=False)
+    p = make_plan("g", files(64), "sum", shape, Estimator())
+    _, cluster_budget = budgets(shape)
+    assert p.group_peak_bytes <= cluster_budget
+    assert p.n_leaf_tasks < shape.total_threads
+    assert p.files_per_task > 1
+    assert p.n_leaf_tasks * p.files_per_task >= 64
+
+
+def test_memory_resource_limits_concurrency_and_so_the_group_peak():
+    with_resource = ClusterShape(2, (2 * GiB, 2 * GiB), (16, 16), has_memory_resource=True)
+    without = ClusterShape(2, (2 * GiB, 2 * GiB), (16, 16), has_memory_resource=False)
+    a = make_plan("g", files(64), "aligned", with_resource, Estimator())
+    b = make_plan("g", files(64), "aligned", without, Estimator())
+    assert a.n_leaf_tasks >= b.n_leaf_tasks
+
+
+def test_groupby_shrinks_files_per_task_until_the_leaf_fits():
+    p = make_plan("g", files(10), "groupby", SMALL, Estimator())
+    assert p.files_per_task == 3  # 4 files per leaf would need about 2.8 GB, over 2.4 GB
+    assert p.n_leaf_tasks == 4
+    assert p.fan_in < 8 and any("fan-in" in n for n in p.notes)
+
+
+def test_max_files_per_task_is_honoured():
+    p = make_plan("g", files(100), "aligned", SMALL, Estimator(), max_files_per_task=10)
+    assert p.files_per_task == 10 and p.n_leaf_tasks == 10
+
+
+def test_does_not_fit_names_the_numbers():
+    tiny = ClusterShape.uniform(2, 256 * MiB)
+    with pytest.raises(DoesNotFit) as info:
+        make_plan("big-group", files(2), "sum", tiny, Estimator())
+    message = str(info.value)
+    assert "big-group" in message and "MiB" in message
+    assert "memory_limit 256.0 MiB x 0.6" in message
+
+
+def test_workers_without_memory_limit_cannot_be_planned_for():
+    with pytest.raises(DoesNotFit, match="no memory_limit"):
+        make_plan("g", files(2), "aligned", ClusterShape.uniform(2, 0), Estimator())
+
+
+def test_bad_inputs():
+    with pytest.raises(CatalogError):
+        make_plan("g", [], "auto", SMALL, Estimator())
+    with pytest.raises(RequestError):
+        make_plan("g", files(2), "fastest", SMALL, Estimator())
+    with pytest.raises(ValueError, match="without workers"):
+        make_plan("g", files(2), "auto", ClusterShape(0, (), ()), Estimator())
+
+
+def test_learned_correction_raises_the_estimate():
+    e = Estimator()
+    before = make_plan("g", files(10), "aligned", SMALL, e)
+    e.observe("aligned", before.task_peak_bytes, 2 * before.task_peak_bytes)
+    after = make_plan("g", files(10), "aligned", SMALL, e)
+    assert after.task_peak_bytes > 1.5 * before.task_peak_bytes
+
+
+# --------------------------------------------------------------------------- attempts
+
+
+def test_later_attempts_estimate_more_and_chunk_smaller():
+    big = ClusterShape.uniform(2, 64 * GiB, nthreads=1)
+    first = make_plan("g", files(40), "groupby", big, Estimator())
+    second = make_plan("g", files(40), "groupby", big, Estimator(), attempt=2)
+    assert second.fan_in == first.fan_in // 2
+    assert second.files_per_task < first.files_per_task
+    same_shape = make_plan("g", files(40), "aligned", big, Estimator(), attempt=2)
+    base = make_plan("g", files(40), "aligned", big, Estimator(), fan_in=4)
+    assert same_shape.fan_in == 4
+    assert same_shape.task_peak_bytes == pytest.approx(ATTEMPT_SAFETY_FACTOR * base.task_peak_bytes, rel=1e-6)
+
+
+def test_replan_after_oom_keeps_the_strategy_and_bumps_the_attempt():
+    e = Estimator()
+    p = make_plan("g", files(12), "sum", SMALL, e).with_changes(requested_strategy="auto")
+    again = replan_after_oom(p, SMALL, e)
+    assert (again.strategy, again.requested_strategy, again.attempt) == ("sum", "auto", 2)
+    assert again.task_peak_bytes > p.task_peak_bytes
+    assert again.task_peak_bytes <= SMALL.task_budget_bytes(0.6)
+
+
+def test_replan_on_a_shrunken_cluster_uses_fewer_leaves():
+    wide = ClusterShape.uniform(8, 8 * GiB, nthreads=2)
+    p = make_plan("g", files(64), "aligned", wide, Estimator())
+    narrow = ClusterShape.uniform(1, 8 * GiB, nthreads=2)
+    again = replan_after_oom(p, narrow, Estimator())
+    assert again.n_leaf_tasks <= 2 < p.n_leaf_tasks
+
+
+def test_replans_end_in_does_not_fit_rather_than_looping():
+    e = Estimator()
+    p = make_plan("g", files(10), "groupby", SMALL, e)
+    with pytest.raises(DoesNotFit):
+        for _ in range(10):
+            p = replan_after_oom(p, SMALL, e)
+
+
+def test_planning_a_huge_group_on_a_big_cluster_is_fast():
+    shape = ClusterShape.uniform(500, 16 * GiB, nthreads=2)
+    started = time.perf_counter()
+    p = make_plan("g", files(18_000), "aligned", shape, Estimator())
+    assert time.perf_counter() - started < 1.0
+    assert p.n_leaf_tasks == 1000 and p.files_per_task == 18
