@@ -41,6 +41,7 @@ WORKER_MEMORY_BYTES = 4_000_000_000  #: memory_limit and the MEMORY resource of 
 TASK_MEMORY_BYTES = 1_000_000_000  #: MEMORY each throttler task asks for (every task fits)
 CHILD_TIMEOUT_SECONDS = 900
 CHECKSUM_ABS_TOL = 1e-6
+DEFAULT_DATA = Path(__file__).resolve().parent.parent / "bench-data" / "aggregate"  #: git-ignored
 
 # --------------------------------------------------------------------------- data
 
@@ -445,7 +446,7 @@ def parent_main(args) -> None:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default="bench-data/aggregate", help="cache directory of the generated files")
+    parser.add_argument("--data", default=str(DEFAULT_DATA), help="cache directory of the generated files")
     parser.add_argument("--files", type=int, default=10)
     parser.add_argument("--paths", type=int, default=50_000)
     parser.add_argument("--dates", type=int, default=120)

@@ -6,6 +6,7 @@
 * :class:`ExternalCluster` is ``dask scheduler`` plus ``dask worker`` processes.
 * :class:`Daemon` is ``python -m throttler serve`` with its log.
 * :func:`throttler_cli` runs another subcommand and returns its completed process.
+* :class:`NotifyListener` stands in for systemd's notification socket.
 * :func:`gate_workers` occupies every worker thread until a file appears, so
   groups stay submitted-but-unfinished for as long as a test needs.
 """
@@ -19,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -233,6 +235,60 @@ def serve_args(tmp_path: Path, scheduler: str | None = None, *extra: str) -> lis
     if scheduler:
         args += ["--scheduler", scheduler]
     return args + list(extra)
+
+
+# ------------------------------------------------------------------------ sd_notify
+
+
+class NotifyListener:
+    """A bound AF_UNIX datagram socket standing in for systemd; keeps (monotonic time, message)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.settimeout(0.2)
+        self.messages: list[tuple[float, str]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._receive, daemon=True)
+        self._thread.start()
+
+    def _receive(self):
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            with self._lock:
+                self.messages.append((time.monotonic(), data.decode()))
+
+    def snapshot(self) -> list[tuple[float, str]]:
+        with self._lock:
+            return list(self.messages)
+
+    def index(self, prefix: str, after: int = -1) -> int:
+        """Index of the first message after ``after`` starting with ``prefix``, or -1."""
+        for i, (_, message) in enumerate(self.snapshot()):
+            if i > after and message.startswith(prefix):
+                return i
+        return -1
+
+    def wait(self, prefix: str, after: int = -1, timeout_seconds: float = 30.0) -> int:
+        try:
+            wait_for(lambda: self.index(prefix, after) >= 0, timeout_seconds)
+        except AssertionError:
+            raise AssertionError(f"no {prefix!r} after message {after}: {self.snapshot()}") from None
+        return self.index(prefix, after)
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+    def times_of(self, message: str) -> list[float]:
+        """Arrival times of every datagram equal to ``message``."""
+        return [t for t, m in self.snapshot() if m == message]
 
 
 # ------------------------------------------------------------------------ data and records

@@ -11,17 +11,19 @@ from hypothesis import strategies as st
 from throttler.admission import (
     AdmissionPolicy, Ledger, QueueEntry, Reservation, choose, decide, queue_order,
 )
-from throttler.cluster import ClusterSnapshot, WorkerView
+from throttler.cluster import WORKER_BASELINE_BYTES, ClusterSnapshot, WorkerView
 from throttler.plan import Plan
 
 GiB = 2**30
 MiB = 2**20
 
 
-def worker(name="w1", limit=10 * GiB, process=0, old=None, managed=0, status="running", nthreads=2):
+def worker(name="w1", limit=10 * GiB, process=0, old=None, managed=0, status="running", nthreads=2,
+           processing=1):
     return WorkerView(name=name, address=f"tcp://{name}:1", status=status, nthreads=nthreads,
                       memory_limit_bytes=limit, process_bytes=process, managed_bytes=managed,
-                      unmanaged_old_bytes=process if old is None else old, memory_resource=float(limit))
+                      unmanaged_old_bytes=process if old is None else old, memory_resource=float(limit),
+                      processing=processing)
 
 
 def snap(*workers):
@@ -75,6 +77,18 @@ def test_no_double_counting_once_memory_shows_up():
                now_seconds=5)
     assert d.free_bytes == 12 * GiB - 6 * GiB  # used = max(6, 1 + 5), not 6 + 5
     assert d.admit
+
+
+def test_idle_workers_kept_allocator_pages_are_reusable():
+    # Both workers idle at 3 GiB RSS after earlier tasks (allocator pages), 1 GiB of it managed data.
+    idle = snap(worker("w1", process=3 * GiB, managed=GiB, processing=0),
+                worker("w2", process=3 * GiB, managed=GiB, processing=0))
+    baseline = WORKER_BASELINE_BYTES
+    d = decide(idle, [], plan(group_peak=8 * GiB, task_peak=1 * GiB), now_seconds=0)
+    assert d.free_bytes == 12 * GiB - 2 * (GiB + baseline) and d.admit and "fits" in d.reason
+    # The same figures on busy workers count in full.
+    busy = snap(worker("w1", process=3 * GiB, managed=GiB), worker("w2", process=3 * GiB, managed=GiB))
+    assert decide(busy, [], plan(group_peak=8 * GiB, task_peak=1 * GiB), now_seconds=0).free_bytes == 6 * GiB
 
 
 def test_process_memory_counts_when_larger_than_reservations():

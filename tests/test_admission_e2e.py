@@ -65,7 +65,7 @@ def cluster_events(client) -> list[dict]:
 
 def test_queue_larger_than_cluster_completes_without_pauses_or_kills(tmp_path, small_cluster):
     client = small_cluster
-    groups = {f"sum{i}": 30 for i in range(8)}
+    groups = {f"sum{i}": 20 for i in range(6)}
     groups.update({f"gb{i}": 10 for i in range(3)})
     groups["huge"] = 250
     (tmp_path / "data").mkdir()

@@ -8,7 +8,7 @@ import cloudpickle
 import pytest
 
 from throttler.cluster import (
-    MEMORY_RESOURCE, ClusterShape, ClusterSnapshot, WorkerView, _scheduler_worker_records,
+    MEMORY_RESOURCE, WORKER_BASELINE_BYTES, ClusterShape, ClusterSnapshot, WorkerView, _scheduler_worker_records,
     default_worker_layout, read_snapshot, start_embedded_cluster,
 )
 
@@ -93,7 +93,14 @@ def test_snapshot_sees_a_paused_worker(cluster_client):
     _, client = cluster_client
 
     def set_status(dask_worker, name):
+        """Pause or resume; while paused, the memory monitor must not resume it on its own."""
         from distributed.core import Status
+        manager = dask_worker.memory_manager
+        if name == "paused":
+            manager._saved_pause_fraction = manager.memory_pause_fraction
+            manager.memory_pause_fraction = False
+        else:
+            manager.memory_pause_fraction = getattr(manager, "_saved_pause_fraction", 0.8)
         dask_worker.status = Status[name]
 
     address = read_snapshot(client).workers[0].address
@@ -130,8 +137,9 @@ def test_shape_keeps_running_and_paused_workers_only():
     assert shape.memory_limit_bytes == (GiB, 2 * GiB)
     assert shape.largest_memory_limit_bytes == 2 * GiB
     assert shape.total_threads == 4
-    assert shape.task_budget_bytes(0.5) == GiB
-    assert shape.cluster_budget_bytes(0.5) == 3 * GiB // 2
+    assert shape.task_budget_bytes(0.5) == GiB - WORKER_BASELINE_BYTES
+    assert shape.cluster_budget_bytes(0.5) == 3 * GiB // 2 - 2 * WORKER_BASELINE_BYTES
+    assert ClusterShape.uniform(1, 100 * MiB).task_budget_bytes(0.6) == 0
     assert snapshot.process_bytes == 100  # running workers only
 
 

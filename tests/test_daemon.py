@@ -12,8 +12,6 @@ import json
 import os
 import re
 import signal
-import socket
-import threading
 import time
 import urllib.request
 
@@ -23,6 +21,7 @@ from tests.conftest import wait_for
 from tests.daemon_helpers import (
     Daemon,
     ExternalCluster,
+    NotifyListener,
     closed_requests,
     drop_request,
     free_port,
@@ -84,8 +83,8 @@ def assert_shutdown_logged_in_order(log: str) -> None:
         f"shutdown lines missing or out of order: {dict(zip(SHUTDOWN_LINES, positions))}\n{log}"
 
 
-def assert_outputs_match(tmp_path, estate, groups=None) -> None:
-    for group in groups or estate:
+def assert_outputs_match(tmp_path, estate) -> None:
+    for group in estate:
         assert_matches_reference(tmp_path / "out" / f"{group}.parquet", estate[group])
 
 
@@ -173,53 +172,6 @@ def test_workers_without_memory_resource_still_serve_with_a_warning(tmp_path, da
 # ---------------------------------------------------------------------------- sd_notify
 
 
-class NotifyListener:
-    """A bound AF_UNIX datagram socket standing in for systemd; keeps (monotonic time, message)."""
-
-    def __init__(self, path):
-        self.path = str(path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
-        self.sock.settimeout(0.2)
-        self.messages: list[tuple[float, str]] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._receive, daemon=True)
-        self._thread.start()
-
-    def _receive(self):
-        while not self._stop.is_set():
-            try:
-                data = self.sock.recv(65536)
-            except socket.timeout:
-                continue
-            with self._lock:
-                self.messages.append((time.monotonic(), data.decode()))
-
-    def snapshot(self) -> list[tuple[float, str]]:
-        with self._lock:
-            return list(self.messages)
-
-    def index(self, prefix: str, after: int = -1) -> int:
-        """Index of the first message after ``after`` starting with ``prefix``, or -1."""
-        for i, (_, message) in enumerate(self.snapshot()):
-            if i > after and message.startswith(prefix):
-                return i
-        return -1
-
-    def wait(self, prefix: str, after: int = -1, timeout_seconds: float = 30.0) -> int:
-        try:
-            wait_for(lambda: self.index(prefix, after) >= 0, timeout_seconds)
-        except AssertionError:
-            raise AssertionError(f"no {prefix!r} after message {after}: {self.snapshot()}") from None
-        return self.index(prefix, after)
-
-    def close(self):
-        self._stop.set()
-        self._thread.join(5)
-        self.sock.close()
-
-
 def test_sd_notify_ready_watchdog_reload_and_stop(tmp_path, daemons):
     make_estate(tmp_path / "data", {"n1": 2})
     config = tmp_path / "throttler.toml"
@@ -237,8 +189,8 @@ def test_sd_notify_ready_watchdog_reload_and_stop(tmp_path, daemons):
         drop_request(tmp_path / "spool", "n1")
         wait_closed(tmp_path / "spool", 1, 60, daemon)
 
-        wait_for(lambda: len(pings(listener)) >= 3, 10)  # ~1 s apart: 3 within about 3 s
-        times = pings(listener)
+        wait_for(lambda: len(listener.times_of("WATCHDOG=1")) >= 3, 10)  # ~1 s apart: 3 within about 3 s
+        times = listener.times_of("WATCHDOG=1")
         gaps = [b - a for a, b in zip(times, times[1:])]
         assert all(0.9 <= gap <= 1.5 for gap in gaps), f"watchdog gaps {gaps} (WATCHDOG_USEC/2 = 1 s)"
         assert any(m.startswith("STATUS=queued ") for _, m in listener.snapshot()[ready + 1:])
@@ -275,10 +227,6 @@ def test_sd_notify_ready_watchdog_reload_and_stop(tmp_path, daemons):
         assert_shutdown_logged_in_order(daemon.log())
     finally:
         listener.close()
-
-
-def pings(listener: NotifyListener) -> list[float]:
-    return [t for t, m in listener.snapshot() if m == "WATCHDOG=1"]
 
 
 def test_main_loop_never_sleeps_past_the_next_watchdog_ping():
@@ -342,34 +290,44 @@ def test_kill_9_while_running_then_restart_closes_every_request_once(tmp_path, c
 
 
 def test_second_sigterm_exits_at_once_and_claims_are_requeued(tmp_path, cluster, daemons):
+    """Groups held running (their tasks queue behind gate tasks on every worker thread):
+    a second SIGTERM during the drain exits at once and leaves the claims in active/;
+    the next start requeues them; a drain that reaches its deadline puts running
+    groups back in incoming/; once the gate opens, a last start finishes them."""
     estate = make_estate(tmp_path / "data", {"s1": 2, "s2": 3, "s3": 1})
     spool = tmp_path / "spool"
-    args = serve_args(tmp_path, cluster.address, "--drain-timeout-seconds", "60")
     gate = tmp_path / "gate"
-    gates = gate_workers(cluster.client, gate)  # the groups' tasks queue behind these
+    gates = gate_workers(cluster.client, gate)
     try:
-        first = daemons(args, name="first.log")
+        first = daemons(serve_args(tmp_path, cluster.address, "--drain-timeout-seconds", "60"), name="first.log")
         first.wait_ready()
         assert throttler_cli("submit", "s1", "s2", "s3", "--spool", str(spool)).returncode == 0
         wait_for(lambda: first.log().count("INFO throttler.service: submitted ") == 3, 60)
-
         first.proc.signal(signal.SIGTERM)
         first.wait_for_log("shutdown 3/4")  # now draining: waiting for the three running groups
         started = time.monotonic()
         first.proc.signal(signal.SIGTERM)
-        code = first.proc.wait(10)
-        assert code == 128 + signal.SIGTERM and time.monotonic() - started < 5
+        assert first.proc.wait(10) == 128 + signal.SIGTERM and time.monotonic() - started < 5
         assert "shutdown 4/4" not in first.log()
         assert len(listing(spool / "active")) == 3 and not closed_requests(spool)
+
+        second = daemons(serve_args(tmp_path, cluster.address, "--drain-timeout-seconds", "1"), name="second.log")
+        second.wait_for_log("spool recovered: {'requeued': 3, 'closed': 0}")
+        wait_for(lambda: second.log().count("INFO throttler.service: submitted ") == 3, 60)
+        code, seconds = second.stop(20)
+        assert code == 0 and 1 <= seconds < 10, second.log()
+        assert "shutdown 4/4: 3 running group(s) left at the deadline, put back" in second.log()
+        assert_shutdown_logged_in_order(second.log())
+        assert len(listing(spool / "incoming")) == 3 and not listing(spool / "active")
+        assert not closed_requests(spool)
     finally:
         gate.touch()
         cluster.client.gather(gates)
 
-    second = daemons(args, name="second.log")
-    wait_closed(spool, 3, 60, second)
-    assert "spool recovered: {'requeued': 3, 'closed': 0}" in second.log()
+    third = daemons(serve_args(tmp_path, cluster.address), name="third.log")
+    wait_closed(spool, 3, 60, third)
     assert sorted(r["group"] for r in records(spool, "done")) == ["s1", "s2", "s3"]
     assert not listing(spool / "active") and not listing(spool / "incoming")
     assert_outputs_match(tmp_path, estate)
-    code, _ = second.stop(30)
+    code, _ = third.stop(30)
     assert code == 0

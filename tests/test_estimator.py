@@ -268,10 +268,12 @@ def test_missing_or_corrupt_state_gives_defaults(tmp_path):
     bad.write_text("{not json")
     assert Estimator(bad).correction("aligned") == 1.0
     odd = tmp_path / "odd.json"
-    odd.write_text(json.dumps({"strategies": {"sum": {"correction": 99.0}, "aligned": {"bogus": 1}}}))
+    odd.write_text(json.dumps({"strategies": {"sum": {"correction": 99.0}, "aligned": {"count": "x"},
+                                              "groupby": [1, 2]}}))
     loaded = Estimator(odd)
     assert loaded.correction("sum") == est.MAX_CORRECTION
-    assert loaded.correction("aligned") == 1.0
+    assert loaded.correction("aligned") == 1.0 and loaded.accuracy()["aligned"]["count"] == 0
+    assert loaded.observe("groupby", 100, 100) == 1.0  # a default entry, usable
 
 
 def test_a_failed_save_is_logged_not_raised(tmp_path, caplog):

@@ -336,18 +336,29 @@ def updated_stats(stats: StrategyStats, predicted_bytes: int, observed_bytes: in
 
 
 def stats_from_json(data: object) -> dict[str, StrategyStats]:
-    """Parse the persisted state; unknown or malformed entries fall back to defaults."""
+    """Parse the persisted state; missing or malformed entries fall back to defaults."""
     table = data.get("strategies", {}) if isinstance(data, dict) else {}
+    table = table if isinstance(table, dict) else {}
     out = {}
     for strategy in STRATEGIES:
-        entry = table.get(strategy) if isinstance(table, dict) else None
+        entry = table.get(strategy) or {}
         try:
-            stats = StrategyStats(**entry) if entry else StrategyStats()
-            out[strategy] = replace(stats, correction=clamp_correction(float(stats.correction)))
-        except (TypeError, ValueError):
+            out[strategy] = _stats_from_entry(entry)
+        except (AttributeError, TypeError, ValueError):
             log.warning("estimator state: ignoring malformed entry for %s: %r", strategy, entry)
             out[strategy] = StrategyStats()
     return out
+
+
+def _stats_from_entry(entry: dict) -> StrategyStats:
+    default = StrategyStats()
+    return StrategyStats(
+        correction=clamp_correction(float(entry.get("correction", default.correction))),
+        count=int(entry.get("count", 0)),
+        last_ratio=float(entry.get("last_ratio", 0.0)),
+        ewma_ratio=float(entry.get("ewma_ratio", 0.0)),
+        max_ratio=float(entry.get("max_ratio", 0.0)),
+    )
 
 
 def stats_to_json(stats: dict[str, StrategyStats]) -> dict:

@@ -6,15 +6,16 @@ prices, and returns a :class:`~throttler.plan.Plan`.
 
 Chunking rules:
 
-* every task's peak fits the per-task budget (the largest worker's
-  ``memory_limit x memory_fraction``); groupby leaves shrink their files per
-  task until they fit, combines shrink their fan-in; if even the smallest
-  task cannot fit, :class:`~throttler.errors.DoesNotFit`;
+* every task's peak fits the per-task budget: the largest worker's
+  ``memory_limit x memory_fraction``, less what the worker process itself
+  holds. Groupby leaves shrink their files per task until they fit, combines
+  shrink their fan-in; if even the smallest task cannot fit,
+  :class:`~throttler.errors.DoesNotFit`;
 * about one leaf per cluster thread (more leaves than threads buys no
   parallelism), never more leaves than files, and fewer when the group peak
-  would exceed the cluster budget (the sum of every ``memory_limit x
-  memory_fraction``). The aligned and sum leaves stream their files one at a
-  time, so reading more files per leaf costs time, not memory;
+  would exceed the cluster budget (every worker's budget together). The
+  aligned and sum leaves stream their files one at a time, so reading more
+  files per leaf costs time, not memory;
 * a re-plan after a worker died (``attempt > 1``) multiplies the estimates by
   1.5 per attempt and halves the fan-in (and groupby's files per task).
 """
@@ -24,7 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from throttler.cluster import ClusterShape
+from throttler.cluster import WORKER_BASELINE_BYTES, ClusterShape
 from throttler.errors import CatalogError, DoesNotFit, RequestError
 from throttler.estimator import Estimator, TaskPeaks, expansion, group_peak_bytes, largest_file, raw_task_peaks
 from throttler.plan import STRATEGY_CHOICES, FileInfo, Plan
@@ -219,7 +220,8 @@ def _raise_does_not_fit(group: str, pricing: _Pricing, shape: ClusterShape,
     raise DoesNotFit(
         f"group {group}: the smallest {pricing.strategy} plan ({files} per leaf) has a {worst} task "
         f"of about {format_bytes(peaks.peak_bytes)} (estimate x{pricing.factor:.2f}), but the largest "
-        f"worker allows {format_bytes(budget)} (memory_limit {format_bytes(limit)} x {memory_fraction})"
+        f"worker allows {format_bytes(budget)} (memory_limit {format_bytes(limit)} x {memory_fraction}, "
+        f"less {format_bytes(WORKER_BASELINE_BYTES)} the worker itself holds)"
         + ("; the workers declare no memory_limit" if limit == 0 else ""))
 
 

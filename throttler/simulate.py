@@ -232,14 +232,20 @@ def tree_shape(plan: Plan) -> tuple[list[int], list[list[int]], int]:
     return leaves, levels, width
 
 
-def plan_work(plan: Plan, times: StrategyTimes) -> tuple[float, float, int]:
-    """(thread-seconds of one clean run, critical path seconds, tasks) of a plan."""
+def plan_work(plan: Plan, times: StrategyTimes, peaks: TaskPeaks) -> tuple[float, float, int, float]:
+    """(thread-seconds, critical path seconds, tasks, byte-seconds) of one clean run of a plan.
+
+    Byte-seconds: each task's ``peaks`` figure times its run time.
+    """
     leaves, levels, final_inputs = tree_shape(plan)
-    combine = times.combine_seconds_per_input
+    combine, leaf = times.combine_seconds_per_input, times.leaf_seconds_per_file
     final = final_inputs * combine + times.final_seconds
-    work = sum(leaves) * times.leaf_seconds_per_file + sum(map(sum, levels)) * combine + final
-    path = max(leaves) * times.leaf_seconds_per_file + sum(max(lv) for lv in levels) * combine + final
-    return work, path, len(leaves) + sum(map(len, levels)) + 1
+    combines = sum(map(sum, levels)) * combine
+    work = sum(leaves) * leaf + combines + final
+    path = max(leaves) * leaf + sum(max(lv) for lv in levels) * combine + final
+    byte_seconds = (sum(leaves) * leaf * peaks.leaf_bytes + combines * peaks.combine_bytes
+                    + final * peaks.final_bytes)
+    return work, path, len(leaves) + sum(map(len, levels)) + 1, byte_seconds
 
 
 def make_group_plan(name: str, n_files: int, strategy: str, shape: ClusterShape, estimator: Estimator,
@@ -249,31 +255,33 @@ def make_group_plan(name: str, n_files: int, strategy: str, shape: ClusterShape,
                              memory_fraction=scenario.memory_fraction, fan_in=scenario.fan_in)
 
 
-class PlanCache:
-    """Plans by group size: the planner is pure, and every simulated file is the same.
+#: Plans by everything the planner reads (see :func:`cached_plan`); cleared when large.
+_PLANS: dict[tuple, Plan | DoesNotFit] = {}
+_PLANS_MAX = 100_000
 
-    The key holds the estimator's corrections, so a plan made after the
-    estimator learned is made afresh.
+
+def cached_plan(name: str, n_files: int, shape: ClusterShape, estimator: Estimator,
+                scenario: Scenario, calibration: Calibration) -> Plan:
+    """:func:`make_group_plan`, remembered: the planner is pure and every simulated file is the same.
+
+    The key holds all the planner reads, the estimator's corrections
+    included, so a plan made after the estimator learned is made afresh.
+    Raises DoesNotFit as the planner does.
     """
-
-    def __init__(self, shape: ClusterShape, scenario: Scenario, calibration: Calibration):
-        self.shape, self.scenario, self.calibration = shape, scenario, calibration
-        self._plans: dict[tuple, Plan | DoesNotFit] = {}
-
-    def plan(self, name: str, n_files: int, estimator: Estimator) -> Plan:
-        """The plan of a group of ``n_files`` files named ``name``; raises DoesNotFit."""
-        key = (n_files, tuple(estimator.correction(s) for s in STRATEGIES))
-        plan = self._plans.get(key)
-        if plan is None:
-            try:
-                plan = make_group_plan("", n_files, self.scenario.strategy, self.shape, estimator,
-                                       self.scenario, self.calibration)
-            except DoesNotFit as exc:
-                plan = exc
-            self._plans[key] = plan
-        if isinstance(plan, DoesNotFit):
-            raise DoesNotFit(str(plan).replace("group :", f"group {name}:", 1))
-        return plan.with_changes(group=name)
+    key = (n_files, scenario.strategy, shape, scenario.memory_fraction, scenario.fan_in,
+           calibration.file_info(), tuple(estimator.correction(s) for s in STRATEGIES))
+    plan = _PLANS.get(key)
+    if plan is None:
+        try:
+            plan = make_group_plan("", n_files, scenario.strategy, shape, estimator, scenario, calibration)
+        except DoesNotFit as exc:
+            plan = exc
+        if len(_PLANS) >= _PLANS_MAX:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    if isinstance(plan, DoesNotFit):
+        raise DoesNotFit(str(plan).replace("group :", f"group {name}:", 1))
+    return plan.with_changes(group=name)
 
 
 def plan_peaks(plan: Plan, estimator: Estimator) -> tuple[TaskPeaks, TaskPeaks]:
@@ -378,7 +386,6 @@ class Simulation:
         self.cluster, self.scenario, self.cal = cluster, scenario, calibration
         self.estimator = estimator or Estimator()
         self.shape = cluster.shape()
-        self.plans = PlanCache(self.shape, scenario, calibration)
         self.rng = np.random.default_rng(scenario.seed)
         self.groups = [_Group(f"g{i:05d}", n) for i, n in enumerate(sizes)]
         self.queue = deque(self.groups)
@@ -439,7 +446,7 @@ class Simulation:
     def _plan(self, g: _Group) -> bool:
         """Plan ``g`` for the modelled cluster; a group that can never fit fails here."""
         try:
-            g.plan = self.plans.plan(g.name, g.n_files, self.estimator)
+            g.plan = cached_plan(g.name, g.n_files, self.shape, self.estimator, self.scenario, self.cal)
         except DoesNotFit as exc:
             self._group_ended(g, False, f"DoesNotFit: {exc}")
             return False
@@ -866,23 +873,30 @@ class Bounds:
     work_bound_seconds: float  #: total work / threads
     critical_path_seconds: float  #: the longest single group, run alone
     scheduler_bound_seconds: float  #: tasks x scheduler cost
+    memory_bound_seconds: float  #: task byte-seconds / what the workers may hold without a kill
     tasks: int
 
     @property
     def lower_bound_seconds(self) -> float:
-        return max(self.work_bound_seconds, self.critical_path_seconds, self.scheduler_bound_seconds)
+        return max(self.work_bound_seconds, self.critical_path_seconds, self.scheduler_bound_seconds,
+                   self.memory_bound_seconds)
 
 
 def lower_bounds(sizes: list[int], cluster: ModelCluster, scenario: Scenario,
                  calibration: Calibration = Calibration()) -> Bounds:
-    estimator, plans = Estimator(), PlanCache(cluster.shape(), scenario, calibration)
-    work = path = 0.0
+    """Bounds of a batch; the memory bound uses the true (uncorrected) peaks of
+    :func:`plan_peaks` and holds for any run without a killed worker."""
+    estimator, shape = Estimator(), cluster.shape()
+    work = path = byte_seconds = 0.0
     tasks = 0
-    per_size: dict[int, tuple[float, float, int]] = {}
+    per_size: dict[int, tuple[float, float, int, float]] = {}
     for n in sizes:
         if n not in per_size:
-            plan = plans.plan("", n, estimator)
-            per_size[n] = plan_work(plan, calibration.times(plan.strategy))
-        w, p, k = per_size[n]
-        work, path, tasks = work + w, max(path, p), tasks + k
-    return Bounds(work, work / cluster.threads, path, tasks * calibration.scheduler_seconds_per_task, tasks)
+            plan = cached_plan("", n, shape, estimator, scenario, calibration)
+            per_size[n] = plan_work(plan, calibration.times(plan.strategy), plan_peaks(plan, estimator)[1])
+        w, p, k, b = per_size[n]
+        work, path, tasks, byte_seconds = work + w, max(path, p), tasks + k, byte_seconds + b
+    holdable = cluster.n_workers * (cluster.kill_fraction * cluster.memory_limit_bytes
+                                    - calibration.worker_baseline_bytes)
+    return Bounds(work, work / cluster.threads, path, tasks * calibration.scheduler_seconds_per_task,
+                  byte_seconds / holdable, tasks)

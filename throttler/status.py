@@ -14,6 +14,7 @@ import os
 import threading
 import time
 
+from throttler.admission import used_bytes
 from throttler.cluster import ClusterShape, ClusterSnapshot, read_snapshot
 from throttler.estimator import write_json_atomic
 
@@ -77,7 +78,7 @@ class StatusReporter:
         fraction = svc.config.memory_fraction
         capacity = sum(int(w.memory_limit_bytes * fraction) for w in running)
         reserved = svc.ledger.total_bytes()
-        used = max(sum(w.process_bytes for w in running), sum(w.unmanaged_old_bytes for w in running) + reserved)
+        used = used_bytes(running, svc.ledger.items())
         return {"limit_bytes": capacity, "used_bytes": used, "free_bytes": capacity - used,
                 "reserved_bytes": reserved}
 
