@@ -397,8 +397,8 @@ class Simulation:
         self.free_threads = [cluster.threads_per_worker] * n
         self.free_res = [cluster.resource_bytes] * n
         self.running_bytes, self.result_bytes = [0] * n, [0] * n
-        self.running = [set() for _ in range(n)]
-        self.results = [set() for _ in range(n)]
+        self.running: list[dict] = [{} for _ in range(n)]  # dicts, not sets: a fixed order
+        self.results: list[dict] = [{} for _ in range(n)]
         self.up, self.paused, self.paused_since = [True] * n, [False] * n, [0.0] * n
         self.incarnation = [0] * n
         self.idle = set(range(n))
@@ -673,7 +673,7 @@ class Simulation:
         t.state, t.worker, t.inc, t.started = RUNNING, w, self.incarnation[w], start
         if run.group.first_start is None:
             run.group.first_start = start
-        self.running[w].add(t)
+        self.running[w][t] = None
         self.tasks_run += 1
         self._push_event(start + t.duration, EV_TASK_DONE, t)
         self._add_bytes(w, t.peak, running=True)
@@ -717,7 +717,7 @@ class Simulation:
         w = t.worker
         if t.state != RUNNING or t.inc != self.incarnation[w]:
             return  # lost with its worker
-        self.running[w].discard(t)
+        del self.running[w][t]
         self.free_threads[w] += 1
         self.free_res[w] += t.run.demand
         self.busy += t.duration
@@ -735,7 +735,7 @@ class Simulation:
         if t.consumer is None:
             self._run_done(t.run)
             return
-        self.results[w].add(t)
+        self.results[w][t] = None
         self._add_bytes(w, t.result, running=False)
         c = t.consumer
         c.n_waiting -= 1
@@ -746,7 +746,7 @@ class Simulation:
         if t.state != DONE:
             return
         t.state = CONSUMED
-        self.results[t.worker].discard(t)
+        del self.results[t.worker][t]
         self._add_bytes(t.worker, -t.result, running=False)
 
     # ----------------------------------------------------------------- killed workers
@@ -759,7 +759,7 @@ class Simulation:
         if self.paused[w]:
             self.paused_seconds += self.now - self.paused_since[w]
         self.running_bytes[w] = self.result_bytes[w] = 0
-        self.running[w], self.results[w] = set(), set()
+        self.running[w], self.results[w] = {}, {}
         self.up[w], self.paused[w], self.free_threads[w] = False, False, 0
         self.free_res[w] = self.cluster.resource_bytes
         self.incarnation[w] += 1
