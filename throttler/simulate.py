@@ -55,7 +55,8 @@ seconds per input partial, final fixed seconds (plus one combine per input).
 
 Memory: the per-row constants of :mod:`throttler.estimator` with 6,000,000
 rows, 50.4 MB on disk and 55.6 MB decoded per file; a worker process holds
-``worker_baseline_bytes`` (256 MiB) idle. Scheduler: 1 ms per task (the Dask
+``worker_baseline_bytes`` idle (:data:`throttler.cluster.WORKER_BASELINE_BYTES`,
+144 MiB: 132 MiB RSS measured with the libraries imported). Scheduler: 1 ms per task (the Dask
 documentation; 2.3-2.5 ms per no-op task measured on this 2-core VM, where
 client, scheduler and workers share the cores).
 
@@ -81,7 +82,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from throttler import admission, planner
-from throttler.cluster import ClusterShape, ClusterSnapshot, WorkerView
+from throttler.cluster import WORKER_BASELINE_BYTES, ClusterShape, ClusterSnapshot, WorkerView
 from throttler.errors import DoesNotFit
 from throttler.estimator import Estimator, TaskPeaks, largest_file, raw_task_peaks
 from throttler.generate import EstateSpec, group_sizes
@@ -124,7 +125,7 @@ class Calibration:
     file_rows: int = 6_000_000
     file_size_bytes: int = 50_400_000
     file_decoded_bytes: int = 55_600_000
-    worker_baseline_bytes: int = 256 * MIB
+    worker_baseline_bytes: int = WORKER_BASELINE_BYTES
     scheduler_seconds_per_task: float = 0.001
     restart_seconds: float = 5.0  #: a killed worker's nanny restart until it runs again
 
@@ -536,8 +537,13 @@ class Simulation:
     def _retry(self, g: _Group, plan: Plan) -> None:
         """What the daemon does after KilledWorker: learn, re-plan, wait, queue again."""
         self.estimator.observe(plan.strategy, plan.task_peak_bytes, 2 * plan.task_peak_bytes)
-        g.plan = planner.replan_after_oom(plan, self.shape, self.estimator,
-                                          memory_fraction=self.scenario.memory_fraction)
+        try:
+            g.plan = planner.replan_after_oom(plan, self.shape, self.estimator,
+                                              memory_fraction=self.scenario.memory_fraction)
+        except DoesNotFit as exc:
+            self._group_ended(g, False, f"DoesNotFit: {exc}")
+            self._after_group_change()
+            return
         g.enqueued_at = self.now
         g.not_before = self.now + min(30.0, 2.0 ** (g.attempts - 1))  # the daemon's backoff, no jitter
         self.window.append(g)
