@@ -104,7 +104,7 @@ def serve(cfg: config_mod.Config, config_path: str | None = None, overrides: dic
         return 0
     service = Service(cfg, client, spool=spool, catalog=Catalog(cfg.data_root, cfg.manifest),
                       estimator=Estimator(str(spool.state_dir / "estimator.json")), metrics=metrics,
-                      notifier=sdnotify)
+                      notifier=sdnotify, reconnect=(lambda: connect(cfg, signals.stop)[0]) if cfg.scheduler else None)
     watcher = SpoolWatcher(spool, signals.wake, cfg.rescan_seconds)
     try:
         service.start()
@@ -117,7 +117,7 @@ def serve(cfg: config_mod.Config, config_path: str | None = None, overrides: dic
         service.drain(service.config.drain_timeout_seconds)
     finally:
         watcher.stop()
-        _close(client, cluster, metrics_server)
+        _close(service.client, cluster, metrics_server)
     log.info("stopped")
     return 0
 

@@ -36,9 +36,10 @@ class Service:
     """The long-running service; :meth:`step` is one iteration of the main loop."""
 
     def __init__(self, config: Config, client, *, spool, catalog, estimator, metrics, notifier,
-                 clock=time.monotonic):
+                 clock=time.monotonic, reconnect=None):
         self.config = config
         self.client = client
+        self.reconnect = reconnect  #: () -> new Client, for an external scheduler
         self.spool, self.catalog, self.estimator = spool, catalog, estimator
         self.metrics, self.notifier, self.clock = metrics, notifier, clock
         self.ledger = admission.Ledger()
@@ -136,10 +137,24 @@ class Service:
     # ----------------------------------------------------------------- main loop step
 
     def step(self) -> None:
-        """One iteration of the main loop: intake, then status and metrics."""
+        """One iteration of the main loop: client health, intake, then status and metrics."""
+        self.check_client()
         if not self._stop_intake.is_set():
             self.intake()
         self.status.refresh()
+
+    def check_client(self) -> None:
+        """Replace a client that gave up reconnecting (the scheduler was away too long).
+
+        Futures of the old client were cancelled when the connection dropped;
+        their groups are being retried as transient failures.
+        """
+        if self.reconnect is None or self.client.status not in ("closed", "closing"):
+            return
+        log.warning("the Dask client is %s: reconnecting to the scheduler", self.client.status)
+        with self.submit_lock:
+            self.client = self.reconnect()
+        log.info("reconnected to the scheduler")
 
     def intake(self) -> int:
         """Claim queued requests (best first) while below the live-job bound."""
