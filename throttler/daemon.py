@@ -78,6 +78,15 @@ def connect(cfg: config_mod.Config, stop: threading.Event | None = None):
     return client, None
 
 
+def _reconnector(cfg):
+    """One quick connection attempt to the configured scheduler (None when embedded)."""
+    if not cfg.scheduler:
+        return None
+    from distributed import Client
+
+    return lambda: Client(cfg.scheduler, timeout="5s")
+
+
 def _embedded(cfg):
     cluster, client = start_embedded_cluster(cfg.worker_memory_bytes or None, cfg.workers or None,
                                              cfg.threads_per_worker or None)
@@ -104,7 +113,7 @@ def serve(cfg: config_mod.Config, config_path: str | None = None, overrides: dic
         return 0
     service = Service(cfg, client, spool=spool, catalog=Catalog(cfg.data_root, cfg.manifest),
                       estimator=Estimator(str(spool.state_dir / "estimator.json")), metrics=metrics,
-                      notifier=sdnotify, reconnect=(lambda: connect(cfg, signals.stop)[0]) if cfg.scheduler else None)
+                      notifier=sdnotify, reconnect=_reconnector(cfg))
     watcher = SpoolWatcher(spool, signals.wake, cfg.rescan_seconds)
     try:
         service.start()

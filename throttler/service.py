@@ -40,6 +40,8 @@ class Service:
         self.config = config
         self.client = client
         self.reconnect = reconnect  #: () -> new Client, for an external scheduler
+        self._reconnect_at = 0.0
+        self._reconnect_attempts = 0
         self.spool, self.catalog, self.estimator = spool, catalog, estimator
         self.metrics, self.notifier, self.clock = metrics, notifier, clock
         self.ledger = admission.Ledger()
@@ -146,14 +148,26 @@ class Service:
     def check_client(self) -> None:
         """Replace a client that gave up reconnecting (the scheduler was away too long).
 
-        Futures of the old client were cancelled when the connection dropped;
-        their groups are being retried as transient failures.
+        One connection attempt per call, spaced by the backoff, so the main loop
+        keeps pinging the watchdog meanwhile. Futures of the old client were
+        cancelled when the connection dropped; their groups are being retried
+        as transient failures.
         """
         if self.reconnect is None or self.client.status not in ("closed", "closing"):
             return
-        log.warning("the Dask client is %s: reconnecting to the scheduler", self.client.status)
+        now = self.clock()
+        if now < self._reconnect_at:
+            return
+        self._reconnect_attempts += 1
+        try:
+            client = self.reconnect()
+        except Exception as exc:  # noqa: BLE001 - try again after the backoff
+            self._reconnect_at = now + retries.backoff_seconds(self._reconnect_attempts)
+            log.warning("scheduler unreachable (attempt %d): %s", self._reconnect_attempts, exc)
+            return
         with self.submit_lock:
-            self.client = self.reconnect()
+            self.client = client
+        self._reconnect_attempts = 0
         log.info("reconnected to the scheduler")
 
     def intake(self) -> int:

@@ -409,7 +409,8 @@ class Simulation:
         self.events: list = []
         self.seq = itertools.count()
         self.order = itertools.count()
-        self.now = self.sched_free_at = self.last_round = 0.0
+        self.now = self.sched_free_at = 0.0
+        self.last_round = -math.inf
         self.round_pending = self.new_ready = False
         self.in_flight = 0
         self.task_bytes = self.peak_task_bytes = self.peak_worker_bytes = 0
