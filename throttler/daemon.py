@@ -34,6 +34,10 @@ RELOADABLE = ("strategy", "memory_fraction", "max_head_wait_seconds", "poll_seco
               "max_attempts", "max_transient_attempts", "fan_in", "log_level", "drain_timeout_seconds")
 
 
+#: umask of the daemon (and of the embedded cluster's worker processes it starts)
+DAEMON_UMASK = 0o027
+
+
 class Signals:
     """Flags set by signal handlers; the main loop reads them."""
 
@@ -95,6 +99,7 @@ def _embedded(cfg):
 
 def serve(cfg: config_mod.Config, config_path: str | None = None, overrides: dict | None = None) -> int:
     """Run the daemon until stopped; returns the exit code."""
+    os.umask(DAEMON_UMASK)  # records, state, and the embedded workers' outputs: no world access
     signals = Signals()
     signals.install()
     spool = Spool(cfg.spool, allowed_uids=cfg.allowed_uids).ensure()

@@ -102,93 +102,35 @@ def aligned_leaf(paths: list[str], reference_path: str) -> Partial:
     reads. Each file's keys are verified against the reference by comparing
     their encoded bytes; only a file whose bytes differ has its keys decoded
     and compared.
-
-    NaN handling costs a pass over every row group only when the leaf's first
-    row group holds NaN or infinities. Otherwise values are added unchecked and
-    the accumulator is checked once at the end: NaN and infinities propagate
-    through addition, so only rows that are not finite can have had such
-    inputs, and :func:`_redo_nonfinite_rows` recomputes exactly those.
     """
     started = time.perf_counter()
     ref = _Reference(reference_path)
     acc = np.zeros(ref.schema.num_rows, dtype=np.float64)
     part = Partial(acc, date_type=ref.schema.date_type)
     peak = acc.nbytes
-    careful = None  # decided by the first row group read
     for path in paths:
         pf = contract.open_parquet(path)
         schema = contract.check_schema(pf, path)
         extra = 0 if ref.same_key_bytes(pf, path, schema) else ref.verify_same_keys(pf, path)
-        largest, careful = _add_values(acc, pf, path, part, careful)
-        peak = max(peak, acc.nbytes + extra, acc.nbytes + largest)
+        peak = max(peak, acc.nbytes + extra, acc.nbytes + _add_values(acc, pf, path, part))
         part.files += 1
         part.bytes_read += os.path.getsize(path)
-    if not careful and not np.isfinite(acc.sum()):
-        peak = max(peak, acc.nbytes + _redo_nonfinite_rows(acc, paths, part))
     part.peak_bytes = peak
     part.task_seconds = time.perf_counter() - started
     return part
 
 
-def _add_values(acc: np.ndarray, pf, path: str, part: Partial, careful: bool | None) -> tuple[int, bool | None]:
-    """Add every row group's values into ``acc`` in place; returns (largest chunk held, careful).
-
-    ``careful``: skip and count NaN values as they come. ``None``: decide on the
-    first row group, careful if it holds any NaN or infinity (data with NaN
-    tends to have them throughout). ``False``: add unchecked.
-    """
+def _add_values(acc: np.ndarray, pf, path: str, part: Partial) -> int:
+    """Add every row group's values into ``acc`` in place; returns the largest chunk held."""
     offset, largest = 0, 0
     for rg in range(pf.metadata.num_row_groups):
-        values = contract.read_values(pf, rg, path)
-        if careful is None:
-            careful = not np.isfinite(values.sum())
-        if careful:
-            values, nans = _skip_nans(values)
-            part.nan_count += nans
+        values, nans = _skip_nans(contract.read_values(pf, rg, path))
         n = len(values)
         np.add(acc[offset:offset + n], values, out=acc[offset:offset + n])
+        part.nan_count += nans
         offset += n
         largest = max(largest, values.nbytes)
-    return largest, careful
-
-
-def _redo_nonfinite_rows(acc: np.ndarray, paths: list[str], part: Partial) -> int:
-    """Recompute the rows of ``acc`` that are not finite, NaN inputs skipped and counted.
-
-    Those rows are summed again from zero in the same file order, so they come
-    out bit-identical to checking every value on the way in; a NaN input always
-    lands in such a row, so the count is complete. Only row groups holding such
-    rows are read again. Returns the bytes held besides ``acc``.
-    """
-    bad = ~np.isfinite(acc)
-    if not bad.any():
-        return bad.nbytes  # all rows finite: only the check's own sum overflowed
-    np.copyto(acc, 0.0, where=bad)
-    largest = 0
-    for path in paths:
-        pf = contract.open_parquet(path)
-        offset = 0
-        for rg in range(pf.metadata.num_row_groups):
-            n = pf.metadata.row_group(rg).num_rows
-            rows = bad[offset:offset + n]
-            if rows.any():
-                values = contract.read_values(pf, rg, path).astype(np.float64, copy=False)
-                nan = np.isnan(values)
-                part.nan_count += int(np.count_nonzero(nan))
-                np.add(acc[offset:offset + n], _select(values, rows & ~nan), out=acc[offset:offset + n])
-                largest = max(largest, values.nbytes * 3)
-            offset += n
-    return bad.nbytes + largest
-
-
-def _select(values: np.ndarray, keep: np.ndarray) -> np.ndarray:
-    """``values`` where ``keep``, else +0.0; branch-free, 3-10x faster than ``np.where`` here.
-
-    Adding +0.0 leaves every accumulator row as it was: rows start at +0.0 and
-    a sum is -0.0 only when both terms are, so no row is ever -0.0.
-    """
-    mask = -keep.view(np.int8).astype(np.int64)  # all bits set where keep, none elsewhere
-    return (values.view(np.int64) & mask).view(np.float64)
+    return largest
 
 
 def _sum_arrays(arrays: list[np.ndarray]) -> np.ndarray:

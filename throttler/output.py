@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 from throttler import contract
 
 TMP_SUFFIX = ".tmp"
+OUTPUT_MODE = 0o640  #: owner read-write, group read, nobody else
 OUTPUT_SUFFIX = ".parquet"
 
 
@@ -45,7 +46,7 @@ def write_output(output_path: str, paths: np.ndarray, dates_ns: np.ndarray, valu
     directory, name = os.path.split(output_path)
     tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}")
     try:
-        with open(tmp, "xb") as fh:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, OUTPUT_MODE), "wb") as fh:
             pq.write_table(table, fh)
             fh.flush()
             os.fsync(fh.fileno())
