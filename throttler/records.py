@@ -33,13 +33,25 @@ RECORD_KINDS = ("done", "failed")
 _REQUEST_KEYS = frozenset({"group", "strategy", "priority"})
 
 
-class BadRequest(RequestError):
-    """A refused request; ``group`` is set when the request named a valid group."""
+#: Why a request was refused, as a bounded class: the ``reason`` label of the
+#: ``throttler_requests_rejected_total`` metric and ``reason_class`` in its record.
+REFUSAL_CLASSES = ("validation", "symlink", "ownership", "too_large", "invalid_json", "other")
 
-    def __init__(self, reason: str, group: str | None = None):
+
+class BadRequest(RequestError):
+    """A refused request; ``group`` is set when the request named a valid group.
+
+    ``reason`` is the text for people (the failed record, the log);
+    ``reason_class`` one of :data:`REFUSAL_CLASSES`, for metrics.
+    """
+
+    def __init__(self, reason: str, group: str | None = None, reason_class: str = "validation"):
+        if reason_class not in REFUSAL_CLASSES:
+            raise ValueError(f"reason_class must be one of {REFUSAL_CLASSES}, not {reason_class!r}")
         super().__init__(reason)
         self.reason = reason
         self.group = group
+        self.reason_class = reason_class
 
 
 def validate_group(group: object) -> str:
@@ -95,15 +107,15 @@ def parse_request_json(data: bytes) -> tuple[str, str, int]:
             data.decode("utf-8"), object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant
         )
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise BadRequest(f"invalid JSON: {err}"[:300]) from None
+        raise BadRequest(f"invalid JSON: {err}"[:300], reason_class="invalid_json") from None
     if not isinstance(doc, dict):
-        raise BadRequest("request JSON must be an object")
+        raise BadRequest("request JSON must be an object", reason_class="invalid_json")
     if "group" not in doc:
-        raise BadRequest("request JSON has no group")
+        raise BadRequest("request JSON has no group", reason_class="invalid_json")
     group = validate_group(doc["group"])
     unknown = sorted(set(doc) - _REQUEST_KEYS)
     if unknown:
-        raise BadRequest(f"unknown keys in request: {unknown!r:.200}", group)
+        raise BadRequest(f"unknown keys in request: {unknown!r:.200}", group, "invalid_json")
     strategy, priority = doc.get("strategy", "auto"), doc.get("priority", 0)
     check_fields(group, strategy, priority)
     return group, strategy, priority
@@ -181,7 +193,7 @@ def read_request(path: Path, st: os.stat_result) -> bytes:
     except FileNotFoundError:
         raise
     except OSError as err:
-        raise BadRequest(f"request unreadable: {err.strerror}") from None
+        raise BadRequest(f"request unreadable: {err.strerror}", reason_class="other") from None
     try:
         fst = os.fstat(fd)
         if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(fst.st_mode):
@@ -193,7 +205,7 @@ def read_request(path: Path, st: os.stat_result) -> bytes:
     finally:
         os.close(fd)
     if size > MAX_REQUEST_BYTES:
-        raise BadRequest("request too large")
+        raise BadRequest("request too large", reason_class="too_large")
     return b"".join(chunks)
 
 

@@ -686,39 +686,36 @@ class Simulation:
         self._add_bytes(w, t.peak, running=True)
 
     def _add_bytes(self, w: int, n: int, running: bool) -> None:
+        """Account ``n`` bytes (negative: freed) on ``w``: peaks, then pause, kill or resume."""
         if running:
             self.running_bytes[w] += n
         else:
             self.result_bytes[w] += n
         self.task_bytes += n
-        if n <= 0:
-            self._check_pause(w)
-            return
-        self.peak_task_bytes = max(self.peak_task_bytes, self.task_bytes)
         held = self.running_bytes[w] + self.result_bytes[w] + self.cal.worker_baseline_bytes
-        self.peak_worker_bytes = max(self.peak_worker_bytes, held)
-        if held > self.kill_bytes:
-            self._kill(w)
-        else:
-            self._check_pause(w)
-
-    def _check_pause(self, w: int) -> None:
+        if n > 0:
+            self.peak_task_bytes = max(self.peak_task_bytes, self.task_bytes)
+            self.peak_worker_bytes = max(self.peak_worker_bytes, held)
+            if held > self.kill_bytes:
+                self._kill(w)
+                return
         if not self.up[w]:
             return
-        held = self.running_bytes[w] + self.result_bytes[w] + self.cal.worker_baseline_bytes
-        if held > self.pause_bytes and not self.paused[w]:
-            self.paused[w], self.paused_since[w] = True, self.now
-        elif held <= self.pause_bytes and self.paused[w]:
-            self.paused[w] = False
-            self.paused_seconds += self.now - self.paused_since[w]
-            self.new_ready = True
-        self._update_idle(w)
-
-    def _update_idle(self, w: int) -> None:
-        if self._can_start(w):
+        paused = held > self.pause_bytes
+        if paused != self.paused[w]:
+            self._set_paused(w, paused)
+        if self.free_threads[w] and not paused:
             self.idle.add(w)
         else:
             self.idle.discard(w)
+
+    def _set_paused(self, w: int, paused: bool) -> None:
+        self.paused[w] = paused
+        if paused:
+            self.paused_since[w] = self.now
+        else:
+            self.paused_seconds += self.now - self.paused_since[w]
+            self.new_ready = True
 
     def _on_task_done(self, t: _Task) -> None:
         w = t.worker

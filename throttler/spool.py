@@ -21,7 +21,9 @@ Guarantees, and why:
   removed, and is named after the run. :meth:`Spool.recover` finds runs whose record
   exists and only removes their files: records are exactly-once even across a crash.
 * Nothing in a request is evaluated. Symlinks are never followed, only removed;
-  non-regular, oversized, foreign-owned and malformed requests are refused.
+  non-regular, oversized, foreign-owned and malformed requests are refused: each
+  refusal is one ``failed/`` record (``reason`` for people, ``reason_class`` one of
+  :data:`~throttler.records.REFUSAL_CLASSES`) and one call of ``on_refused``.
 
 One daemon per spool: the set of running groups lives in memory. File formats
 and the crash-safe write live in :mod:`throttler.records`.
@@ -37,6 +39,7 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 from watchdog.events import DirCreatedEvent, DirMovedEvent, FileCreatedEvent, FileMovedEvent
 from watchdog.events import FileSystemEventHandler
@@ -128,11 +131,17 @@ class Spool:
     ``allowed_uids``: owners whose request files are accepted. ``None`` accepts any
     owner, leaving the gate to the directory permissions (only users able to write
     ``incoming/`` can submit); :meth:`default_uids` gives the strict set.
+
+    ``on_refused(reason_class)`` is called once per refused request, after its
+    record is durable (the service passes ``Metrics.request_rejected``). It may be
+    set after construction; an exception inside it is logged, never raised.
     """
 
-    def __init__(self, root: str | os.PathLike, allowed_uids=None):
+    def __init__(self, root: str | os.PathLike, allowed_uids=None,
+                 on_refused: Callable[[str], None] | None = None):
         self.root = Path(root)
         self.allowed_uids = None if allowed_uids is None else frozenset(allowed_uids)
+        self.on_refused = on_refused
         self._lock = threading.Lock()  # guards _runs, _queued, Claim.files/is_open, _finished
         self._runs: dict[str, Claim] = {}  # group -> open run
         self._queued: dict[str, list[Request]] = {}  # group -> requests of the last scan
@@ -192,13 +201,13 @@ class Spool:
     def _inspect(self, path: Path, name: str, st: os.stat_result) -> Request:
         """Validate one request file without following links; return what it asks."""
         if stat.S_ISLNK(st.st_mode):
-            raise BadRequest("request is a symlink")
+            raise BadRequest("request is a symlink", reason_class="symlink")
         if not stat.S_ISREG(st.st_mode):
-            raise BadRequest("request is not a regular file")
+            raise BadRequest("request is not a regular file", reason_class="other")
         if self.allowed_uids is not None and st.st_uid not in self.allowed_uids:
-            raise BadRequest(f"request owned by uid {st.st_uid}, which is not allowed")
+            raise BadRequest(f"request owned by uid {st.st_uid}, which is not allowed", reason_class="ownership")
         if st.st_size > MAX_REQUEST_BYTES:
-            raise BadRequest("request too large")
+            raise BadRequest("request too large", reason_class="too_large")
         if not check_name(name):
             return Request(name, name, mtime_ns=st.st_mtime_ns)
         group, strategy, priority = parse_request_json(read_request(path, st))
@@ -225,16 +234,27 @@ class Spool:
     def _refuse(self, name: str, err: BadRequest) -> None:
         """Close a bad request: claim it, write its failed record, remove it."""
         log.warning("refused request %r: %s", safe_name(name), err.reason)
-        fields = {"request": safe_name(name), "reason": err.reason}
+        fields = {"request": safe_name(name), "reason": err.reason, "reason_class": err.reason_class}
         if len(os.fsencode(name)) > MOVABLE_NAME_BYTES:  # no room for a prefix: at-least-once
             self.write_record("failed", {**fields, "group": err.group, "requests": [fields["request"]]})
             remove(self.root / "incoming" / name)
+            self._report_refusal(err.reason_class)
             return
         run = self._new_run(err.group, None, None, prefix="_refused")
         if self._move_in(run, name):
             self.finish(run, "failed", fields)
+            self._report_refusal(err.reason_class)
         else:
             rmdir(run.path)
+
+    def _report_refusal(self, reason_class: str) -> None:
+        """Tell ``on_refused`` (metrics); a broken callback never breaks the spool."""
+        if self.on_refused is None:
+            return
+        try:
+            self.on_refused(reason_class)
+        except Exception:  # noqa: BLE001 - a hook must not fail the intake
+            log.warning("on_refused(%r) failed", reason_class, exc_info=True)
 
     # -- claiming -------------------------------------------------------------
 
@@ -289,7 +309,9 @@ class Spool:
                 self._runs[request.group] = run
                 self._absorb(run, self._queued.get(request.group, ()))
                 return run
-        self.finish(run, "failed", {"request": safe_name(request.name), "reason": problem})
+        self.finish(run, "failed", {"request": safe_name(request.name), "reason": problem.reason,
+                                    "reason_class": problem.reason_class})
+        self._report_refusal(problem.reason_class)
         return None
 
     def _new_run(self, group, strategy, priority, prefix: str | None = None) -> Claim:
@@ -314,18 +336,18 @@ class Spool:
         if moved:
             log.info("%d request(s) for %s coalesced into run %s", moved, run.group, run.run_id)
 
-    def _recheck(self, run: Claim) -> str | None:
-        """Re-inspect the claimed file (now out of writers' reach); a reason if bad."""
+    def _recheck(self, run: Claim) -> BadRequest | None:
+        """Re-inspect the claimed file (now out of writers' reach); why it is bad, if it is."""
         entry, name = run.files[0]
         path = run.path / entry
         try:
             found = self._inspect(path, name, os.lstat(path))
         except BadRequest as err:
-            return err.reason
+            return err
         except OSError as err:
-            return f"request unreadable: {err.strerror}"
+            return BadRequest(f"request unreadable: {err.strerror}", run.group, "other")
         if found.group != run.group:
-            return "request changed while queued"
+            return BadRequest("request changed while queued", run.group, "other")
         run.strategy, run.priority = found.strategy, found.priority
         return None
 
@@ -385,8 +407,10 @@ class Spool:
             is_json = check_name(name)
         except BadRequest as err:  # a refused request taken by a crash: close it here
             request = safe_name(name)
-            self.write_record("failed", {"request": request, "reason": err.reason, "requests": [request]})
+            self.write_record("failed", {"request": request, "reason": err.reason,
+                                         "reason_class": err.reason_class, "requests": [request]})
             remove(path)
+            self._report_refusal(err.reason_class)
             return
         if is_json:  # same content under a fresh name
             os.rename(path, dest.with_name(f"{unique_name(name[:-5][:150])}.json"))
