@@ -82,24 +82,24 @@ def warm_page_cache(files: list[str]) -> int:
 
 
 def timed(fn, *args, **kwargs):
-    """(seconds, result) of one call."""
-    started = time.perf_counter()
+    """({"seconds", "cpu_seconds"}, result) of one call; CPU counts all of this process's threads."""
+    started, cpu_started = time.perf_counter(), time.process_time()
     result = fn(*args, **kwargs)
-    return time.perf_counter() - started, result
+    return {"seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu_started}, result
 
 
 def peak_rss_bytes(who=resource.RUSAGE_SELF) -> int:
     return resource.getrusage(who).ru_maxrss * 1024  # kilobytes on Linux
 
 
-def result_of(seconds: float, values, rows: int, **extra) -> dict:
-    """A method's report: seconds, result rows and the checksum (sum of values, NaN skipped)."""
-    return {"seconds": seconds, "rows": int(rows), "checksum": float(np.nansum(values)), **extra}
+def result_of(timing: dict, values, rows: int, **extra) -> dict:
+    """A method's report: timing, result rows and the checksum (sum of values, NaN skipped)."""
+    return {**timing, "rows": int(rows), "checksum": float(np.nansum(values)), **extra}
 
 
-def output_result(seconds: float, output_path: str, **extra) -> dict:
+def output_result(timing: dict, output_path: str, **extra) -> dict:
     table = pq.read_table(output_path, columns=["value"])
-    return result_of(seconds, table.column(0).to_numpy(), table.num_rows, **extra)
+    return result_of(timing, table.column(0).to_numpy(), table.num_rows, **extra)
 
 
 @contextlib.contextmanager
@@ -122,6 +122,14 @@ def warm_workers(client, *modules: str) -> None:
 
     for module in modules:
         client.run(importlib.import_module, module)
+
+
+def timed_on_cluster(client, fn, *args):
+    """:func:`timed`, with the workers' CPU seconds added to the client process's."""
+    before = sum(client.run(time.process_time).values())
+    timing, result = timed(fn, *args)
+    timing["cpu_seconds"] += sum(client.run(time.process_time).values()) - before
+    return timing, result
 
 
 def workers_peak_rss_bytes(client) -> int:
@@ -148,10 +156,10 @@ def run_throttler_cluster(files: list[str], work: str, strategy: str = "aligned"
     with local_cluster() as client:
         warm_workers(client, "throttler.kernels")
         graph = graphs.build(throttler_plan(files, strategy), out)
-        seconds, _ = timed(lambda: client.compute(
+        timing, _ = timed_on_cluster(client, lambda: client.compute(
             graph.final, resources={"MEMORY": TASK_MEMORY_BYTES}).result())
         workers = workers_peak_rss_bytes(client)
-    return output_result(seconds, out, rss_workers_bytes=workers)
+    return output_result(timing, out, rss_workers_bytes=workers)
 
 
 def run_throttler_sync(files: list[str], work: str, strategy: str) -> dict:
@@ -163,8 +171,8 @@ def run_throttler_sync(files: list[str], work: str, strategy: str) -> dict:
     dask.delayed(int)(0).compute(scheduler="sync")  # the first compute imports distributed: untimed
     out = os.path.join(work, f"{strategy}-sync.parquet")
     graph = graphs.build(throttler_plan(files, strategy), out)
-    seconds, _ = timed(graph.final.compute, scheduler="sync")
-    return output_result(seconds, out)
+    timing, _ = timed(graph.final.compute, scheduler="sync")
+    return output_result(timing, out)
 
 
 def run_aligned_kernels(files: list[str], work: str) -> dict:
@@ -176,30 +184,34 @@ def run_aligned_kernels(files: list[str], work: str) -> dict:
         partials = [kernels.aligned_leaf(chunk, files[0]) for chunk in chunks]
         return kernels.aligned_result(partials, files[0])
 
-    seconds, (total, paths, _dates, values, _peak) = timed(compute)
-    return result_of(seconds, values, len(paths))
+    timing, (_total, paths, _dates, values, _peak) = timed(compute)
+    return result_of(timing, values, len(paths))
 
 
 # --------------------------------------------------------------------------- dask dataframe
 
 
 def run_dask_dataframe(files: list[str], work: str, split_out: bool | None = None) -> dict:
+    """The seed's way; a KilledWorker is reported as a failed run, as the seed saw it."""
     import dask.dataframe as dd
     from distributed import KilledWorker
+
+    def compute(series):
+        try:
+            return series.compute()
+        except KilledWorker as exc:
+            return exc
 
     with local_cluster() as client:
         warm_workers(client, "dask.dataframe", "pyarrow.parquet")
         frame = dd.read_parquet(files, columns=["path", "Date", "value"])
         series = frame.groupby(["path", "Date"]).value.sum(split_out=split_out)
-        started = time.perf_counter()
-        try:
-            result = series.compute()
-        except KilledWorker as exc:
-            return {"seconds": time.perf_counter() - started, "status": f"failed: KilledWorker ({exc.task})",
-                    "rss_workers_bytes": workers_peak_rss_bytes(client)}
-        seconds = time.perf_counter() - started
+        timing, result = timed_on_cluster(client, compute, series)
         workers = workers_peak_rss_bytes(client)
-    return result_of(seconds, result.to_numpy(), len(result), rss_workers_bytes=workers)
+    if isinstance(result, KilledWorker):
+        task = getattr(result, "task", "?")
+        return {**timing, "status": f"failed: KilledWorker ({task})", "rss_workers_bytes": workers}
+    return result_of(timing, result.to_numpy(), len(result), rss_workers_bytes=workers)
 
 
 # --------------------------------------------------------------------------- pandas, duckdb, polars
@@ -217,8 +229,8 @@ def run_pandas_groupby(files: list[str], work: str) -> dict:
         frame = pd.concat([read_frame(path) for path in files], ignore_index=True)
         return frame.groupby(["path", "Date"]).value.sum()
 
-    seconds, result = timed(compute)
-    return result_of(seconds, result.to_numpy(), len(result))
+    timing, result = timed(compute)
+    return result_of(timing, result.to_numpy(), len(result))
 
 
 def run_pandas_index(files: list[str], work: str) -> dict:
@@ -229,8 +241,8 @@ def run_pandas_index(files: list[str], work: str) -> dict:
             total = series if total is None else total.add(series, fill_value=0.0)
         return total
 
-    seconds, result = timed(compute)
-    return result_of(seconds, result.to_numpy(), len(result))
+    timing, result = timed(compute)
+    return result_of(timing, result.to_numpy(), len(result))
 
 
 def run_duckdb(files: list[str], work: str) -> dict:
@@ -238,8 +250,8 @@ def run_duckdb(files: list[str], work: str) -> dict:
 
     con = duckdb.connect()
     query = 'SELECT path, "Date", sum(value) AS value FROM read_parquet($files) GROUP BY path, "Date"'
-    seconds, table = timed(lambda: con.sql(query, params={"files": files}).to_arrow_table())
-    return result_of(seconds, table.column("value").to_numpy(), table.num_rows,
+    timing, table = timed(lambda: con.sql(query, params={"files": files}).to_arrow_table())
+    return result_of(timing, table.column("value").to_numpy(), table.num_rows,
                      threads=con.sql("SELECT current_setting('threads')").fetchall()[0][0])
 
 
@@ -247,8 +259,8 @@ def run_polars(files: list[str], work: str) -> dict:
     import polars as pl
 
     query = pl.scan_parquet(files).group_by(["path", "Date"]).agg(pl.col("value").sum())
-    seconds, frame = timed(query.collect, engine="streaming")
-    return result_of(seconds, frame["value"].to_numpy(), frame.height)
+    timing, frame = timed(query.collect, engine="streaming")
+    return result_of(timing, frame["value"].to_numpy(), frame.height)
 
 
 # --------------------------------------------------------------------------- the floor
@@ -276,8 +288,8 @@ def add_value_columns(files: list[str], on_file=None):
 
 
 def run_floor(files: list[str], work: str) -> dict:
-    seconds, acc = timed(add_value_columns, files)
-    return result_of(seconds, acc, len(acc))
+    timing, acc = timed(add_value_columns, files)
+    return result_of(timing, acc, len(acc))
 
 
 def run_floor_keys(files: list[str], work: str) -> dict:
@@ -293,8 +305,8 @@ def run_floor_keys(files: list[str], work: str) -> dict:
         elif not (np.array_equal(paths, reference[0]) and np.array_equal(dates, reference[1])):
             raise ValueError("keys differ")
 
-    seconds, acc = timed(add_value_columns, files, verify)
-    return result_of(seconds, acc, len(acc))
+    timing, acc = timed(add_value_columns, files, verify)
+    return result_of(timing, acc, len(acc))
 
 
 METHODS = {
@@ -374,12 +386,14 @@ def total_rss_bytes(report: dict) -> int:
 
 
 def summarise(method: str, reports: list[dict]) -> dict:
+    """Medians over the successful runs of one method (or how it failed)."""
     ok = [r for r in reports if r["status"] == "ok"]
-    failed = [r["status"] for r in reports if r["status"] != "ok"]
-    row = {"method": method, "runs": len(reports), "ok": len(ok), "failures": failed}
+    row = {"method": method, "runs": len(reports), "ok": len(ok),
+           "failures": [r["status"] for r in reports if r["status"] != "ok"]}
     if ok:
         seconds = [r["seconds"] for r in ok]
         row.update(seconds=statistics.median(seconds), seconds_min=min(seconds), seconds_max=max(seconds),
+                   cpu_seconds=statistics.median(r["cpu_seconds"] for r in ok),
                    process_seconds=statistics.median(r["process_seconds"] for r in ok),
                    rss_bytes=statistics.median(total_rss_bytes(r) for r in ok),
                    rows=ok[0]["rows"], checksum=ok[0]["checksum"])
@@ -392,28 +406,36 @@ def summarise(method: str, reports: list[dict]) -> dict:
 def render_table(rows: list[dict]) -> str:
     done = [r for r in rows if "seconds" in r]
     fastest = min((r["seconds"] for r in done), default=math.nan)
-    floor = next((r["seconds"] for r in done if r["method"] == "floor"), math.nan)
-    reference = next((r for r in done if r["method"] == "floor"), done[0] if done else None)
-    lines = ["| method | compute s (median) | min-max | x fastest | x floor | process wall s | "
-             "peak RSS MiB | rows | notes |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    reference = next((r for r in done if r["method"] == "floor"), None)
+    floor = reference["seconds"] if reference else math.nan
+    lines = ["| method | compute s (median) | min-max | x fastest | x floor | CPU s | process wall s | "
+             "peak RSS MiB | rows | notes |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        lines.append(table_line(r, fastest, floor, reference))
+        if "seconds" not in r:
+            lines.append(f"| {r['method']} | failed | | | | | | | | {failure_note(r)} |")
+            continue
+        lines.append(f"| {r['method']} | {r['seconds']:.3f} | {r['seconds_min']:.3f}-{r['seconds_max']:.3f} | "
+                     f"{r['seconds'] / fastest:.2f} | {r['seconds'] / floor:.2f} | {r['cpu_seconds']:.2f} | "
+                     f"{r['process_seconds']:.2f} | {r['rss_bytes'] / 2**20:,.0f} | {r['rows']:,} | "
+                     f"{'; '.join(notes(r, reference))} |")
     return "\n".join(lines)
 
 
-def table_line(r: dict, fastest: float, floor: float, reference: dict | None) -> str:
-    if "seconds" not in r:
-        note = f"{r['failures'][0]}" + (f"; {r['seconds_to_failure']:.1f} s to failure" if r.get("seconds_to_failure") else "")
-        return f"| {r['method']} | failed | | | | | | | {note} in {r['runs']} of {r['runs']} runs |"
-    notes = [METHODS[r["method"]][1]]
+def failure_note(r: dict) -> str:
+    note = f"{r['failures'][0]} in {len(r['failures'])} of {r['runs']} runs"
+    if r.get("seconds_to_failure") is not None:
+        note += f", {r['seconds_to_failure']:.1f} s to failure (median)"
+    return note
+
+
+def notes(r: dict, reference: dict | None) -> list[str]:
+    out = [METHODS[r["method"]][1]]
     if r["failures"]:
-        notes.append(f"{len(r['failures'])} of {r['runs']} runs failed ({r['failures'][0]})")
-    if reference and (r["rows"] != reference["rows"]
-                      or not math.isclose(r["checksum"], reference["checksum"], rel_tol=0, abs_tol=CHECKSUM_ABS_TOL)):
-        notes.append(f"RESULT DIFFERS from {reference['method']}: rows {r['rows']}, checksum {r['checksum']:.9g}")
-    return (f"| {r['method']} | {r['seconds']:.3f} | {r['seconds_min']:.3f}-{r['seconds_max']:.3f} | "
-            f"{r['seconds'] / fastest:.2f} | {r['seconds'] / floor:.2f} | {r['process_seconds']:.2f} | "
-            f"{r['rss_bytes'] / 2**20:,.0f} | {r['rows']:,} | {'; '.join(notes)} |")
+        out.append(f"{len(r['failures'])} of {r['runs']} runs failed ({r['failures'][0]})")
+    if reference and (r["rows"] != reference["rows"] or not math.isclose(
+            r["checksum"], reference["checksum"], rel_tol=0, abs_tol=CHECKSUM_ABS_TOL)):
+        out.append(f"RESULT DIFFERS from floor: rows {r['rows']}, checksum {r['checksum']:.9g}")
+    return out
 
 
 def environment(args, files: list[str], warmed_bytes: int, load: tuple[float, float]) -> str:

@@ -325,12 +325,19 @@ def closed_requests(spool_root: Path) -> list[str]:
 
 
 def wait_closed(spool_root: Path, expected: int, timeout_seconds: float, daemon: Daemon | None = None) -> None:
-    """Until ``expected`` request files are closed by records."""
+    """Until ``expected`` request files are closed by records and incoming/ and active/
+    are empty (a run's files are removed just after its record is written)."""
+    spool_root = Path(spool_root)
+
+    def settled():
+        return (len(closed_requests(spool_root)) >= expected and not listing(spool_root / "incoming")
+                and not listing(spool_root / "active"))
     try:
-        wait_for(lambda: len(closed_requests(spool_root)) >= expected, timeout_seconds)
+        wait_for(settled, timeout_seconds)
     except AssertionError:
         raise AssertionError(f"{len(closed_requests(spool_root))} of {expected} requests closed after "
-                             f"{timeout_seconds} s\n{daemon.log() if daemon else ''}") from None
+                             f"{timeout_seconds} s; incoming/ {listing(spool_root / 'incoming')}, active/ "
+                             f"{listing(spool_root / 'active')}\n{daemon.log() if daemon else ''}") from None
 
 
 def listing(path: Path) -> list[str]:

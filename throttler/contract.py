@@ -8,6 +8,13 @@ Keys are normalised for computation to ``path`` int64 and ``Date`` int64
 nanoseconds since the epoch, so files of one group may mix integer widths or
 date representations; the output keeps the ``Date`` type of the group's first
 file.
+
+Corruption. A file that cannot be decoded (bad footer, page header, compressed
+stream) is a DataError, never a retried I/O error: only an ``OSError`` carrying
+an ``errno`` (a failed system call) is left to the retry policy. Page CRCs are
+verified when the writer stored them (``write_page_checksum=True``); without
+them, garbage inside a page's values can decode to plausible numbers, which
+Parquet gives no way to detect.
 """
 
 from __future__ import annotations
@@ -40,9 +47,13 @@ class FileSchema:
 
 
 def open_parquet(path: str) -> pq.ParquetFile:
-    """Open ``path`` (footer only); unreadable or non-Parquet files are DataErrors."""
+    """Open ``path`` (footer only); unreadable or non-Parquet files are DataErrors.
+
+    Pages are checked against their CRC when the file carries one (a few ms
+    per 50 MB file).
+    """
     try:
-        return pq.ParquetFile(pa.memory_map(path, "r"))
+        return pq.ParquetFile(pa.memory_map(path, "r"), page_checksum_verification=True)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
@@ -114,8 +125,34 @@ def _chunk_bytes(col: pq.ColumnChunkMetaData, source: pa.NativeFile) -> tuple[by
 
 def read_keys(pf: pq.ParquetFile, path: str) -> tuple[np.ndarray, np.ndarray]:
     """Decode the key columns as (path int64, Date int64 ns); nulls are DataErrors."""
-    table = pf.read(columns=list(KEY_COLUMNS))
+    table = read_columns(pf, path, KEY_COLUMNS)
     return normalise_keys(table, path)
+
+
+def read_columns(pf: pq.ParquetFile, path: str, columns) -> pa.Table:
+    """Decode whole columns of an open file; a corrupt file is a DataError naming it."""
+    try:
+        return pf.read(columns=list(columns))
+    except DECODE_ERRORS as exc:
+        raise decode_error(exc, path, f"cannot decode {', '.join(map(repr, columns))}") from None
+
+
+#: What pyarrow raises on a file it cannot decode (ArrowMemoryError is left
+#: out on purpose: it is a MemoryError, which the retry policy re-plans).
+DECODE_ERRORS = (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, pa.ArrowIndexError,
+                 pa.ArrowSerializationError, OSError)
+
+
+def decode_error(exc: BaseException, path: str, what: str) -> Exception:
+    """The DataError for ``exc``, or ``exc`` itself when it is a system call's I/O error.
+
+    pyarrow reports undecodable data (a bad page header, a failed CRC) as an
+    OSError without an errno; a failed read of shared storage carries one and
+    stays an OSError, which the retry policy treats as transient.
+    """
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return exc
+    return DataError(f"{path}: {what} ({_short(exc)})")
 
 
 def normalise_keys(table: pa.Table, path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -148,8 +185,8 @@ def read_values(pf: pq.ParquetFile, row_group: int, path: str) -> np.ndarray:
     """One row group's ``value`` column as a float array (nulls become NaN)."""
     try:  # one column chunk: pyarrow's threads have nothing to split, only overhead
         col = pf.read_row_group(row_group, columns=[VALUE_COLUMN], use_threads=False).column(0)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise DataError(f"{path}: cannot decode 'value' in row group {row_group} ({_short(exc)})") from None
+    except DECODE_ERRORS as exc:
+        raise decode_error(exc, path, f"cannot decode 'value' in row group {row_group}") from None
     return col.to_numpy() if col.null_count == 0 else col.to_numpy(zero_copy_only=False)
 
 

@@ -31,6 +31,9 @@ from throttler.status import StatusReporter
 
 log = logging.getLogger(__name__)
 
+#: how often "cannot read the scheduler" is logged while it stays away
+UNREACHABLE_WARNING_SECONDS = 10.0
+
 
 class Service:
     """The long-running service; :meth:`step` is one iteration of the main loop."""
@@ -41,6 +44,7 @@ class Service:
         self.client = client
         self.reconnect = reconnect  #: () -> new Client, for an external scheduler
         self._reconnect_at = 0.0
+        self._unreachable_warned_at = float("-inf")
         self._reconnect_attempts = 0
         self.spool, self.catalog, self.estimator = spool, catalog, estimator
         self.metrics, self.notifier, self.clock = metrics, notifier, clock
@@ -68,6 +72,10 @@ class Service:
         builders = self.config.builder_threads or min(8, max(2, threads // 2))
         submitters = self.config.submitter_threads or 2
         return builders, submitters
+
+    def max_waiting(self) -> int:
+        """Planned groups waiting for admission at most (builders block beyond it)."""
+        return max(8, 2 * max(1, self.status.last_threads or 2))
 
     def max_live_jobs(self) -> int:
         """Claims held at once: enough to keep the cluster busy, bounded so a flood stays on disk."""
@@ -212,6 +220,10 @@ class Service:
                                  fan_in=self.config.fan_in)
 
     def _hand_off(self, job: Job) -> None:
+        """Bounded hand-off: a builder waits while enough planned groups wait for admission."""
+        with self._changed:
+            while len(self._waiting) >= self.max_waiting() and not self._stop_submitting.is_set():
+                self._changed.wait(0.5)
         with self.submit_lock:
             if self._stop_submitting.is_set():
                 self._give_back(job)
@@ -237,18 +249,24 @@ class Service:
     def admit_step(self) -> bool:
         """One check-reserve-submit under the lock; True if a group was submitted or failed."""
         self._count_busy("submitter", +1)
+        failure = None
         try:
             with self.submit_lock:
                 choice, snapshot = self._choose_one()
                 if choice is None:
                     return False
                 job = self._take_waiting(choice)
-                if choice.decision.admit:
-                    self._reserve_and_submit(job, choice, snapshot)
+                if not choice.decision.admit:
+                    failure = DoesNotFit(choice.decision.reason)
+                else:
+                    try:
+                        self._reserve_and_submit(job, choice, snapshot)
+                    except Exception as exc:  # noqa: BLE001 - e.g. the scheduler went away
+                        failure = exc
         finally:
             self._count_busy("submitter", -1)
-        if not choice.decision.admit:  # fatal: record outside the lock
-            self._on_failure(job, DoesNotFit(choice.decision.reason))
+        if failure is not None:  # recorded or retried outside the lock
+            self._on_failure(job, failure)
         return True
 
     def _choose_one(self):
@@ -256,13 +274,22 @@ class Service:
         ready = [j for j in self._waiting if j.not_before_seconds <= now]
         if not ready or self._stop_submitting.is_set():
             return None, None
-        snapshot = read_snapshot(self.client)
+        try:
+            snapshot = read_snapshot(self.client)
+        except Exception as exc:  # noqa: BLE001 - the scheduler is away: wait, say so now and then
+            self._warn_unreachable(exc, now)
+            return None, None
         self.status.observe_snapshot(snapshot)
         entries = [admission.QueueEntry(j.plan, j.priority, j.waiting_since_seconds, j.graph.token)
                    for j in ready]
         policy = admission.AdmissionPolicy(self.config.memory_fraction, self.config.max_head_wait_seconds)
         choices = admission.choose(snapshot, self.ledger.items(), entries, now, policy)
         return (choices[0] if choices else None), snapshot
+
+    def _warn_unreachable(self, exc: Exception, now: float) -> None:
+        if now - self._unreachable_warned_at >= UNREACHABLE_WARNING_SECONDS:
+            self._unreachable_warned_at = now
+            log.warning("cannot read the scheduler, admission waits: %s", retries.describe(exc))
 
     def _take_waiting(self, choice) -> Job:
         job = next(j for j in self._waiting if j.graph.token == choice.entry.reservation_key)

@@ -63,9 +63,11 @@ client, scheduler and workers share the cores).
 Admission rounds (d) run when capacity changes (a group ends, a worker
 returns) at most every ``admission_interval_seconds``; a round considers the
 first ``admission_window`` waiting groups in queue order (the head among
-them), as the daemon holds a bounded number of claimed requests; a group's
-wait is counted from its entry into that window, as the daemon counts it from
-its hand-off. Snapshots are exact (no heartbeat lag): the ledger covers that
+them), as the daemon holds a bounded number of claimed requests, and admits
+every group :func:`~throttler.admission.choose` admits (it reserves them
+virtually as it goes); a round that admitted some refills the window and runs
+again at once. A group's wait is counted from its entry into that window, as
+the daemon counts it from its hand-off. Snapshots are exact (no heartbeat lag): the ledger covers that
 lag in the real daemon. Not modelled: spilling to disk, network contention,
 storage bandwidth, graph building and submission latency.
 """
@@ -595,8 +597,9 @@ class Simulation:
             else:
                 self._group_ended(g, False, f"DoesNotFit: {choice.decision.reason}")
         self.window = [g for g in self.window if g.name not in taken]
-        if len(self.window) < self.scenario.admission_window and self.queue:
-            self._request_round()
+        if taken and self.queue:  # the window has room again: refill it and go on at once
+            self.round_pending = True
+            self._push_event(self.now, EV_ROUND, None)
 
     def _reserve(self, entry: admission.QueueEntry) -> None:
         plan = entry.plan
