@@ -81,6 +81,28 @@ def warm_page_cache(files: list[str]) -> int:
 # --------------------------------------------------------------------------- measuring helpers
 
 
+def cpu_busy_fraction(interval_seconds: float = 1.0) -> float:
+    """How busy the machine's CPUs were over ``interval_seconds`` (from /proc/stat)."""
+    def sample():
+        with open("/proc/stat") as fh:
+            fields = [int(x) for x in fh.readline().split()[1:]]
+        return fields[3] + fields[4], sum(fields)  # idle + iowait, total
+
+    idle0, total0 = sample()
+    time.sleep(interval_seconds)
+    idle1, total1 = sample()
+    return 1.0 - (idle1 - idle0) / max(1, total1 - total0)
+
+
+def wait_until_idle(max_busy: float, timeout_seconds: float = 300.0) -> float:
+    """Wait until other work leaves the CPUs at most ``max_busy`` busy; returns the last reading."""
+    deadline = time.monotonic() + timeout_seconds
+    busy = cpu_busy_fraction()
+    while busy > max_busy and time.monotonic() < deadline:
+        busy = cpu_busy_fraction()
+    return busy
+
+
 def timed(fn, *args, **kwargs):
     """({"seconds", "cpu_seconds"}, result) of one call; CPU counts all of this process's threads."""
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -369,9 +391,11 @@ def run_all(methods: list[str], args) -> dict[str, list[dict]]:
     for round_no in range(args.runs + 1):
         label = "warm-up" if round_no == 0 else f"run {round_no}/{args.runs}"
         for method in methods:
-            report = run_child(method, args)
+            busy = wait_until_idle(args.wait_idle) if args.wait_idle < 1 else None
+            report = {**run_child(method, args), "cpu_busy_before": busy}
             print(f"  {label:9s} {method:18s} {report.get('seconds', float('nan')):8.3f} s  "
-                  f"{report['status']}", file=sys.stderr, flush=True)
+                  f"{report['status']}" + (f"  (CPUs {busy:.0%} busy before)" if busy is not None else ""),
+                  file=sys.stderr, flush=True)
             if round_no:
                 runs[method].append(report)
     return runs
@@ -475,6 +499,9 @@ def parse_args(argv=None):
     parser.add_argument("--runs", type=int, default=3, help="timed runs per method, after one warm-up")
     parser.add_argument("--methods", help=f"comma-separated subset of: {', '.join(METHODS)}")
     parser.add_argument("--json", help="also write the summary and every run's report here")
+    parser.add_argument("--wait-idle", type=float, default=1.0, metavar="FRACTION",
+                        help="before each run, wait (up to 5 min) until the CPUs are at most this busy "
+                             "(e.g. 0.2 on a shared machine; default 1: never wait)")
     parser.add_argument("--method", help=argparse.SUPPRESS)  # child mode: run this one method
     return parser.parse_args(argv)
 

@@ -20,6 +20,7 @@ each.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ class Estate:
             path.mkdir(parents=True, exist_ok=True)
         self.inputs: dict[str, list[str]] = {}  #: group -> its input files, for reference checks
         self.manifest_rows: list[tuple[str, str]] = []  #: (group_id, file relative to the data root)
+        self._drops = itertools.count()
 
     def sims(self, group: str, n: int = 2, **kw) -> list[str]:
         """``n`` good simulation files ``data/<group>/fNNN.parquet`` (same keys, different values)."""
@@ -63,7 +65,7 @@ class Estate:
     def drop(self, name: str | bytes, content: bytes = b"") -> None:
         """A request written in tmp/ and renamed into incoming/, as another program would."""
         raw = os.fsencode(name)
-        tmp = os.path.join(os.fsencode(self.spool / "tmp"), b"drop-" + str(len(self.inputs)).encode() + b".tmp")
+        tmp = os.path.join(os.fsencode(self.spool / "tmp"), f"drop-{next(self._drops)}.tmp".encode())
         with open(tmp, "wb") as fh:
             fh.write(content)
         os.rename(tmp, os.path.join(os.fsencode(self.spool / "incoming"), raw))
@@ -86,6 +88,7 @@ class Case:
     request: str | bytes | None = None  #: request file name; default: the case id (a plain-name request)
     content: bytes = b""
     check: Callable[[dict, Estate], None] | None = None  #: extra checks of a done record
+    drop: Callable[[Estate, "Case"], None] | None = None  #: puts the request in incoming/ (default: a file)
     catalog: str = "directory"
     notes: str = field(default="", compare=False)
 
@@ -99,7 +102,10 @@ class Case:
         return safe_name(os.fsdecode(os.fsencode(self.request_name)))
 
     def submit(self, estate: Estate) -> None:
-        estate.drop(self.request_name, self.content)
+        if self.drop is not None:
+            self.drop(estate, self)
+        else:
+            estate.drop(self.request_name, self.content)
 
 
 CASES: list[Case] = []
@@ -238,7 +244,7 @@ def _retyped(column: str, to: pa.DataType):
         _, bad = e.sims(c.id, 2)
         table = _table(bad)
         i = table.schema.get_field_index(column)
-        _rewrite(bad, table.set_column(i, column, table.column(column).cast(to)))
+        _rewrite(bad, table.set_column(i, column, table.column(column).cast(to, safe=False)))
     return build
 
 
@@ -265,7 +271,7 @@ def _(e, c):
 def _(e, c):
     _, bad = e.sims(c.id, 2)
     table = _table(bad)
-    days = table.column("Date").cast(pa.int32()).to_numpy() + 150 * 365  # ~2177 + 150 years > 2262
+    days = table.column("Date").cast(pa.int32()).to_numpy() + 300 * 365  # 2027 + 300 years > 2262
     _rewrite(bad, table.set_column(1, "Date", pa.array(days, pa.date32())))
 
 
@@ -288,12 +294,11 @@ def _(e, c):
 
 
 def _duplicate_a_key(path: str) -> None:
+    """Row 1 repeats row 0's (path, Date): rows are path-major, so only its Date changes."""
     table = _table(path)
-    paths, dates = table.column("path").to_numpy().copy(), table.column("Date").to_numpy()
-    paths[1], dates_copy = paths[0], dates.copy()
-    dates_copy[1] = dates_copy[0]  # row 1 repeats row 0's (path, Date)
-    table = table.set_column(0, "path", pa.array(paths)).set_column(1, "Date", pa.array(dates_copy, pa.date32()))
-    _rewrite(path, table)
+    days = table.column("Date").cast(pa.int32()).to_numpy().copy()
+    days[1] = days[0]
+    _rewrite(path, table.set_column(1, "Date", pa.array(days, pa.date32())))
 
 
 @case("misaligned-explicit", "failed", "misaligned-explicit/f001.parquet: keys differ from", "data",
@@ -354,8 +359,9 @@ def _date_types_check(record: dict, e: Estate) -> None:
 @case("mixed-date-types", "done", check=_date_types_check)
 def _(e, c):
     e.sims(c.id, 3)
-    for path, kind in zip(e.inputs[c.id], (pa.timestamp("ms"), pa.date32(), pa.timestamp("ns", tz="UTC"))):
-        write_sim(path, seed=hash(str(kind)) % 100, date_type=kind)
+    kinds = (pa.timestamp("ms"), pa.date32(), pa.timestamp("ns", tz="UTC"))
+    for seed, (path, kind) in enumerate(zip(e.inputs[c.id], kinds)):
+        write_sim(path, seed=seed, date_type=kind)
 
 
 def _nan_inf_check(record: dict, e: Estate) -> None:
@@ -443,8 +449,8 @@ def _(e, c):
 # --------------------------------------------------------------------------- refused requests
 
 
-def _refused(id, reason, metric, request, content=b"", build=None, notes=""):
-    CASES.append(Case(id, "refused", reason, metric, request=request, content=content, build=build, notes=notes))
+def _refused(id, reason, metric, request, content=b"", drop=None, notes=""):
+    CASES.append(Case(id, "refused", reason, metric, request=request, content=content, drop=drop, notes=notes))
 
 
 _refused("name-dotdot", "invalid group ID 'a..b'", "validation", "a..b")
@@ -482,15 +488,33 @@ def _drop_directory(e, c):
     (e.spool / "incoming" / c.request / "x").write_text("x")
 
 
-_refused("request-symlink", "request is a symlink", "symlink", "link.json", build=_drop_symlink)
-_refused("request-fifo", "request is not a regular file", "other", "fifo", build=_drop_fifo,
+_refused("request-symlink", "request is a symlink", "symlink", "link.json", drop=_drop_symlink,
+         notes="the link's target (outside the spool) is left untouched")
+_refused("request-fifo", "request is not a regular file", "other", "fifo", drop=_drop_fifo,
          notes="never opened: opening a FIFO for reading would block the intake")
-_refused("request-directory", "request is not a regular file", "other", "somedir", build=_drop_directory)
+_refused("request-directory", "request is not a regular file", "other", "somedir", drop=_drop_directory)
 
-#: How each refusal case puts its request in incoming/ (none: a plain file with ``content``).
-SPECIAL_DROPS = {"request-symlink", "request-fifo", "request-directory"}
+
+# --------------------------------------------------------------------------- a flood of one group
 
 DUPLICATES = 1000  #: requests of the coalescing case
+
+
+def _drop_duplicates(e, c):
+    for i in range(DUPLICATES):
+        e.drop(f"dup-{i:04d}.json", _json(c.id))
+
+
+def _coalesced_check(record: dict, e: Estate) -> None:
+    _matches(record, e)
+    assert len(record["requests"]) == DUPLICATES and record["coalesced"] == DUPLICATES - 1
+    assert sorted(record["requests"]) == [f"dup-{i:04d}.json" for i in range(DUPLICATES)]
+
+
+@case("coalesced-1000", "done", request="dup-0000.json", check=_coalesced_check, drop=_drop_duplicates,
+      notes=f"the same group requested {DUPLICATES} times at once: one run closes every request")
+def _(e, c):
+    e.sims(c.id, 2)
 
 
 def build_estate(estate: Estate, cases: list[Case]) -> None:
@@ -498,11 +522,8 @@ def build_estate(estate: Estate, cases: list[Case]) -> None:
     estate.sims("good", 3, seeds=(11, 12, 13))
     estate.manifest_rows += [("good", os.path.relpath(p, estate.data)) for p in estate.inputs["good"]]
     for c in cases:
-        if c.build is not None and c.id not in SPECIAL_DROPS:
+        if c.build is not None:
             c.build(estate, c)
     estate.drop("good")
     for c in cases:
-        if c.id in SPECIAL_DROPS:
-            c.build(estate, c)
-        else:
-            c.submit(estate)
+        c.submit(estate)

@@ -65,8 +65,8 @@ returns) at most every ``admission_interval_seconds``; a round considers the
 first ``admission_window`` waiting groups in queue order (the head among
 them), as the daemon holds a bounded number of claimed requests, and admits
 every group :func:`~throttler.admission.choose` admits (it reserves them
-virtually as it goes); a round that admitted some refills the window and runs
-again at once. A group's wait is counted from its entry into that window, as
+virtually as it goes); a round that admitted every group it considered
+refills the window and runs again at once. A group's wait is counted from its entry into that window, as
 the daemon counts it from its hand-off. Snapshots are exact (no heartbeat lag): the ledger covers that
 lag in the real daemon. Not modelled: spilling to disk, network contention,
 storage bandwidth, graph building and submission latency.
@@ -597,7 +597,7 @@ class Simulation:
             else:
                 self._group_ended(g, False, f"DoesNotFit: {choice.decision.reason}")
         self.window = [g for g in self.window if g.name not in taken]
-        if taken and self.queue:  # the window has room again: refill it and go on at once
+        if len(taken) == len(ready) and self.queue:  # the window, not memory, was the limit: go on
             self.round_pending = True
             self._push_event(self.now, EV_ROUND, None)
 
