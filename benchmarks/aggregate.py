@@ -462,14 +462,17 @@ def notes(r: dict, reference: dict | None) -> list[str]:
     return out
 
 
-def environment(args, files: list[str], warmed_bytes: int, load: tuple[float, float]) -> str:
+def environment(args, files: list[str], warmed_bytes: int, load: tuple[float, float], runs) -> str:
     versions = ", ".join(f"{p} {metadata.version(p)}" for p in
                          ("dask", "distributed", "pandas", "pyarrow", "numpy", "duckdb", "polars"))
+    busy = [r["cpu_busy_before"] for rs in runs.values() for r in rs if r.get("cpu_busy_before") is not None]
+    quiet = (f" Before each run the CPUs were {statistics.median(busy):.0%} busy (median; at most "
+             f"{max(busy):.0%}) over one second." if busy else "")
     return (f"{len(files)} files x {args.paths * args.dates:,} rows ({warmed_bytes / 1e6:,.1f} MB) under "
             f"{Path(args.data).resolve()}; median of {args.runs} runs after one warm-up run, each run a fresh "
             f"process, methods run one at a time.\nPage cache: warm (the parent read every file once before "
             f"the warm-up). Machine: {os.cpu_count()} CPUs, 1-min load average {load[0]:.2f} before and "
-            f"{load[1]:.2f} after the runs, Python {platform.python_version()}; {versions}.")
+            f"{load[1]:.2f} after the runs.{quiet}\nPython {platform.python_version()}; {versions}.")
 
 
 def parent_main(args) -> None:
@@ -483,7 +486,7 @@ def parent_main(args) -> None:
     runs = run_all(methods, args)
     load = (load_before, os.getloadavg()[0])
     rows = [summarise(m, runs[m]) for m in methods]
-    print(environment(args, files, warmed, load) + "\n")
+    print(environment(args, files, warmed, load, runs) + "\n")
     print(render_table(rows))
     if args.json:
         with open(args.json, "w") as fh:

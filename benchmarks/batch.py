@@ -172,11 +172,19 @@ class Recorder(SchedulerPlugin):
             self.events.append((time.time(), msg["action"], msg.get("worker"), None))
 
     def transition(self, key, start, finish, *args, stimulus_id=None, **kwargs):
+        """A finished task's compute interval, ending when the scheduler hears of it.
+
+        The worker's start and stop carry its estimate of the scheduler's clock
+        offset, which jitters by tens of milliseconds under load (tasks of one
+        1-thread worker then seem to overlap); their difference is exact, and
+        the scheduler's own clock orders tasks across workers.
+        """
         if start != "processing":
             return
+        now = time.time()
         for ss in kwargs.get("startstops") or ():
             if ss.get("action") == "compute":
-                self.computes.append((str(key), finish, kwargs.get("worker"), ss["start"], ss["stop"]))
+                self.computes.append((str(key), finish, kwargs.get("worker"), now - (ss["stop"] - ss["start"]), now))
 
     def update_graph(self, scheduler, *, tasks=(), **kwargs):
         self.graphs.append((time.time(), len(tasks)))
@@ -419,9 +427,9 @@ def run_daemon(cluster: Cluster, plans: dict, base: Path, timeout: float, args, 
         if daemon.popen.poll() is not None:
             raise RuntimeError(f"daemon exited: {daemon.log()[-2000:]}")
         start = time.time()
-        for group in plans:
-            (spool / "tmp" / group).write_bytes(b"")
-            os.rename(spool / "tmp" / group, spool / "incoming" / group)
+        for group in plans:  # JSON naming the strategy: a plain request runs `auto`, whatever --strategy says
+            (spool / "tmp" / f"{group}.json").write_text(json.dumps({"group": group, "strategy": strategy}))
+            os.rename(spool / "tmp" / f"{group}.json", spool / "incoming" / f"{group}.json")
         wait_until(lambda: len(daemon_records(spool)) >= len(plans), timeout)
         results = daemon_records(spool)
     finally:

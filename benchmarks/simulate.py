@@ -20,6 +20,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 
+from throttler.planner import resolve_strategy
 from throttler.simulate import (
     GIB, POLICY_LABELS, SIZE_CLASSES, Calibration, ModelCluster, Result, Scenario, lower_bounds, seed_estate,
 )
@@ -133,6 +134,9 @@ def policy_table(rows: list[tuple[str, Result]], bounds) -> str:
             f"| {r.peak_held_bytes / r.capacity_bytes:.2f} | {r.peak_worker_fraction:.2f} | {reserved} "
             f"| {_s(r.biggest_group_start_seconds)} |")
     lines.append("")
+    if any(r.failed or r.stuck for _, r in rows):
+        lines.append("A row with failed or stuck groups did less than the whole batch: its makespan can "
+                     "fall below the lower bound.")
     lines.append(f"Lower bound {lb:,.1f} s = max(work / threads {bounds.work_bound_seconds:,.1f} s, longest group "
                  f"alone {bounds.critical_path_seconds:,.1f} s, scheduler {bounds.tasks:,} tasks "
                  f"{bounds.scheduler_bound_seconds:,.1f} s, memory {bounds.memory_bound_seconds:,.1f} s).")
@@ -141,18 +145,19 @@ def policy_table(rows: list[tuple[str, Result]], bounds) -> str:
 
 def wait_table(rows: list[tuple[str, Result]]) -> str:
     classes = [label for label, _, _ in SIZE_CLASSES]
-    lines = ["| policy | " + " | ".join(f"{c} files" for c in classes) + " |",
-             "|---|" + "---:|" * len(classes)]
+    lines = ["| policy | " + " | ".join(f"{c} files" for c in classes) + " | longest admission wait s |",
+             "|---|" + "---:|" * (len(classes) + 1)]
     for label, r in rows:
         cells = []
         for c in classes:
             w = r.start_delay.get(c)
             cells.append("-" if w is None else f"{w.p50_seconds:,.1f} / {w.max_seconds:,.1f} (n={w.groups:,})")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        queued = r.policy in ("fixed-pool", "throttler")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {_s(r.max_admission_wait_seconds if queued else None)} |")
     return "\n".join(lines)
 
 
-def scaling_table(results: list[tuple[ModelCluster, Result, object]], memory_gib: float) -> str:
+def scaling_table(results: list[tuple[ModelCluster, Result, object]]) -> str:
     lines = [
         "| workers | threads | admission capacity GiB | makespan s | utilisation | x lower bound "
         "| work / threads s | scheduler s | memory s | worker kills | failed | biggest group starts at s |",
@@ -190,7 +195,7 @@ def main(argv=None) -> int:
         scale = [(c, main_throttler if c.n_workers == args.workers else scale_runs[c.n_workers].result(),
                   bounds[c.n_workers].result()) for c in scale_clusters]
         main_bounds = bounds[args.workers].result()
-    strategy = main_throttler.strategy if args.strategy != "auto" else _resolved(sizes, main_cluster, cal)
+    strategy = args.strategy if args.strategy != "auto" else resolve_strategy("auto", [cal.file_info()])[0]
     print(header(args, sizes, cal, strategy))
     print()
     print(f"## Policies on {args.workers} workers x {args.memory_gib:g} GiB x {args.threads} threads "
@@ -198,14 +203,15 @@ def main(argv=None) -> int:
     print()
     print(policy_table(policy_results, main_bounds))
     print()
-    print("### Start delay by group size: time 0 to the group's first task, p50 / max seconds")
+    print("### Start delay by group size: time 0 to the group's first task, p50 / max seconds "
+          "(admission wait: from entering the admission window, or the pool's queue, to submission)")
     print()
     print(wait_table(policy_results))
     if scale:
         print()
         print(f"## Scaling: the throttler on N workers x {args.memory_gib:g} GiB x {args.threads} threads")
         print()
-        print(scaling_table(scale, args.memory_gib))
+        print(scaling_table(scale))
     n_runs = len(policy_results) + len(scale_runs)
     cpu = time.process_time()
     print()
@@ -214,11 +220,6 @@ def main(argv=None) -> int:
     print(f"{n_runs} simulations and {len(bounds)} bound computations in {time.perf_counter() - wall:.1f} s "
           f"wall, {cpu:.1f} s CPU in {args.jobs} processes.")
     return 0
-
-
-def _resolved(sizes: list[int], cluster: ModelCluster, cal: Calibration) -> str:
-    from throttler.planner import resolve_strategy
-    return resolve_strategy("auto", [cal.file_info()] * 2)[0]
 
 
 if __name__ == "__main__":

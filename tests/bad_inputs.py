@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,13 +32,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tests.conftest import WORKER_MEMORY_BYTES
 from tests.datafiles import assert_matches_reference, read_output, reference_sum, write_sim
 from throttler.records import safe_name
 
 #: Rows of the file that no worker can hold: the aligned final task alone is
-#: priced at 72 B/row (+32 MiB), 600 MB for 8M rows, against the 1 GB test
-#: workers' per-task budget of 0.6 x 1 GB - 144 MiB (about 430 MiB).
-HUGE_ROWS = 8_000_000
+#: priced at 72 B/row (+32 MiB), so this many rows exceed 0.6 x the test
+#: workers' memory limit (9M rows, 680 MB, for 1 GB workers).
+HUGE_ROWS = math.ceil(0.6 * WORKER_MEMORY_BYTES / 72 / 1e6) * 1_000_000
 
 
 class Estate:

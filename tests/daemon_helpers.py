@@ -34,6 +34,17 @@ from tests.datafiles import write_sim
 STARTED_GROUPS: set[int] = set()
 
 CHILD_ENV = {"DASK_LOGGING__DISTRIBUTED": "warning", "PYTHONUNBUFFERED": "1"}
+#: inherited variables that would change what a child does (or notify an outer systemd)
+SCRUBBED = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "THROTTLER_")
+
+
+def child_env(extra: dict | None = None) -> dict:
+    """The test's environment without :data:`SCRUBBED`, plus CHILD_ENV and ``extra``
+    (a None value removes a variable)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(SCRUBBED)}
+    env.update(CHILD_ENV)
+    env.update(extra or {})
+    return {k: v for k, v in env.items() if v is not None}
 
 
 def free_port() -> int:
@@ -47,9 +58,7 @@ class Proc:
 
     def __init__(self, argv: list[str], log_path: Path, env: dict | None = None, cwd: str | None = None):
         self.argv, self.log_path = argv, Path(log_path)
-        full_env = {**os.environ, **CHILD_ENV, **(env or {})}
-        for key in [k for k, v in full_env.items() if v is None]:
-            del full_env[key]
+        full_env = child_env(env)
         with open(self.log_path, "ab") as log:
             self.popen = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=cwd,
                                           start_new_session=True, stdin=subprocess.DEVNULL)
@@ -180,13 +189,15 @@ class Daemon:
 
     def __init__(self, args: list[str], log_path: Path, env: dict | None = None):
         self.args = args
+        self._log_offset = Path(log_path).stat().st_size if Path(log_path).exists() else 0
         self.proc = Proc([sys.executable, "-m", "throttler", "serve", *args], log_path, env)
         self.pid = self.proc.pid
-        self._log_offset = len(self.proc.log())
 
     def log(self) -> str:
         """This start's part of the log file."""
-        return self.proc.log()[self._log_offset:]
+        with open(self.proc.log_path, "rb") as fh:
+            fh.seek(self._log_offset)
+            return fh.read().decode(errors="replace")
 
     def wait_for_log(self, text: str, timeout_seconds: float = 60.0) -> None:
         def seen():
@@ -224,7 +235,7 @@ class Daemon:
 def throttler_cli(*args: str, timeout_seconds: float = 60.0) -> subprocess.CompletedProcess:
     """Run ``python -m throttler ARGS`` to completion; stdout and stderr as text."""
     return subprocess.run([sys.executable, "-m", "throttler", *args], capture_output=True, text=True,
-                          timeout=timeout_seconds, env={**os.environ, **CHILD_ENV}, stdin=subprocess.DEVNULL)
+                          timeout=timeout_seconds, env=child_env(), stdin=subprocess.DEVNULL)
 
 
 def serve_args(tmp_path: Path, scheduler: str | None = None, *extra: str) -> list[str]:

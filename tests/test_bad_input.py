@@ -21,6 +21,7 @@ import pytest
 from tests.bad_inputs import CASES, Case, Estate, build_estate
 from tests.conftest import wait_for
 from tests.datafiles import assert_matches_reference
+from tests.test_service import records
 from throttler import sdnotify
 from throttler.catalog import Catalog
 from throttler.config import load
@@ -30,8 +31,6 @@ from throttler.metrics import FAILURE_REASONS, REJECT_REASONS, Metrics
 from throttler.records import REFUSAL_CLASSES, check_name, encode_record, validate_group
 from throttler.service import Service
 from throttler.spool import Spool
-
-from tests.test_service import records
 
 CATALOGS = ("directory", "manifest")
 SETTLE_SECONDS = 90
@@ -202,3 +201,46 @@ def test_reasons_are_printable_single_lines(corpus):
         for _, record in run.by_request.values():
             line = encode_record(record)
             assert line.count(b"\n") == 1 and line.isascii()
+
+
+# --------------------------------------------------------------------------- corruption in every strategy
+
+
+@pytest.mark.parametrize("strategy", [
+    "aligned",
+    pytest.param("sum", marks=pytest.mark.xfail(strict=True, raises=OSError, reason=(
+        "kernels._read_frame decodes with pf.read(): a corrupt page is an OSError, retried as transient "
+        "12 times; use contract.read_columns (remove this marker with the fix)"))),
+    pytest.param("groupby", marks=pytest.mark.xfail(strict=True, raises=OSError, reason=(
+        "kernels._read_frame, as for sum (remove this marker with the fix)"))),
+])
+def test_a_corrupt_file_is_bad_data_in_every_strategy(tmp_path, strategy):
+    """Decoding errors are permanent DataErrors naming the file, whichever kernel meets them."""
+    from tests.bad_inputs import _garble
+    from tests.datafiles import write_sim
+    from throttler import kernels, retries
+    from throttler.errors import DataError
+
+    good, bad = (write_sim(tmp_path / f"f{i}.parquet", seed=i) for i in range(2))
+    _garble(bad, "path")
+    leaf = {"aligned": lambda: kernels.aligned_leaf([good, bad], good),
+            "sum": lambda: kernels.sum_leaf([good, bad]),
+            "groupby": lambda: kernels.groupby_leaf([good, bad])}[strategy]
+    with pytest.raises(DataError, match=f"{bad}: cannot decode") as info:
+        leaf()
+    assert retries.classify(info.value) == retries.PERMANENT
+
+
+def test_an_io_error_of_the_storage_stays_transient():
+    """Only pyarrow's errno-less OSErrors (undecodable data) become DataErrors; a failed read is retried."""
+    import errno
+
+    from throttler import retries
+    from throttler.contract import decode_error
+    from throttler.errors import DataError
+
+    eio = OSError(errno.EIO, "Input/output error")
+    assert decode_error(eio, "/x.parquet", "cannot decode") is eio and retries.classify(eio) == retries.TRANSIENT
+    crc = decode_error(OSError("CRC checksum verification failed"), "/x.parquet", "cannot decode 'value'")
+    assert isinstance(crc, DataError)
+    assert str(crc) == "/x.parquet: cannot decode 'value' (CRC checksum verification failed)"

@@ -8,6 +8,7 @@ import cloudpickle
 import pytest
 
 from throttler.cluster import (
+    MEMORY_RESOURCE_SHARE,
     MEMORY_RESOURCE, WORKER_BASELINE_BYTES, ClusterShape, ClusterSnapshot, WorkerView, _scheduler_worker_records,
     default_worker_layout, read_snapshot, start_embedded_cluster,
 )
@@ -48,7 +49,7 @@ def test_snapshot_reads_limits_status_and_resources(cluster_client):
         assert w.status == "running" and w.is_running
         assert w.nthreads == 1
         assert w.memory_limit_bytes == 1 * GiB
-        assert w.memory_resource == float(1 * GiB)
+        assert w.memory_resource == float(int(1 * GiB * MEMORY_RESOURCE_SHARE))
         assert w.used_memory_resource == 0.0
         assert 10 * MiB < w.process_bytes < 1 * GiB
         assert 0 <= w.unmanaged_old_bytes <= w.process_bytes

@@ -66,8 +66,10 @@ def test_about_one_leaf_per_thread():
     shape = ClusterShape.uniform(4, 16 * GiB, nthreads=2)
     p = make_plan("g", files(100), "aligned", shape, Estimator())
     assert p.n_leaf_tasks == 8 and p.files_per_task == 13
-    few = make_plan("g", files(3), "aligned", shape, Estimator())
-    assert few.n_leaf_tasks == 3 and few.files_per_task == 1
+    few = make_plan("g", files(20), "aligned", shape, Estimator())
+    assert few.n_leaf_tasks == 3 and few.files_per_task == 7  # at least 8 files a leaf where possible
+    assert make_plan("g", files(3), "aligned", shape, Estimator()).n_leaf_tasks == 1
+    assert make_plan("g", files(3), "sum", shape, Estimator()).n_leaf_tasks == 2
 
 
 def test_a_group_larger_than_the_cluster_gets_fewer_leaves_reading_more_files():

@@ -33,6 +33,9 @@ DEFAULT_MEMORY_FRACTION = 0.6
 #: nothing new starts until it fits.
 DEFAULT_MAX_HEAD_WAIT_SECONDS = 60.0
 
+#: How many queued entries one round judges (queue order); the rest wait a round.
+DEFAULT_WINDOW = 256
+
 
 @dataclass(frozen=True)
 class Reservation:
@@ -89,6 +92,28 @@ class Decision:
     fatal: bool = False  #: the candidate can never run on this cluster
 
 
+@dataclass(frozen=True)
+class Budget:
+    """One snapshot's figures, computed once per round (see :func:`used_bytes`)."""
+
+    capacity_bytes: int  #: running workers' memory_limit x fraction
+    shown_bytes: int  #: what the workers show
+    own_bytes: int  #: the workers' own memory, to which reservations add
+    largest_task_budget_bytes: int  #: the largest running worker's limit x fraction (0: none)
+    has_running: bool
+
+    @classmethod
+    def of(cls, snapshot: ClusterSnapshot, memory_fraction: float) -> "Budget":
+        running = snapshot.running_workers
+        shown, own = _shown_and_own(running)
+        return cls(sum(int(w.memory_limit_bytes * memory_fraction) for w in running), shown, own,
+                   max((int(w.memory_limit_bytes * memory_fraction) for w in running), default=0),
+                   bool(running))
+
+    def free_bytes(self, reserved_bytes: int) -> int:
+        return self.capacity_bytes - max(self.shown_bytes, self.own_bytes + reserved_bytes)
+
+
 def decide(snapshot: ClusterSnapshot, reserved: list[Reservation], candidate: Plan, *,
            memory_fraction: float = DEFAULT_MEMORY_FRACTION, now_seconds: float,
            head_waiting_since_seconds: float | None = None, is_head: bool = True,
@@ -100,25 +125,30 @@ def decide(snapshot: ClusterSnapshot, reserved: list[Reservation], candidate: Pl
     that does not fit the free memory still runs when nothing of ours is
     reserved, so no group waits forever (see :func:`_alone`).
     """
-    needed = candidate.group_peak_bytes
     fatal = _never_fits(snapshot, candidate, memory_fraction)
     if fatal:
-        return Decision(False, fatal, 0, needed, fatal=True)
-    running = snapshot.running_workers
-    if not running:
+        return Decision(False, fatal, 0, candidate.group_peak_bytes, fatal=True)
+    backfill_closed = (not is_head and head_waiting_since_seconds is not None
+                       and now_seconds - head_waiting_since_seconds >= max_backfill_delay_seconds)
+    return _judge(Budget.of(snapshot, memory_fraction), sum(r.group_peak_bytes for r in reserved),
+                  bool(reserved), candidate, backfill_closed)
+
+
+def _judge(budget: Budget, reserved_bytes: int, anything_reserved: bool, candidate: Plan,
+           backfill_closed: bool) -> Decision:
+    """The verdict on a candidate that can fit some worker, given the round's budget."""
+    needed = candidate.group_peak_bytes
+    if not budget.has_running:
         return Decision(False, "no running workers", 0, needed)
-    capacity = sum(int(w.memory_limit_bytes * memory_fraction) for w in running)
-    used = used_bytes(running, reserved)
-    free = capacity - used
-    if not is_head and head_waiting_since_seconds is not None \
-            and now_seconds - head_waiting_since_seconds >= max_backfill_delay_seconds:
+    free = budget.free_bytes(reserved_bytes)
+    if backfill_closed:
         return Decision(False, "backfill closed: the head of the queue has waited too long", free, needed)
-    if not any(candidate.task_peak_bytes <= w.memory_limit_bytes * memory_fraction for w in running):
+    if candidate.task_peak_bytes > budget.largest_task_budget_bytes:
         return Decision(False, f"largest task ({_human(candidate.task_peak_bytes)}) fits no running worker now",
                         free, needed)
     if needed <= free:
         return Decision(True, f"fits: needs {_human(needed)}, {_human(free)} free", free, needed)
-    return _alone(reserved, candidate, capacity, free)
+    return _alone(anything_reserved, candidate, budget.capacity_bytes, free)
 
 
 def used_bytes(running: tuple[WorkerView, ...], reserved: list[Reservation]) -> int:
@@ -133,29 +163,38 @@ def used_bytes(running: tuple[WorkerView, ...], reserved: list[Reservation]) -> 
     cover the lag between a submit and its memory showing up in the
     heartbeats, without counting it twice once it does.
     """
-    shown = promised = 0
+    shown, own = _shown_and_own(running)
+    return max(shown, own + sum(r.group_peak_bytes for r in reserved))
+
+
+def _shown_and_own(running: tuple[WorkerView, ...]) -> tuple[int, int]:
+    shown = own = 0
     for w in running:
         if w.processing:
             shown += w.process_bytes
-            promised += w.unmanaged_old_bytes
+            own += w.unmanaged_old_bytes
         else:
             shown += min(w.process_bytes, WORKER_BASELINE_BYTES + w.managed_bytes)
-            promised += min(w.process_bytes, WORKER_BASELINE_BYTES)
-    return max(shown, promised + sum(r.group_peak_bytes for r in reserved))
+            own += min(w.process_bytes, WORKER_BASELINE_BYTES)
+    return shown, own
 
 
 def _never_fits(snapshot: ClusterSnapshot, candidate: Plan, memory_fraction: float) -> str:
     """Why the candidate's largest task fits no worker even empty ("" when it fits one)."""
     if not snapshot.workers:
         return ""
-    budget = max(int(w.memory_limit_bytes * memory_fraction) for w in snapshot.workers)
+    return _never_fits_budget(max(int(w.memory_limit_bytes * memory_fraction) for w in snapshot.workers),
+                              candidate, memory_fraction)
+
+
+def _never_fits_budget(budget: int, candidate: Plan, memory_fraction: float) -> str:
     if candidate.task_peak_bytes <= budget:
         return ""
     return (f"does not fit: the largest task needs {_human(candidate.task_peak_bytes)} but the largest "
             f"worker allows {_human(budget)} (memory_limit x {memory_fraction})")
 
 
-def _alone(reserved: list[Reservation], candidate: Plan, capacity: int, free: int) -> Decision:
+def _alone(anything_reserved: bool, candidate: Plan, capacity: int, free: int) -> Decision:
     """A group that does not fit the free memory runs alone rather than wait forever.
 
     With nothing of ours reserved, waiting frees nothing of ours: the memory
@@ -167,7 +206,7 @@ def _alone(reserved: list[Reservation], candidate: Plan, capacity: int, free: in
     guards the rest.
     """
     needed = candidate.group_peak_bytes
-    if reserved:
+    if anything_reserved:
         wait = "waits to run alone" if needed > capacity else "waits for memory"
         return Decision(False, f"{wait}: needs {_human(needed)}, {_human(free)} free of "
                                f"{_human(capacity)}", free, needed)
@@ -198,6 +237,7 @@ class AdmissionPolicy:
 
     memory_fraction: float = DEFAULT_MEMORY_FRACTION
     max_head_wait_seconds: float = DEFAULT_MAX_HEAD_WAIT_SECONDS
+    window: int = DEFAULT_WINDOW  #: entries judged per round, in queue order
 
 
 @dataclass(frozen=True)
@@ -226,23 +266,31 @@ def choose(snapshot: ClusterSnapshot, reserved: list[Reservation], queue: list[Q
     ``policy.max_head_wait_seconds`` since it was enqueued; then nothing new
     starts until the head fits, so it starts within a bounded time. A fatal
     entry never becomes the head. Admits are reserved virtually as the round
-    goes, so one round never over-admits.
+    goes, so one round never over-admits. The snapshot's figures are computed
+    once; only the first ``policy.window`` entries in queue order are judged
+    (the rest wait for a later round), so a round costs O(workers + window).
     """
-    virtual = list(reserved)
+    budget = Budget.of(snapshot, policy.memory_fraction)
+    empty_budget = max((int(w.memory_limit_bytes * policy.memory_fraction) for w in snapshot.workers),
+                       default=None)
+    reserved_bytes = sum(r.group_peak_bytes for r in reserved)
+    anything_reserved = bool(reserved)
     out: list[Choice] = []
     head: QueueEntry | None = None
-    for entry in queue_order(queue):
-        decision = decide(
-            snapshot, virtual, entry.plan, memory_fraction=policy.memory_fraction,
-            now_seconds=now_seconds, is_head=head is None,
-            head_waiting_since_seconds=None if head is None else head.enqueued_at_seconds,
-            max_backfill_delay_seconds=policy.max_head_wait_seconds)
+    for entry in queue_order(queue)[:policy.window]:
+        fatal = "" if empty_budget is None else _never_fits_budget(empty_budget, entry.plan,
+                                                                   policy.memory_fraction)
+        if fatal:
+            out.append(Choice(entry, Decision(False, fatal, 0, entry.plan.group_peak_bytes, fatal=True)))
+            continue
+        closed = head is not None and now_seconds - head.enqueued_at_seconds >= policy.max_head_wait_seconds
+        decision = _judge(budget, reserved_bytes, anything_reserved, entry.plan, closed)
         if decision.admit:
-            virtual.append(_reservation_for(entry, now_seconds))
-        elif head is None and not decision.fatal:
-            head = entry
-        if decision.admit or decision.fatal:
+            reserved_bytes += entry.plan.group_peak_bytes
+            anything_reserved = True
             out.append(Choice(entry, decision))
+        elif head is None:
+            head = entry
     return out
 
 

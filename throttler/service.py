@@ -247,44 +247,49 @@ class Service:
                     self._changed.wait(self.config.poll_seconds)
 
     def admit_step(self) -> bool:
-        """One check-reserve-submit under the lock; True if a group was submitted or failed."""
+        """One admission round under the lock: check, reserve and submit every admitted group.
+
+        True if any group was submitted or failed. Failures (a fatal plan, a
+        submit that raised) are recorded or retried after the lock is released.
+        """
         self._count_busy("submitter", +1)
-        failure = None
+        failures: list[tuple[Job, BaseException]] = []
         try:
             with self.submit_lock:
-                choice, snapshot = self._choose_one()
-                if choice is None:
-                    return False
-                job = self._take_waiting(choice)
-                if not choice.decision.admit:
-                    failure = DoesNotFit(choice.decision.reason)
-                else:
+                choices, snapshot = self._choose()
+                for choice in choices:
+                    job = self._take_waiting(choice)
+                    if not choice.decision.admit:
+                        failures.append((job, DoesNotFit(choice.decision.reason)))
+                        continue
                     try:
                         self._reserve_and_submit(job, choice, snapshot)
                     except Exception as exc:  # noqa: BLE001 - e.g. the scheduler went away
-                        failure = exc
+                        failures.append((job, exc))
         finally:
             self._count_busy("submitter", -1)
-        if failure is not None:  # recorded or retried outside the lock
-            self._on_failure(job, failure)
-        return True
+        for job, exc in failures:
+            self._on_failure(job, exc)
+        if choices:
+            self._notify()  # builders blocked on the hand-off bound
+        return bool(choices)
 
-    def _choose_one(self):
+    def _choose(self):
+        """(choices of one admission round, the snapshot they were made on)."""
         now = self.clock()
         ready = [j for j in self._waiting if j.not_before_seconds <= now]
         if not ready or self._stop_submitting.is_set():
-            return None, None
+            return [], None
         try:
             snapshot = read_snapshot(self.client)
         except Exception as exc:  # noqa: BLE001 - the scheduler is away: wait, say so now and then
             self._warn_unreachable(exc, now)
-            return None, None
+            return [], None
         self.status.observe_snapshot(snapshot)
         entries = [admission.QueueEntry(j.plan, j.priority, j.waiting_since_seconds, j.graph.token)
                    for j in ready]
         policy = admission.AdmissionPolicy(self.config.memory_fraction, self.config.max_head_wait_seconds)
-        choices = admission.choose(snapshot, self.ledger.items(), entries, now, policy)
-        return (choices[0] if choices else None), snapshot
+        return admission.choose(snapshot, self.ledger.items(), entries, now, policy), snapshot
 
     def _warn_unreachable(self, exc: Exception, now: float) -> None:
         if now - self._unreachable_warned_at >= UNREACHABLE_WARNING_SECONDS:

@@ -66,10 +66,12 @@ first ``admission_window`` waiting groups in queue order (the head among
 them), as the daemon holds a bounded number of claimed requests, and admits
 every group :func:`~throttler.admission.choose` admits (it reserves them
 virtually as it goes); a round that admitted every group it considered
-refills the window and runs again at once. A group's wait is counted from its entry into that window, as
-the daemon counts it from its hand-off. Snapshots are exact (no heartbeat lag): the ledger covers that
-lag in the real daemon. Not modelled: spilling to disk, network contention,
-storage bandwidth, graph building and submission latency.
+refills the window and runs again at once. A group's wait is counted from its
+entry into that window, as the daemon counts it from its hand-off. Snapshots
+are exact (no heartbeat lag): the ledger covers that lag in the real daemon.
+The daemon's own costs (planning, graph building, the CPU time of
+``choose``, submission) are not charged. Not modelled either: spilling to
+disk, network contention, storage bandwidth.
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from throttler import admission, planner
-from throttler.cluster import WORKER_BASELINE_BYTES, ClusterShape, ClusterSnapshot, WorkerView
+from throttler.cluster import MEMORY_RESOURCE_SHARE, WORKER_BASELINE_BYTES, ClusterShape, ClusterSnapshot, WorkerView
 from throttler.errors import DoesNotFit
 from throttler.estimator import Estimator, TaskPeaks, largest_file, raw_task_peaks
 from throttler.generate import EstateSpec, group_sizes
@@ -153,7 +155,7 @@ class ModelCluster:
     n_workers: int
     memory_limit_bytes: int
     threads_per_worker: int
-    memory_resource_bytes: int | None = None  #: declared MEMORY (None: the memory limit)
+    memory_resource_bytes: int | None = None  #: declared MEMORY (None: the default share of the limit)
     pause_fraction: float = 0.8
     kill_fraction: float = 0.95
     allowed_failures: int = 3
@@ -164,7 +166,9 @@ class ModelCluster:
 
     @property
     def resource_bytes(self) -> int:
-        return self.memory_limit_bytes if self.memory_resource_bytes is None else self.memory_resource_bytes
+        if self.memory_resource_bytes is None:
+            return int(self.memory_limit_bytes * MEMORY_RESOURCE_SHARE)
+        return self.memory_resource_bytes
 
     def shape(self) -> ClusterShape:
         return ClusterShape.uniform(self.n_workers, self.memory_limit_bytes, self.threads_per_worker, True)
@@ -215,10 +219,6 @@ def seed_estate(total_files: int = 140_000, seed: int = 0, max_files: int = 18_0
         else:
             lo = mid + 1
     return sizes(lo)
-
-
-def size_class(n_files: int) -> str:
-    return next(label for label, lo, hi in SIZE_CLASSES if lo <= n_files <= hi)
 
 
 # --------------------------------------------------------------------------- plans and trees
@@ -288,7 +288,10 @@ def cached_plan(name: str, n_files: int, shape: ClusterShape, estimator: Estimat
 
 
 def plan_peaks(plan: Plan, estimator: Estimator) -> tuple[TaskPeaks, TaskPeaks]:
-    """(estimated peaks as the plan priced them, the uncorrected model: the "truth")."""
+    """(the estimate, with the estimator's correction in force, the uncorrected model: the "truth").
+
+    Right after planning the estimate's peak is the plan's ``task_peak_bytes``.
+    """
     n_leaves = plan.n_leaf_tasks
     safety = planner.ATTEMPT_SAFETY_FACTOR ** (plan.attempt - 1)
     files = list(plan.files[:1])  # every simulated file is the same

@@ -198,7 +198,7 @@ class Spool:
 
     # -- validation -----------------------------------------------------------
 
-    def _inspect(self, path: Path, name: str, st: os.stat_result) -> Request:
+    def _inspect(self, path: str | Path, name: str, st: os.stat_result) -> Request:
         """Validate one request file without following links; return what it asks."""
         if stat.S_ISLNK(st.st_mode):
             raise BadRequest("request is a symlink", reason_class="symlink")
@@ -213,16 +213,20 @@ class Spool:
         group, strategy, priority = parse_request_json(read_request(path, st))
         return Request(name, group, strategy, priority, st.st_mtime_ns)
 
-    def _peek(self, name: str) -> Request | None:
-        """Inspect ``incoming/<name>`` (cached by its stat); refuse it if bad."""
-        path = self.root / "incoming" / name
+    def _peek(self, entry: os.DirEntry) -> Request | None:
+        """Inspect one entry of ``incoming/`` (cached by its stat); refuse it if bad.
+
+        Plain strings and one lstat per entry: a scan of 10,000 queued requests
+        costs tens of milliseconds, and it runs whenever the daemon looks for work.
+        """
+        name = entry.name
         try:
-            st = os.lstat(path)
+            st = entry.stat(follow_symlinks=False)
             key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size, st.st_mode, st.st_uid)
             hit = self._cache.get(name)
             if hit is not None and hit[0] == key:
                 return hit[1]
-            request = self._inspect(path, name, st)
+            request = self._inspect(entry.path, name, st)
         except FileNotFoundError:
             return None
         except BadRequest as err:
@@ -268,23 +272,25 @@ class Spool:
         from one thread (it keeps a parse cache keyed by each file's stat).
         """
         queued: dict[str, list[Request]] = {}
-        names = listdir(self.root / "incoming")
-        for name in names:
-            request = self._peek(name)
-            if request is not None:
-                queued.setdefault(request.group, []).append(request)
-        present = set(names)
+        present = set()
+        with os.scandir(self.root / "incoming") as entries:
+            for entry in entries:
+                present.add(entry.name)
+                request = self._peek(entry)
+                if request is not None:
+                    queued.setdefault(request.group, []).append(request)
         self._cache = {name: hit for name, hit in self._cache.items() if name in present}
         best = []
         with self._lock:
             self._queued = queued
             for group, requests in queued.items():
-                requests.sort(key=_order)
+                if len(requests) > 1:
+                    requests.sort(key=_order)
                 run = self._runs.get(group)
                 if run is not None:
                     self._absorb(run, requests)
                 else:
-                    best.append(replace(requests[0], queued=len(requests)))
+                    best.append(requests[0] if len(requests) == 1 else replace(requests[0], queued=len(requests)))
         return sorted(best, key=_order)
 
     def claim(self, request: Request) -> Claim | None:
