@@ -289,3 +289,13 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
         est.write_json_atomic(str(path), {"a": object()})
     assert json.loads(path.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
+
+
+def test_observations_of_plans_made_before_an_update_do_not_ratchet():
+    """Twenty groups planned at correction 1.0, each under-estimated 1.2x, finishing one by one:
+    the correction settles at 1.2 instead of compounding to the cap."""
+    est = Estimator()
+    predicted = 100 * 2**20
+    for _ in range(20):
+        est.observe("aligned", predicted, int(predicted * 1.2), factor_used=1.0)
+    assert abs(est.correction("aligned") - 1.2) < 0.01

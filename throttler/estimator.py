@@ -313,16 +313,21 @@ def clamp_correction(value: float) -> float:
     return min(MAX_CORRECTION, max(MIN_CORRECTION, value))
 
 
-def updated_stats(stats: StrategyStats, predicted_bytes: int, observed_bytes: int) -> StrategyStats:
+def updated_stats(stats: StrategyStats, predicted_bytes: int, observed_bytes: int,
+                  factor_used: float | None = None) -> StrategyStats:
     """Fold one observation in.
 
-    ``predicted_bytes`` is the plan's estimate, which already included the
-    correction in force; the correction that would have predicted exactly is
-    therefore ``correction x observed / predicted``, and the factor moves
-    toward it, fast upward and slowly downward.
+    ``predicted_bytes`` is the plan's estimate: the raw model times
+    ``factor_used``, the factor applied when the plan was made (the correction
+    then in force, times any retry safety). The correction that would have
+    predicted exactly is therefore ``factor_used x observed / predicted``, and
+    the factor moves toward it, fast upward and slowly downward. Using the
+    factor of the plan's own time, not today's, keeps groups planned before
+    an update from ratcheting the correction up again.
     """
     ratio = observed_bytes / predicted_bytes
-    target = clamp_correction(stats.correction * ratio)
+    used = stats.correction if factor_used is None else factor_used
+    target = clamp_correction(used * ratio)
     alpha = CORRECTION_UP_ALPHA if target > stats.correction else CORRECTION_DOWN_ALPHA
     ewma = ratio if stats.count == 0 else (
         (1 - ACCURACY_EWMA_ALPHA) * stats.ewma_ratio + ACCURACY_EWMA_ALPHA * ratio)
@@ -395,10 +400,12 @@ class Estimator:
         raw = raw_task_peaks(strategy, largest_file(files), files_per_task, fan_in, n_leaves)
         return raw.scaled(self.correction(strategy) * safety)
 
-    def observe(self, strategy: str, predicted_task_peak_bytes: int, observed_peak_bytes: int) -> float:
+    def observe(self, strategy: str, predicted_task_peak_bytes: int, observed_peak_bytes: int,
+                factor_used: float | None = None) -> float:
         """Learn from one task's observed peak; returns the new correction.
 
-        Non-positive figures (nothing measured) are ignored.
+        ``factor_used`` is the plan's :attr:`~throttler.plan.Plan.estimate_factor`
+        (None: the correction in force now). Non-positive figures are ignored.
         """
         _check_strategy(strategy)
         if predicted_task_peak_bytes <= 0 or observed_peak_bytes <= 0:
@@ -406,7 +413,8 @@ class Estimator:
                       observed_peak_bytes, predicted_task_peak_bytes)
             return self.correction(strategy)
         with self._lock:
-            stats = updated_stats(self._stats[strategy], predicted_task_peak_bytes, observed_peak_bytes)
+            stats = updated_stats(self._stats[strategy], predicted_task_peak_bytes, observed_peak_bytes,
+                                  factor_used)
             self._stats[strategy] = stats
         if self.state_path:
             self.save()

@@ -104,6 +104,7 @@ def make_plan(group: str, files: list[FileInfo], strategy: str, shape: ClusterSh
         files_per_task=layout.files_per_task, fan_in=fan_in,
         task_peak_bytes=layout.peaks.peak_bytes, group_peak_bytes=layout.group_peak_bytes,
         expansion=expansion(files), requested_strategy=strategy, attempt=attempt,
+        estimate_factor=pricing.factor,
         notes=tuple(notes),
     )
 

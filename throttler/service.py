@@ -363,7 +363,7 @@ class Service:
         record = done_record(job, summary)
         self.spool.finish(job.claim, "done", record)
         self._forget(job)
-        self.estimator.observe(plan.strategy, plan.task_peak_bytes, summary["peak_bytes"])
+        self.estimator.observe(plan.strategy, plan.task_peak_bytes, summary["peak_bytes"], plan.estimate_factor)
         self.metrics.estimate_observed(plan.strategy, plan.task_peak_bytes, summary["peak_bytes"])
         self.metrics.group_finished("done", plan.strategy, job.run_seconds, summary["files"],
                                     summary["bytes_read"], summary["rows"])
@@ -383,7 +383,8 @@ class Service:
         if kind in (retries.PERMANENT, retries.MISALIGNED) or job.attempt >= limit:
             return self._fail(job, reason, exc)
         if kind == retries.MEMORY and job.plan is not None:
-            self.estimator.observe(job.plan.strategy, job.plan.task_peak_bytes, 2 * job.plan.task_peak_bytes)
+            self.estimator.observe(job.plan.strategy, job.plan.task_peak_bytes, 2 * job.plan.task_peak_bytes,
+                                   job.plan.estimate_factor)
         self.metrics.retry(retries.reason_class(exc))
         delay = retries.backoff_seconds(job.attempt)
         log.warning("%s: attempt %d failed (%s); retrying in %.1f s", job.group, job.attempt, reason, delay)

@@ -519,7 +519,7 @@ class Simulation:
         if self.scenario.policy == "throttler":
             self._release(run)
             peak = max(t.peak for t in run.tasks)
-            self.estimator.observe(run.plan.strategy, run.plan.task_peak_bytes, peak)
+            self.estimator.observe(run.plan.strategy, run.plan.task_peak_bytes, peak, run.plan.estimate_factor)
         self._after_group_change()
 
     def _run_failed(self, run: _Run, reason: str) -> None:
@@ -542,7 +542,7 @@ class Simulation:
 
     def _retry(self, g: _Group, plan: Plan) -> None:
         """What the daemon does after KilledWorker: learn, re-plan, wait, queue again."""
-        self.estimator.observe(plan.strategy, plan.task_peak_bytes, 2 * plan.task_peak_bytes)
+        self.estimator.observe(plan.strategy, plan.task_peak_bytes, 2 * plan.task_peak_bytes, plan.estimate_factor)
         try:
             g.plan = planner.replan_after_oom(plan, self.shape, self.estimator,
                                               memory_fraction=self.scenario.memory_fraction)
