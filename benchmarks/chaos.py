@@ -685,31 +685,37 @@ def write_disjoint_group(root: Path, group: str, n_files: int, n_paths: int, n_d
 
 def run_memory(h: Harness, outcome: Outcome) -> None:
     """A group the estimator under-prices pushes a worker past its memory limit."""
-    before = _corrections(h)
+    outcome.details["corrections_before"] = _corrections(h)
     others = h.make_groups(h.sizes.groups)
     h.estate["oom"] = write_disjoint_group(h.data, "oom", h.sizes.oom_files, h.sizes.oom_paths, h.sizes.dates)
     h.cluster.wait_workers()
     h.start_daemon().wait_ready()
     for g in others[: len(others) // 2]:
         h.submit(g)
-    oom_request = h.submit("oom")
+    outcome.details["oom_request"] = h.submit("oom")
     for g in others[len(others) // 2:]:
         h.submit(g, h.rng.choice(("auto", "sum")))
-    h.wait_all_closed()
+
+
+def after_memory(h: Harness, outcome: Outcome) -> None:
+    """Once everything ended: what became of the under-priced group, the others, the estimator."""
     outcome.faults = h.cluster.log_count("exceeded 95% memory budget")
-    oom = [r for kind in RECORD_KINDS for r in records(h.spool_dir, kind) if oom_request in r["requests"]]
-    after = _corrections(h)
-    other_done = [r for r in records(h.spool_dir, "done") if r["group"] != "oom"]
-    outcome.details.update(oom_record={k: oom[0].get(k) for k in ("group", "attempts", "reason", "history",
-                                                                  "estimate_bytes", "strategy")} if oom else None,
-                           corrections_before=before, corrections_after=after)
-    where = "done" if oom and oom[0].get("output") else "failed"
+    request = outcome.details["oom_request"]
+    oom = next((r for kind in RECORD_KINDS for r in records(h.spool_dir, kind) if request in r["requests"]), {})
+    others = [r for kind in RECORD_KINDS for r in records(h.spool_dir, kind) if r.get("group") != "oom"]
+    before, after = outcome.details["corrections_before"], _corrections(h)
+    outcome.details.update(
+        oom_record={k: oom.get(k) for k in ("attempts", "reason", "history", "estimate_bytes", "strategy")},
+        corrections_after=after,
+        other_groups={"done": sum(1 for r in others if "output" in r),
+                      "failed": sum(1 for r in others if "output" not in r),
+                      "max_attempts": max((r.get("attempts", 1) for r in others), default=0)})
+    ended = "done" if "output" in oom else "failed"
     outcome.notes.append(
-        f"under-priced group: {where} after {oom[0].get('attempts') if oom else '?'} attempt(s) "
-        f"({'; '.join(oom[0].get('history', []))[:300] if oom else 'no record'}"
-        f"{'; final: ' + str(oom[0].get('reason'))[:200] if oom and where == 'failed' else ''}); "
-        f"sum correction {before.get('sum', 1.0):.2f} -> {after.get('sum', 1.0):.2f}; "
-        f"other groups: {len(other_done)} done, max attempts {max((r['attempts'] for r in other_done), default=0)}")
+        f"under-priced group {ended} after {oom.get('attempts')} attempt(s)"
+        + (f" ({oom.get('reason', '')[:160]})" if ended == "failed" else "")
+        + f"; sum correction {before.get('sum', 1.0):.2f} -> {after.get('sum', 1.0):.2f}; "
+        f"other groups: {outcome.details['other_groups']}")
 
 
 def _corrections(h: Harness) -> dict[str, float]:
@@ -758,6 +764,8 @@ def run_scenario(name: str, sizes: Sizes, workdir: Path, seed: int = 0) -> Outco
         _SCENARIO_FUNCTIONS[name](h, outcome)
         if outcome.ran:
             finish(h, outcome, started)
+            if name == "memory":
+                after_memory(h, outcome)
             outcome.details["failed_attempts"] = dict(history_counts(h))
             outcome.notes.append(f"failed attempts by error (from the records' history): "
                                  f"{dict(history_counts(h)) or 'none'}; groups done after more than one "

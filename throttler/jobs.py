@@ -60,6 +60,7 @@ def done_record(job: Job, summary: dict) -> dict:
         "files_per_task": plan.files_per_task,
         "leaf_tasks": plan.n_leaf_tasks,
         "admission_wait_seconds": round(job.admission_wait_seconds, 6),
+        "claim_to_submit_seconds": round(job.submitted_at_seconds - job.claimed_at_seconds, 6),
         "seconds": round(job.run_seconds, 6),
         "task_seconds": summary["task_seconds"],
         "total_seconds": round(time.monotonic() - job.claimed_at_seconds, 6),
