@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -132,3 +133,35 @@ def test_same_group_requested_many_times_runs_once(tmp_path, client):
     run_service_until_settled(service, spool, 50)
     (done,) = records(spool.root, "done")
     assert len(done["requests"]) == 50 and done["coalesced"] == 49
+
+
+class FlakyCatalog:
+    """A catalog on storage that fails with EIO: every call raises."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def files(self, group):
+        self.calls += 1
+        raise OSError(5, "Input/output error")
+
+
+def test_transient_planning_failures_wait_out_the_backoff(tmp_path, client):
+    service, spool, metrics = make_service(tmp_path, client, max_transient_attempts=3)
+    service.catalog = FlakyCatalog()
+    spool.submit("g")
+    service.start()
+    try:
+        wait_for(lambda: service.catalog.calls >= 1, 10, step=service.step)
+        settle = time.monotonic() + 0.5
+        while time.monotonic() < settle:
+            service.step()
+            time.sleep(0.02)
+        assert service.catalog.calls == 1  # the retry waits for its backoff (>= 1 s), not an instant loop
+        wait_for(lambda: records(spool.root, "failed"), 60, step=service.step)
+    finally:
+        service.drain(10)
+    (failed,) = records(spool.root, "failed")
+    assert service.catalog.calls == 3 and failed["attempts"] == 3
+    assert "Input/output error" in failed["reason"] and len(failed["history"]) == 3
+    assert metrics.registry.get_sample_value("throttler_retries_total", {"reason": "io"}) == 2

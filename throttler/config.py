@@ -74,6 +74,8 @@ def validate(config: Config) -> None:
     for name in ("builder_threads", "submitter_threads", "workers", "threads_per_worker", "worker_memory_bytes"):
         if getattr(config, name) < 0:
             problems.append(f"{name} must be >= 0")
+    if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        problems.append(f"log_level must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, not {config.log_level!r}")
     if config.fan_in < 2:
         problems.append("fan_in must be >= 2")
     if config.max_attempts < 1 or config.max_transient_attempts < 1:

@@ -8,7 +8,9 @@ Failures of a submitted group fall in four classes:
 * ``memory``: a worker died under the group (``KilledWorker``, ``MemoryError``):
   re-plan with a larger estimate and smaller chunks, then retry;
 * ``transient``: the scheduler connection or shared storage failed: retry with
-  exponential backoff and jitter.
+  exponential backoff and jitter (up to ``max_transient_attempts``);
+* ``unexpected``: anything else (a bug, an unknown library error): retried with
+  the same backoff but only up to ``max_attempts``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from distributed.scheduler import KilledWorker
 
 from throttler.errors import DataError, DoesNotFit, MisalignedKeys, RequestError
 
-PERMANENT, MISALIGNED, MEMORY, TRANSIENT = "permanent", "misaligned", "memory", "transient"
+PERMANENT, MISALIGNED, MEMORY, TRANSIENT, UNEXPECTED = (
+    "permanent", "misaligned", "memory", "transient", "unexpected")
 
 #: exponential backoff with jitter between attempts of one group, capped
 BACKOFF = tenacity.wait_exponential_jitter(multiplier=1.0, max=30.0, jitter=1.0)
@@ -35,6 +38,11 @@ SCHEDULER_RETRY = dict(
 )
 
 
+#: failures of the infrastructure, not of the group: worth waiting out
+TRANSIENT_TYPES = (OSError, TimeoutError, CommClosedError, concurrent.futures.CancelledError,
+                   asyncio.CancelledError, asyncio.TimeoutError)
+
+
 def classify(exc: BaseException) -> str:
     """The failure class of an exception raised by a group's computation."""
     if isinstance(exc, MisalignedKeys):
@@ -43,7 +51,9 @@ def classify(exc: BaseException) -> str:
         return PERMANENT
     if isinstance(exc, (KilledWorker, MemoryError)):
         return MEMORY
-    return TRANSIENT
+    if isinstance(exc, TRANSIENT_TYPES):
+        return TRANSIENT
+    return UNEXPECTED
 
 
 def reason_class(exc: BaseException) -> str:

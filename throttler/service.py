@@ -54,6 +54,7 @@ class Service:
         self._jobs: dict[str, Job] = {}  #: live jobs by group
         self._jobs_lock = threading.Lock()
         self._waiting: list[Job] = []  #: built, not yet admitted (guarded by submit_lock)
+        self._delayed: list[Job] = []  #: retries waiting out their backoff (guarded by _jobs_lock)
         self._completions: queue.Queue = queue.Queue()
         self._busy = {"builder": 0, "submitter": 0}
         self._stop_intake = threading.Event()
@@ -123,6 +124,7 @@ class Service:
             waiting, self._waiting = self._waiting, []
         with self._jobs_lock:
             unstarted = [j for j in self._jobs.values() if j.state in (QUEUED, PLANNING)] + waiting
+            self._delayed = []
         for job in unstarted:
             self._give_back(job)
         return len(unstarted)
@@ -150,6 +152,7 @@ class Service:
         """One iteration of the main loop: client health, intake, then status and metrics."""
         self.check_client()
         if not self._stop_intake.is_set():
+            self._start_due()
             self.intake()
         self.status.refresh()
 
@@ -379,7 +382,7 @@ class Service:
             log.info("%s: keys not aligned, falling back to the sum strategy", job.group)
             job.strategy_override = "sum"
             return self._rebuild(job, delay_seconds=0.0)
-        limit = self.config.max_attempts if kind == retries.MEMORY else self.config.max_transient_attempts
+        limit = self.config.max_transient_attempts if kind == retries.TRANSIENT else self.config.max_attempts
         if kind in (retries.PERMANENT, retries.MISALIGNED) or job.attempt >= limit:
             return self._fail(job, reason, exc)
         if kind == retries.MEMORY and job.plan is not None:
@@ -392,12 +395,25 @@ class Service:
         self._rebuild(job, delay)
 
     def _rebuild(self, job: Job, delay_seconds: float) -> None:
+        """Plan the job again, now or once its backoff has passed (see :meth:`_start_due`)."""
         job.state = QUEUED
         job.not_before_seconds = self.clock() + delay_seconds
         if self._stop_intake.is_set():
             self._give_back(job)
-            return
-        self._builders.submit(self._build, job)
+        elif delay_seconds > 0:
+            with self._jobs_lock:
+                self._delayed.append(job)
+        else:
+            self._builders.submit(self._build, job)
+
+    def _start_due(self) -> None:
+        """Hand retries whose backoff has passed to the builders (main loop)."""
+        now = self.clock()
+        with self._jobs_lock:
+            due = [j for j in self._delayed if j.not_before_seconds <= now]
+            self._delayed = [j for j in self._delayed if j.not_before_seconds > now]
+        for job in due:
+            self._builders.submit(self._build, job)
 
     def _fail(self, job: Job, reason: str, exc: BaseException) -> None:
         self.spool.finish(job.claim, "failed", failed_record(job, reason, type(exc).__name__))
