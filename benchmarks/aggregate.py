@@ -292,7 +292,8 @@ def add_value_columns(files: list[str], on_file=None):
     """pyarrow reads each file's ``value`` column a row group at a time; numpy adds it.
 
     The fastest plain way measured here: memory-mapped, a row group at a time
-    (the chunk is still in cache for the add), no pyarrow threads for one column.
+    (the chunk is still in cache for the add). Whole-column reads, ``pre_buffer``
+    and ``use_threads=False`` measured the same or slower.
     """
     acc = None
     for path in files:
@@ -303,7 +304,7 @@ def add_value_columns(files: list[str], on_file=None):
             acc = np.zeros(pf.metadata.num_rows)
         offset = 0
         for rg in range(pf.metadata.num_row_groups):
-            values = pf.read_row_group(rg, columns=["value"], use_threads=False).column(0).to_numpy()
+            values = pf.read_row_group(rg, columns=["value"]).column(0).to_numpy()
             np.add(acc[offset:offset + len(values)], values, out=acc[offset:offset + len(values)])
             offset += len(values)
     return acc

@@ -52,10 +52,9 @@ from throttler.estimator import Estimator, file_info, naive_group_bytes
 from throttler.generate import EstateSpec, group_sizes, write_estate
 
 N_WORKERS = 2
-THREADS_PER_WORKER = 1
+DEFAULT_THREADS_PER_WORKER = 1
 WORKER_MEMORY_BYTES = 4_000_000_000  #: memory_limit and the MEMORY resource of each worker
 CLUSTER_MEMORY_BYTES = N_WORKERS * WORKER_MEMORY_BYTES
-THREADS = N_WORKERS * THREADS_PER_WORKER
 PHYSICAL_FILES = 8  #: distinct files written; every other file is a hard link to one of them
 SAMPLE_SECONDS = 0.2
 RECORDER_NAME = "batch-recorder"
@@ -244,13 +243,13 @@ def _group_alive(pgid: int) -> bool:
 class Cluster:
     """``dask scheduler`` + ``dask worker`` processes (nanny, 1 thread, 4 GB, MEMORY=limit)."""
 
-    def __init__(self, log_dir: Path, work_dir: Path):
+    def __init__(self, log_dir: Path, work_dir: Path, threads_per_worker: int):
         log_dir.mkdir(parents=True, exist_ok=True)
         port = free_port()
         self.address = f"tcp://127.0.0.1:{port}"
         self.procs = [Proc(["dask", "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
                            log_dir / "scheduler.log")]
-        self.nannies = [Proc(["dask", "worker", self.address, "--nthreads", str(THREADS_PER_WORKER),
+        self.nannies = [Proc(["dask", "worker", self.address, "--nthreads", str(threads_per_worker),
                               "--memory-limit", str(WORKER_MEMORY_BYTES), "--no-dashboard", "--name", f"w{i}",
                               "--resources", f"MEMORY={WORKER_MEMORY_BYTES}", "--local-directory", str(work_dir)],
                              log_dir / f"worker{i}.log") for i in range(N_WORKERS)]
@@ -498,6 +497,7 @@ class Row:
     paused: float
     peak_heartbeat: float
     peak_rss: float
+    threads: int  #: worker threads of the cluster
     work: float  #: busy thread-seconds: the sum of task compute durations
     critical_path: float  #: the longest chain of one submission's task durations
     wrong_outputs: int
@@ -505,11 +505,11 @@ class Row:
 
     @property
     def utilisation(self) -> float:
-        return self.work / (THREADS * self.makespan) if self.makespan > 0 else 0.0
+        return self.work / (self.threads * self.makespan) if self.makespan > 0 else 0.0
 
     @property
     def lower_bound(self) -> float:
-        return max(self.work / THREADS, self.critical_path)
+        return max(self.work / self.threads, self.critical_path)
 
 
 def clip(start: float, stop: float, lo: float, hi: float) -> float:
@@ -581,7 +581,7 @@ def check_outputs(run: WayRun, estate: Estate) -> int:
     return wrong
 
 
-def measure(run: WayRun, record: dict, sampler: Sampler, estate: Estate, fan_in: int) -> Row:
+def measure(run: WayRun, record: dict, sampler: Sampler, estate: Estate, fan_in: int, threads: int) -> Row:
     end = max(r.end_seconds for r in run.results.values())
     lo, hi = run.start_seconds, end
     computes = [c for c in record["computes"] if c[4] > lo and c[3] < hi + 5]
@@ -590,7 +590,7 @@ def measure(run: WayRun, record: dict, sampler: Sampler, estate: Estate, fan_in:
     failed = [r for r in run.results.values() if not r.ok]
     row = Row(run.way, hi - lo, len(run.results) - len(failed), len(failed),
               sum(e[1] == "remove-worker" for e in events), sum(e[1] == "add-worker" for e in events),
-              paused_seconds(record["events"], lo, hi), sampler.peak_heartbeat, sampler.peak_rss, work,
+              paused_seconds(record["events"], lo, hi), sampler.peak_heartbeat, sampler.peak_rss, threads, work,
               critical_path_seconds(computes, fan_in), check_outputs(run, estate))
     profile = concurrency_profile(computes, lo, hi)
     shares = ", ".join(f"{k} busy {v / (hi - lo):.0%}" for k, v in sorted(profile.items(), reverse=True))
@@ -610,7 +610,7 @@ def run_way(way: str, estate: Estate, infos: dict, args, strategy: str) -> Row:
     base = Path(args.data) / "runs" / strategy / way
     shutil.rmtree(base, ignore_errors=True)
     (base / "out").mkdir(parents=True)
-    cluster = Cluster(base / "logs", base / "dask-work")
+    cluster = Cluster(base / "logs", base / "dask-work", args.threads_per_worker)
     try:
         client = cluster.connect()
         plans = plan_groups(estate, infos, client, args, strategy)
@@ -619,7 +619,7 @@ def run_way(way: str, estate: Estate, infos: dict, args, strategy: str) -> Row:
             run = dispatch(way, cluster, plans, base, args, strategy, estate)
         time.sleep(1.5)  # the last heartbeats and status changes reach the scheduler
         record = client.run_on_scheduler(dump_recorder)
-        row = measure(run, record, sampler, estate, args.fan_in)
+        row = measure(run, record, sampler, estate, args.fan_in, N_WORKERS * args.threads_per_worker)
         row.diagnostics.append(f"{way_label(way)}: load average (1 min) {load_before:.1f} before, "
                                f"{os.getloadavg()[0]:.1f} after")
         return row
@@ -648,7 +648,7 @@ def render(strategy: str, rows: list[Row]) -> str:
         lines.append(
             f"| {way_label(r.way)} | {r.makespan:.1f} | {r.ok}/{r.failed} | {r.deaths}/{r.restarts} | "
             f"{r.paused:.1f} | {r.peak_heartbeat:.2f}; {r.peak_rss:.2f} | {r.utilisation:.0%} | {r.work:.0f} | "
-            f"{r.lower_bound:.1f} ({'work/threads' if r.work / THREADS >= r.critical_path else 'critical path'}) "
+            f"{r.lower_bound:.1f} ({'work/threads' if r.work / r.threads >= r.critical_path else 'critical path'}) "
             f"| {r.makespan / r.lower_bound if r.lower_bound else float('nan'):.2f} |")
     wrong = [f"{way_label(r.way)}: {r.wrong_outputs}" for r in rows if r.wrong_outputs]
     lines += ["", "Outputs checked against the sum of their inputs: "
@@ -690,6 +690,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--memory-fraction", type=float, default=planner.DEFAULT_MEMORY_FRACTION,
                    help="planning (every way) and the daemon's admission")
     p.add_argument("--fan-in", type=int, default=planner.DEFAULT_FAN_IN)
+    p.add_argument("--threads-per-worker", type=int, default=DEFAULT_THREADS_PER_WORKER,
+                   help="more than 1 puts several ~0.85 GB sum tasks on a 4 GB worker at once")
     p.add_argument("--daemon-args", default="", help="more `throttler serve` flags, e.g. '--poll-seconds 0.05'")
     p.add_argument("--way-timeout-seconds", type=float, help="per way (default 900; quick 180)")
     p.add_argument("--data", default=str(DEFAULT_DATA))
@@ -716,8 +718,8 @@ def main(argv=None) -> int:
     estate = ensure_estate(args)
     lines, infos = describe_estate(estate)
     warmed = warm_page_cache(estate)
-    header = lines + [f"cluster: {N_WORKERS} workers x {WORKER_MEMORY_BYTES / 1e9:.0f} GB x {THREADS_PER_WORKER} "
-                      f"thread, MEMORY={WORKER_MEMORY_BYTES}; {os.cpu_count()} cores; page cache warm "
+    header = lines + [f"cluster: {N_WORKERS} workers x {WORKER_MEMORY_BYTES / 1e9:.0f} GB x {args.threads_per_worker} "
+                      f"thread(s), MEMORY={WORKER_MEMORY_BYTES}; {os.cpu_count()} cores; page cache warm "
                       f"({warmed / 1e6:.0f} MB of distinct files); memory_fraction {args.memory_fraction}, "
                       f"fan-in {args.fan_in}; daemon flags: {args.daemon_args or '(defaults)'}"]
     for line in header:

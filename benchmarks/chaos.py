@@ -40,8 +40,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
+import math
 import os
 import random
 import shutil
@@ -74,6 +74,7 @@ SCENARIOS = ("daemon-kill", "worker-kill", "scheduler-restart", "output-unwritab
 RECORD_KINDS = ("done", "failed")
 CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER = 1, 2, 3
 PR_CAPBSET_DROP = 24
+MEMORY_WORKER_BYTES = 600_000_000  #: memory scenario: each worker's memory limit (and MEMORY)
 
 #: ``python -c`` prologue: drop the capabilities that let root ignore mode bits, then exec argv
 DROP_DAC_AND_EXEC = f"""
@@ -94,6 +95,8 @@ class Sizes:
     worker_kills: int = 10
     scheduler_restarts: int = 3
     scheduler_downtime_seconds: tuple[float, float] = (1.0, 15.0)  #: the daemon's client gives up at 10 s
+    workers_back_seconds: tuple[float, float] = (0.0, 20.0)  #: after the scheduler (their restart backoff)
+    settle_seconds: tuple[float, float] = (2.0, 5.0)  #: after the workers rejoined, before the next fault
     outage_seconds: float = 30.0  #: output directory unwritable or full for this long
     groups: int = 24  #: groups queued (more are re-queued while faults remain to inject)
     files: tuple[int, int] = (2, 6)  #: files per group, inclusive range
@@ -163,6 +166,7 @@ class Cluster:
         self.scheduler: Proc | None = None
         self.workers: list[Proc] = []
         self.restarts = 0  #: worker processes the supervisor restarted
+        self.hold = threading.Event()  #: set: the supervisor restarts nothing (workers stay away)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._client = None
@@ -182,6 +186,8 @@ class Cluster:
     def _supervise(self) -> None:
         """Restart any worker process that exited (Restart=always)."""
         while not self._stop.wait(0.2):
+            if self.hold.is_set():
+                continue
             with self._lock:
                 for i, proc in enumerate(self.workers):
                     if proc.popen.poll() is not None and not self._stop.is_set():
@@ -202,7 +208,8 @@ class Cluster:
                     if time.monotonic() > deadline:
                         raise AssertionError(f"scheduler {self.address} unreachable\n{self.logs()}") from None
                     time.sleep(0.2)
-        self._client.wait_for_workers(self.n_workers, timeout=timeout_seconds)
+        if self.n_workers:
+            self._client.wait_for_workers(self.n_workers, timeout=timeout_seconds)
         return self._client
 
     def drop_client(self) -> None:
@@ -257,7 +264,6 @@ class Harness:
         self.estate: dict[str, list[str]] = {}
         self.submitted: list[str] = []
         self.daemon: Daemon | None = None
-        self.daemon_starts = 0
         self.cluster = Cluster(self.logs, **cluster_kw)
 
     # -- data and requests
@@ -297,7 +303,6 @@ class Harness:
                 "--scheduler", self.cluster.address, "--metrics-address", "", "--poll-seconds", "0.05",
                 "--rescan-seconds", "0.5", *extra]
         self.daemon = Daemon(args, self.logs / "daemon.log", env)
-        self.daemon_starts += 1
         return self.daemon
 
     def kill_daemon(self) -> None:
@@ -346,7 +351,7 @@ def verify(h: Harness, outcome: Outcome) -> Outcome:
     outcome.requests = len(h.submitted)
     outcome.done = sum(1 for n in h.submitted if n in by_kind["done"])
     outcome.failed = sum(1 for n in h.submitted if n in by_kind["failed"] and n not in by_kind["done"])
-    outcome.lost = sum(1 for n in h.submitted if not closed[n]) + len([n for n in left if n not in h.submitted])
+    outcome.lost = sum(1 for n in h.submitted if not closed[n])
     outcome.duplicates = sum(c - 1 for c in closed.values() if c > 1)
     unknown = [n for n in closed if n not in set(h.submitted)]
     if unknown:
@@ -416,14 +421,13 @@ def run_daemon_kill(h: Harness, outcome: Outcome) -> None:
     phases: Counter = Counter()
     for _ in range(h.sizes.kills):
         daemon = h.start_daemon()
-        started = time.monotonic()
         if h.rng.random() < 0.2:  # startup: imports, spool recovery, connecting
             _sleep_and_trickle(h, h.rng.uniform(0.0, 2.5), trickle, groups)
         else:
             with contextlib.suppress(AssertionError):
                 daemon.wait_ready(60)
             _sleep_and_trickle(h, h.rng.uniform(0.0, 1.5), trickle, groups)
-        phases.update(_phase_at_kill(h, daemon, time.monotonic() - started))
+        phases.update(_phase_at_kill(h, daemon))
         h.kill_daemon()
         outcome.faults += 1
     outcome.details["moments"] = dict(phases)
@@ -445,7 +449,7 @@ def _sleep_and_trickle(h: Harness, seconds: float, trickle: list[str], groups: l
     time.sleep(seconds - split)
 
 
-def _phase_at_kill(h: Harness, daemon: Daemon, alive_seconds: float) -> list[str]:
+def _phase_at_kill(h: Harness, daemon: Daemon) -> list[str]:
     """What the daemon was doing when killed, from its log and the spool (several may hold)."""
     log = daemon.log()
     if "serving spool" not in log:
@@ -453,8 +457,7 @@ def _phase_at_kill(h: Harness, daemon: Daemon, alive_seconds: float) -> list[str
     phases = []
     submitted = log.count("throttler.service: submitted ")
     ended = log.count("throttler.service: done ") + log.count("throttler.service: failed ")
-    retried = log.count("failed (") if "retrying in" in log else 0
-    running = submitted - ended - retried
+    running = submitted - ended - log.count("; retrying in ")
     active = len(os.listdir(h.spool_dir / "active"))
     if running > 0:
         phases.append("with groups running")
@@ -478,9 +481,12 @@ def run_worker_kill(h: Harness, outcome: Outcome) -> None:
     h.start_daemon().wait_ready()
     moments: Counter = Counter()
     deadline = time.monotonic() + h.sizes.timeout_seconds
+    refilled = 0.0
     while outcome.faults < h.sizes.worker_kills and time.monotonic() < deadline:
-        if h.pending() < 3:
-            h.submit(h.rng.choice(groups), "sum")
+        if time.monotonic() - refilled > 0.5:  # keep work queued (reading records costs: not every poll)
+            refilled = time.monotonic()
+            if h.pending() < 3:
+                h.submit(h.rng.choice(groups), "sum")
         writing = outcome.faults % 2 == 1
         victim = _worker_writing_output(h) if writing else _worker_running_a_group(h)
         if victim is None:
@@ -529,13 +535,16 @@ def _worker_running_a_group(h: Harness) -> tuple[int, str] | None:
 
 
 def _wait_for_pid_gone_and_workers(h: Harness, pid: int, timeout_seconds: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_seconds
-    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-        if time.monotonic() > deadline:
-            return
-        time.sleep(0.05)
+    _wait_until(lambda: _gone(pid), timeout_seconds)
     with contextlib.suppress(Exception):
-        h.cluster.wait_workers(timeout_seconds)
+        h.cluster.wait_workers(timeout_seconds)  # the nanny has started its replacement
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def run_scheduler_restart(h: Harness, outcome: Outcome) -> None:
@@ -559,26 +568,33 @@ def run_scheduler_restart(h: Harness, outcome: Outcome) -> None:
         listener.close()
         shutil.rmtree(Path(listener.path).parent, ignore_errors=True)
     stall = max((b - a for a, b in zip(pings, pings[1:])), default=0.0)
-    outcome.details.update(downtimes_seconds=downtimes, longest_watchdog_gap_seconds=round(stall, 1))
-    outcome.notes.append(f"scheduler down {downtimes} s; worker processes restarted by the supervisor: "
+    outcome.details.update(downtimes_seconds=downtimes, longest_watchdog_gap_seconds=round(stall, 1),
+                           client_replaced=daemon.log().count("reconnected to the scheduler"))
+    outcome.notes.append(f"(scheduler down, workers back after it) {downtimes} s; worker processes restarted: "
                          f"{h.cluster.restarts}; client replaced by the daemon: "
                          f"{daemon.log().count('reconnected to the scheduler')} time(s); longest gap between "
                          f"watchdog pings (main-loop stall): {stall:.1f} s")
 
 
-def _restart_scheduler_once(h: Harness, groups: list[str], outcome: Outcome) -> float:
+def _restart_scheduler_once(h: Harness, groups: list[str], outcome: Outcome) -> tuple[float, float]:
     if h.pending() < 4:
-        for g in h.rng.sample(groups, 4):
+        for g in h.rng.sample(groups, min(4, len(groups))):
             h.submit(g, "sum")
     _wait_until(lambda: _worker_running_a_group(h) is not None, 60)
+    h.cluster.hold.set()  # the workers exit with their scheduler; they come back after it
     h.cluster.kill_scheduler()
     outcome.faults += 1
     downtime = round(h.rng.uniform(*h.sizes.scheduler_downtime_seconds), 1)
     time.sleep(downtime)
     h.cluster.start_scheduler()
+    for g in h.make_groups(2, prefix="late"):  # new groups keep arriving meanwhile
+        h.submit(g)
+    workers_back = round(h.rng.uniform(*h.sizes.workers_back_seconds), 1)
+    time.sleep(workers_back)
+    h.cluster.hold.clear()
     h.cluster.wait_workers(120)
-    time.sleep(h.rng.uniform(2.0, 5.0))
-    return downtime
+    time.sleep(h.rng.uniform(*h.sizes.settle_seconds))
+    return downtime, workers_back
 
 
 def run_output_fault(h: Harness, outcome: Outcome, mode: str) -> None:
@@ -684,10 +700,13 @@ def write_disjoint_group(root: Path, group: str, n_files: int, n_paths: int, n_d
 
 
 def run_memory(h: Harness, outcome: Outcome) -> None:
-    """A group the estimator under-prices pushes a worker past its memory limit."""
+    """A group the estimator under-prices pushes a worker past its memory limit; once it has
+    ended, a same-strategy group that fits a worker with room to spare is queued ("near")."""
     outcome.details["corrections_before"] = _corrections(h)
     others = h.make_groups(h.sizes.groups)
     h.estate["oom"] = write_disjoint_group(h.data, "oom", h.sizes.oom_files, h.sizes.oom_paths, h.sizes.dates)
+    paths = near_budget_paths(MEMORY_WORKER_BYTES, h.sizes.dates)
+    h.estate.update(make_estate(h.data, {"near": 2}, n_paths=paths, n_dates=h.sizes.dates))
     h.cluster.wait_workers()
     h.start_daemon().wait_ready()
     for g in others[: len(others) // 2]:
@@ -695,6 +714,35 @@ def run_memory(h: Harness, outcome: Outcome) -> None:
     outcome.details["oom_request"] = h.submit("oom")
     for g in others[len(others) // 2:]:
         h.submit(g, h.rng.choice(("auto", "sum")))
+    _wait_until(lambda: h.closed()[outcome.details["oom_request"]] > 0, h.sizes.timeout_seconds)
+    outcome.details["near_request"] = h.submit("near", "sum")
+
+
+def near_budget_paths(memory_bytes: int, n_dates: int, share: float = 0.8) -> int:
+    """Paths per file of a shared-key ``sum`` group whose largest task the planner prices
+    at about ``share`` of a worker's task budget, with the estimator untrained."""
+    from throttler.cluster import ClusterShape
+    from throttler.errors import DoesNotFit
+    from throttler.estimator import Estimator
+    from throttler.plan import FileInfo
+    from throttler.planner import DEFAULT_MEMORY_FRACTION, make_plan
+
+    shape = ClusterShape.uniform(2, memory_bytes, 1)
+    target = share * shape.task_budget_bytes(DEFAULT_MEMORY_FRACTION)
+
+    def peak(paths: int) -> float:
+        rows = paths * n_dates
+        files = [FileInfo(f"f{i}", rows * 9, rows, rows * 10) for i in range(2)]
+        try:
+            return make_plan("near", files, "sum", shape, Estimator()).task_peak_bytes
+        except DoesNotFit:
+            return math.inf
+
+    low, high = 1, 10_000_000
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if peak(mid) <= target else (low, mid - 1)
+    return low
 
 
 def after_memory(h: Harness, outcome: Outcome) -> None:
@@ -702,10 +750,13 @@ def after_memory(h: Harness, outcome: Outcome) -> None:
     outcome.faults = h.cluster.log_count("exceeded 95% memory budget")
     request = outcome.details["oom_request"]
     oom = next((r for kind in RECORD_KINDS for r in records(h.spool_dir, kind) if request in r["requests"]), {})
-    others = [r for kind in RECORD_KINDS for r in records(h.spool_dir, kind) if r.get("group") != "oom"]
+    others = [r for kind in RECORD_KINDS for r in records(h.spool_dir, kind) if r.get("group") not in ("oom", "near")]
+    near = next((r for kind in RECORD_KINDS for r in records(h.spool_dir, kind)
+                 if outcome.details["near_request"] in r["requests"]), {})
     before, after = outcome.details["corrections_before"], _corrections(h)
     outcome.details.update(
         oom_record={k: oom.get(k) for k in ("attempts", "reason", "history", "estimate_bytes", "strategy")},
+        near_record={k: near.get(k) for k in ("output", "attempts", "reason", "task_estimate_bytes")},
         corrections_after=after,
         other_groups={"done": sum(1 for r in others if "output" in r),
                       "failed": sum(1 for r in others if "output" not in r),
@@ -715,7 +766,8 @@ def after_memory(h: Harness, outcome: Outcome) -> None:
         f"under-priced group {ended} after {oom.get('attempts')} attempt(s)"
         + (f" ({oom.get('reason', '')[:160]})" if ended == "failed" else "")
         + f"; sum correction {before.get('sum', 1.0):.2f} -> {after.get('sum', 1.0):.2f}; "
-        f"other groups: {outcome.details['other_groups']}")
+        f"other groups: {outcome.details['other_groups']}; the group queued after it, sized to 80% of a "
+        f"task's budget: " + ("done" if "output" in near else f"failed ({near.get('reason', 'no record')[:220]})"))
 
 
 def _corrections(h: Harness) -> dict[str, float]:
@@ -742,7 +794,7 @@ def _cluster_options(name: str, sizes: Sizes) -> dict:
     if name == "memory":
         env = {} if sizes.allowed_failures is None else {
             "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": str(sizes.allowed_failures)}
-        return dict(n_workers=2, nthreads=1, memory_bytes=600_000_000, scheduler_env=env)
+        return dict(n_workers=2, nthreads=1, memory_bytes=MEMORY_WORKER_BYTES, scheduler_env=env)
     return dict(n_workers=2, nthreads=1, memory_bytes=1_000_000_000, drop_dac=name == "output-unwritable")
 
 
@@ -778,7 +830,7 @@ def run_scenario(name: str, sizes: Sizes, workdir: Path, seed: int = 0) -> Outco
     return outcome
 
 
-def _mount_output(workdir: Path, size: str = "48m") -> bool:
+def _mount_output(workdir: Path, size: str = "256m") -> bool:
     out = workdir / "out"
     out.mkdir(parents=True, exist_ok=True)
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0750", "tmpfs", str(out)], check=True)
@@ -837,15 +889,16 @@ def main(argv: list[str] | None = None) -> int:
     for o in outcomes:
         for note in o.notes:
             print(f"- {o.scenario}: {note}")
-    print(f"\ntotal {time.monotonic() - started:.0f} s; logs and data under {workdir}")
+    print(f"\ntotal {time.monotonic() - started:.0f} s; work directory {workdir}")
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(o) for o in outcomes], indent=1, default=str))
     leaked = leaked_processes()
     if leaked:
         print(f"processes left behind: {leaked}", file=sys.stderr)
-    if not args.workdir:
-        shutil.rmtree(workdir, ignore_errors=True)
-    return 0 if all(o.ok or not o.ran for o in outcomes) and not leaked else 1
+    ok = all(o.ok or not o.ran for o in outcomes) and not leaked
+    if ok and not args.workdir:
+        shutil.rmtree(workdir, ignore_errors=True)  # kept when something failed, for its logs
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -183,8 +183,8 @@ def ns_to_date_type(date_ns: np.ndarray, date_type: pa.DataType) -> pa.Array:
 
 def read_values(pf: pq.ParquetFile, row_group: int, path: str) -> np.ndarray:
     """One row group's ``value`` column as a float array (nulls become NaN)."""
-    try:  # one column chunk: pyarrow's threads have nothing to split, only overhead
-        col = pf.read_row_group(row_group, columns=[VALUE_COLUMN], use_threads=False).column(0)
+    try:
+        col = pf.read_row_group(row_group, columns=[VALUE_COLUMN]).column(0)
     except DECODE_ERRORS as exc:
         raise decode_error(exc, path, f"cannot decode 'value' in row group {row_group}") from None
     return col.to_numpy() if col.null_count == 0 else col.to_numpy(zero_copy_only=False)

@@ -154,7 +154,8 @@ def aligned_combine(partials: list[Partial]) -> Partial:
     return out
 
 
-def aligned_result(partials: list[Partial], reference_path: str):
+def aligned_result(partials: list[Partial], reference_path: str
+                   ) -> tuple[Partial, np.ndarray, np.ndarray, np.ndarray, int]:
     """Add the last partials and attach the reference keys, sorted by (path, Date).
 
     Returns (total, paths, dates, values, peak bytes): everything the final task

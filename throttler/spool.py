@@ -135,13 +135,27 @@ class Spool:
     ``on_refused(reason_class)`` is called once per refused request, after its
     record is durable (the service passes ``Metrics.request_rejected``). It may be
     set after construction; an exception inside it is logged, never raised.
+
+    ``min_rescan_seconds``: a :meth:`scan` within this time of the last full one,
+    with no arrival noted since (:meth:`note_arrival`, called by the watcher on
+    inotify events and on its periodic tick), returns what that scan found less
+    what was claimed since, without listing ``incoming/`` again. A daemon woken
+    at every finished group then claims from a backlog of 10,000 requests
+    without paying a full listing (tens of ms) per claim. 0 (the default): every
+    scan lists the directory.
     """
 
     def __init__(self, root: str | os.PathLike, allowed_uids=None,
-                 on_refused: Callable[[str], None] | None = None):
+                 on_refused: Callable[[str], None] | None = None, min_rescan_seconds: float = 0.0):
         self.root = Path(root)
         self.allowed_uids = None if allowed_uids is None else frozenset(allowed_uids)
         self.on_refused = on_refused
+        self.min_rescan_seconds = min_rescan_seconds
+        self._arrived = threading.Event()  # set: the next scan lists incoming/ again
+        self._arrived.set()
+        self._scanned_at = float("-inf")  # monotonic time of the last full scan
+        self._best: list[Request] = []  # what the last full scan returned
+        self._moved: set[str] = set()  # request names moved out of incoming/ since then
         self._lock = threading.Lock()  # guards _runs, _queued, Claim.files/is_open, _finished
         self._runs: dict[str, Claim] = {}  # group -> open run
         self._queued: dict[str, list[Request]] = {}  # group -> requests of the last scan
@@ -270,7 +284,15 @@ class Spool:
         (their count). On the way, bad requests are refused (failed record) and
         requests for a group already running are coalesced into that run. Call it
         from one thread (it keeps a parse cache keyed by each file's stat).
+
+        With ``min_rescan_seconds`` set, a scan soon after the last one may reuse
+        its result (see the class docstring).
         """
+        started = time.monotonic()
+        if not self._arrived.is_set() and started - self._scanned_at < self.min_rescan_seconds:
+            with self._lock:
+                return [request for request in self._best if request.name not in self._moved]
+        self._arrived.clear()  # before listing: an arrival from now on is seen next time
         queued: dict[str, list[Request]] = {}
         present = set()
         with os.scandir(self.root / "incoming") as entries:
@@ -291,7 +313,13 @@ class Spool:
                     self._absorb(run, requests)
                 else:
                     best.append(requests[0] if len(requests) == 1 else replace(requests[0], queued=len(requests)))
-        return sorted(best, key=_order)
+            best.sort(key=_order)
+            self._best, self._moved, self._scanned_at = best, set(), started
+        return list(best)
+
+    def note_arrival(self) -> None:
+        """A request may have arrived in ``incoming/``: the next :meth:`scan` lists it again."""
+        self._arrived.set()
 
     def claim(self, request: Request) -> Claim | None:
         """Claim ``request`` (atomic rename into ``active/``) and start its run.
@@ -334,6 +362,7 @@ class Spool:
         except FileNotFoundError:
             return False
         run.files.append((entry, name))
+        self._moved.add(name)
         return True
 
     def _absorb(self, run: Claim, requests) -> None:
@@ -488,15 +517,18 @@ def _order(request: Request) -> tuple:
 
 
 class _WakeHandler(FileSystemEventHandler):
-    """Sets the daemon's Event when a file appears in incoming/."""
+    """When a file appears in incoming/: tell the spool to list it again, then wake the daemon."""
 
-    def __init__(self, wake: threading.Event):
+    def __init__(self, wake: threading.Event, spool: Spool):
         self._wake = wake
+        self._spool = spool
 
     def on_created(self, event) -> None:
+        self._spool.note_arrival()
         self._wake.set()
 
     def on_moved(self, event) -> None:
+        self._spool.note_arrival()
         self._wake.set()
 
 
@@ -531,7 +563,8 @@ class SpoolWatcher:
         events = [FileCreatedEvent, FileMovedEvent, DirCreatedEvent, DirMovedEvent]
         try:
             observer = Observer()
-            observer.schedule(_WakeHandler(self.wake), str(self.spool.root / "incoming"), event_filter=events)
+            handler = _WakeHandler(self.wake, self.spool)
+            observer.schedule(handler, str(self.spool.root / "incoming"), event_filter=events)
             observer.start()
             return observer
         except Exception as err:  # inotify limits, unsupported file system...
@@ -539,7 +572,8 @@ class SpoolWatcher:
             return None
 
     def tick(self) -> None:
-        """One rescan step: wake the daemon."""
+        """One rescan step: the next scan lists incoming/ again (catching what inotify missed); wake the daemon."""
+        self.spool.note_arrival()
         self.wake.set()
 
     def _tick_loop(self) -> None:
