@@ -206,14 +206,7 @@ def test_reasons_are_printable_single_lines(corpus):
 # --------------------------------------------------------------------------- corruption in every strategy
 
 
-@pytest.mark.parametrize("strategy", [
-    "aligned",
-    pytest.param("sum", marks=pytest.mark.xfail(strict=True, raises=OSError, reason=(
-        "kernels._read_frame decodes with pf.read(): a corrupt page is an OSError, retried as transient "
-        "12 times; use contract.read_columns (remove this marker with the fix)"))),
-    pytest.param("groupby", marks=pytest.mark.xfail(strict=True, raises=OSError, reason=(
-        "kernels._read_frame, as for sum (remove this marker with the fix)"))),
-])
+@pytest.mark.parametrize("strategy", ["aligned", "sum", "groupby"])
 def test_a_corrupt_file_is_bad_data_in_every_strategy(tmp_path, strategy):
     """Decoding errors are permanent DataErrors naming the file, whichever kernel meets them."""
     from tests.bad_inputs import _garble

@@ -216,7 +216,7 @@ def _read_frame(path: str, part: Partial) -> tuple[np.ndarray, np.ndarray, np.nd
     schema = contract.check_schema(pf, path)
     if part.date_type is None:
         part.date_type = schema.date_type
-    table = pf.read(columns=list(contract.REQUIRED_COLUMNS))
+    table = contract.read_columns(pf, path, contract.REQUIRED_COLUMNS)
     paths, dates = contract.normalise_keys(table, path)
     col = table.column(contract.VALUE_COLUMN)
     values = col.to_numpy() if col.null_count == 0 else col.to_numpy(zero_copy_only=False)
