@@ -40,6 +40,7 @@ N_WORKERS = 2
 WORKER_MEMORY_BYTES = 4_000_000_000  #: memory_limit and the MEMORY resource of a worker
 TASK_MEMORY_BYTES = 1_000_000_000  #: MEMORY each throttler task asks for (every task fits)
 CHILD_TIMEOUT_SECONDS = 900
+WAIT_IDLE_TIMEOUT_SECONDS = 60.0  #: --wait-idle gives up after this and runs anyway
 CHECKSUM_ABS_TOL = 1e-6
 DEFAULT_DATA = Path(__file__).resolve().parent.parent / "bench-data" / "aggregate"  #: git-ignored
 
@@ -94,7 +95,7 @@ def cpu_busy_fraction(interval_seconds: float = 1.0) -> float:
     return 1.0 - (idle1 - idle0) / max(1, total1 - total0)
 
 
-def wait_until_idle(max_busy: float, timeout_seconds: float = 300.0) -> float:
+def wait_until_idle(max_busy: float, timeout_seconds: float = WAIT_IDLE_TIMEOUT_SECONDS) -> float:
     """Wait until other work leaves the CPUs at most ``max_busy`` busy; returns the last reading."""
     deadline = time.monotonic() + timeout_seconds
     busy = cpu_busy_fraction()
@@ -504,7 +505,7 @@ def parse_args(argv=None):
     parser.add_argument("--methods", help=f"comma-separated subset of: {', '.join(METHODS)}")
     parser.add_argument("--json", help="also write the summary and every run's report here")
     parser.add_argument("--wait-idle", type=float, default=1.0, metavar="FRACTION",
-                        help="before each run, wait (up to 5 min) until the CPUs are at most this busy "
+                        help="before each run, wait (up to 1 min) until the CPUs are at most this busy "
                              "(e.g. 0.2 on a shared machine; default 1: never wait)")
     parser.add_argument("--method", help=argparse.SUPPRESS)  # child mode: run this one method
     return parser.parse_args(argv)

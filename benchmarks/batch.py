@@ -298,6 +298,8 @@ class Sampler:
         self.cluster = cluster
         self.peak_heartbeat = self.peak_rss = 0.0  #: fractions of the memory limit
         self.paused_samples = 0
+        self.peak_managed = 0.0  #: task results held on one worker, as a fraction of its limit
+        self.samples: list[tuple] = []  #: (time, worker, process bytes, managed bytes, tasks processing)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
 
@@ -314,8 +316,10 @@ class Sampler:
             try:
                 snap = read_snapshot(self.cluster.client)
                 for w in snap.workers:
+                    self.samples.append((time.time(), w.name, w.process_bytes, w.managed_bytes, w.processing))
                     if w.memory_limit_bytes:
                         self.peak_heartbeat = max(self.peak_heartbeat, w.process_bytes / w.memory_limit_bytes)
+                        self.peak_managed = max(self.peak_managed, w.managed_bytes / w.memory_limit_bytes)
                     self.paused_samples += w.status == "paused"
             except Exception:  # noqa: BLE001 - a missed sample is not a failed run
                 pass
@@ -595,7 +599,8 @@ def measure(run: WayRun, record: dict, sampler: Sampler, estate: Estate, fan_in:
     profile = concurrency_profile(computes, lo, hi)
     shares = ", ".join(f"{k} busy {v / (hi - lo):.0%}" for k, v in sorted(profile.items(), reverse=True))
     row.diagnostics.append(f"{way_label(run.way)}: threads computing over the makespan: {shares}; "
-                           f"{len(record['graphs'])} graph submissions; paused samples {sampler.paused_samples}")
+                           f"{len(record['graphs'])} graph submissions; paused samples {sampler.paused_samples}; "
+                           f"peak managed memory (task results held) {sampler.peak_managed:.2f} of the limit")
     errors = sorted({r.error for r in failed})
     if errors:
         row.diagnostics.append(f"{way_label(run.way)}: failures: " + " | ".join(errors[:3]))
@@ -619,6 +624,9 @@ def run_way(way: str, estate: Estate, infos: dict, args, strategy: str) -> Row:
             run = dispatch(way, cluster, plans, base, args, strategy, estate)
         time.sleep(1.5)  # the last heartbeats and status changes reach the scheduler
         record = client.run_on_scheduler(dump_recorder)
+        (base / "record.json").write_text(json.dumps(  # the raw figures, for a closer look afterwards
+            {**record, "start": run.start_seconds, "results": [vars(r) for r in run.results.values()],
+             "samples": sampler.samples}))
         row = measure(run, record, sampler, estate, args.fan_in, N_WORKERS * args.threads_per_worker)
         row.diagnostics.append(f"{way_label(way)}: load average (1 min) {load_before:.1f} before, "
                                f"{os.getloadavg()[0]:.1f} after")

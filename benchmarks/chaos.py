@@ -1,7 +1,7 @@
 """Fault injection: the real daemon against a real multi-process Dask cluster, with faults.
 
-    python benchmarks/chaos.py                      # every scenario, 50 daemon kills (~15 min)
-    python benchmarks/chaos.py --quick              # every scenario, short (~4 min)
+    python benchmarks/chaos.py                      # every scenario, 50 daemon kills (~9 min)
+    python benchmarks/chaos.py --quick              # every scenario, short (~3.5 min)
     python benchmarks/chaos.py --scenarios daemon-kill,memory --kills 80
 
 Each scenario starts its own ``dask scheduler`` and ``dask worker`` processes on
@@ -21,10 +21,12 @@ Scenarios (``--scenarios``, comma separated):
 
 ``daemon-kill``        SIGKILL the daemon ``--kills`` times at random moments, restart it each time
 ``worker-kill``        SIGKILL a worker process (the nanny's child) while it executes a group's task
-``scheduler-restart``  SIGKILL the scheduler while groups run, restart it on the same port
+``scheduler-restart``  SIGKILL the scheduler while groups run, restart it on the same port; the
+                       workers (which exit with it) come back some seconds after it
 ``output-unwritable``  the output directory is read-only for the workers for a while, then writable
 ``output-full``        the output directory is a full tmpfs for a while, then has room
-``memory``             a group whose estimate is far too low pushes a worker past its memory limit
+``memory``             a group whose estimate is far too low pushes a worker past its memory limit;
+                       then a same-strategy group priced at 80% of a task's budget must still run
 
 Faults that need privileges: ``output-unwritable`` runs the workers as root without
 ``CAP_DAC_OVERRIDE`` (their capability bounding set drops it, which needs
@@ -103,7 +105,7 @@ class Sizes:
     paths: int = 25_000  #: x dates = rows per file (300,000: a run takes about a second)
     dates: int = 12
     oom_files: int = 16  #: memory scenario: files of the group the estimator under-prices
-    oom_paths: int = 25_000
+    oom_paths: int = 30_000  #: x dates rows per file; their union must not fit a worker
     allowed_failures: int | None = None  #: memory scenario: the scheduler's allowed-failures
     timeout_seconds: float = 900.0  #: per scenario, for everything queued to end
 

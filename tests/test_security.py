@@ -324,8 +324,6 @@ def test_daemon_listens_on_loopback_only(served):
     assert listening and {a.ip for a in listening} <= {"127.0.0.1", "::1"}, listening
 
 
-@pytest.mark.xfail(strict=True, reason="daemon._serve_metrics logs the configured host, empty for ':0' "
-                                       "('metrics on http://:PORT/metrics'); remove this marker with the fix")
 def test_daemon_logs_the_metrics_address_it_bound(served):
     daemon, _, _, _, listening, _ = served
     (port,) = {a.port for a in listening}
@@ -356,8 +354,6 @@ def test_daemon_refuses_foreign_owners_symlinks_and_pickles(served):
     assert (tmp / "target.json").read_text() == '{"group": "good"}' and not (tmp / "pwned").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="the daemon does not pass on_refused=metrics.request_rejected to its Spool "
-                                       "yet; remove this marker with that one-line wiring")
 def test_daemon_counts_refusals_in_its_metrics(served):
     metrics = served[3]
     for reason in ("ownership", "symlink", "invalid_json"):

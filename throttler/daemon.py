@@ -34,6 +34,9 @@ RELOADABLE = ("strategy", "memory_fraction", "max_head_wait_seconds", "poll_seco
               "max_attempts", "max_transient_attempts", "fan_in", "log_level", "drain_timeout_seconds")
 
 
+#: a backlog in incoming/ is listed at most this often (new files and the periodic rescan still count)
+MIN_RESCAN_SECONDS = 0.5
+
 #: umask of the daemon (and of the embedded cluster's worker processes it starts)
 DAEMON_UMASK = 0o027
 
@@ -102,7 +105,7 @@ def serve(cfg: config_mod.Config, config_path: str | None = None, overrides: dic
     os.umask(DAEMON_UMASK)  # records, state, and the embedded workers' outputs: no world access
     signals = Signals()
     signals.install()
-    spool = Spool(cfg.spool, allowed_uids=cfg.allowed_uids).ensure()
+    spool = Spool(cfg.spool, allowed_uids=cfg.allowed_uids, min_rescan_seconds=MIN_RESCAN_SECONDS).ensure()
     os.makedirs(cfg.output, mode=0o750, exist_ok=True)
     log.info("spool recovery: %s; stray temporary outputs removed: %d",
              spool.recover(), len(sweep_temporaries(cfg.output)))
@@ -121,6 +124,7 @@ def serve(cfg: config_mod.Config, config_path: str | None = None, overrides: dic
                       notifier=sdnotify, reconnect=_reconnector(cfg))
     watcher = SpoolWatcher(spool, signals.wake, cfg.rescan_seconds)
     try:
+        service.on_capacity = signals.wake.set
         service.start()
         watcher.start()
         metrics.set_up({"version": _version()})
@@ -205,7 +209,7 @@ def _serve_metrics(metrics: Metrics, cfg):
     if not cfg.metrics_address:
         return None
     server, _thread, port = metrics.serve(cfg.metrics_address)
-    log.info("metrics on http://%s:%d/metrics", cfg.metrics_address.rsplit(":", 1)[0], port)
+    log.info("metrics on http://%s:%d/metrics", server.server_address[0], port)
     return server
 
 

@@ -88,7 +88,7 @@ def _write_file(target: Path, spec: EstateSpec, dates, rng, pool: list[Path], ro
     if spec.physical_files is not None and len(pool) >= spec.physical_files:
         os.link(pool[rng.integers(len(pool))], target)
     else:
-        pq.write_table(simulation_table(spec.paths, dates, rng), target)
+        pq.write_table(simulation_table(spec.paths, dates, rng), target, write_page_checksum=True)
         pool.append(target)
     return str(target.relative_to(root))
 

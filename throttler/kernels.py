@@ -137,9 +137,10 @@ def _sum_arrays(arrays: list[np.ndarray]) -> np.ndarray:
     """The element-wise sum in a fresh array (one pass for two inputs, no copy first)."""
     if len(arrays) == 1:
         return arrays[0].copy()
-    total = np.add(arrays[0], arrays[1])
-    for arr in arrays[2:]:
-        total += arr
+    with np.errstate(invalid="ignore"):  # inf + -inf is NaN, as the contract says: no warning
+        total = np.add(arrays[0], arrays[1])
+        for arr in arrays[2:]:
+            total += arr
     return total
 
 

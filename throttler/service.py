@@ -64,6 +64,8 @@ class Service:
         self._warned_no_resources = False
         self._pool_size = {"builder": 0, "submitter": 0}
         self.status = StatusReporter(self)
+        self.on_capacity = None  #: called when a run ends (the daemon wakes its main loop to claim more)
+        spool.on_refused = metrics.request_rejected
 
     # ----------------------------------------------------------------- sizes
 
@@ -118,6 +120,7 @@ class Service:
         left = self._release_running()
         log.info("shutdown 4/4: %d running group(s) left at the deadline, put back", left)
         self._completions.put(None)
+        self.estimator.save()
 
     def _release_unstarted(self) -> int:
         with self.submit_lock:
@@ -437,6 +440,8 @@ class Service:
             if self._jobs.get(job.group) is job:
                 del self._jobs[job.group]
         job.state = "ended"
+        if self.on_capacity is not None:
+            self.on_capacity()
 
     def _notify(self) -> None:
         with self._changed:
