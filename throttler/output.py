@@ -58,11 +58,16 @@ def write_output(output_path: str, paths: np.ndarray, dates_ns: np.ndarray, valu
     return os.path.getsize(output_path)
 
 
-def sweep_temporaries(output_root: str | os.PathLike) -> list[str]:
-    """Remove temporary files left by tasks that died mid-write; returns their names."""
+def sweep_temporaries(output_root: str | os.PathLike, group: str | None = None) -> list[str]:
+    """Remove temporary files left by tasks that died mid-write; returns their names.
+
+    With ``group``, only that group's (called when its run ends: no attempt of
+    it is writing any more); without, every one (at start, before any run).
+    """
+    prefix = f".{group}{OUTPUT_SUFFIX}." if group else "."
     removed = []
     for entry in os.scandir(output_root):
-        if entry.name.startswith(".") and entry.name.endswith(TMP_SUFFIX) and entry.is_file(follow_symlinks=False):
+        if entry.name.startswith(prefix) and entry.name.endswith(TMP_SUFFIX) and entry.is_file(follow_symlinks=False):
             _unlink_quietly(entry.path)
             removed.append(entry.name)
     return removed

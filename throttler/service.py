@@ -26,7 +26,7 @@ from throttler.config import Config
 from throttler.errors import DoesNotFit
 from throttler.estimator import file_info
 from throttler.jobs import PLANNING, QUEUED, RUNNING, STATES, WAITING, Job, done_record, failed_record
-from throttler.output import output_path_for
+from throttler.output import output_path_for, sweep_temporaries
 from throttler.status import StatusReporter
 
 log = logging.getLogger(__name__)
@@ -367,6 +367,7 @@ class Service:
     def _on_success(self, job: Job, summary: dict) -> None:
         plan = job.plan
         record = done_record(job, summary)
+        self._sweep(job)
         self.spool.finish(job.claim, "done", record)
         self._forget(job)
         self.estimator.observe(plan.strategy, plan.task_peak_bytes, summary["peak_bytes"], plan.estimate_factor)
@@ -419,6 +420,7 @@ class Service:
             self._builders.submit(self._build, job)
 
     def _fail(self, job: Job, reason: str, exc: BaseException) -> None:
+        self._sweep(job)
         self.spool.finish(job.claim, "failed", failed_record(job, reason, type(exc).__name__))
         self._forget(job)
         self.metrics.group_failed_reason(retries.reason_class(exc))
@@ -433,6 +435,16 @@ class Service:
         for _ in range(len(job.claim.files) - job.requests_counted):
             self.metrics.request_received()
         job.requests_counted = len(job.claim.files)
+
+    def _sweep(self, job: Job) -> None:
+        """Remove what attempts of this group killed mid-write left in the output directory."""
+        try:
+            removed = sweep_temporaries(self.config.output, job.group)
+        except OSError as exc:
+            log.warning("%s: cannot sweep temporary outputs: %s", job.group, exc)
+            return
+        if removed:
+            log.info("%s: removed %d temporary output(s) left by killed attempts", job.group, len(removed))
 
     def _forget(self, job: Job) -> None:
         self._count_requests(job)
