@@ -567,6 +567,18 @@ def concurrency_profile(computes: list[tuple], lo: float, hi: float) -> dict[int
     return out
 
 
+def peak_waiting_results(computes: list[tuple]) -> int:
+    """The most leaf results held at once that were waiting for their submission's final task."""
+    final_done = {m["token"]: stop for key, _f, _w, _s, stop in computes if (m := KEY_RE.match(key)) and m["final"]}
+    edges = sorted(edge for key, _f, _w, _s, stop in computes if (m := KEY_RE.match(key)) and m["leaf"]
+                   for edge in ((stop, 1), (final_done.get(m["token"], math.inf), -1)))
+    held = peak = 0
+    for _t, delta in edges:
+        held += delta
+        peak = max(peak, held)
+    return peak
+
+
 def check_outputs(run: WayRun, estate: Estate) -> int:
     """Outputs of groups reported ok whose rows or total disagree with their inputs."""
     wrong = 0
@@ -600,7 +612,8 @@ def measure(run: WayRun, record: dict, sampler: Sampler, estate: Estate, fan_in:
     shares = ", ".join(f"{k} busy {v / (hi - lo):.0%}" for k, v in sorted(profile.items(), reverse=True))
     row.diagnostics.append(f"{way_label(run.way)}: threads computing over the makespan: {shares}; "
                            f"{len(record['graphs'])} graph submissions; paused samples {sampler.paused_samples}; "
-                           f"peak managed memory (task results held) {sampler.peak_managed:.2f} of the limit")
+                           f"peak managed memory {sampler.peak_managed:.2f} of the limit; at most "
+                           f"{peak_waiting_results(computes)} leaf results waited for their final task at once")
     errors = sorted({r.error for r in failed})
     if errors:
         row.diagnostics.append(f"{way_label(run.way)}: failures: " + " | ".join(errors[:3]))
@@ -612,7 +625,7 @@ def measure(run: WayRun, record: dict, sampler: Sampler, estate: Estate, fan_in:
 
 
 def run_way(way: str, estate: Estate, infos: dict, args, strategy: str) -> Row:
-    base = Path(args.data) / "runs" / strategy / way
+    base = Path(args.data) / "runs" / f"{strategy}-{args.threads_per_worker}t" / way
     shutil.rmtree(base, ignore_errors=True)
     (base / "out").mkdir(parents=True)
     cluster = Cluster(base / "logs", base / "dask-work", args.threads_per_worker)

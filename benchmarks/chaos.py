@@ -102,6 +102,7 @@ class Sizes:
     outage_seconds: float = 30.0  #: output directory unwritable or full for this long
     groups: int = 24  #: groups queued (more are re-queued while faults remain to inject)
     files: tuple[int, int] = (2, 6)  #: files per group, inclusive range
+    strategies: tuple[str, ...] = ("auto", "sum")  #: output scenarios: requested strategies, drawn at random
     paths: int = 25_000  #: x dates = rows per file (300,000: a run takes about a second)
     dates: int = 12
     oom_files: int = 16  #: memory scenario: files of the group the estimator under-prices
@@ -614,7 +615,7 @@ def run_output_fault(h: Harness, outcome: Outcome, mode: str) -> None:
     with _output_fault(h, mode):
         outcome.faults += 1
         for g in groups[1:]:
-            h.submit(g, h.rng.choice(("auto", "sum")))
+            h.submit(g, h.rng.choice(h.sizes.strategies))
         time.sleep(h.sizes.outage_seconds)
         open_during = h.pending()
     outcome.notes.append(f"outage {h.sizes.outage_seconds:.0f} s: {open_during} request(s) open at its end")

@@ -249,7 +249,7 @@ def test_a_plain_name_request_is_never_read(tmp_path, monkeypatch):
     spool = Spool(tmp_path / "spool").ensure()
     drop_request(spool.root, "g1", pickle.dumps(Payload(str(tmp_path / "pwned"))))
     (request,) = spool.scan()
-    assert request.group == "g1" and request.strategy == "auto"
+    assert request.group == "g1" and request.strategy is None
     assert not (tmp_path / "pwned").exists()
 
 

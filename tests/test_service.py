@@ -165,3 +165,16 @@ def test_transient_planning_failures_wait_out_the_backoff(tmp_path, client):
     assert service.catalog.calls == 3 and failed["attempts"] == 3
     assert "Input/output error" in failed["reason"] and len(failed["history"]) == 3
     assert metrics.registry.get_sample_value("throttler_retries_total", {"reason": "io"}) == 2
+
+
+def test_requests_without_a_strategy_take_the_configured_default(tmp_path, client):
+    estate = make_estate(tmp_path / "data", {"plain": 2, "json": 2, "explicit": 2})
+    service, spool, _ = make_service(tmp_path, client, strategy="groupby")
+    drop_request(spool.root, "plain")
+    drop_request(spool.root, "r.json", json.dumps({"group": "json"}).encode())
+    spool.submit("explicit", strategy="sum")
+    run_service_until_settled(service, spool, 3)
+    done = {r["group"]: r["strategy"] for r in records(spool.root, "done")}
+    assert done == {"plain": "groupby", "json": "groupby", "explicit": "sum"}
+    for group, files in estate.items():
+        assert_matches_reference(tmp_path / "out" / f"{group}.parquet", files)

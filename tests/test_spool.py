@@ -179,7 +179,7 @@ def test_submit_scan_claim_finish(spool):
 def test_plain_named_request(spool):
     put(spool, "G2", b"any content is ignored")
     (request,) = spool.scan()
-    assert (request.group, request.strategy, request.priority) == ("G2", "auto", 0)
+    assert (request.group, request.strategy, request.priority) == ("G2", None, 0)  # None: the daemon's default strategy
     claim = spool.claim(request)
     spool.finish(claim, "failed", {"reason": "boom"})
     (rec,) = records(spool, "failed")

@@ -96,7 +96,7 @@ def _submit_parser(sub) -> None:
     p.add_argument("groups", nargs="+", metavar="GROUP")
     p.add_argument("--spool", required=True)
     p.add_argument("--priority", type=int, default=0)
-    p.add_argument("--strategy", choices=STRATEGY_CHOICES, default="auto")
+    p.add_argument("--strategy", choices=STRATEGY_CHOICES, help="default: the daemon's configured strategy")
     p.set_defaults(func=cmd_submit)
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from dask.sizeof import sizeof
 import pandas as pd
 import pyarrow as pa
 
@@ -322,3 +323,9 @@ def groupby_final(partials: list[Partial], output_path: str) -> dict:
 def check_not_empty(partials: list[Partial]) -> None:
     if not partials:
         raise DataError("group has no files")
+
+
+@sizeof.register(Partial)
+def _sizeof_partial(part: Partial) -> int:
+    """What a held partial result weighs, so Dask's managed memory (and spilling) see it."""
+    return sizeof(part.data) + 1024

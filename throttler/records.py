@@ -77,9 +77,12 @@ def is_group(value: object) -> bool:
 
 
 def check_fields(group: object, strategy: object, priority: object) -> None:
-    """Raise :class:`BadRequest` unless the three request fields are well typed."""
+    """Raise :class:`BadRequest` unless the three request fields are well typed.
+
+    ``strategy`` None means "the daemon's configured default".
+    """
     validate_group(group)
-    if not isinstance(strategy, str) or strategy not in STRATEGY_CHOICES:
+    if strategy is not None and (not isinstance(strategy, str) or strategy not in STRATEGY_CHOICES):
         raise BadRequest(f"unknown strategy {strategy!r:.50}", group)
     if type(priority) is not int or abs(priority) > MAX_PRIORITY:
         raise BadRequest(f"priority must be an integer in [-{MAX_PRIORITY}, {MAX_PRIORITY}]", group)
@@ -116,7 +119,7 @@ def parse_request_json(data: bytes) -> tuple[str, str, int]:
     unknown = sorted(set(doc) - _REQUEST_KEYS)
     if unknown:
         raise BadRequest(f"unknown keys in request: {unknown!r:.200}", group, "invalid_json")
-    strategy, priority = doc.get("strategy", "auto"), doc.get("priority", 0)
+    strategy, priority = doc.get("strategy"), doc.get("priority", 0)
     check_fields(group, strategy, priority)
     return group, strategy, priority
 

@@ -81,7 +81,7 @@ class Request:
 
     name: str  #: file name in incoming/
     group: str
-    strategy: str = "auto"
+    strategy: str | None = None  #: None: the daemon's configured default
     priority: int = 0
     mtime_ns: int = 0
     queued: int = 1  #: request files for this group in the scan (one run closes them all)
@@ -200,14 +200,15 @@ class Spool:
                 self._finished[kind] += 1
         return path
 
-    def submit(self, group: str, priority: int = 0, strategy: str = "auto") -> Path:
+    def submit(self, group: str, priority: int = 0, strategy: str | None = None) -> Path:
         """Queue a request for ``group`` durably; raise RequestError if it is malformed.
 
         Each call writes a distinct ``<group>.<time>.<pid>.<random>.json``, so many
         submits of one group are many requests, which the daemon coalesces.
         """
         check_fields(group, strategy, priority)
-        data = json.dumps({"group": group, "strategy": strategy, "priority": priority}).encode()
+        fields = {"group": group, "priority": priority, **({"strategy": strategy} if strategy else {})}
+        data = json.dumps(fields).encode()
         return write_durable(self.root / "tmp", self.root / "incoming", f"{unique_name(group)}.json", data)
 
     # -- validation -----------------------------------------------------------
