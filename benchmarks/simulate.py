@@ -36,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--memory-gib", type=float, default=32.0, help="memory_limit of each worker")
     p.add_argument("--threads", type=int, default=8, help="threads of each worker")
     p.add_argument("--memory-resource-gib", type=float, default=None,
-                   help="MEMORY each worker declares (default: its memory_limit, as the embedded cluster)")
+                   help="MEMORY each worker declares (default: 0.7 x memory_limit, as the embedded cluster)")
     p.add_argument("--files", type=int, default=None, help=f"files in the estate (default {SEED_FILES:,})")
     p.add_argument("--largest-group", type=int, default=None,
                    help="files of the largest group (default: the seed's 18,000 / 140,000 share)")

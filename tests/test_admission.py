@@ -274,3 +274,27 @@ def test_admitted_memory_plus_baseline_never_exceeds_capacity(limits, baseline_s
     admitted = ledger.items()
     alone = len(admitted) == 1  # a group may run alone even if it does not fit (never deadlock)
     assert alone or baseline + ledger.total_bytes() <= capacity
+
+
+def split_plan(group, running, waiting, task_peak):
+    return Plan(group=group, strategy="sum", files=(), files_per_task=1, fan_in=8, task_peak_bytes=task_peak,
+                group_peak_bytes=running + waiting, expansion=1.0, running_bytes=running)
+
+
+def test_running_parts_are_capped_by_the_threads_of_the_cluster():
+    # two workers x 2 threads: at most 4 tasks of 1 GiB run at once, whatever the groups reserve
+    reserved = [Reservation(f"r{i}", f"r{i}", 4 * GiB + GiB // 2, GiB, 0.0, running_bytes=4 * GiB)
+                for i in range(2)]  # each: 4 GiB running + 0.5 GiB waiting results
+    d = decide(TWO, reserved, split_plan("c", 4 * GiB, GiB // 2, GiB), now_seconds=0)
+    # reserved counts min(8, 4 x 1) + 1 GiB = 5 GiB; the candidate adds only its waiting 0.5 GiB
+    assert d.admit and d.free_bytes == 12 * GiB - 5 * GiB and "needs 512.0 MiB more" in d.reason
+    # unsplit reservations (running_bytes=0) are counted whole, as before
+    whole = [Reservation(f"r{i}", f"r{i}", 4 * GiB + GiB // 2, GiB, 0.0) for i in range(2)]
+    assert decide(TWO, whole, split_plan("c", 4 * GiB, GiB // 2, GiB), now_seconds=0).free_bytes == 3 * GiB
+
+
+def test_a_bigger_task_raises_the_running_cap():
+    reserved = [Reservation("r", "r", 4 * GiB, GiB, 0.0, running_bytes=4 * GiB)]
+    d = decide(TWO, reserved, split_plan("c", 8 * GiB, 0, 2 * GiB), now_seconds=0)
+    # 4 threads x 2 GiB = 8 GiB of running tasks at most: the increment is 8 - 4 = 4 GiB
+    assert d.admit and "needs 4.00 GiB more" in d.reason

@@ -46,6 +46,7 @@ class Reservation:
     group_peak_bytes: int
     task_peak_bytes: int
     submitted_at_seconds: float
+    running_bytes: int = 0  #: the part held by running tasks (0: all of it)
 
 
 class Ledger:
@@ -101,6 +102,7 @@ class Budget:
     own_bytes: int  #: the workers' own memory, to which reservations add
     largest_task_budget_bytes: int  #: the largest running worker's limit x fraction (0: none)
     has_running: bool
+    threads: int = 0  #: of the running workers: at most this many tasks run at once
 
     @classmethod
     def of(cls, snapshot: ClusterSnapshot, memory_fraction: float) -> "Budget":
@@ -108,10 +110,49 @@ class Budget:
         shown, own = _shown_and_own(running)
         return cls(sum(int(w.memory_limit_bytes * memory_fraction) for w in running), shown, own,
                    max((int(w.memory_limit_bytes * memory_fraction) for w in running), default=0),
-                   bool(running))
+                   bool(running), sum(w.nthreads for w in running))
 
-    def free_bytes(self, reserved_bytes: int) -> int:
-        return self.capacity_bytes - max(self.shown_bytes, self.own_bytes + reserved_bytes)
+    def free_bytes(self, tally: "Tally") -> int:
+        return self.capacity_bytes - max(self.shown_bytes, self.own_bytes + tally.total_bytes(self.threads))
+
+
+@dataclass(frozen=True)
+class Tally:
+    """Reservations summed for one round.
+
+    Each group reserves what its running tasks may hold plus the partial
+    results waiting for a merge. The running parts are capped together: the
+    cluster's threads run at most that many tasks at once, each no larger
+    than the largest task reserved. Without the cap every group would
+    reserve as if it had every thread to itself (measured in the simulation:
+    99% of capacity reserved while 41% was held, utilisation 75%).
+    """
+
+    running_bytes: int = 0
+    waiting_bytes: int = 0
+    largest_task_bytes: int = 0
+    count: int = 0
+
+    @classmethod
+    def of(cls, reserved: Iterable[Reservation]) -> "Tally":
+        tally = cls()
+        for r in reserved:
+            tally = tally.plus(r.group_peak_bytes, r.running_bytes, r.task_peak_bytes)
+        return tally
+
+    def plus(self, group_peak_bytes: int, running_bytes: int, task_peak_bytes: int) -> "Tally":
+        """Add one group; ``running_bytes`` 0 means its peak is not split (counted uncapped)."""
+        running = min(running_bytes, group_peak_bytes)
+        largest = max(self.largest_task_bytes, task_peak_bytes) if running else self.largest_task_bytes
+        return Tally(self.running_bytes + running, self.waiting_bytes + group_peak_bytes - running,
+                     largest, self.count + 1)
+
+    def plus_plan(self, plan: Plan) -> "Tally":
+        return self.plus(plan.group_peak_bytes, plan.running_bytes, plan.task_peak_bytes)
+
+    def total_bytes(self, threads: int) -> int:
+        running = self.running_bytes if threads <= 0 else min(self.running_bytes, threads * self.largest_task_bytes)
+        return running + self.waiting_bytes
 
 
 def decide(snapshot: ClusterSnapshot, reserved: list[Reservation], candidate: Plan, *,
@@ -130,25 +171,25 @@ def decide(snapshot: ClusterSnapshot, reserved: list[Reservation], candidate: Pl
         return Decision(False, fatal, 0, candidate.group_peak_bytes, fatal=True)
     backfill_closed = (not is_head and head_waiting_since_seconds is not None
                        and now_seconds - head_waiting_since_seconds >= max_backfill_delay_seconds)
-    return _judge(Budget.of(snapshot, memory_fraction), sum(r.group_peak_bytes for r in reserved),
-                  bool(reserved), candidate, backfill_closed)
+    return _judge(Budget.of(snapshot, memory_fraction), Tally.of(reserved), candidate, backfill_closed)
 
 
-def _judge(budget: Budget, reserved_bytes: int, anything_reserved: bool, candidate: Plan,
-           backfill_closed: bool) -> Decision:
+def _judge(budget: Budget, tally: Tally, candidate: Plan, backfill_closed: bool) -> Decision:
     """The verdict on a candidate that can fit some worker, given the round's budget."""
     needed = candidate.group_peak_bytes
     if not budget.has_running:
         return Decision(False, "no running workers", 0, needed)
-    free = budget.free_bytes(reserved_bytes)
+    free = budget.free_bytes(tally)
     if backfill_closed:
         return Decision(False, "backfill closed: the head of the queue has waited too long", free, needed)
     if candidate.task_peak_bytes > budget.largest_task_budget_bytes:
         return Decision(False, f"largest task ({_human(candidate.task_peak_bytes)}) fits no running worker now",
                         free, needed)
-    if needed <= free:
-        return Decision(True, f"fits: needs {_human(needed)}, {_human(free)} free", free, needed)
-    return _alone(anything_reserved, candidate, budget.capacity_bytes, free)
+    increment = tally.plus_plan(candidate).total_bytes(budget.threads) - tally.total_bytes(budget.threads)
+    if increment <= free:
+        return Decision(True, f"fits: needs {_human(increment)} more (group peak {_human(needed)}), "
+                              f"{_human(free)} free", free, needed)
+    return _alone(tally.count > 0, candidate, budget.capacity_bytes, free)
 
 
 def used_bytes(running: tuple[WorkerView, ...], reserved: list[Reservation]) -> int:
@@ -164,7 +205,7 @@ def used_bytes(running: tuple[WorkerView, ...], reserved: list[Reservation]) -> 
     heartbeats, without counting it twice once it does.
     """
     shown, own = _shown_and_own(running)
-    return max(shown, own + sum(r.group_peak_bytes for r in reserved))
+    return max(shown, own + Tally.of(reserved).total_bytes(sum(w.nthreads for w in running)))
 
 
 def _shown_and_own(running: tuple[WorkerView, ...]) -> tuple[int, int]:
@@ -273,8 +314,7 @@ def choose(snapshot: ClusterSnapshot, reserved: list[Reservation], queue: list[Q
     budget = Budget.of(snapshot, policy.memory_fraction)
     empty_budget = max((int(w.memory_limit_bytes * policy.memory_fraction) for w in snapshot.workers),
                        default=None)
-    reserved_bytes = sum(r.group_peak_bytes for r in reserved)
-    anything_reserved = bool(reserved)
+    tally = Tally.of(reserved)
     out: list[Choice] = []
     head: QueueEntry | None = None
     for entry in queue_order(queue)[:policy.window]:
@@ -284,10 +324,9 @@ def choose(snapshot: ClusterSnapshot, reserved: list[Reservation], queue: list[Q
             out.append(Choice(entry, Decision(False, fatal, 0, entry.plan.group_peak_bytes, fatal=True)))
             continue
         closed = head is not None and now_seconds - head.enqueued_at_seconds >= policy.max_head_wait_seconds
-        decision = _judge(budget, reserved_bytes, anything_reserved, entry.plan, closed)
+        decision = _judge(budget, tally, entry.plan, closed)
         if decision.admit:
-            reserved_bytes += entry.plan.group_peak_bytes
-            anything_reserved = True
+            tally = tally.plus_plan(entry.plan)
             out.append(Choice(entry, decision))
         elif head is None:
             head = entry
@@ -297,7 +336,7 @@ def choose(snapshot: ClusterSnapshot, reserved: list[Reservation], queue: list[Q
 def _reservation_for(entry: QueueEntry, now_seconds: float) -> Reservation:
     plan = entry.plan
     return Reservation(plan.group, entry.reservation_key, plan.group_peak_bytes,
-                       plan.task_peak_bytes, now_seconds)
+                       plan.task_peak_bytes, now_seconds, plan.running_bytes)
 
 
 def _human(n_bytes: float) -> str:

@@ -273,15 +273,16 @@ def merge_task_count(n_leaves: int, fan_in: int) -> int:
     return count
 
 
-def group_peak_bytes(peaks: TaskPeaks, n_leaves: int, concurrent_tasks: int, fan_in: int) -> int:
-    """The most one group holds across the cluster at once.
+def group_peak_parts(peaks: TaskPeaks, n_leaves: int, concurrent_tasks: int, fan_in: int) -> tuple[int, int]:
+    """(running bytes, waiting bytes): the most one group holds across the cluster at once.
 
     At most ``concurrent_tasks`` of its tasks run at once (the cluster's
     threads); they cost at most the most expensive tasks of the tree taken
     that many times. Besides them, finished partial results wait for their
     merge: ``dask.order`` ranks a ready combine above leaves not yet started,
     so about ``concurrent_tasks x fan_in`` results wait at most, and never
-    more than there are leaves.
+    more than there are leaves. Admission caps the running part summed over
+    all groups, since the cluster's threads run that many tasks in all.
     """
     n_merges = merge_task_count(n_leaves, fan_in)
     running = max(1, min(concurrent_tasks, n_leaves + n_merges))
@@ -293,7 +294,12 @@ def group_peak_bytes(peaks: TaskPeaks, n_leaves: int, concurrent_tasks: int, fan
         leaves = min(running, n_leaves)
         running_bytes = leaves * peaks.leaf_bytes + (running - leaves) * merge_bytes
     waiting = min(n_leaves, running * fan_in) if n_leaves > 1 else 0
-    return running_bytes + waiting * peaks.result_bytes
+    return running_bytes, waiting * peaks.result_bytes
+
+
+def group_peak_bytes(peaks: TaskPeaks, n_leaves: int, concurrent_tasks: int, fan_in: int) -> int:
+    """The sum of :func:`group_peak_parts`."""
+    return sum(group_peak_parts(peaks, n_leaves, concurrent_tasks, fan_in))
 
 
 # --------------------------------------------------------------------------- learning (pure)

@@ -41,6 +41,7 @@ class Plan:
     group_peak_bytes: int
     expansion: float  #: decoded bytes per on-disk byte used for the estimate
     requested_strategy: str = "auto"
+    running_bytes: int = 0  #: the part of group_peak_bytes held by running tasks (0: not split)
     estimate_factor: float = 1.0  #: the estimator's correction x retry safety the estimates include
     attempt: int = 1
     notes: tuple[str, ...] = field(default=())

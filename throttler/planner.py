@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from throttler.cluster import WORKER_BASELINE_BYTES, ClusterShape
 from throttler.errors import CatalogError, DoesNotFit, RequestError
-from throttler.estimator import Estimator, TaskPeaks, expansion, group_peak_bytes, largest_file, raw_task_peaks
+from throttler.estimator import Estimator, TaskPeaks, expansion, group_peak_parts, largest_file, raw_task_peaks
 from throttler.plan import STRATEGY_CHOICES, FileInfo, Plan
 
 #: Estimates are multiplied by this once per attempt after the first.
@@ -76,6 +76,7 @@ class _Layout:
     n_leaves: int
     peaks: TaskPeaks
     group_peak_bytes: int
+    running_bytes: int  #: the part of the group peak held by running tasks
 
 
 def make_plan(group: str, files: list[FileInfo], strategy: str, shape: ClusterShape,
@@ -103,6 +104,7 @@ def make_plan(group: str, files: list[FileInfo], strategy: str, shape: ClusterSh
         group=group, strategy=resolved, files=tuple(files),
         files_per_task=layout.files_per_task, fan_in=fan_in,
         task_peak_bytes=layout.peaks.peak_bytes, group_peak_bytes=layout.group_peak_bytes,
+        running_bytes=layout.running_bytes,
         expansion=expansion(files), requested_strategy=strategy, attempt=attempt,
         estimate_factor=pricing.factor,
         notes=tuple(notes),
@@ -213,8 +215,8 @@ def _layout(pricing: _Pricing, shape: ClusterShape, n_files: int, target_leaves:
     files_per_task = min(limit, math.ceil(n_files / target_leaves))
     n_leaves = math.ceil(n_files / files_per_task)
     peaks = pricing.peaks(files_per_task, fan_in, n_leaves)
-    group = group_peak_bytes(peaks, n_leaves, shape.concurrent_tasks(peaks.peak_bytes), fan_in)
-    return _Layout(files_per_task, n_leaves, peaks, group)
+    running, waiting = group_peak_parts(peaks, n_leaves, shape.concurrent_tasks(peaks.peak_bytes), fan_in)
+    return _Layout(files_per_task, n_leaves, peaks, running + waiting, running)
 
 
 def _raise_does_not_fit(group: str, pricing: _Pricing, shape: ClusterShape,

@@ -311,7 +311,7 @@ class Service:
         now = self.clock()
         plan = job.plan
         self.ledger.reserve(admission.Reservation(job.group, job.graph.token, plan.group_peak_bytes,
-                                                  plan.task_peak_bytes, now))
+                                                  plan.task_peak_bytes, now, plan.running_bytes))
         job.reservation_key = job.graph.token
         job.admission_wait_seconds += now - job.waiting_since_seconds
         job.submitted_at_seconds = now

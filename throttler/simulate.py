@@ -607,9 +607,10 @@ class Simulation:
     def _reserve(self, entry: admission.QueueEntry) -> None:
         plan = entry.plan
         self.ledger.reserve(admission.Reservation(plan.group, entry.reservation_key, plan.group_peak_bytes,
-                                                  plan.task_peak_bytes, self.now))
+                                                  plan.task_peak_bytes, self.now, plan.running_bytes))
         self.reserved += plan.group_peak_bytes
-        self.peak_reserved = max(self.peak_reserved, self.reserved)
+        counted = admission.Tally.of(self.ledger.items()).total_bytes(self.cluster.threads)
+        self.peak_reserved = max(self.peak_reserved, counted)  # as admission counts it (capped)
 
     def _release(self, run: _Run) -> None:
         r = self.ledger.release(run.key)
