@@ -211,6 +211,18 @@ def run_aligned_kernels(files: list[str], work: str) -> dict:
     return result_of(timing, values, len(paths))
 
 
+def run_aligned_leaves(files: list[str], work: str) -> dict:
+    """Only the leaves and their sum: what key verification costs next to the floor."""
+    from throttler import kernels
+
+    def compute():
+        chunks = [files[i:i + FILES_PER_TASK] for i in range(0, len(files), FILES_PER_TASK)]
+        return kernels.aligned_combine([kernels.aligned_leaf(chunk, files[0]) for chunk in chunks])
+
+    timing, total = timed(compute)
+    return result_of(timing, total.data, len(total.data))
+
+
 # --------------------------------------------------------------------------- dask dataframe
 
 
@@ -337,6 +349,7 @@ METHODS = {
     "aligned-cluster": (run_throttler_cluster, "throttler aligned, LocalCluster 2x1 thread, incl. output write"),
     "aligned-sync": (lambda f, w: run_throttler_sync(f, w, "aligned"), "throttler aligned, dask sync, incl. output write"),
     "aligned-kernels": (run_aligned_kernels, "throttler aligned kernels called directly, no output write"),
+    "aligned-leaves": (run_aligned_leaves, "throttler aligned leaves + their sum only (keys verified, not attached)"),
     "sum": (lambda f, w: run_throttler_sync(f, w, "sum"), "throttler sum (index-aligned), dask sync, incl. write"),
     "groupby": (lambda f, w: run_throttler_sync(f, w, "groupby"), "throttler groupby, dask sync, incl. write"),
     "dask-df": (run_dask_dataframe, "dd.read_parquet().groupby().value.sum(), LocalCluster"),

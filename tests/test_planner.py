@@ -7,7 +7,7 @@ import time
 import pytest
 
 from throttler.cluster import ClusterShape
-from throttler.errors import CatalogError, DoesNotFit, RequestError
+from throttler.errors import CatalogError, DoesNotFit, RequestError, NoWorkers
 from throttler.estimator import Estimator
 from throttler.plan import FileInfo
 from throttler.planner import ATTEMPT_SAFETY_FACTOR, make_plan, replan_after_oom, resolve_strategy
@@ -122,7 +122,7 @@ def test_bad_inputs():
         make_plan("g", [], "auto", SMALL, Estimator())
     with pytest.raises(RequestError):
         make_plan("g", files(2), "fastest", SMALL, Estimator())
-    with pytest.raises(ValueError, match="without workers"):
+    with pytest.raises(NoWorkers, match="without workers"):
         make_plan("g", files(2), "auto", ClusterShape(0, (), ()), Estimator())
 
 

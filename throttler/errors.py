@@ -28,5 +28,10 @@ class DoesNotFit(ThrottlerError):
     """Permanent: a single task of the plan needs more memory than any worker has."""
 
 
+class NoWorkers(ThrottlerError):
+    """Not a failure: the cluster has no worker right now (a scheduler restart, a cluster
+    scaled to zero, workers still queued in a batch system); plan again once one joins."""
+
+
 class RequestError(ThrottlerError):
     """Permanent: a queue request is malformed (bad name, bad JSON, symlink...)."""

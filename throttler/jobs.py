@@ -23,6 +23,7 @@ class Job:
     claimed_at_seconds: float  #: monotonic
     state: str = QUEUED
     attempt: int = 1
+    memory_failures: int = 0  #: attempts that killed a worker: only these make the planner more careful
     strategy_override: str | None = None  #: "sum" after aligned found misaligned keys
     plan: Plan | None = None
     graph: Any = None

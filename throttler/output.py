@@ -8,6 +8,7 @@ easy to sweep after a crash (:func:`sweep_temporaries`).
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from pathlib import Path
 
@@ -64,10 +65,11 @@ def sweep_temporaries(output_root: str | os.PathLike, group: str | None = None) 
     With ``group``, only that group's (called when its run ends: no attempt of
     it is writing any more); without, every one (at start, before any run).
     """
-    prefix = f".{group}{OUTPUT_SUFFIX}." if group else "."
+    pattern = re.compile(re.escape(f".{group}{OUTPUT_SUFFIX}.") + r"[0-9a-f]{12}" + re.escape(TMP_SUFFIX)) \
+        if group else re.compile(r"\..*" + re.escape(TMP_SUFFIX))
     removed = []
     for entry in os.scandir(output_root):
-        if entry.name.startswith(prefix) and entry.name.endswith(TMP_SUFFIX) and entry.is_file(follow_symlinks=False):
+        if pattern.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
             _unlink_quietly(entry.path)
             removed.append(entry.name)
     return removed

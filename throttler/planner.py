@@ -23,10 +23,10 @@ Chunking rules:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from throttler.cluster import WORKER_BASELINE_BYTES, ClusterShape
-from throttler.errors import CatalogError, DoesNotFit, RequestError
+from throttler.errors import CatalogError, DoesNotFit, NoWorkers, RequestError
 from throttler.estimator import Estimator, TaskPeaks, expansion, group_peak_parts, largest_file, raw_task_peaks
 from throttler.plan import STRATEGY_CHOICES, FileInfo, Plan
 
@@ -147,7 +147,7 @@ def _validate(group: str, files: list[FileInfo], strategy: str, shape: ClusterSh
     if attempt < 1:
         raise ValueError(f"attempt must be >= 1, got {attempt}")
     if shape.n_workers == 0:
-        raise ValueError("cannot plan for a cluster without workers; wait for workers first")
+        raise NoWorkers("cannot plan for a cluster without workers; wait for workers first")
 
 
 def _fitting_fan_in(pricing: _Pricing, budget: int, fan_in: int, notes: list[str]) -> int:
@@ -195,6 +195,8 @@ def _choose_layout(group: str, pricing: _Pricing, shape: ClusterShape, memory_fr
     layouts = [_layout(pricing, shape, n, target, limit, fan_in)
                for target in range(most_leaves, 0, -1)]
     fitting = [lay for lay in layouts if lay.peaks.peak_bytes <= task_budget]
+    if not fitting:  # the learned correction alone must not fail a group: cap it
+        fitting = _with_capped_correction(pricing, shape, n, most_leaves, limit, fan_in, task_budget, notes)
     if not fitting:
         _raise_does_not_fit(group, pricing, shape, memory_fraction, min(layouts, key=_peak))
     for layout in fitting:
@@ -204,6 +206,28 @@ def _choose_layout(group: str, pricing: _Pricing, shape: ClusterShape, memory_fr
     notes.append(f"group peak {format_bytes(smallest.group_peak_bytes)} exceeds the cluster budget "
                  f"{format_bytes(cluster_budget)}: it runs alone")
     return smallest
+
+
+def _with_capped_correction(pricing: _Pricing, shape: ClusterShape, n: int, most_leaves: int, limit: int,
+                            fan_in: int, task_budget: int, notes: list[str]) -> list[_Layout]:
+    """Layouts that fit once the estimator's learned correction is capped.
+
+    The correction is learned from every group of the strategy, so one group that
+    killed a worker raises it for all. A group whose estimate fits at this attempt's
+    safety factor (its own evidence) is not failed for what others did: its
+    correction is capped to fit the budget. Empty when even that does not fit.
+    """
+    if pricing.factor <= pricing.safety:
+        return []
+    bare = replace(pricing, factor=pricing.safety)
+    smallest = min((_layout(bare, shape, n, t, limit, fan_in) for t in range(most_leaves, 0, -1)), key=_peak)
+    if smallest.peaks.peak_bytes > task_budget:
+        return []
+    capped = replace(pricing, factor=pricing.safety * 0.999 * task_budget / smallest.peaks.peak_bytes)
+    layouts = [_layout(capped, shape, n, t, limit, fan_in) for t in range(most_leaves, 0, -1)]
+    notes.append(f"estimate x{pricing.factor:.2f} exceeds the task budget; learned correction capped "
+                 f"(x{capped.factor:.2f})")
+    return [lay for lay in layouts if lay.peaks.peak_bytes <= task_budget]
 
 
 def _peak(layout: _Layout) -> int:

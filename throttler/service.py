@@ -23,13 +23,16 @@ from concurrent.futures import ThreadPoolExecutor
 from throttler import admission, graphs, planner, retries
 from throttler.cluster import MEMORY_RESOURCE, read_snapshot
 from throttler.config import Config
-from throttler.errors import DoesNotFit
+from throttler.errors import DoesNotFit, NoWorkers
 from throttler.estimator import file_info
 from throttler.jobs import PLANNING, QUEUED, RUNNING, STATES, WAITING, Job, done_record, failed_record
 from throttler.output import output_path_for, sweep_temporaries
 from throttler.status import StatusReporter
 
 log = logging.getLogger(__name__)
+
+#: how often a group planned while the cluster has no worker tries again (no attempt used)
+NO_WORKERS_RETRY_SECONDS = 1.0
 
 #: how often "cannot read the scheduler" is logged while it stays away
 UNREACHABLE_WARNING_SECONDS = 10.0
@@ -212,6 +215,10 @@ class Service:
             try:
                 job.plan = self._plan(job)
                 job.graph = graphs.build(job.plan, output_path_for(self.config.output, job.group))
+            except NoWorkers as exc:  # not the group's fault: no attempt used, plan again soon
+                log.info("%s: %s", job.group, exc)
+                self._rebuild(job, delay_seconds=NO_WORKERS_RETRY_SECONDS)
+                return
             except Exception as exc:  # noqa: BLE001 - classified below
                 self._on_failure(job, exc)
                 return
@@ -222,7 +229,7 @@ class Service:
     def _plan(self, job: Job):
         files = [file_info(path) for path in self.catalog.files(job.group)]
         return planner.make_plan(job.group, files, job.strategy, self.status.shape(), self.estimator,
-                                 attempt=job.attempt, memory_fraction=self.config.memory_fraction,
+                                 attempt=1 + job.memory_failures, memory_fraction=self.config.memory_fraction,
                                  fan_in=self.config.fan_in)
 
     def _hand_off(self, job: Job) -> None:
@@ -387,7 +394,10 @@ class Service:
             job.strategy_override = "sum"
             return self._rebuild(job, delay_seconds=0.0)
         limit = self.config.max_transient_attempts if kind == retries.TRANSIENT else self.config.max_attempts
-        if kind in (retries.PERMANENT, retries.MISALIGNED) or job.attempt >= limit:
+        if kind == retries.MEMORY:
+            job.memory_failures += 1
+        failures = job.memory_failures if kind == retries.MEMORY else job.attempt
+        if kind in (retries.PERMANENT, retries.MISALIGNED) or failures >= limit:
             return self._fail(job, reason, exc)
         if kind == retries.MEMORY and job.plan is not None:
             self.estimator.observe(job.plan.strategy, job.plan.task_peak_bytes, 2 * job.plan.task_peak_bytes,
