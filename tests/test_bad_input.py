@@ -19,9 +19,8 @@ import time
 import pytest
 
 from tests.bad_inputs import CASES, Case, Estate, build_estate
-from tests.conftest import wait_for
 from tests.datafiles import assert_matches_reference
-from tests.test_service import records
+from tests.test_service import records, run_service_until_settled
 from throttler import sdnotify
 from throttler.catalog import Catalog
 from throttler.config import load
@@ -70,12 +69,7 @@ def run_corpus(root, client, catalog: str) -> Run:
                       estimator=Estimator(str(spool.state_dir / "estimator.json")), notifier=sdnotify)
     expected = len(os.listdir(estate.spool / "incoming"))
     started = time.monotonic()
-    service.start()
-    try:
-        wait_for(lambda: sum(len(r["requests"]) for k in ("done", "failed") for r in records(estate.spool, k))
-                 >= expected, SETTLE_SECONDS, step=service.step)
-    finally:
-        service.drain(30)
+    run_service_until_settled(service, spool, expected, SETTLE_SECONDS)
     return Run(estate, metrics, time.monotonic() - started)
 
 
