@@ -48,7 +48,7 @@ def write_output(output_path: str, paths: np.ndarray, dates_ns: np.ndarray, valu
     tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}")
     try:
         with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, OUTPUT_MODE), "wb") as fh:
-            pq.write_table(table, fh, write_page_checksum=True)
+            pq.write_table(table, fh, write_page_checksum=True, use_dictionary=["path", "Date"])
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, output_path)
