@@ -369,7 +369,11 @@ class Service:
         except BaseException as exc:  # noqa: BLE001 - classified
             self._on_failure(job, exc)
             return
-        self._on_success(job, summary)
+        try:
+            self._on_success(job, summary)
+        except OSError as exc:  # the record could not be written (spool full?): run again later
+            log.exception("%s: recording the result failed; the group will run again", job.group)
+            self._on_failure(job, exc)
 
     def _on_success(self, job: Job, summary: dict) -> None:
         plan = job.plan
