@@ -95,7 +95,7 @@ class Decision:
 
 @dataclass(frozen=True)
 class Budget:
-    """One snapshot's figures, computed once per round (see :func:`used_bytes`)."""
+    """One snapshot's figures, computed once per round (see :meth:`Budget.used_bytes`)."""
 
     capacity_bytes: int  #: running workers' memory_limit x fraction
     shown_bytes: int  #: what the workers show
@@ -112,8 +112,13 @@ class Budget:
                    max((int(w.memory_limit_bytes * memory_fraction) for w in running), default=0),
                    bool(running), sum(w.nthreads for w in running))
 
+    def used_bytes(self, tally: "Tally") -> int:
+        """The larger of what the workers show and what our reservations promise on
+        top of the workers' own memory (see :func:`_shown_and_own`)."""
+        return max(self.shown_bytes, self.own_bytes + tally.total_bytes(self.threads))
+
     def free_bytes(self, tally: "Tally") -> int:
-        return self.capacity_bytes - max(self.shown_bytes, self.own_bytes + tally.total_bytes(self.threads))
+        return self.capacity_bytes - self.used_bytes(tally)
 
 
 @dataclass(frozen=True)
@@ -192,23 +197,17 @@ def _judge(budget: Budget, tally: Tally, candidate: Plan, backfill_closed: bool)
     return _alone(tally.count > 0, candidate, budget.capacity_bytes, free)
 
 
-def used_bytes(running: tuple[WorkerView, ...], reserved: list[Reservation]) -> int:
-    """Memory in use as admission counts it: the larger of what the workers show
-    and what our reservations promise on top of the workers' own memory.
+def _shown_and_own(running: tuple[WorkerView, ...]) -> tuple[int, int]:
+    """(memory the workers show, the workers' own memory), as admission counts them.
 
     A busy worker counts its whole process memory, and its old unmanaged
     memory as its own. An idle worker counts its managed data plus at most the
     import baseline: the rest is allocator pages kept from earlier tasks,
     which the next task reuses (measured: a worker idle at 66 MB stays near
-    200 MB after a pandas task, ``malloc_trim`` or not). The reservations
-    cover the lag between a submit and its memory showing up in the
-    heartbeats, without counting it twice once it does.
+    200 MB after a pandas task, ``malloc_trim`` or not). Reservations add to
+    the workers' own memory: they cover the lag between a submit and its
+    memory showing up in the heartbeats, without counting it twice once it does.
     """
-    shown, own = _shown_and_own(running)
-    return max(shown, own + Tally.of(reserved).total_bytes(sum(w.nthreads for w in running)))
-
-
-def _shown_and_own(running: tuple[WorkerView, ...]) -> tuple[int, int]:
     shown = own = 0
     for w in running:
         if w.processing:

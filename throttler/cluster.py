@@ -155,6 +155,18 @@ class ClusterSnapshot:
         )
 
 
+def memory_restriction(task_peak_bytes: int, snapshot: ClusterSnapshot) -> dict | None:
+    """The per-task ``resources`` to submit with, or None when no running worker
+    declares MEMORY (then a restriction would leave tasks waiting forever).
+
+    Never more than the largest declaration, so every task can run somewhere.
+    """
+    declared = [w.memory_resource for w in snapshot.running_workers if w.memory_resource]
+    if not declared:
+        return None
+    return {MEMORY_RESOURCE: min(float(task_peak_bytes), max(declared))}
+
+
 def read_snapshot(client: Any, clock: Callable[[], float] = time.monotonic) -> ClusterSnapshot:
     """Read every worker's state from the scheduler (one round trip)."""
     records = client.run_on_scheduler(_scheduler_worker_records())

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from distributed import wait
 
 from throttler import graphs, planner, retries
-from throttler.cluster import MEMORY_RESOURCE, read_snapshot
+from throttler.cluster import memory_restriction, read_snapshot
 from throttler.errors import MisalignedKeys
 from throttler.estimator import file_info
 from throttler.output import output_path_for
@@ -69,9 +69,7 @@ def _run(client, catalog, group, output_root, strategy, estimator, memory_fracti
 
 def _compute(client, plan, output_root, snapshot, progress) -> dict:
     graph = graphs.build(plan, output_path_for(output_root, plan.group))
-    declared = [w.memory_resource for w in snapshot.running_workers if w.memory_resource]
-    resources = {MEMORY_RESOURCE: min(float(plan.task_peak_bytes), max(declared))} if declared else None
-    future = client.compute(graph.final, resources=resources)
+    future = client.compute(graph.final, resources=memory_restriction(plan.task_peak_bytes, snapshot))
     started = time.monotonic()
     while not wait(future, timeout=PROGRESS_EVERY_SECONDS).done:
         if progress:

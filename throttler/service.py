@@ -21,7 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from throttler import admission, graphs, planner, retries
-from throttler.cluster import MEMORY_RESOURCE, read_snapshot
+from throttler.cluster import MEMORY_RESOURCE, memory_restriction, read_snapshot
 from throttler.config import Config
 from throttler.errors import DoesNotFit, NoWorkers
 from throttler.estimator import file_info
@@ -335,14 +335,12 @@ class Service:
 
     def _resources(self, plan, snapshot) -> dict | None:
         """Per-task MEMORY restriction when the running workers declare it."""
-        declared = [w.memory_resource for w in snapshot.running_workers if w.memory_resource]
-        if not declared:
-            if not self._warned_no_resources:
-                log.warning("workers declare no %s resource: admission alone protects them "
-                            "(start workers with --resources %s=<bytes>)", MEMORY_RESOURCE, MEMORY_RESOURCE)
-                self._warned_no_resources = True
-            return None
-        return {MEMORY_RESOURCE: min(float(plan.task_peak_bytes), max(declared))}
+        resources = memory_restriction(plan.task_peak_bytes, snapshot)
+        if resources is None and not self._warned_no_resources:
+            log.warning("workers declare no %s resource: admission alone protects them "
+                        "(start workers with --resources %s=<bytes>)", MEMORY_RESOURCE, MEMORY_RESOURCE)
+            self._warned_no_resources = True
+        return resources
 
     # ----------------------------------------------------------------- completions
 

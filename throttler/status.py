@@ -14,7 +14,7 @@ import os
 import threading
 import time
 
-from throttler.admission import used_bytes
+from throttler.admission import Budget, Tally
 from throttler.cluster import ClusterShape, ClusterSnapshot, read_snapshot
 from throttler.estimator import write_json_atomic
 
@@ -74,13 +74,10 @@ class StatusReporter:
         snap, svc = self._snapshot, self.service
         if snap is None:
             return {"limit_bytes": 0, "used_bytes": 0, "free_bytes": 0, "reserved_bytes": 0}
-        running = snap.running_workers
-        fraction = svc.config.memory_fraction
-        capacity = sum(int(w.memory_limit_bytes * fraction) for w in running)
-        reserved = svc.ledger.total_bytes()
-        used = used_bytes(running, svc.ledger.items())
-        return {"limit_bytes": capacity, "used_bytes": used, "free_bytes": capacity - used,
-                "reserved_bytes": reserved}
+        budget = Budget.of(snap, svc.config.memory_fraction)
+        used = budget.used_bytes(Tally.of(svc.ledger.items()))
+        return {"limit_bytes": budget.capacity_bytes, "used_bytes": used,
+                "free_bytes": budget.capacity_bytes - used, "reserved_bytes": svc.ledger.total_bytes()}
 
     def workers_by_status(self) -> dict[str, int]:
         counts = dict.fromkeys(KNOWN_STATUSES + ("other",), 0)
