@@ -185,6 +185,33 @@ def run_throttler_cluster(files: list[str], work: str, strategy: str = "aligned"
     return output_result(timing, out, rss_workers_bytes=workers)
 
 
+def aligned_result_summary(partials, reference_path: str) -> dict:
+    """The aligned final task without its write: keys attached and checked, output table built."""
+    from throttler import kernels
+
+    _total, table, _peak = kernels.aligned_result(partials, reference_path)
+    values = table.column("value").to_numpy()
+    return {"rows": table.num_rows, "checksum": float(np.nansum(values))}
+
+
+def run_throttler_cluster_no_write(files: list[str], work: str) -> dict:
+    """The aligned graph through the LocalCluster, its final task stopping short of the write:
+    the same work as the floor's plus key verification and attachment (like for like)."""
+    import dask
+
+    from throttler import kernels
+
+    with local_cluster() as client:
+        warm_workers(client, "throttler.kernels")
+        chunks = [files[i:i + FILES_PER_TASK] for i in range(0, len(files), FILES_PER_TASK)]
+        leaves = [dask.delayed(kernels.aligned_leaf, pure=False)(chunk, files[0]) for chunk in chunks]
+        final = dask.delayed(aligned_result_summary, pure=False)(leaves, files[0])
+        timing, summary = timed_on_cluster(client, lambda: client.compute(
+            final, resources={"MEMORY": TASK_MEMORY_BYTES}).result())
+        workers = workers_peak_rss_bytes(client)
+    return {**timing, **summary, "rss_workers_bytes": workers}
+
+
 def run_throttler_sync(files: list[str], work: str, strategy: str) -> dict:
     """The whole graph (leaves, combines, final write) on dask's synchronous scheduler."""
     import dask
@@ -207,8 +234,8 @@ def run_aligned_kernels(files: list[str], work: str) -> dict:
         partials = [kernels.aligned_leaf(chunk, files[0]) for chunk in chunks]
         return kernels.aligned_result(partials, files[0])
 
-    timing, (_total, paths, _dates, values, _peak) = timed(compute)
-    return result_of(timing, values, len(paths))
+    timing, (_total, table, _peak) = timed(compute)
+    return result_of(timing, table.column("value").to_numpy(), table.num_rows)
 
 
 def run_aligned_leaves(files: list[str], work: str) -> dict:
@@ -347,6 +374,7 @@ def run_floor_keys(files: list[str], work: str) -> dict:
 
 METHODS = {
     "aligned-cluster": (run_throttler_cluster, "throttler aligned, LocalCluster 2x1 thread, incl. output write"),
+    "aligned-cluster-compute": (run_throttler_cluster_no_write, "throttler aligned, LocalCluster 2x1 thread, no output write"),
     "aligned-sync": (lambda f, w: run_throttler_sync(f, w, "aligned"), "throttler aligned, dask sync, incl. output write"),
     "aligned-kernels": (run_aligned_kernels, "throttler aligned kernels called directly, no output write"),
     "aligned-leaves": (run_aligned_leaves, "throttler aligned leaves + their sum only (keys verified, not attached)"),

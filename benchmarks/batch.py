@@ -15,6 +15,13 @@ policy differs:
 * ``c``  every group at once, each with ``resources={"MEMORY": plan.task_peak_bytes}``;
 * ``d``  ``throttler serve --scheduler``: requests dropped into its spool at once.
 
+The makespan runs from the moment the batch is handed over to the last group's
+end: ways (a)-(c) read the files' footers, plan and build their graphs inside
+it, as the daemon must. Every way also reports the CPU seconds its
+orchestration took (the benchmark process; for (d) the daemon's too): on a
+machine with as many cores as worker threads, those seconds are taken from
+the workers.
+
 A scheduler plugin records task compute intervals, worker arrivals, removals
 and status changes (pauses); a thread samples worker memory every 0.2 s, as the
 scheduler sees it (heartbeats) and as ``psutil`` sees it. Every output is
@@ -345,6 +352,7 @@ class WayRun:
     results: dict[str, GroupResult]
     output_dir: Path
     notes: list[str] = field(default_factory=list)
+    daemon_cpu_seconds: float = 0.0  #: (d): the daemon process's CPU seconds, start-up included
 
 
 def plan_groups(estate: Estate, infos: dict, client: Client, args, strategy: str) -> dict:
@@ -381,10 +389,22 @@ def collect(futures: dict, deadline: float) -> dict[str, GroupResult]:
     return results
 
 
-def run_all_at_once(client: Client, plans: dict, out: Path, timeout: float, with_resources: bool) -> WayRun:
+def plan_and_build(estate: Estate, client: Client, args, strategy: str, reference: dict,
+                   out: Path) -> tuple[dict, dict]:
+    """What a client of ways (a)-(c) must do before it submits, as the daemon does inside
+    its own makespan: read every footer, plan, build the graphs. Returns (plans, graphs)."""
+    infos = {g: [file_info(p) for p in files] for g, files in estate.groups.items()}
+    plans = plan_groups(estate, infos, client, args, strategy)
+    if {g: _plan_key(p) for g, p in plans.items()} != {g: _plan_key(p) for g, p in reference.items()}:
+        raise RuntimeError("planning in the way's timer gave other plans than the reference planning")
+    return plans, {g: graphs.build(p, str(out / f"{g}.parquet")) for g, p in plans.items()}
+
+
+def run_all_at_once(client: Client, estate: Estate, reference: dict, out: Path, timeout: float,
+                    with_resources: bool, args, strategy: str) -> WayRun:
     """(a) one ``client.compute`` of every graph; (c) one per group, each with its MEMORY restriction."""
-    built = {g: graphs.build(p, str(out / f"{g}.parquet")) for g, p in plans.items()}
     start = time.time()
+    plans, built = plan_and_build(estate, client, args, strategy, reference, out)
     if with_resources:
         futures = {g: client.compute(b.final, resources={"MEMORY": float(plans[g].task_peak_bytes)})
                    for g, b in built.items()}
@@ -393,10 +413,11 @@ def run_all_at_once(client: Client, plans: dict, out: Path, timeout: float, with
     return WayRun("c" if with_resources else "a", start, collect(futures, start + timeout), out)
 
 
-def run_pool(client: Client, plans: dict, out: Path, timeout: float, n_threads: int) -> WayRun:
+def run_pool(client: Client, estate: Estate, reference: dict, out: Path, timeout: float, n_threads: int,
+             args, strategy: str) -> WayRun:
     """(b) the seed's thread pool: each thread submits one group and waits for it."""
-    built = {g: graphs.build(p, str(out / f"{g}.parquet")) for g, p in plans.items()}
     start = time.time()
+    _plans, built = plan_and_build(estate, client, args, strategy, reference, out)
     deadline = start + timeout
 
     def one(group: str) -> GroupResult:
@@ -435,11 +456,12 @@ def run_daemon(cluster: Cluster, plans: dict, base: Path, timeout: float, args, 
             os.rename(spool / "tmp" / f"{group}.json", spool / "incoming" / f"{group}.json")
         wait_until(lambda: len(daemon_records(spool)) >= len(plans), timeout)
         results = daemon_records(spool)
+        daemon_cpu = sum(psutil.Process(daemon.popen.pid).cpu_times()[:2])
     finally:
         daemon.stop(timeout_seconds=30)
     for group in plans:
         results.setdefault(group, GroupResult(group, False, time.time(), "timed out"))
-    run = WayRun("d", start, results, out)
+    run = WayRun("d", start, results, out, daemon_cpu_seconds=daemon_cpu)
     run.notes += daemon_notes(spool, plans, daemon.log())
     return run
 
@@ -634,7 +656,9 @@ def run_way(way: str, estate: Estate, infos: dict, args, strategy: str) -> Row:
         plans = plan_groups(estate, infos, client, args, strategy)
         load_before = os.getloadavg()[0]
         with Sampler(cluster) as sampler:
+            cpu_before = time.process_time()
             run = dispatch(way, cluster, plans, base, args, strategy, estate)
+            client_cpu = time.process_time() - cpu_before
         time.sleep(1.5)  # the last heartbeats and status changes reach the scheduler
         record = client.run_on_scheduler(dump_recorder)
         (base / "record.json").write_text(json.dumps(  # the raw figures, for a closer look afterwards
@@ -642,7 +666,9 @@ def run_way(way: str, estate: Estate, infos: dict, args, strategy: str) -> Row:
              "samples": sampler.samples}))
         row = measure(run, record, sampler, estate, args.fan_in, N_WORKERS * args.threads_per_worker)
         row.diagnostics.append(f"{way_label(way)}: load average (1 min) {load_before:.1f} before, "
-                               f"{os.getloadavg()[0]:.1f} after")
+                               f"{os.getloadavg()[0]:.1f} after; CPU seconds of the orchestration: "
+                               f"benchmark process {client_cpu:.1f} (its 0.2 s sampler included)"
+                               + (f", daemon process {run.daemon_cpu_seconds:.1f}" if way == "d" else ""))
         return row
     finally:
         cluster.close()
@@ -653,9 +679,9 @@ def run_way(way: str, estate: Estate, infos: dict, args, strategy: str) -> Row:
 def dispatch(way: str, cluster: Cluster, plans: dict, base: Path, args, strategy: str, estate: Estate) -> WayRun:
     client, out, timeout = cluster.client, base / "out", args.way_timeout_seconds
     if way in ("a", "c"):
-        return run_all_at_once(client, plans, out, timeout, with_resources=way == "c")
+        return run_all_at_once(client, estate, plans, out, timeout, way == "c", args, strategy)
     if way.startswith("b"):
-        return run_pool(client, plans, out, timeout, int(way[1:]))
+        return run_pool(client, estate, plans, out, timeout, int(way[1:]), args, strategy)
     if way == "d":
         return run_daemon(cluster, plans, base, timeout, args, strategy, estate.root)
     raise ValueError(f"unknown way {way!r}")

@@ -58,6 +58,36 @@ def test_nan_skipped_and_counted(tmp_path, strategy):
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
+def test_nan_in_one_file_of_a_leaf(tmp_path, strategy):
+    """The aligned leaf adds first and checks its accumulator; a NaN anywhere is still skipped and counted."""
+    files = [write_sim(tmp_path / "a.parquet", seed=1), write_sim(tmp_path / "b.parquet", seed=2),
+             write_sim(tmp_path / "c.parquet", seed=3, nan_frac=0.05), write_sim(tmp_path / "d.parquet", seed=4)]
+    expected_nans = int(np.isnan(pq.read_table(files[2]).column("value").to_numpy()).sum())
+    summary = run_in_process(plan_for("g", files, strategy, files_per_task=4), tmp_path / "out.parquet")
+    assert expected_nans > 0 and summary["nan_count"] == expected_nans
+    assert_matches_reference(tmp_path / "out.parquet", files)
+    assert not np.isnan(pq.read_table(tmp_path / "out.parquet").column("value").to_numpy()).any()
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("files_per_task", [1, 2, 3])
+def test_opposite_infinities_sum_to_nan_and_count_no_nan(tmp_path, strategy, files_per_task):
+    """inf + -inf is NaN by IEEE arithmetic: the result at that key, never a skipped input,
+    whichever level of the tree adds them and whatever other files add to the key."""
+    files = _files(tmp_path, 3)
+    for path, inf in zip(files, (np.inf, -np.inf)):
+        table = pq.read_table(path)
+        values = table.column("value").to_numpy().copy()
+        values[3] = inf
+        pq.write_table(table.set_column(2, "value", pa.array(values)), path)
+    summary = run_in_process(plan_for("g", files, strategy, files_per_task=files_per_task),
+                             tmp_path / "out.parquet")
+    out = pq.read_table(tmp_path / "out.parquet").column("value").to_numpy()
+    assert summary["nan_count"] == 0
+    assert np.isnan(out[3]) and np.isnan(out).sum() == 1
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_float32_values_and_narrow_types(tmp_path, strategy):
     files = [write_sim(tmp_path / "a.parquet", seed=1, value_type=pa.float32(), path_type=pa.int32()),
              write_sim(tmp_path / "b.parquet", seed=2, value_type=pa.float32(), path_type=pa.int32())]
@@ -113,3 +143,31 @@ def test_keys_unique_per_submission(tmp_path):
     a, b = graphs.build(plan, "x"), graphs.build(plan, "x")
     keys_a, keys_b = set(a.final.dask.keys()), set(b.final.dask.keys())
     assert len(keys_a) == a.n_tasks and not keys_a & keys_b
+
+
+@pytest.mark.parametrize("date_type", [pa.date32(), pa.timestamp("us", tz="UTC"), pa.date64()])
+@pytest.mark.parametrize("seed", range(40))
+def test_stored_keys_sorted_agrees_with_the_plain_check(date_type, seed):
+    """Chunk-wise, block-wise checking gives the whole-array answer, at every chunk and block edge."""
+    from throttler import contract
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(0, 60))
+    paths = np.sort(rng.integers(0, 6, n))
+    days = rng.integers(-3, 3, n) + np.arange(n) * (seed % 3)  # sometimes sorted within a path, often not
+    if seed % 4 == 0 and n > 1:  # a clean strictly increasing case, then one swap at a random row
+        paths, days = np.repeat(np.arange(n), 1), np.zeros(n, dtype=np.int64)
+        if seed % 8 == 0:
+            i = int(rng.integers(0, n - 1))
+            paths[[i, i + 1]] = paths[[i + 1, i]]
+    cuts = np.sort(rng.integers(0, n + 1, int(rng.integers(0, 4))))
+    bounds = [0, *cuts.tolist(), n]
+    unit = {32: "D", 64: "ms"}[date_type.bit_width] if not pa.types.is_timestamp(date_type) else "us"
+    date_values = (days * (86_400_000 if unit == "ms" else 1)).astype(f"datetime64[{unit}]")
+    dates = pa.chunked_array([pa.array(date_values[a:b]).cast(date_type) for a, b in zip(bounds, bounds[1:])],
+                             type=date_type)
+    path_chunks = pa.chunked_array([pa.array(paths[a:b], pa.int64()) for a, b in zip(bounds, bounds[1:])],
+                                   type=pa.int64())
+    expected = contract.keys_strictly_sorted(paths, days)
+    assert contract.stored_keys_sorted(path_chunks, dates, block_rows=int(rng.integers(1, 8))) == expected
+    assert contract.stored_keys_sorted(path_chunks, pa.chunked_array([dates.combine_chunks()])) == expected

@@ -191,12 +191,56 @@ def read_values(pf: pq.ParquetFile, row_group: int, path: str) -> np.ndarray:
 
 
 def keys_strictly_sorted(paths: np.ndarray, dates: np.ndarray) -> bool:
-    """True when keys are strictly increasing by (path, Date): sorted and unique."""
+    """True when keys are strictly increasing by (path, Date): sorted and unique.
+
+    Compares neighbours rather than subtracting them, so extreme values cannot overflow.
+    """
     if len(paths) < 2:
         return True
-    dp = paths[1:] - paths[:-1]
-    dd = dates[1:] - dates[:-1]
-    return bool(np.all((dp > 0) | ((dp == 0) & (dd > 0))))
+    p0, p1, d0, d1 = paths[:-1], paths[1:], dates[:-1], dates[1:]
+    return bool(np.all((p1 > p0) | ((p1 == p0) & (d1 > d0))))
+
+
+def stored_keys(pf: pq.ParquetFile, path: str) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
+    """The key columns in output types: ``path`` as int64, ``Date`` in its own type.
+
+    No trip through nanoseconds: what the output writes is what the file holds.
+    Nulls are DataErrors.
+    """
+    table = read_columns(pf, path, KEY_COLUMNS)
+    paths, dates = table.column("path"), table.column("Date")
+    if paths.null_count or dates.null_count:
+        raise DataError(f"{path}: null keys in 'path' or 'Date'")
+    return paths.cast(pa.int64()), dates
+
+
+def date_order_view(dates: pa.Array) -> np.ndarray:
+    """A zero-copy integer view of a date or timestamp array that orders as its dates do."""
+    return dates.view(pa.int32() if dates.type.bit_width == 32 else pa.int64()).to_numpy()
+
+
+def stored_keys_sorted(paths: pa.ChunkedArray, dates: pa.ChunkedArray, block_rows: int = 1 << 16) -> bool:
+    """:func:`keys_strictly_sorted` over stored keys, a cache-sized block at a time.
+
+    Same answer; several times faster on millions of rows, since the
+    temporaries stay in cache instead of costing fresh pages each. Blocks and
+    chunks overlap by one row, so every neighbouring pair is compared once.
+    """
+    if [len(c) for c in paths.chunks] != [len(c) for c in dates.chunks]:
+        paths, dates = pa.chunked_array([paths.combine_chunks()]), pa.chunked_array([dates.combine_chunks()])
+    previous: tuple[np.ndarray, np.ndarray] | None = None
+    for path_chunk, date_chunk in zip(paths.chunks, dates.chunks):
+        p, d = path_chunk.to_numpy(), date_order_view(date_chunk)
+        if not len(p):
+            continue
+        if previous is not None and not keys_strictly_sorted(np.concatenate([previous[0], p[:1]]),
+                                                             np.concatenate([previous[1], d[:1]])):
+            return False
+        if not all(keys_strictly_sorted(p[i:i + block_rows + 1], d[i:i + block_rows + 1])
+                   for i in range(0, len(p), block_rows)):
+            return False
+        previous = p[-1:], d[-1:]
+    return True
 
 
 def sort_keys(paths: np.ndarray, dates: np.ndarray, path: str) -> np.ndarray | None:

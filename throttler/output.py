@@ -36,20 +36,52 @@ def fsync_dir(directory: str | os.PathLike) -> None:
         os.close(fd)
 
 
+#: How outputs are encoded. Keys are sorted, so plain encoding with zstd level 1
+#: stores them as small as dictionary encoding does, at about half its CPU
+#: (measured on 6M-row outputs: 0.09 s against 0.17 s for both key columns).
+#: Summed values are near-random floats: plain, snappy (which gives up on
+#: incompressible pages quickly). Statistics on keys only: readers prune by
+#: path or Date, not by value. Page checksums let readers detect corruption.
+WRITE_OPTIONS = {
+    "use_dictionary": False,
+    "compression": {"path": "zstd", "Date": "zstd", "value": "snappy"},
+    "compression_level": {"path": 1, "Date": 1},
+    "write_statistics": ["path", "Date"],
+    "write_page_checksum": True,
+}
+
+
 def write_output(output_path: str, paths: np.ndarray, dates_ns: np.ndarray, values: np.ndarray,
                  date_type: pa.DataType | None) -> int:
-    """Write the (path, Date, value) table atomically; returns the bytes written."""
-    table = pa.table({
-        "path": pa.array(paths, pa.int64()),
-        "Date": contract.ns_to_date_type(dates_ns, date_type or contract.DATE_NS),
-        "value": pa.array(values, pa.float64()),
-    })
+    """Write (path, Date as ns, value) arrays atomically as ``Date`` of ``date_type``; returns bytes."""
+    return write_table(output_path, output_table(pa.array(paths, pa.int64()),
+                                                 contract.ns_to_date_type(dates_ns, date_type or contract.DATE_NS),
+                                                 values))
+
+
+def output_table(paths: pa.Array | pa.ChunkedArray, dates: pa.Array | pa.ChunkedArray,
+                 values: np.ndarray) -> pa.Table:
+    """The output's three columns (``path`` int64, ``Date`` as given, ``value`` float64)."""
+    return pa.table({"path": paths.cast(pa.int64()), "Date": dates, "value": pa.array(values, pa.float64())})
+
+
+def write_table(output_path: str, table: pa.Table) -> int:
+    """Write ``table`` atomically (temporary file, fsync, rename, fsync of the directory); returns bytes.
+
+    The file is encoded in memory and written with one unbuffered system call
+    loop: about 20% faster than letting the Parquet writer go through a Python
+    file object, page by page. The temporary file is created exclusively, with
+    the output mode, before anything is written.
+    """
+    encoded = pa.BufferOutputStream()
+    pq.write_table(table, encoded, **WRITE_OPTIONS)
+    data = memoryview(encoded.getvalue())
     directory, name = os.path.split(output_path)
     tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}")
     try:
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, OUTPUT_MODE), "wb") as fh:
-            pq.write_table(table, fh, write_page_checksum=True, use_dictionary=["path", "Date"])
-            fh.flush()
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, OUTPUT_MODE), "wb", buffering=0) as fh:
+            while data:
+                data = data[fh.write(data):]
             os.fsync(fh.fileno())
         os.replace(tmp, output_path)
     except BaseException:
