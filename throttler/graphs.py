@@ -6,6 +6,10 @@ Three strategies share one tree shape (see :mod:`throttler.kernels`):
 * ``sum`` folds (path, Date)-indexed pandas Series: index-aligned summation;
 * ``groupby`` concatenates a chunk of files and groups it, the seed's first way.
 
+A group that fits one leaf runs as one task (leaf and final in turn), so the
+common small group costs one scheduled task and moves no partial result
+between workers.
+
 Keys carry a per-submission token: Dask applies resource restrictions only to
 keys it has not seen, so a resubmitted group must never reuse old keys.
 """
@@ -43,6 +47,9 @@ def build(plan: Plan, output_path: str, token: str | None = None) -> GroupGraph:
     files = [f.path for f in plan.files]
     leaf_fn, combine_fn, final_fn, extra = _functions(plan.strategy, files)
     chunks = [files[i:i + plan.files_per_task] for i in range(0, len(files), plan.files_per_task)]
+    if len(chunks) == 1:  # one task reads and writes: no partial result to hold, move or schedule
+        final = _task(kernels.single_task, f"{prefix}-final", leaf_fn, final_fn, files, extra, output_path)
+        return GroupGraph(final, token, 1, prefix)
     level = [_task(leaf_fn, f"{prefix}-leaf-{i}", chunk, *extra) for i, chunk in enumerate(chunks)]
     n_tasks = len(level)
     depth = 0

@@ -353,6 +353,15 @@ def groupby_final(partials: list[Partial], output_path: str) -> dict:
                    frame["value"].to_numpy(np.float64), output_path, total.peak_bytes, started, "groupby")
 
 
+def single_task(leaf_fn, final_fn, paths: list[str], extra: tuple, output_path: str) -> dict:
+    """A whole group in one task: the leaf over every file, then the final on its one partial.
+
+    Memory never exceeds the larger of the two: the leaf's buffers are gone
+    before the final starts, and the partial is the final's one input.
+    """
+    return final_fn([leaf_fn(paths, *extra)], *extra, output_path)
+
+
 def check_not_empty(partials: list[Partial]) -> None:
     if not partials:
         raise DataError("group has no files")

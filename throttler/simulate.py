@@ -248,7 +248,8 @@ def plan_work(plan: Plan, times: StrategyTimes, peaks: TaskPeaks) -> tuple[float
     path = max(leaves) * leaf + sum(max(lv) for lv in levels) * combine + final
     byte_seconds = (sum(leaves) * leaf * peaks.leaf_bytes + combines * peaks.combine_bytes
                     + final * peaks.final_bytes)
-    return work, path, len(leaves) + sum(map(len, levels)) + 1, byte_seconds
+    tasks = 1 if len(leaves) == 1 else len(leaves) + sum(map(len, levels)) + 1  # one leaf: fused, as graphs.build
+    return work, path, tasks, byte_seconds
 
 
 def make_group_plan(name: str, n_files: int, strategy: str, shape: ClusterShape, estimator: Estimator,
@@ -486,6 +487,9 @@ class Simulation:
         noise = iter(self.rng.uniform(lo, hi, len(leaves) + sum(map(len, levels)) + 1).tolist()
                      if hi > lo else itertools.repeat(lo))
         comb = times.combine_seconds_per_input
+        if len(leaves) == 1:  # graphs.build runs a one-leaf group as one task: leaf, then final
+            return [_Task(run, 0, 0, [], leaves[0] * times.leaf_seconds_per_file + comb + times.final_seconds,
+                          int(max(raw.leaf_bytes, raw.final_bytes) * next(noise)), 0)]
         level = [_Task(run, 0, i, [], files * times.leaf_seconds_per_file,
                        int(raw.leaf_bytes * next(noise)), raw.result_bytes) for i, files in enumerate(leaves)]
         tasks = list(level)
