@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from throttler.admission import (
-    AdmissionPolicy, Ledger, QueueEntry, Reservation, choose, decide, queue_order,
+    AdmissionPolicy, Ledger, QueueEntry, Reservation, choose, decide, queue_order, Tally,
 )
 from throttler.cluster import WORKER_BASELINE_BYTES, ClusterSnapshot, WorkerView
 from throttler.plan import Plan
@@ -298,3 +298,17 @@ def test_a_bigger_task_raises_the_running_cap():
     d = decide(TWO, reserved, split_plan("c", 8 * GiB, 0, 2 * GiB), now_seconds=0)
     # 4 threads x 2 GiB = 8 GiB of running tasks at most: the increment is 8 - 4 = 4 GiB
     assert d.admit and "needs 4.00 GiB more" in d.reason
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 10**12), st.integers(0, 10**12), st.integers(0, 10**11)), max_size=30),
+       st.integers(0, 64))
+def test_tally_of_is_plus_folded(rows, threads):
+    """The one-loop Tally.of equals adding the reservations one by one with plus."""
+    reserved = [Reservation(f"g{i}", f"k{i}", group, task, float(i), running)
+                for i, (group, running, task) in enumerate(rows)]
+    folded = Tally()
+    for r in reserved:
+        folded = folded.plus(r.group_peak_bytes, r.running_bytes, r.task_peak_bytes)
+    assert Tally.of(reserved) == folded
+    assert Tally.of(reserved).total_bytes(threads) == folded.total_bytes(threads)

@@ -97,11 +97,34 @@ def test_float32_values_and_narrow_types(tmp_path, strategy):
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_timestamp_dates_keep_their_type(tmp_path, strategy):
-    files = _files(tmp_path, 2, date_type=pa.timestamp("us"))
+@pytest.mark.parametrize("date_type", [pa.timestamp("us"), pa.timestamp("ms", tz="Europe/London"),
+                                       pa.timestamp("ns")])
+def test_dates_keep_their_type(tmp_path, strategy, date_type):
+    files = _files(tmp_path, 2, date_type=date_type)
     run_in_process(plan_for("g", files, strategy), tmp_path / "out.parquet")
     assert_matches_reference(tmp_path / "out.parquet", files)
-    assert pq.read_schema(tmp_path / "out.parquet").field("Date").type == pa.timestamp("us")
+    assert pq.read_schema(tmp_path / "out.parquet").field("Date").type == date_type
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_output_encoding_and_checksums(tmp_path, strategy):
+    """Keys plain + zstd with statistics, values without statistics, page CRCs that verify."""
+    files = _files(tmp_path, 3)
+    run_in_process(plan_for("g", files, strategy, files_per_task=1), tmp_path / "out.parquet")
+    pf = pq.ParquetFile(tmp_path / "out.parquet", page_checksum_verification=True)
+    pf.read()  # every page's CRC checked
+    chunks = {pf.metadata.row_group(0).column(i).path_in_schema: pf.metadata.row_group(0).column(i)
+              for i in range(3)}
+    assert chunks["path"].compression == chunks["Date"].compression == "ZSTD"
+    assert "RLE_DICTIONARY" not in chunks["path"].encodings
+    assert chunks["path"].is_stats_set and not chunks["value"].is_stats_set
+    assert oct((tmp_path / "out.parquet").stat().st_mode & 0o777) == "0o640"
+    data = bytearray((tmp_path / "out.parquet").read_bytes())  # one flipped bit in a value page: caught
+    value_chunk = chunks["value"]
+    data[value_chunk.data_page_offset + value_chunk.total_compressed_size - 5] ^= 0x01
+    (tmp_path / "bad.parquet").write_bytes(bytes(data))
+    with pytest.raises(OSError, match="(?i)crc|checksum"):
+        pq.ParquetFile(tmp_path / "bad.parquet", page_checksum_verification=True).read()
 
 
 def test_aligned_accepts_same_keys_with_different_encoding(tmp_path):

@@ -140,10 +140,16 @@ class Tally:
 
     @classmethod
     def of(cls, reserved: Iterable[Reservation]) -> "Tally":
-        tally = cls()
+        """The sum of :meth:`plus` over ``reserved``, in one loop (rounds see thousands of reservations)."""
+        running = waiting = largest = count = 0
         for r in reserved:
-            tally = tally.plus(r.group_peak_bytes, r.running_bytes, r.task_peak_bytes)
-        return tally
+            part = min(r.running_bytes, r.group_peak_bytes)
+            if part and r.task_peak_bytes > largest:
+                largest = r.task_peak_bytes
+            running += part
+            waiting += r.group_peak_bytes - part
+            count += 1
+        return cls(running, waiting, largest, count)
 
     def plus(self, group_peak_bytes: int, running_bytes: int, task_peak_bytes: int) -> "Tally":
         """Add one group; ``running_bytes`` 0 means its peak is not split (counted uncapped)."""

@@ -604,6 +604,9 @@ class Simulation:
             else:
                 self._group_ended(g, False, f"DoesNotFit: {choice.decision.reason}")
         self.window = [g for g in self.window if g.name not in taken]
+        if any(c.decision.admit for c in choices):  # admits only add within a round: its end is its peak
+            counted = admission.Tally.of(self.ledger.items()).total_bytes(self.cluster.threads)
+            self.peak_reserved = max(self.peak_reserved, counted)  # as admission counts it (capped)
         if len(taken) == len(ready) and self.queue:  # the window, not memory, was the limit: go on
             self.round_pending = True
             self._push_event(self.now, EV_ROUND, None)
@@ -613,8 +616,6 @@ class Simulation:
         self.ledger.reserve(admission.Reservation(plan.group, entry.reservation_key, plan.group_peak_bytes,
                                                   plan.task_peak_bytes, self.now, plan.running_bytes))
         self.reserved += plan.group_peak_bytes
-        counted = admission.Tally.of(self.ledger.items()).total_bytes(self.cluster.threads)
-        self.peak_reserved = max(self.peak_reserved, counted)  # as admission counts it (capped)
 
     def _release(self, run: _Run) -> None:
         r = self.ledger.release(run.key)
