@@ -1,0 +1,109 @@
+"""A ratio that holds on a noisy machine: two methods in alternating processes, paired.
+
+    python benchmarks/paired.py                                # leaves and kernels against the floor
+    python benchmarks/paired.py --a aligned-leaves --pairs 11 --rounds 30
+
+Sub-second timings on a shared VM drift by tens of percent between one table and
+the next, more than the gaps being measured. This script runs method A and
+method B in turn, each in a fresh process (A, B, A, B, ...); each process runs
+its method ``--rounds`` times over the same group (the files of
+``benchmarks/aggregate.py``, generated there) and reports the compute seconds
+timed inside it, after imports and one untimed warm-up round. The ratio A/B is
+taken pair by pair, so a drift of the machine's speed hits both sides of a
+pair alike; the table gives the median ratio with its spread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import aggregate  # noqa: E402 - the same data and the same method bodies
+
+DEFAULT_B = "floor"
+DEFAULT_A = "aligned-leaves,aligned-kernels"
+
+
+def method_body(name: str, files: list[str]):
+    """A no-argument callable doing one round of ``name`` (the bodies of aggregate.py's methods)."""
+    from throttler import kernels
+
+    per = aggregate.FILES_PER_TASK
+    chunks = [files[i:i + per] for i in range(0, len(files), per)]
+    bodies = {
+        "floor": lambda: aggregate.add_value_columns(files),
+        "aligned-leaves": lambda: kernels.aligned_combine([kernels.aligned_leaf(c, files[0]) for c in chunks]),
+        "aligned-kernels": lambda: kernels.aligned_result([kernels.aligned_leaf(c, files[0]) for c in chunks],
+                                                          files[0]),
+    }
+    if name not in bodies:
+        sys.exit(f"unknown method {name!r}; choose from {', '.join(bodies)}")
+    return bodies[name]
+
+
+def child_main(args) -> None:
+    body = method_body(args.child, aggregate.group_files(args))
+    body()  # warm-up, untimed
+    started = time.perf_counter()
+    for _ in range(args.rounds):
+        body()
+    print(json.dumps({"seconds": (time.perf_counter() - started) / args.rounds}))
+
+
+def run_child(method: str, args) -> float:
+    argv = [sys.executable, __file__, "--child", method, "--rounds", str(args.rounds), "--data", args.data,
+            "--files", str(args.files), "--paths", str(args.paths), "--dates", str(args.dates)]
+    out = subprocess.run(argv, check=True, capture_output=True, text=True, timeout=900)
+    return json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
+
+
+def parent_main(args) -> None:
+    files = aggregate.ensure_data(args)
+    aggregate.warm_page_cache(files)
+    rows = []
+    for a in args.a.split(","):
+        ratios, a_times, b_times = [], [], []
+        for pair in range(args.pairs):
+            a_s, b_s = run_child(a, args), run_child(args.b, args)
+            a_times.append(a_s)
+            b_times.append(b_s)
+            ratios.append(a_s / b_s)
+            print(f"  pair {pair + 1}/{args.pairs}  {a} {a_s:.3f} s  {args.b} {b_s:.3f} s  ratio {ratios[-1]:.3f}",
+                  file=sys.stderr, flush=True)
+        rows.append((a, statistics.median(a_times), statistics.median(b_times), ratios))
+    print(f"{len(files)} files x {args.paths * args.dates:,} rows; {args.pairs} pairs of processes, "
+          f"A then B; each process {args.rounds} timed rounds after a warm-up; seconds per round.")
+    print()
+    print("| A | B | A s (median) | B s (median) | A/B per pair: median | min-max |")
+    print("|---|---|---:|---:|---:|---:|")
+    for a, a_med, b_med, ratios in rows:
+        print(f"| {a} | {args.b} | {a_med:.3f} | {b_med:.3f} | {statistics.median(ratios):.3f} | "
+              f"{min(ratios):.3f}-{max(ratios):.3f} |")
+    print(f"\ncommand: python benchmarks/paired.py {' '.join(sys.argv[1:])}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--a", default=DEFAULT_A, help="comma-separated methods to compare with B")
+    p.add_argument("--b", default=DEFAULT_B)
+    p.add_argument("--pairs", type=int, default=7)
+    p.add_argument("--rounds", type=int, default=20, help="timed rounds in each process")
+    p.add_argument("--files", type=int, default=10)
+    p.add_argument("--paths", type=int, default=50_000)
+    p.add_argument("--dates", type=int, default=120)
+    p.add_argument("--data", default=str(aggregate.DEFAULT_DATA))
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    arguments = parse_args()
+    child_main(arguments) if arguments.child else parent_main(arguments)
