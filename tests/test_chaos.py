@@ -19,11 +19,11 @@ from tests.daemon_helpers import leaked_processes
 
 #: a few faults each; about 100 s for the module on a 2-core machine. The scheduler stays
 #: away 11 s (the daemon's client gives up at 10 s and must be replaced) and its workers
-#: 12 s more (longer than a group's quick retries last); 4 disjoint files of 1.2M rows do
+#: 12 s more (longer than a group's quick retries last); 6 disjoint files of 1.2M rows do
 #: not fit a 600 MB worker together, and allowed-failures=1 makes that cost 2 deaths, not 4.
 SHORT = chaos.Sizes(kills=5, worker_kills=2, scheduler_restarts=1, scheduler_downtime_seconds=(11.0, 11.5),
                     workers_back_seconds=(12.0, 12.5), settle_seconds=(0.5, 1.0), outage_seconds=5.0,
-                    groups=3, files=(2, 3), paths=25_000, dates=12, oom_files=4, oom_paths=100_000,
+                    groups=3, files=(2, 3), paths=25_000, dates=12, oom_files=6, oom_paths=100_000,
                     allowed_failures=1, timeout_seconds=90.0)
 
 
