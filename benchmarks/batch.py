@@ -46,6 +46,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import median
 
 import cloudpickle
 import psutil
@@ -704,12 +705,6 @@ def render(strategy: str, rows: list[Row]) -> str:
     lines += ["", "Outputs checked against the sum of their inputs: "
               + ("all correct." if not wrong else "WRONG " + ", ".join(wrong))]
     return "\n".join(lines)
-
-
-def median(values):
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def by_way(rows: list[Row]) -> dict[str, list[Row]]:

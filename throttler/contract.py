@@ -155,11 +155,17 @@ def decode_error(exc: BaseException, path: str, what: str) -> Exception:
     return DataError(f"{path}: {what} ({_short(exc)})")
 
 
-def normalise_keys(table: pa.Table, path: str) -> tuple[np.ndarray, np.ndarray]:
-    """(path, Date) columns of ``table`` as int64 arrays (Date in ns since the epoch)."""
+def key_columns(table: pa.Table, path: str) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
+    """The (path, Date) columns of ``table`` as stored; nulls are DataErrors."""
     paths, dates = table.column("path"), table.column("Date")
     if paths.null_count or dates.null_count:
         raise DataError(f"{path}: null keys in 'path' or 'Date'")
+    return paths, dates
+
+
+def normalise_keys(table: pa.Table, path: str) -> tuple[np.ndarray, np.ndarray]:
+    """(path, Date) columns of ``table`` as int64 arrays (Date in ns since the epoch)."""
+    paths, dates = key_columns(table, path)
     path_arr = paths.cast(pa.int64()).to_numpy()
     date_arr = date_to_ns(dates, path).to_numpy().view("int64")
     return path_arr, date_arr
@@ -202,16 +208,8 @@ def keys_strictly_sorted(paths: np.ndarray, dates: np.ndarray) -> bool:
 
 
 def stored_keys(pf: pq.ParquetFile, path: str) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
-    """The key columns in output types: ``path`` as int64, ``Date`` in its own type.
-
-    No trip through nanoseconds: what the output writes is what the file holds.
-    Nulls are DataErrors.
-    """
-    table = read_columns(pf, path, KEY_COLUMNS)
-    paths, dates = table.column("path"), table.column("Date")
-    if paths.null_count or dates.null_count:
-        raise DataError(f"{path}: null keys in 'path' or 'Date'")
-    return paths.cast(pa.int64()), dates
+    """The key columns as the file stores them (no trip through nanoseconds); nulls are DataErrors."""
+    return key_columns(read_columns(pf, path, KEY_COLUMNS), path)
 
 
 def date_order_view(dates: pa.Array) -> np.ndarray:

@@ -179,8 +179,8 @@ def aligned_result(partials: list[Partial], reference_path: str) -> tuple[Partia
 
     Returns (total, output table, peak bytes): everything the final task does
     but the write. The keys go to the output as the reference file stores
-    them (``path`` widened to int64): no decode to nanoseconds and back. A
-    single partial is read, never copied or changed.
+    them (``path`` widened to int64 by :func:`output_table`): no decode to
+    nanoseconds and back. A single partial is read, never copied or changed.
     """
     if len(partials) == 1:
         total = Partial(partials[0].data)

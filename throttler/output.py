@@ -54,7 +54,7 @@ WRITE_OPTIONS = {
 def write_output(output_path: str, paths: np.ndarray, dates_ns: np.ndarray, values: np.ndarray,
                  date_type: pa.DataType | None) -> int:
     """Write (path, Date as ns, value) arrays atomically as ``Date`` of ``date_type``; returns bytes."""
-    return write_table(output_path, output_table(pa.array(paths, pa.int64()),
+    return write_table(output_path, output_table(pa.array(paths),
                                                  contract.ns_to_date_type(dates_ns, date_type or contract.DATE_NS),
                                                  values))
 

@@ -420,7 +420,7 @@ class Simulation:
         self.round_pending = self.new_ready = False
         self.in_flight = 0
         self.task_bytes = self.peak_task_bytes = self.peak_worker_bytes = 0
-        self.reserved = self.peak_reserved = 0
+        self.peak_reserved = 0
         self.busy = self.lost = self.paused_seconds = 0.0
         self.kills = self.tasks_run = self.rounds = 0
 
@@ -615,12 +615,9 @@ class Simulation:
         plan = entry.plan
         self.ledger.reserve(admission.Reservation(plan.group, entry.reservation_key, plan.group_peak_bytes,
                                                   plan.task_peak_bytes, self.now, plan.running_bytes))
-        self.reserved += plan.group_peak_bytes
 
     def _release(self, run: _Run) -> None:
-        r = self.ledger.release(run.key)
-        if r is not None:
-            self.reserved -= r.group_peak_bytes
+        self.ledger.release(run.key)
 
     def _snapshot(self) -> ClusterSnapshot:
         """The modelled cluster as :func:`throttler.cluster.read_snapshot` would see it (exact)."""
