@@ -104,8 +104,42 @@ def wait_until_idle(max_busy: float, timeout_seconds: float = WAIT_IDLE_TIMEOUT_
     return busy
 
 
+#: --warm-process: each child calls its method once, untimed, before the timed call
+WARM_PROCESS = False
+
+
+def warm_up(fn, *args, **kwargs) -> None:
+    """With --warm-process, one untimed call of ``fn``, its results released before returning.
+
+    A long-running daemon's workers are warm: pyarrow's memory pool and thread
+    pools exist and big allocations have been made before. The first call in a
+    fresh process (and, for the cluster methods, fresh workers) pays for all of
+    that; this call takes it out of the timer, for every method alike.
+    """
+    if not WARM_PROCESS:
+        return
+    import gc
+
+    fn(*args, **kwargs)
+    gc.collect()
+    try:
+        from distributed import default_client
+        client = default_client()
+    except (ImportError, ValueError):
+        return
+    deadline = time.monotonic() + 30
+    while client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks)) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the warm-up's keys are released: the timed call cannot reuse its results
+
+
 def timed(fn, *args, **kwargs):
     """({"seconds", "cpu_seconds"}, result) of one call; CPU counts all of this process's threads."""
+    warm_up(fn, *args, **kwargs)
+    return clocked(fn, *args, **kwargs)
+
+
+def clocked(fn, *args, **kwargs):
+    """:func:`timed` without the warm-up."""
     started, cpu_started = time.perf_counter(), time.process_time()
     result = fn(*args, **kwargs)
     return {"seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu_started}, result
@@ -149,8 +183,9 @@ def warm_workers(client, *modules: str) -> None:
 
 def timed_on_cluster(client, fn, *args):
     """:func:`timed`, with the workers' CPU seconds added to the client process's."""
+    warm_up(fn, *args)
     before = sum(client.run(time.process_time).values())
-    timing, result = timed(fn, *args)
+    timing, result = clocked(fn, *args)
     timing["cpu_seconds"] += sum(client.run(time.process_time).values()) - before
     return timing, result
 
@@ -189,23 +224,29 @@ def aligned_result_summary(partials, reference_path: str) -> dict:
     """The aligned final task without its write: keys attached and checked, output table built."""
     from throttler import kernels
 
-    _total, table, _peak = kernels.aligned_result(partials, reference_path)
+    total, table, _peak = kernels.aligned_result(partials, reference_path)
     values = table.column("value").to_numpy()
-    return {"rows": table.num_rows, "checksum": float(np.nansum(values))}
+    checksum = np.nansum(values) if total.nan_count else values.sum()  # nansum copies: only when needed
+    return {"rows": table.num_rows, "checksum": float(checksum)}
+
+
+def no_write_graph(files: list[str]):
+    """The aligned graph (leaves of FILES_PER_TASK files, one final) with a final that does not write."""
+    import dask
+
+    from throttler import kernels
+
+    chunks = [files[i:i + FILES_PER_TASK] for i in range(0, len(files), FILES_PER_TASK)]
+    leaves = [dask.delayed(kernels.aligned_leaf, pure=False)(chunk, files[0]) for chunk in chunks]
+    return dask.delayed(aligned_result_summary, pure=False)(leaves, files[0])
 
 
 def run_throttler_cluster_no_write(files: list[str], work: str) -> dict:
     """The aligned graph through the LocalCluster, its final task stopping short of the write:
     the same work as the floor's plus key verification and attachment (like for like)."""
-    import dask
-
-    from throttler import kernels
-
     with local_cluster() as client:
         warm_workers(client, "throttler.kernels")
-        chunks = [files[i:i + FILES_PER_TASK] for i in range(0, len(files), FILES_PER_TASK)]
-        leaves = [dask.delayed(kernels.aligned_leaf, pure=False)(chunk, files[0]) for chunk in chunks]
-        final = dask.delayed(aligned_result_summary, pure=False)(leaves, files[0])
+        final = no_write_graph(files)
         timing, summary = timed_on_cluster(client, lambda: client.compute(
             final, resources={"MEMORY": TASK_MEMORY_BYTES}).result())
         workers = workers_peak_rss_bytes(client)
@@ -398,6 +439,8 @@ def child_main(args) -> None:
     """Run one method and print its JSON report as the last line of stdout."""
     import pandas  # noqa: F401  (pyarrow's first to_numpy() imports it: keep that out of the timer)
 
+    global WARM_PROCESS
+    WARM_PROCESS = args.warm_process
     files = group_files(args)  # the parent made sure they exist
     work = str(Path(args.data) / "out")
     os.makedirs(work, exist_ok=True)
@@ -415,6 +458,7 @@ def run_child(method: str, args) -> dict:
     """One run of ``method`` in a fresh interpreter; the whole-process wall time is added."""
     cmd = [sys.executable, os.path.abspath(__file__), "--method", method, "--data", args.data,
            "--files", str(args.files), "--paths", str(args.paths), "--dates", str(args.dates)]
+    cmd += ["--warm-process"] if args.warm_process else []
     started = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=CHILD_TIMEOUT_SECONDS)
@@ -511,9 +555,11 @@ def environment(args, files: list[str], warmed_bytes: int, load: tuple[float, fl
     busy = [r["cpu_busy_before"] for rs in runs.values() for r in rs if r.get("cpu_busy_before") is not None]
     quiet = (f" Before each run the CPUs were {statistics.median(busy):.0%} busy (median; at most "
              f"{max(busy):.0%}) over one second." if busy else "")
+    warm = (" which first made one untimed call of its method (warm process and workers)"
+            if args.warm_process else "")
     return (f"{len(files)} files x {args.paths * args.dates:,} rows ({warmed_bytes / 1e6:,.1f} MB) under "
             f"{Path(args.data).resolve()}; median of {args.runs} runs after one warm-up run, each run a fresh "
-            f"process, methods run one at a time.\nPage cache: warm (the parent read every file once before "
+            f"process{warm}, methods run one at a time.\nPage cache: warm (the parent read every file once before "
             f"the warm-up). Machine: {os.cpu_count()} CPUs, 1-min load average {load[0]:.2f} before and "
             f"{load[1]:.2f} after the runs.{quiet}\nPython {platform.python_version()}; {versions}.")
 
@@ -548,6 +594,9 @@ def parse_args(argv=None):
     parser.add_argument("--wait-idle", type=float, default=1.0, metavar="FRACTION",
                         help="before each run, wait (up to 1 min) until the CPUs are at most this busy "
                              "(e.g. 0.2 on a shared machine; default 1: never wait)")
+    parser.add_argument("--warm-process", action="store_true",
+                        help="in each child, one untimed call of the method before the timed one "
+                             "(steady state of a long-running daemon's workers; default: first call, cold)")
     parser.add_argument("--method", help=argparse.SUPPRESS)  # child mode: run this one method
     return parser.parse_args(argv)
 

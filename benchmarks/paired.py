@@ -2,6 +2,7 @@
 
     python benchmarks/paired.py                                # leaves and kernels against the floor
     python benchmarks/paired.py --a aligned-leaves --pairs 11 --rounds 30
+    python benchmarks/paired.py --a aligned-cluster-compute,aligned-cluster   # through a LocalCluster
 
 Sub-second timings on a shared VM drift by tens of percent between one table and
 the next, more than the gaps being measured. This script runs method A and
@@ -10,12 +11,15 @@ its method ``--rounds`` times over the same group (the files of
 ``benchmarks/aggregate.py``, generated there) and reports the compute seconds
 timed inside it, after imports and one untimed warm-up round. The ratio A/B is
 taken pair by pair, so a drift of the machine's speed hits both sides of a
-pair alike; the table gives the median ratio with its spread.
+pair alike; the table gives the median ratio with its spread. The cluster
+methods start aggregate.py's LocalCluster (2 workers x 1 thread) once per
+process, so their rounds measure warm workers, as a long-running daemon has.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -32,30 +36,50 @@ DEFAULT_B = "floor"
 DEFAULT_A = "aligned-leaves,aligned-kernels"
 
 
-def method_body(name: str, files: list[str]):
-    """A no-argument callable doing one round of ``name`` (the bodies of aggregate.py's methods)."""
-    from throttler import kernels
+IN_PROCESS = ("floor", "aligned-leaves", "aligned-kernels")
+ON_CLUSTER = ("aligned-cluster-compute", "aligned-cluster")  #: aggregate.py's LocalCluster, 2 x 1 thread
+
+
+def method_body(name: str, files: list[str], work: str, client=None):
+    """A no-argument callable doing one round of ``name`` (the bodies of aggregate.py's methods).
+
+    The cluster bodies build a new graph each round (fresh keys: nothing is
+    reused from the round before) and wait for the final task's summary; the
+    output file of ``aligned-cluster`` is written, fsynced and renamed each time.
+    """
+    from throttler import graphs, kernels
 
     per = aggregate.FILES_PER_TASK
     chunks = [files[i:i + per] for i in range(0, len(files), per)]
+    resources = {"MEMORY": aggregate.TASK_MEMORY_BYTES}
+    plan = aggregate.throttler_plan(files, "aligned")
+    output = str(Path(work) / "aligned-paired.parquet")
     bodies = {
         "floor": lambda: aggregate.add_value_columns(files),
         "aligned-leaves": lambda: kernels.aligned_combine([kernels.aligned_leaf(c, files[0]) for c in chunks]),
         "aligned-kernels": lambda: kernels.aligned_result([kernels.aligned_leaf(c, files[0]) for c in chunks],
                                                           files[0]),
+        "aligned-cluster-compute": lambda: client.compute(aggregate.no_write_graph(files),
+                                                          resources=resources).result(),
+        "aligned-cluster": lambda: client.compute(graphs.build(plan, output).final, resources=resources).result(),
     }
-    if name not in bodies:
-        sys.exit(f"unknown method {name!r}; choose from {', '.join(bodies)}")
     return bodies[name]
 
 
 def child_main(args) -> None:
-    body = method_body(args.child, aggregate.group_files(args))
-    body()  # warm-up, untimed
-    started = time.perf_counter()
-    for _ in range(args.rounds):
-        body()
-    print(json.dumps({"seconds": (time.perf_counter() - started) / args.rounds}))
+    work = Path(args.data) / "out"
+    work.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        client = None
+        if args.child in ON_CLUSTER:
+            client = stack.enter_context(aggregate.local_cluster())
+            aggregate.warm_workers(client, "throttler.kernels")
+        body = method_body(args.child, aggregate.group_files(args), str(work), client)
+        body()  # warm-up, untimed
+        started = time.perf_counter()
+        for _ in range(args.rounds):
+            body()
+        print(json.dumps({"seconds": (time.perf_counter() - started) / args.rounds}))
 
 
 def run_child(method: str, args) -> float:
@@ -66,6 +90,9 @@ def run_child(method: str, args) -> float:
 
 
 def parent_main(args) -> None:
+    unknown = [m for m in args.a.split(",") + [args.b] if m not in IN_PROCESS + ON_CLUSTER]
+    if unknown:
+        sys.exit(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(IN_PROCESS + ON_CLUSTER)}")
     files = aggregate.ensure_data(args)
     aggregate.warm_page_cache(files)
     rows = []
