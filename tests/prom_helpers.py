@@ -47,6 +47,7 @@ def exercise(metrics, step: int = 1) -> None:
     metrics.set_cluster_memory(8 * 2**30, 5 * 2**30, 3 * 2**30)
     metrics.set_workers({"running": 2, "paused": step % 2})
     metrics.worker_lost()
+    metrics.set_workers_incompatible(step % 2)
     metrics.set_pool("builder", busy=1, size=2)
     metrics.set_pool("submitter", busy=2, size=2)
 

@@ -170,3 +170,54 @@ def test_default_layout_is_one_single_threaded_worker_per_core(monkeypatch):
     monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"total": 10 * GiB})())
     assert default_worker_layout() == (2, 1, int(10 * GiB * 0.8 / 2))
     assert default_worker_layout(4, 2, GiB) == (4, 2, GiB)
+
+
+# ------------------------------------------------------------------ workers' packages
+
+
+def test_package_problem_names_each_way_a_worker_can_be_wrong():
+    from throttler.cluster import package_problem
+
+    assert package_problem("1.2.0", {"version": "1.2.0", "error": None}) is None
+    assert package_problem("1.2.0", {"version": "1.1.9", "error": None}) == \
+        "dask-throttler 1.1.9 is installed there; this daemon runs 1.2.0"
+    assert "not installed there" in package_problem("1.2.0", {"version": None, "error": None})
+    broken = package_problem("1.2.0", {"version": "1.2.0", "error": "ImportError: no pyarrow"})
+    assert "importing throttler.kernels fails: ImportError: no pyarrow" in broken
+    assert "check failed there: OSError: timed out" in package_problem("1.2.0", OSError("timed out"))
+    assert "returned None" in package_problem("1.2.0", None)
+
+
+def test_package_probe_runs_on_real_workers_and_reports_this_version(cluster_client):
+    from throttler import __version__
+    from throttler.cluster import worker_package_reports
+
+    _cluster, client = cluster_client
+    workers = sorted(client.scheduler_info()["workers"])
+    reports = worker_package_reports(client, workers)
+    assert reports == {w: {"version": __version__, "error": None} for w in workers}
+    assert all(client.run(lambda: "throttler.kernels" in __import__("sys").modules).values())
+
+
+def test_package_probe_runs_where_throttler_cannot_be_imported(tmp_path):
+    """Shipped by value, the probe runs in a process that cannot import throttler and says why."""
+    import subprocess
+    import sys
+
+    from throttler.cluster import worker_package_probe
+
+    blob = tmp_path / "probe.pickle"
+    blob.write_bytes(cloudpickle.dumps(worker_package_probe()))
+    script = (
+        "import sys, pickle\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'throttler':\n"
+        "            raise ImportError('blocked for the test: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        f"probe = pickle.loads(open({str(blob)!r}, 'rb').read())\n"
+        "print(probe())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "'error': 'ImportError: blocked for the test: throttler'" in done.stdout, done.stdout

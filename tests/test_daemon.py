@@ -169,6 +169,51 @@ def test_workers_without_memory_resource_still_serve_with_a_warning(tmp_path, da
         plain.close()
 
 
+def test_a_worker_with_another_dask_throttler_is_reported_and_the_daemon_serves_on(tmp_path, daemons):
+    """A worker whose installed dask-throttler is not the daemon's: an error in the log naming
+    it, the gauge, the status file and ``throttler status``; groups are still served."""
+    from throttler import __version__
+
+    from tests.daemon_helpers import Proc, child_env
+
+    other = tmp_path / "other-install"
+    dist_info = other / "dask_throttler-0.0.1.dist-info"
+    dist_info.mkdir(parents=True)  # found before site-packages on the worker's sys.path
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: dask-throttler\nVersion: 0.0.1\n")
+    (tmp_path / "mixed").mkdir()
+    mixed = ExternalCluster(tmp_path / "mixed", n_workers=1)
+    env = child_env({"PYTHONPATH": os.pathsep.join(filter(None, [str(other), os.environ.get("PYTHONPATH")]))})
+    mixed.procs.append(Proc(["dask", "worker", mixed.address, "--nthreads", "1", "--memory-limit", "1GB",
+                             "--resources", "MEMORY=1000000000", "--no-dashboard", "--name", "old"],
+                            tmp_path / "mixed" / "old-worker.log", env))
+    try:
+        client = mixed.connect(2)
+        old = next(a for a, w in client.scheduler_info()["workers"].items() if w["name"] == "old")
+        estate = make_estate(tmp_path / "data", {"mixed": 3})
+        daemon = daemons(serve_args(tmp_path, mixed.address))
+        daemon.wait_ready()
+        daemon.wait_for_log(f"worker {old} cannot run this daemon's tasks as expected: dask-throttler 0.0.1 "
+                            f"is installed there; this daemon runs {__version__}")
+        assert daemon.log().count("cannot run this daemon's tasks") == 1, daemon.log()
+
+        drop_request(tmp_path / "spool", "mixed")
+        wait_closed(tmp_path / "spool", 1, 60, daemon)
+        assert [r["group"] for r in records(tmp_path / "spool", "done")] == ["mixed"]
+        assert_outputs_match(tmp_path, estate)
+
+        metrics = urllib.request.urlopen(daemon.metrics_url(), timeout=10).read().decode()
+        assert "throttler_workers_incompatible 1.0" in metrics
+        wait_for(lambda: json.loads(throttler_cli("status", "--spool", str(tmp_path / "spool"), "--json").stdout)
+                 ["daemon"]["workers_incompatible"].get(old, "").startswith("dask-throttler 0.0.1"))
+        human = throttler_cli("status", "--spool", str(tmp_path / "spool")).stdout
+        assert f"INCOMPATIBLE worker {old}: dask-throttler 0.0.1 is installed there" in human, human
+        code, _ = daemon.stop(20)
+        assert code == 0
+    finally:
+        print(mixed.logs())
+        mixed.close()
+
+
 # ---------------------------------------------------------------------------- sd_notify
 
 

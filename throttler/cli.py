@@ -139,6 +139,8 @@ def cmd_status(args) -> int:
     print(f"cluster memory (admission view): limit {mem['limit_bytes'] / 2**30:.2f} GiB, used "
           f"{mem['used_bytes'] / 2**30:.2f} GiB, free {mem['free_bytes'] / 2**30:.2f} GiB, reserved "
           f"{mem['reserved_bytes'] / 2**30:.2f} GiB")
+    for address, problem in sorted(daemon.get("workers_incompatible", {}).items()):
+        print(f"  INCOMPATIBLE worker {address}: {problem}")
     for r in daemon["running"]:
         print(f"  running {r['group']}: {r['strategy']}, reserves {r['estimate_bytes'] / 2**20:.1f} MiB, "
               f"attempt {r['attempt']}, {r['running_seconds']:.1f} s")

@@ -146,6 +146,9 @@ class Metrics:
             ["strategy"], buckets=RATIO_BUCKETS, registry=r)
         self._retries = Counter("throttler_retries", "Group retries, by reason class.", ["reason"], registry=r)
         self._losses = Counter("throttler_worker_losses", "Dask workers lost (died or removed).", registry=r)
+        self._incompatible = Gauge(
+            "throttler_workers_incompatible",
+            "Workers without this daemon's version of dask-throttler (the log says why).", registry=r)
         self._pool_busy = Gauge("throttler_pool_busy_threads", "Busy threads, by pool.", ["pool"], registry=r)
         self._pool_size = Gauge("throttler_pool_threads", "Threads, by pool.", ["pool"], registry=r)
         self._build = Gauge(
@@ -283,6 +286,10 @@ class Metrics:
     @_never_raises
     def worker_lost(self) -> None:
         self._losses.inc()
+
+    @_never_raises
+    def set_workers_incompatible(self, n: int) -> None:
+        self._incompatible.set(_count(n))
 
     @_never_raises
     def set_pool(self, pool: str, busy: int, size: int) -> None:

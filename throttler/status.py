@@ -3,7 +3,10 @@
 The main loop calls :meth:`StatusReporter.refresh` every iteration; it reads a
 fresh scheduler snapshot at most once a second (submitters also feed it theirs),
 publishes gauges, counts lost workers, and writes ``state/status.json``
-atomically for ``throttler status``.
+atomically for ``throttler status``. Each worker that joins is checked once, off
+the main loop, for the daemon's version of dask-throttler
+(:func:`throttler.cluster.package_problem`); a problem is logged as an error,
+counted in a gauge and listed in the status file.
 """
 
 from __future__ import annotations
@@ -15,12 +18,15 @@ import threading
 import time
 
 from throttler.admission import Budget, Tally
-from throttler.cluster import ClusterShape, ClusterSnapshot, read_snapshot
+from throttler import __version__
+from throttler.cluster import (ClusterShape, ClusterSnapshot, package_problem, read_snapshot,
+                               worker_package_reports)
 from throttler.estimator import write_json_atomic
 
 log = logging.getLogger(__name__)
 
 REFRESH_SECONDS = 1.0
+PACKAGE_CHECK_RETRY_SECONDS = 30.0  #: after a package check that could not run at all
 KNOWN_STATUSES = ("running", "paused", "closing")
 
 
@@ -32,6 +38,10 @@ class StatusReporter:
         self._refreshed_at = 0.0
         self._addresses: set[str] = set()
         self.workers_lost = 0
+        self._checked: set[str] = set()  #: workers whose packages were checked
+        self.worker_problems: dict[str, str] = {}  #: address -> why it cannot run our tasks
+        self._check_thread: threading.Thread | None = None
+        self._check_after = 0.0
 
     @property
     def last_threads(self) -> int:
@@ -53,6 +63,9 @@ class StatusReporter:
             lost = self._addresses - current
             self._addresses = current
             self._snapshot = snapshot
+            self._checked -= lost  # a worker back at the same address is checked again
+            for address in lost:
+                self.worker_problems.pop(address, None)
         for address in lost:
             self.workers_lost += 1
             log.warning("worker %s left the cluster", address)
@@ -67,7 +80,38 @@ class StatusReporter:
             self.observe_snapshot(read_snapshot(self.service.client))
         except Exception as exc:  # noqa: BLE001 - the scheduler may be away for a while
             log.warning("cannot read the scheduler: %s", exc)
+        self._check_new_workers(now)
         self._publish()
+
+    def _check_new_workers(self, now: float) -> None:
+        """Check the packages of workers not checked yet, in a thread (one check at a time)."""
+        with self._lock:
+            new = sorted(self._addresses - self._checked)
+        busy = self._check_thread is not None and self._check_thread.is_alive()
+        if not new or busy or now < self._check_after:
+            return
+        self._check_thread = threading.Thread(target=self.check_workers, args=(new,), name="worker-check",
+                                              daemon=True)
+        self._check_thread.start()
+
+    def check_workers(self, addresses: list[str]) -> None:
+        """Run the package probe on ``addresses`` and record what is wrong with each."""
+        try:
+            reports = worker_package_reports(self.service.client, addresses)
+        except Exception as exc:  # noqa: BLE001 - try again later; tasks still run
+            self._check_after = time.monotonic() + PACKAGE_CHECK_RETRY_SECONDS
+            log.warning("cannot check the workers' packages: %s", exc)
+            return
+        for address, report in sorted(reports.items()):
+            problem = package_problem(__version__, report)
+            with self._lock:
+                if address not in self._addresses:
+                    continue  # left meanwhile
+                self._checked.add(address)
+                if problem:
+                    self.worker_problems[address] = problem
+            if problem:
+                log.error("worker %s cannot run this daemon's tasks as expected: %s", address, problem)
 
     def cluster_memory(self) -> dict:
         """Capacity, used and free as admission sees them (see admission.decide)."""
@@ -96,6 +140,7 @@ class StatusReporter:
             "cluster_memory": self.cluster_memory(),
             "workers": self.workers_by_status(),
             "workers_lost": self.workers_lost,
+            "workers_incompatible": dict(self.worker_problems),
             "pools": {k: {"busy": b, "size": s} for k, (b, s) in svc.busy().items()},
             "estimator": svc.estimator.accuracy(),
         }
@@ -109,6 +154,7 @@ class StatusReporter:
         metrics.set_reserved_bytes(memory["reserved_bytes"])
         metrics.set_cluster_memory(memory["limit_bytes"], memory["used_bytes"], memory["free_bytes"])
         metrics.set_workers(doc["workers"])
+        metrics.set_workers_incompatible(len(doc["workers_incompatible"]))
         for pool, figures in doc["pools"].items():
             metrics.set_pool(pool, figures["busy"], figures["size"])
         try:
