@@ -48,3 +48,23 @@ def test_run_exits_zero_when_every_group_succeeds_with_directory_catalog(tmp_pat
                         timeout_seconds=120)
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.count("(sum,") == 2
+
+
+def test_demo_as_the_readme_runs_it(tmp_path):
+    """The README's first command: ``throttler demo`` with its defaults, from a fresh directory."""
+    import subprocess
+    import sys
+
+    from tests.daemon_helpers import child_env
+
+    done = subprocess.run([sys.executable, "-m", "throttler", "demo"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env=child_env(), stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("generated 6 groups (") and "demo-estate/data" in lines[0], lines
+    verified = [line for line in lines if line.endswith("equals pandas groupby")]
+    assert len(verified) == 6 and not any("MISMATCH" in line for line in lines), lines
+    assert any(line.startswith("no-such-group") and "failed" in line and "reason:" in line for line in lines), lines
+    assert lines[-1] == "all outputs verified"
+    outputs = sorted(p.name for p in (tmp_path / "demo-estate" / "output").iterdir())
+    assert len(outputs) == 6 and all(name.endswith(".parquet") for name in outputs)

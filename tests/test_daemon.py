@@ -201,8 +201,10 @@ def test_a_worker_with_another_dask_throttler_is_reported_and_the_daemon_serves_
         assert [r["group"] for r in records(tmp_path / "spool", "done")] == ["mixed"]
         assert_outputs_match(tmp_path, estate)
 
-        metrics = urllib.request.urlopen(daemon.metrics_url(), timeout=10).read().decode()
-        assert "throttler_workers_incompatible 1.0" in metrics
+        def scrape() -> str:
+            return urllib.request.urlopen(daemon.metrics_url(), timeout=10).read().decode()
+
+        wait_for(lambda: "throttler_workers_incompatible 1.0" in scrape(), 10)  # published once a second
         wait_for(lambda: json.loads(throttler_cli("status", "--spool", str(tmp_path / "spool"), "--json").stdout)
                  ["daemon"]["workers_incompatible"].get(old, "").startswith("dask-throttler 0.0.1"))
         human = throttler_cli("status", "--spool", str(tmp_path / "spool")).stdout

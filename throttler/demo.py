@@ -93,4 +93,9 @@ def _matches_reference(output: str, files: list[str]) -> bool:
     frames = [pq.read_table(f).to_pandas() for f in files]
     want = pd.concat(frames).groupby(["path", "Date"])["value"].sum().reset_index()
     got = pq.read_table(output).to_pandas()
-    return len(got) == len(want) and bool(((got["value"] - want["value"]).abs() <= 1e-9 * (1 + want["value"].abs())).all())
+    if len(got) != len(want):
+        return False
+    same_keys = (got["path"].to_numpy() == want["path"].to_numpy()).all() and \
+        (pd.to_datetime(got["Date"]).to_numpy() == pd.to_datetime(want["Date"]).to_numpy()).all()
+    close = ((got["value"] - want["value"]).abs() <= 1e-9 * (1 + want["value"].abs())).all()
+    return bool(same_keys and close)
