@@ -48,6 +48,7 @@ def exercise(metrics, step: int = 1) -> None:
     metrics.set_workers({"running": 2, "paused": step % 2})
     metrics.worker_lost()
     metrics.set_workers_incompatible(step % 2)
+    metrics.worker_peak("aligned", 0.5 + 0.1 * step)
     metrics.set_pool("builder", busy=1, size=2)
     metrics.set_pool("submitter", busy=2, size=2)
 

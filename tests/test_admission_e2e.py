@@ -135,5 +135,12 @@ def test_queue_larger_than_cluster_completes_without_pauses_or_kills(tmp_path, s
            and e.get("status") != "running"]
     assert not bad, bad
     peak_fraction = sampled_peak_fraction(client)
-    print(f"peak worker RSS, sampled every 5 ms: {peak_fraction:.0%} of the limit")
+    recorded = [r["worker_peak_fraction"] for r in done.values()]
+    print(f"peak worker RSS, sampled every 5 ms: {peak_fraction:.0%} of the limit; "
+          f"highest in the records (per-task high-water marks): {max(recorded):.0%}")
     assert peak_fraction < 0.8, f"a worker reached {peak_fraction:.0%} of its limit (pause at 80%)"
+    # Each record has its tasks' highest mark, measured by the kernel (exact with 1 thread per worker):
+    # about what the workers reached (the sampler can miss a spike of a few ms: 3 points of slack)
+    # and the highest of them close to the sampled peak.
+    assert all(0.2 < f <= peak_fraction + 0.03 for f in recorded), recorded
+    assert max(recorded) > peak_fraction - 0.1, (recorded, peak_fraction)

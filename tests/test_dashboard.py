@@ -112,7 +112,7 @@ def test_alert_rules_load_and_evaluate(scraped_metrics):
         return rules if all(not r["lastEvaluation"].startswith("0001") for r in rules) else []
 
     evaluated = wait_for(all_evaluated, 15, "every rule evaluated")
-    assert len(evaluated) == 7
+    assert len(evaluated) == 8
     assert all(r["health"] == "ok" for r in evaluated), evaluated
 
 

@@ -101,6 +101,16 @@ def test_estimate_observed(m):
     assert value(m, "throttler_task_peak_observed_bytes_count", strategy="sum") == 2
 
 
+def test_worker_peak_fraction(m):
+    m.worker_peak("groupby", 0.78)
+    m.worker_peak("groupby", 0.83)
+    assert value(m, "throttler_worker_peak_fraction_count", strategy="groupby") == 2
+    assert value(m, "throttler_worker_peak_fraction_bucket", strategy="groupby", le="0.8") == 1
+    assert value(m, "throttler_worker_peak_fraction_bucket", strategy="groupby", le="0.85") == 2
+    m.set_workers_incompatible(2)
+    assert value(m, "throttler_workers_incompatible") == 2
+
+
 def test_workers_and_losses(m):
     class Status:  # stands in for distributed.core.Status members
         value = "paused"
@@ -168,6 +178,9 @@ GARBAGE_CALLS = [
     ("set_reserved_bytes", (-5,)),
     ("set_cluster_memory", ("a", "b", "c")),
     ("set_workers", ([1, 2],)),
+    ("set_workers_incompatible", ("some",)),
+    ("worker_peak", ("aligned", None)),
+    ("worker_peak", ("aligned", -0.5)),
     ("estimate_observed", ("sum", "big", 1)),
     ("estimate_observed", ("sum", -1, 1)),
     ("retry", (12,)),

@@ -73,7 +73,7 @@ def _report(spool_dir: str, data: str, estate: dict) -> int:
             with open(os.path.join(spool_dir, kind, name)) as fh:
                 records.append((kind, json.load(fh)))
     print(f"\n{'group':<15}{'outcome':<9}{'files':>6}{'rows':>9}{'strategy':>10}{'est MiB':>9}"
-          f"{'obs MiB':>9}{'seconds':>9}  check")
+          f"{'obs MiB':>9}{'worker peak':>12}{'seconds':>9}  check")
     bad = 0
     for kind, r in sorted(records, key=lambda kr: kr[1].get("group") or ""):
         if kind == "failed":
@@ -84,9 +84,13 @@ def _report(spool_dir: str, data: str, estate: dict) -> int:
         bad += not ok
         print(f"{r['group']:<15}{'done':<9}{r['files']:>6}{r['rows']:>9}{r['strategy']:>10}"
               f"{r['estimate_bytes'] / 2**20:>9.1f}{r['observed_peak_bytes'] / 2**20:>9.1f}"
-              f"{r['seconds']:>9.2f}  {'equals pandas groupby' if ok else 'MISMATCH'}")
+              f"{_percent(r.get('worker_peak_fraction')):>12}{r['seconds']:>9.2f}  {'equals pandas groupby' if ok else 'MISMATCH'}")
     print("\nall outputs verified" if not bad else f"\n{bad} problem(s)")
     return 1 if bad else 0
+
+
+def _percent(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{fraction:.0%}"
 
 
 def _matches_reference(output: str, files: list[str]) -> bool:

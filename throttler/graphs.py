@@ -23,6 +23,7 @@ import dask
 from dask.delayed import Delayed
 
 from throttler import kernels
+from throttler.peakrss import Measured
 from throttler.plan import Plan
 
 
@@ -74,4 +75,5 @@ def _functions(strategy: str, files: list[str]):
 
 
 def _task(fn, key: str, *args) -> Delayed:
-    return dask.delayed(fn, pure=False)(*args, dask_key_name=key)
+    """One task of the graph; it also measures its worker's peak RSS (:mod:`throttler.peakrss`)."""
+    return dask.delayed(Measured(fn), pure=False)(*args, dask_key_name=key)

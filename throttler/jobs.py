@@ -42,6 +42,12 @@ class Job:
         return self.strategy_override or self.requested_strategy
 
 
+def worker_peak_fraction(summary: dict) -> float | None:
+    """The highest worker peak RSS over its memory limit among the group's tasks (None: not measured)."""
+    rss, limit = summary.get("worker_peak_rss_bytes"), summary.get("worker_memory_limit_bytes")
+    return round(rss / limit, 4) if rss and limit else None
+
+
 def done_record(job: Job, summary: dict) -> dict:
     """The ``done/`` record: what was produced, what it cost, how it went."""
     plan = job.plan
@@ -58,6 +64,8 @@ def done_record(job: Job, summary: dict) -> dict:
         "estimate_bytes": plan.group_peak_bytes,
         "task_estimate_bytes": plan.task_peak_bytes,
         "observed_peak_bytes": summary["peak_bytes"],
+        "worker_peak_rss_bytes": summary.get("worker_peak_rss_bytes") or None,
+        "worker_peak_fraction": worker_peak_fraction(summary),
         "files_per_task": plan.files_per_task,
         "leaf_tasks": plan.n_leaf_tasks,
         "admission_wait_seconds": round(job.admission_wait_seconds, 6),

@@ -24,6 +24,7 @@ import pyarrow as pa
 from throttler import contract
 from throttler.errors import DataError, MisalignedKeys
 from throttler.output import output_table, write_output, write_table
+from throttler.peakrss import PeakReading
 
 
 @dataclass
@@ -38,6 +39,7 @@ class Partial:
     peak_bytes: int = 0
     task_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    worker_peak: PeakReading = field(default_factory=PeakReading)  #: set by peakrss.Measured
 
     def absorb_stats(self, other: "Partial") -> None:
         self.files += other.files
@@ -45,6 +47,7 @@ class Partial:
         self.nan_count += other.nan_count
         self.peak_bytes = max(self.peak_bytes, other.peak_bytes)
         self.task_seconds += other.task_seconds
+        self.worker_peak = self.worker_peak.higher(other.worker_peak)
         if self.date_type is None:
             self.date_type = other.date_type
 
@@ -221,6 +224,8 @@ def _summary(total: Partial, written: int, rows: int, peak, started, output_path
         "peak_bytes": int(peak),
         "task_seconds": round(total.task_seconds + time.perf_counter() - started, 6),
         "output": output_path,
+        "worker_peak_rss_bytes": total.worker_peak.rss_bytes,
+        "worker_memory_limit_bytes": total.worker_peak.limit_bytes,
     }
 
 

@@ -57,6 +57,8 @@ WAIT_SECONDS_BUCKETS = (0.01, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600)
 PEAK_BYTES_BUCKETS = tuple(float(2**20 * 4**k) for k in range(9))
 #: observed/estimated; 1.0 is a perfect estimate, above 1 an underestimate.
 RATIO_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0, 10.0)
+#: Worker peak RSS over memory limit: Dask spills at 0.7, pauses at 0.8, kills at 0.95.
+LIMIT_FRACTION_BUCKETS = (0.2, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0)
 
 F = TypeVar("F", bound=Callable[..., None])
 
@@ -144,6 +146,11 @@ class Metrics:
         self._ratio = Histogram(
             "throttler_estimate_ratio", "Observed over estimated task peak memory.",
             ["strategy"], buckets=RATIO_BUCKETS, registry=r)
+        self._worker_peak = Histogram(
+            "throttler_worker_peak_fraction",
+            "Per finished group, the highest peak RSS of a worker while running one of its tasks, "
+            "over that worker's memory limit.",
+            ["strategy"], buckets=LIMIT_FRACTION_BUCKETS, registry=r)
         self._retries = Counter("throttler_retries", "Group retries, by reason class.", ["reason"], registry=r)
         self._losses = Counter("throttler_worker_losses", "Dask workers lost (died or removed).", registry=r)
         self._incompatible = Gauge(
@@ -268,6 +275,14 @@ class Metrics:
         self._obs.labels(strategy).observe(observed)
         if estimated > 0:
             self._ratio.labels(strategy).observe(observed / estimated)
+
+    @_never_raises
+    def worker_peak(self, strategy: str, fraction: float) -> None:
+        """Record a group's worker peak RSS over memory limit (see :mod:`throttler.peakrss`)."""
+        fraction = float(fraction)
+        if not fraction >= 0:
+            raise ValueError(f"fraction must be >= 0, got {fraction!r}")
+        self._worker_peak.labels(_label(strategy, STRATEGY_LABELS)).observe(fraction)
 
     # Cluster and threads ------------------------------------------------
 

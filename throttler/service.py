@@ -381,6 +381,8 @@ class Service:
         self._forget(job)
         self.estimator.observe(plan.strategy, plan.task_peak_bytes, summary["peak_bytes"], plan.estimate_factor)
         self.metrics.estimate_observed(plan.strategy, plan.task_peak_bytes, summary["peak_bytes"])
+        if record["worker_peak_fraction"] is not None:
+            self.metrics.worker_peak(plan.strategy, record["worker_peak_fraction"])
         self.metrics.group_finished("done", plan.strategy, job.run_seconds, summary["files"],
                                     summary["bytes_read"], summary["rows"])
         log.info("done %s: %d rows from %d files in %.2f s (%s, attempt %d)", job.group, summary["rows"],

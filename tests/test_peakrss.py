@@ -1,0 +1,75 @@
+"""Worker peak RSS per task: the kernel's high-water mark, reset before and read after each task."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import psutil
+import pytest
+
+from throttler import graphs, peakrss
+from throttler.kernels import Partial
+from throttler.peakrss import Measured, PeakReading
+
+MiB = 2**20
+
+
+def test_higher_reading_is_the_one_closer_to_its_limit():
+    near = PeakReading(700 * MiB, 1000 * MiB)
+    big_but_far = PeakReading(900 * MiB, 4000 * MiB)
+    assert near.higher(big_but_far) is near and big_but_far.higher(near) is near
+    assert PeakReading(5, 0).higher(PeakReading(9, 0)).rss_bytes == 9  # no limits: bytes decide
+    assert PeakReading(9 * MiB, 0).higher(near) is near  # a known limit beats none
+    assert PeakReading().fraction is None and near.fraction == 0.7
+
+
+@pytest.fixture()
+def resettable():
+    if not peakrss.reset_high_water_mark():
+        pytest.skip("/proc/self/clear_refs is not writable here: no per-task readings (documented)")
+
+
+def test_reset_then_read_sees_a_short_lived_allocation(resettable):
+    """A 256 MiB array allocated and freed between reset and read shows in the mark; after
+    another reset it is gone."""
+    peakrss.reset_high_water_mark()
+    before = psutil.Process().memory_info().rss
+    block = np.ones(256 * MiB // 8)  # touched: resident
+    del block
+    peak = peakrss.high_water_mark_bytes()
+    assert peak >= before + 250 * MiB
+    peakrss.reset_high_water_mark()
+    assert peakrss.high_water_mark_bytes() < peak - 200 * MiB
+
+
+def allocate_and_return_partial(n_bytes: int) -> Partial:
+    block = np.ones(n_bytes // 8)
+    return Partial(data=float(block[0]))
+
+
+def allocate_and_return_summary(n_bytes: int) -> dict:
+    block = np.ones(n_bytes // 8)
+    return {"rows": int(block[:1].sum()), "worker_peak_rss_bytes": 1, "worker_memory_limit_bytes": 0}
+
+
+def test_measured_task_attaches_its_reading(resettable):
+    part = Measured(allocate_and_return_partial)(128 * MiB)
+    assert part.worker_peak.rss_bytes >= 128 * MiB
+    assert part.worker_peak.limit_bytes == 0  # not on a Dask worker
+    summary = Measured(allocate_and_return_summary)(64 * MiB)
+    assert summary["worker_peak_rss_bytes"] >= 64 * MiB  # the higher reading replaced the 1 byte
+    assert pickle.loads(pickle.dumps(Measured(allocate_and_return_partial))).fn is allocate_and_return_partial
+
+
+def test_graph_tasks_are_measured_and_the_final_summary_carries_the_highest(tmp_path, resettable):
+    """Through dask's synchronous scheduler: every task measured, the summary has the peak."""
+    from tests.datafiles import plan_for, write_sim
+
+    files = [str(write_sim(tmp_path / f"f{i}.parquet", seed=i)) for i in range(4)]
+    plan = plan_for("g", files, "aligned", files_per_task=1, fan_in=2)
+    graph = graphs.build(plan, str(tmp_path / "out.parquet"))
+    tasks = dict(graph.final.__dask_graph__())
+    assert len(tasks) == graph.n_tasks == 4 + 2 + 1
+    summary = graph.final.compute(scheduler="sync")
+    assert summary["worker_peak_rss_bytes"] >= psutil.Process().memory_info().rss // 2
