@@ -17,8 +17,8 @@ import os
 import threading
 import time
 
-from throttler.admission import Budget, Tally
 from throttler import __version__
+from throttler.admission import Budget, Tally
 from throttler.cluster import (ClusterShape, ClusterSnapshot, package_problem, read_snapshot,
                                worker_package_reports)
 from throttler.estimator import write_json_atomic
@@ -113,6 +113,10 @@ class StatusReporter:
             if problem:
                 log.error("worker %s cannot run this daemon's tasks as expected: %s", address, problem)
 
+    def incompatible_workers(self) -> dict[str, str]:
+        with self._lock:  # the check thread adds to it
+            return dict(self.worker_problems)
+
     def cluster_memory(self) -> dict:
         """Capacity, used and free as admission sees them (see admission.decide)."""
         snap, svc = self._snapshot, self.service
@@ -140,7 +144,7 @@ class StatusReporter:
             "cluster_memory": self.cluster_memory(),
             "workers": self.workers_by_status(),
             "workers_lost": self.workers_lost,
-            "workers_incompatible": dict(self.worker_problems),
+            "workers_incompatible": self.incompatible_workers(),
             "pools": {k: {"busy": b, "size": s} for k, (b, s) in svc.busy().items()},
             "estimator": svc.estimator.accuracy(),
         }
