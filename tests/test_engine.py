@@ -194,3 +194,58 @@ def test_stored_keys_sorted_agrees_with_the_plain_check(date_type, seed):
     expected = contract.keys_strictly_sorted(paths, days)
     assert contract.stored_keys_sorted(path_chunks, dates, block_rows=int(rng.integers(1, 8))) == expected
     assert contract.stored_keys_sorted(path_chunks, pa.chunked_array([dates.combine_chunks()])) == expected
+
+
+# ------------------------------------------------------------------ the streamed aligned final
+
+
+@pytest.mark.parametrize("n_files,files_per_task", [(1, 1), (3, 1), (4, 2)])
+def test_aligned_final_streams_row_groups(tmp_path, monkeypatch, n_files, files_per_task):
+    """Row groups of 7 rows (300 rows: 43 of them, the last one short), one to three partials."""
+    from throttler import kernels
+
+    monkeypatch.setattr(kernels, "OUTPUT_ROW_GROUP_ROWS", 7)
+    files = _files(tmp_path, n_files, row_group_size=11)  # reference batches cross its row groups
+    summary = run_in_process(plan_for("g", files, "aligned", files_per_task), tmp_path / "out.parquet")
+    assert_matches_reference(tmp_path / "out.parquet", files)
+    meta = pq.ParquetFile(tmp_path / "out.parquet").metadata
+    assert meta.num_row_groups == 43 and meta.row_group(42).num_rows == 300 - 42 * 7
+    assert summary["rows"] == 300 and summary["files"] == n_files
+
+
+def test_aligned_keys_out_of_order_only_across_a_row_group_boundary(tmp_path, monkeypatch):
+    """Each 150-row batch is sorted; the second starts below the first's end: sorted whole instead."""
+    from throttler import kernels
+
+    monkeypatch.setattr(kernels, "OUTPUT_ROW_GROUP_ROWS", 150)
+    table = pq.read_table(write_sim(tmp_path / "sorted.parquet"))  # 50 paths x 6 dates
+    swapped = pa.concat_tables([table.slice(150), table.slice(0, 150)])  # paths 25-49, then 0-24
+    files = []
+    for i in range(2):
+        values = pa.array(np.random.default_rng(i).standard_normal(300))
+        files.append(str(tmp_path / f"f{i}.parquet"))
+        pq.write_table(swapped.set_column(2, "value", values), files[-1])
+    run_in_process(plan_for("g", files, "aligned", 1), tmp_path / "out.parquet")
+    assert_matches_reference(tmp_path / "out.parquet", files)
+    assert pq.read_table(tmp_path / "out.parquet").column("path").to_pylist()[0] == 0
+
+
+def test_aligned_final_error_while_streaming_leaves_no_file_and_no_thread(tmp_path, monkeypatch):
+    """A key that decodes as null in the reference's second row group: a DataError naming it;
+    no output, no temporary file, and the preparing thread is gone."""
+    import threading
+
+    from throttler import kernels
+
+    monkeypatch.setattr(kernels, "OUTPUT_ROW_GROUP_ROWS", 100)
+    table = pq.read_table(write_sim(tmp_path / "src.parquet"))
+    paths = table.column("path").to_pylist()
+    paths[250] = None
+    broken = table.set_column(0, "path", pa.array(paths, pa.int64()))
+    files = [str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")]
+    for f in files:
+        pq.write_table(broken, f)
+    with pytest.raises(DataError, match="a.parquet: null keys"):
+        run_in_process(plan_for("g", files, "aligned", 1), tmp_path / "out.parquet")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.parquet", "b.parquet", "src.parquet"]
+    assert not [t for t in threading.enumerate() if t.name == "throttler-ahead"]

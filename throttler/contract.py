@@ -137,6 +137,22 @@ def read_columns(pf: pq.ParquetFile, path: str, columns) -> pa.Table:
         raise decode_error(exc, path, f"cannot decode {', '.join(map(repr, columns))}") from None
 
 
+def iter_key_batches(pf: pq.ParquetFile, path: str, batch_rows: int):
+    """The key columns as stored, ``batch_rows`` rows at a time: (paths, dates) chunked arrays.
+
+    A corrupt file is a DataError naming it; null keys are DataErrors.
+    """
+    batches = pf.iter_batches(batch_size=batch_rows, columns=list(KEY_COLUMNS), use_threads=True)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except DECODE_ERRORS as exc:
+            raise decode_error(exc, path, "cannot decode 'path', 'Date'") from None
+        yield key_columns(pa.Table.from_batches([batch]), path)
+
+
 #: What pyarrow raises on a file it cannot decode (ArrowMemoryError is left
 #: out on purpose: it is a MemoryError, which the retry policy re-plans).
 DECODE_ERRORS = (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, pa.ArrowIndexError,

@@ -75,7 +75,28 @@ def write_table(output_path: str, table: pa.Table) -> int:
     """
     encoded = pa.BufferOutputStream()
     pq.write_table(table, encoded, **WRITE_OPTIONS)
-    data = memoryview(encoded.getvalue())
+    return write_encoded(output_path, encoded.getvalue())
+
+
+def output_schema(date_type: pa.DataType) -> pa.Schema:
+    """The output's schema, as :func:`output_table` builds it."""
+    return pa.schema([("path", pa.int64()), ("Date", date_type), ("value", pa.float64())])
+
+
+def write_tables(output_path: str, schema: pa.Schema, tables) -> int:
+    """:func:`write_table` for a sequence of tables of ``schema``, each encoded as it
+    arrives (the caller may still be producing the next): row groups of at most
+    the writer's default of 1,048,576 rows, as :func:`write_table` writes."""
+    encoded = pa.BufferOutputStream()
+    with pq.ParquetWriter(encoded, schema, **WRITE_OPTIONS) as writer:
+        for table in tables:
+            writer.write_table(table)
+    return write_encoded(output_path, encoded.getvalue())
+
+
+def write_encoded(output_path: str, encoded: pa.Buffer) -> int:
+    """Write an encoded file atomically (see :func:`write_table`); returns bytes."""
+    data = memoryview(encoded)
     directory, name = os.path.split(output_path)
     tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}")
     try:
