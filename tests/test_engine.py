@@ -1,5 +1,7 @@
 """Every strategy equals an independent reference on small real Parquet files."""
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -249,3 +251,30 @@ def test_aligned_final_error_while_streaming_leaves_no_file_and_no_thread(tmp_pa
         run_in_process(plan_for("g", files, "aligned", 1), tmp_path / "out.parquet")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.parquet", "b.parquet", "src.parquet"]
     assert not [t for t in threading.enumerate() if t.name == "throttler-ahead"]
+
+
+@pytest.mark.parametrize("n_files", [1, 3])
+def test_output_write_failing_mid_stream_raises_oserror_and_leaves_nothing(tmp_path, n_files):
+    """A real failing write: the process may not grow a file past 20 kB (RLIMIT_FSIZE, the
+    write returns EFBIG), like a full disk part way through the output. The error is an
+    OSError (a transient failure to the retry policy) and no partial or temporary file stays."""
+    import subprocess
+    import sys
+
+    files = _files(tmp_path, n_files, n_paths=2000, n_dates=6)  # 12,000 rows: about 100 kB of output
+    script = f"""
+import errno, resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+from throttler import graphs
+from tests.datafiles import plan_for
+try:
+    graphs.build(plan_for("g", {files!r}, "aligned", 2), {str(tmp_path / "out.parquet")!r}).final.compute(
+        scheduler="sync")
+except OSError as exc:
+    print("OSError", exc.errno == errno.EFBIG)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=str(Path(__file__).resolve().parent.parent))  # tests/ importable
+    assert done.stdout.strip() == "OSError True", done.stdout + done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.rsplit("/", 1)[1] for p in files)
