@@ -71,7 +71,10 @@ ACCUMULATOR_BYTES_PER_ROW = 8
 #: keys as stored, the output table, the Parquet file encoded in memory before
 #: its write, and (rarely) a sort permutation with permuted copies. Measured
 #: 39 / 47 / 47 B/row beyond the inputs for k = 1 / 2 / 8 (peak RSS of a fresh
-#: process running the final on 6M rows), against 8 + 56 = 64 modelled.
+#: process running the final on 6M rows), against 8 + 56 = 64 modelled. That
+#: was the whole-table final; the streamed one holds a few row groups instead
+#: of whole key and output columns, and the model still covers the whole-table
+#: way it falls back to when keys are out of order.
 ALIGNED_FINAL_EXTRA_BYTES_PER_ROW = 56
 
 #: Sum leaf: the (path, Date)-indexed Series accumulator, the next file's table,
