@@ -230,6 +230,9 @@ def test_aligned_keys_out_of_order_only_across_a_row_group_boundary(tmp_path, mo
     run_in_process(plan_for("g", files, "aligned", 1), tmp_path / "out.parquet")
     assert_matches_reference(tmp_path / "out.parquet", files)
     assert pq.read_table(tmp_path / "out.parquet").column("path").to_pylist()[0] == 0
+    # the streamed attempt's temporary file is gone: only the inputs and the output remain
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f0.parquet", "f1.parquet", "out.parquet",
+                                                          "sorted.parquet"]
 
 
 def test_aligned_final_error_while_streaming_leaves_no_file_and_no_thread(tmp_path, monkeypatch):
