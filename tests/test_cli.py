@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 
 from tests.daemon_helpers import throttler_cli
 from tests.datafiles import assert_matches_reference
@@ -33,6 +34,7 @@ def test_generate_then_run_with_manifest_and_a_failing_group(tmp_path):
     assert run.returncode == 1, run.stdout + run.stderr  # one group failed
     lines = run.stdout.splitlines()
     assert any(line.startswith("ok     g00000: 240 rows") and "aligned" in line for line in lines), lines
+    assert all(re.search(r", worker peak \d+% of its limit\)", line) for line in lines if line.startswith("ok")), lines
     assert any(line.startswith("FAILED no-such:") and "not in manifest" in line for line in lines), lines
     for group in ("g00000", "g00001"):
         assert_matches_reference(out / f"{group}.parquet", groups[group])

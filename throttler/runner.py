@@ -18,6 +18,7 @@ from throttler import graphs, planner, retries
 from throttler.cluster import memory_restriction, read_snapshot
 from throttler.errors import MisalignedKeys
 from throttler.estimator import file_info
+from throttler.jobs import worker_peak_fraction
 from throttler.output import output_path_for
 
 PROGRESS_EVERY_SECONDS = 2.0
@@ -36,8 +37,11 @@ class GroupResult:
         if not self.ok:
             return f"FAILED {self.group}: {self.error}"
         s = self.summary
+        fraction = worker_peak_fraction(s)
+        peak = "" if fraction is None else f", worker peak {fraction:.0%} of its limit"
         return (f"ok     {self.group}: {s['rows']:,} rows from {s['files']} files in {self.seconds:.2f} s "
-                f"({self.strategy}, {s['bytes_read'] / 2**20:,.1f} MiB read, {s['nan_count']} NaN) -> {s['output']}")
+                f"({self.strategy}, {s['bytes_read'] / 2**20:,.1f} MiB read, {s['nan_count']} NaN{peak}) "
+                f"-> {s['output']}")
 
 
 def run_group(client, catalog, group: str, output_root: str, strategy: str = "auto", *,
