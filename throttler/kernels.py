@@ -244,38 +244,23 @@ def aligned_final(partials: list[Partial], reference_path: str, output_path: str
 def _output_row_groups(partials: list[Partial], pf, reference_path: str):
     """Output tables of OUTPUT_ROW_GROUP_ROWS rows: the reference's keys as stored, the sums of the partials."""
     rows = len(partials[0].data)
-    start, last = 0, None
+    start, previous = 0, None  # previous: the last key before this batch, as 1-row (paths, dates)
     for paths, dates in contract.iter_key_batches(pf, reference_path, OUTPUT_ROW_GROUP_ROWS):
         stop = start + len(paths)
         if stop > rows:
             raise DataError(f"{reference_path}: more rows than the partial sums ({rows})")
+        checked = (paths, dates) if previous is None else (  # the boundary is checked as any chunk boundary
+            pa.chunked_array(previous[0].chunks + paths.chunks), pa.chunked_array(previous[1].chunks + dates.chunks))
+        if not contract.stored_keys_sorted(*checked):
+            raise _KeysNotSorted(reference_path)
         if len(paths):
-            first, new_last = _key_ends(paths, dates)
-            if (last is not None and not first > last) or not contract.stored_keys_sorted(paths, dates):
-                raise _KeysNotSorted(reference_path)
-            last = new_last
-        yield output_table(paths, dates, _sum_slices(partials, start, stop))
+            previous = paths[-1:], dates[-1:]
+        values = partials[0].data[start:stop] if len(partials) == 1 else \
+            _sum_arrays([p.data[start:stop] for p in partials])
+        yield output_table(paths, dates, values)
         start = stop
     if start != rows:
         raise DataError(f"{reference_path}: {start} rows, but the partial sums have {rows}")
-
-
-def _key_ends(paths: pa.ChunkedArray, dates: pa.ChunkedArray) -> tuple[tuple, tuple]:
-    """The first and last (path, date order value) of a non-empty batch, comparable as tuples."""
-    p = paths.chunk(0).to_numpy() if paths.num_chunks == 1 else paths.combine_chunks().to_numpy()
-    d = contract.date_order_view(dates.chunk(0) if dates.num_chunks == 1 else dates.combine_chunks())
-    return (int(p[0]), int(d[0])), (int(p[-1]), int(d[-1]))
-
-
-def _sum_slices(partials: list[Partial], start: int, stop: int) -> np.ndarray:
-    """Rows [start, stop) of the sum of the partials (a view when there is one partial)."""
-    if len(partials) == 1:
-        return partials[0].data[start:stop]
-    with np.errstate(invalid="ignore"):  # inf + -inf is NaN, as the contract says: no warning
-        total = np.add(partials[0].data[start:stop], partials[1].data[start:stop])
-        for part in partials[2:]:
-            total += part.data[start:stop]
-    return total
 
 
 def _finish(total: Partial, paths, dates, values, output_path, peak, started, strategy) -> dict:

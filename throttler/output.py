@@ -76,7 +76,11 @@ def write_table(output_path: str, table: pa.Table) -> int:
     """
     encoded = pa.BufferOutputStream()
     pq.write_table(table, encoded, **WRITE_OPTIONS)
-    return write_encoded(output_path, encoded.getvalue())
+    data = memoryview(encoded.getvalue())
+    with _atomic_file(output_path) as fh:
+        while data:
+            data = data[fh.write(data):]
+    return os.path.getsize(output_path)
 
 
 def output_schema(date_type: pa.DataType) -> pa.Schema:
@@ -111,15 +115,6 @@ def start_writeback(fd: int) -> None:
     """
     if hasattr(os, "posix_fadvise"):
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-
-
-def write_encoded(output_path: str, encoded: pa.Buffer) -> int:
-    """Write an encoded file atomically (see :func:`write_table`); returns bytes."""
-    data = memoryview(encoded)
-    with _atomic_file(output_path) as fh:
-        while data:
-            data = data[fh.write(data):]
-    return os.path.getsize(output_path)
 
 
 @contextlib.contextmanager

@@ -83,8 +83,8 @@ class Measured:
 
     The reading goes into the result: a partial's ``worker_peak`` (kept up the
     tree, the higher one winning) or the final summary's
-    ``worker_peak_rss_bytes`` and ``worker_memory_limit_bytes``. Picklable
-    (the wrapped function is pickled by reference) so it ships as a Dask task.
+    ``worker_peak_rss_bytes`` and ``worker_memory_limit_bytes``. It pickles
+    as its wrapped function does (by reference), so it ships as a Dask task.
     """
 
     def __init__(self, fn: Callable[..., Any]):
@@ -98,9 +98,6 @@ class Measured:
         if rss is not None:
             attach(result, PeakReading(rss, worker_memory_limit_bytes()))
         return result
-
-    def __reduce__(self):
-        return (Measured, (self.fn,))
 
 
 def attach(result: Any, reading: PeakReading) -> None:
