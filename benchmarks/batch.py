@@ -6,8 +6,8 @@
 
 Every way starts from a fresh cluster (``dask scheduler`` + 2 ``dask worker``
 processes, 1 thread and 4 GB each, declaring ``MEMORY=4e9``) and runs the same
-groups with the same per-group graphs (:func:`throttler.planner.make_plan` for
-the cluster's shape, :func:`throttler.graphs.build`); only the submission
+groups with the same per-group graphs (:func:`throttler.planning.planner.make_plan` for
+the cluster's shape, :func:`throttler.worker.graphs.build`); only the submission
 policy differs:
 
 * ``a``  every group at once, ``client.compute`` of all graphs, no restrictions;
@@ -54,10 +54,13 @@ import pyarrow.parquet as pq
 from distributed import Client, as_completed
 from distributed.diagnostics.plugin import SchedulerPlugin
 
-from throttler import graphs, planner
-from throttler.cluster import read_snapshot
-from throttler.estimator import Estimator, file_info, naive_group_bytes
-from throttler.generate import EstateSpec, group_sizes, write_estate
+from throttler.cluster.scheduler import read_snapshot
+from throttler.commands.generate import EstateSpec, group_sizes, write_estate
+from throttler.planning import planner
+from throttler.planning.estimator import Estimator
+from throttler.planning.footers import file_info
+from throttler.planning.memory_model import naive_group_bytes
+from throttler.worker import graphs
 
 N_WORKERS = 2
 DEFAULT_THREADS_PER_WORKER = 1
@@ -275,7 +278,7 @@ class Cluster:
                 time.sleep(0.2)
         self.client.wait_for_workers(N_WORKERS, timeout=max(1.0, deadline - time.monotonic()))
         self.client.register_plugin(Recorder(), name=RECORDER_NAME)
-        self.client.run(lambda: __import__("throttler.kernels") and None)  # imports out of the timing
+        self.client.run(lambda: __import__("throttler.worker.kernels") and None)  # imports out of the timing
         return self.client
 
     def worker_rss_bytes(self) -> list[int]:

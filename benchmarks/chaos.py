@@ -67,10 +67,17 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from tests.daemon_helpers import (  # noqa: E402
-    Daemon, NotifyListener, Proc, free_port, leaked_processes, make_estate, records)
+    Daemon,
+    NotifyListener,
+    Proc,
+    free_port,
+    leaked_processes,
+    make_estate,
+    records,
+)
 from tests.datafiles import assert_matches_reference  # noqa: E402
-from throttler.generate import simulation_dates  # noqa: E402
-from throttler.spool import Spool  # noqa: E402
+from throttler.commands.generate import simulation_dates
+from throttler.spool.queue import Spool
 
 SCENARIOS = ("daemon-kill", "worker-kill", "scheduler-restart", "output-unwritable", "output-full", "memory")
 RECORD_KINDS = ("done", "failed")
@@ -458,8 +465,8 @@ def _phase_at_kill(h: Harness, daemon: Daemon) -> list[str]:
     if "serving spool" not in log:
         return ["during startup"]
     phases = []
-    submitted = log.count("throttler.service: submitted ")
-    ended = log.count("throttler.service: done ") + log.count("throttler.service: failed ")
+    submitted = log.count("throttler.service.service: submitted ")
+    ended = log.count("throttler.service.service: done ") + log.count("throttler.service.service: failed ")
     running = submitted - ended - log.count("; retrying in ")
     active = len(os.listdir(h.spool_dir / "active"))
     if running > 0:
@@ -724,11 +731,11 @@ def run_memory(h: Harness, outcome: Outcome) -> None:
 def near_budget_paths(memory_bytes: int, n_dates: int, share: float = 0.8) -> int:
     """Paths per file of a shared-key ``sum`` group whose largest task the planner prices
     at about ``share`` of a worker's task budget, with the estimator untrained."""
-    from throttler.cluster import ClusterShape
+    from throttler.cluster.snapshot import ClusterShape
     from throttler.errors import DoesNotFit
-    from throttler.estimator import Estimator
-    from throttler.plan import FileInfo
-    from throttler.planner import DEFAULT_MEMORY_FRACTION, make_plan
+    from throttler.planning.estimator import Estimator
+    from throttler.planning.plan import FileInfo
+    from throttler.planning.planner import DEFAULT_MEMORY_FRACTION, make_plan
 
     shape = ClusterShape.uniform(2, memory_bytes, 1)
     target = share * shape.task_budget_bytes(DEFAULT_MEMORY_FRACTION)

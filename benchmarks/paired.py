@@ -47,7 +47,7 @@ def method_body(name: str, files: list[str], work: str, client=None):
     reused from the round before) and wait for the final task's summary; the
     output file of ``aligned-cluster`` is written, fsynced and renamed each time.
     """
-    from throttler import graphs, kernels
+    from throttler.worker import graphs, kernels
 
     per = aggregate.FILES_PER_TASK
     chunks = [files[i:i + per] for i in range(0, len(files), per)]
@@ -73,7 +73,7 @@ def child_main(args) -> None:
         client = None
         if args.child in ON_CLUSTER:
             client = stack.enter_context(aggregate.local_cluster())
-            aggregate.warm_workers(client, "throttler.kernels")
+            aggregate.warm_workers(client, "throttler.worker.kernels")
         body = method_body(args.child, aggregate.group_files(args), str(work), client)
         body()  # warm-up, untimed
         started = time.perf_counter()

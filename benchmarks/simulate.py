@@ -20,9 +20,17 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 
-from throttler.planner import resolve_strategy
+from throttler.planning.planner import resolve_strategy
 from throttler.simulate import (
-    GIB, POLICY_LABELS, SIZE_CLASSES, Calibration, ModelCluster, Result, Scenario, lower_bounds, seed_estate,
+    GIB,
+    POLICY_LABELS,
+    SIZE_CLASSES,
+    Calibration,
+    ModelCluster,
+    Result,
+    Scenario,
+    lower_bounds,
+    seed_estate,
 )
 
 SEED_FILES = 140_000
@@ -113,7 +121,7 @@ def header(args, sizes: list[int], cal: Calibration, strategy: str) -> str:
         f"Estate: {sum(sizes):,} files of {cal.file_rows:,} rows in {len(sizes):,} groups of "
         f"{min(sizes)} to {big:,} files (seed {args.seed}); all groups queued at time 0.",
         f"Calibration ({strategy}): {cal.describe(strategy)}.",
-        "Memory: throttler.estimator's per-row model; Dask thresholds pause 0.8, kill 0.95 of memory_limit, "
+        "Memory: throttler.planning.estimator's per-row model; Dask thresholds pause 0.8, kill 0.95 of memory_limit, "
         "3 allowed failures; admission capacity = memory_limit x 0.6 per worker.",
     ])
 

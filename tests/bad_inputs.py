@@ -33,8 +33,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tests.conftest import WORKER_MEMORY_BYTES
-from tests.datafiles import assert_matches_reference, read_output, reference_sum, write_sim
-from throttler.records import safe_name
+from tests.datafiles import (
+    assert_matches_reference,
+    read_output,
+    reference_sum,
+    write_sim,
+)
+from throttler.spool.files import safe_name
 
 #: Rows of the file that no worker can hold: the aligned final task alone is
 #: priced at 72 B/row (+32 MiB), so this many rows exceed 0.6 x the test

@@ -15,7 +15,7 @@ WORKER_MEMORY_BYTES = 1_000_000_000
 @pytest.fixture(scope="session")
 def dask_cluster():
     """2 worker processes x 1 thread, 1 GB limit each, declaring MEMORY (the embedded default shape)."""
-    from throttler.cluster import start_embedded_cluster
+    from throttler.cluster.embedded import start_embedded_cluster
 
     cluster, client = start_embedded_cluster(memory_limit_bytes=WORKER_MEMORY_BYTES, n_workers=2,
                                              threads_per_worker=1)

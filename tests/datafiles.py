@@ -9,8 +9,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from throttler.generate import simulation_dates
-from throttler.plan import FileInfo, Plan
+from throttler.commands.generate import simulation_dates
+from throttler.planning.plan import FileInfo, Plan
 
 
 def write_sim(path, n_paths=50, n_dates=6, seed=0, *, shuffle=False, drop_paths=(), nan_frac=0.0,

@@ -1,6 +1,6 @@
 """Helpers to check throttler's metrics, dashboard and alerts against real Prometheus.
 
-* :func:`exercise` calls every :class:`~throttler.metrics.Metrics` method once,
+* :func:`exercise` calls every :class:`~throttler.ops.metrics.Metrics` method once,
   so every series exists with a non-zero value.
 * :func:`dashboard_queries` lists the PromQL of every dashboard panel, with
   Grafana's variables replaced so Prometheus can evaluate it.

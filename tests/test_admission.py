@@ -8,11 +8,21 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from throttler.admission import (
-    AdmissionPolicy, Ledger, QueueEntry, Reservation, choose, decide, queue_order, Tally,
+from throttler.admission.ledger import Ledger, Reservation
+from throttler.admission.policy import (
+    AdmissionPolicy,
+    QueueEntry,
+    Tally,
+    choose,
+    decide,
+    queue_order,
 )
-from throttler.cluster import WORKER_BASELINE_BYTES, ClusterSnapshot, WorkerView
-from throttler.plan import Plan
+from throttler.cluster.snapshot import (
+    WORKER_BASELINE_BYTES,
+    ClusterSnapshot,
+    WorkerView,
+)
+from throttler.planning.plan import Plan
 
 GiB = 2**30
 MiB = 2**20

@@ -12,9 +12,11 @@ import pytest
 
 from tests.conftest import wait_for
 from tests.test_service import make_service, records
-from throttler.cluster import read_snapshot, start_embedded_cluster
-from throttler.estimator import file_info, naive_group_bytes
-from throttler.generate import EstateSpec, simulation_dates, simulation_table
+from throttler.cluster.embedded import start_embedded_cluster
+from throttler.cluster.scheduler import read_snapshot
+from throttler.commands.generate import simulation_dates, simulation_table
+from throttler.planning.footers import file_info
+from throttler.planning.memory_model import naive_group_bytes
 
 WORKER_LIMIT_BYTES = 600_000_000
 ROWS_PATHS, ROWS_DATES = 5_000, 100  # 500,000 rows a file

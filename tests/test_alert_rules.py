@@ -7,9 +7,9 @@ import subprocess
 from pathlib import Path
 
 import yaml
-
 from prom_helpers import ALERTS, exercise, exposed_names, metric_names
-from throttler.metrics import Metrics
+
+from throttler.ops.metrics import Metrics
 
 TESTS = Path(__file__).resolve().parent
 ALERT_TESTS = TESTS / "alerts_test.yml"

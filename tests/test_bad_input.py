@@ -21,15 +21,16 @@ import pytest
 from tests.bad_inputs import CASES, Case, Estate, build_estate
 from tests.datafiles import assert_matches_reference
 from tests.test_service import records, run_service_until_settled
-from throttler import sdnotify
-from throttler.catalog import Catalog
 from throttler.config import load
 from throttler.errors import RequestError
-from throttler.estimator import Estimator
-from throttler.metrics import FAILURE_REASONS, REJECT_REASONS, Metrics
-from throttler.records import REFUSAL_CLASSES, check_name, encode_record, validate_group
-from throttler.service import Service
-from throttler.spool import Spool
+from throttler.ops import sdnotify
+from throttler.ops.metrics import FAILURE_REASONS, REJECT_REASONS, Metrics
+from throttler.planning.catalog import Catalog
+from throttler.planning.estimator import Estimator
+from throttler.service.service import Service
+from throttler.spool.files import encode_record
+from throttler.spool.queue import Spool
+from throttler.spool.requests import REFUSAL_CLASSES, check_name, validate_group
 
 CATALOGS = ("directory", "manifest")
 SETTLE_SECONDS = 90
@@ -205,8 +206,9 @@ def test_a_corrupt_file_is_bad_data_in_every_strategy(tmp_path, strategy):
     """Decoding errors are permanent DataErrors naming the file, whichever kernel meets them."""
     from tests.bad_inputs import _garble
     from tests.datafiles import write_sim
-    from throttler import kernels, retries
     from throttler.errors import DataError
+    from throttler.service import outcome as retries
+    from throttler.worker import kernels
 
     good, bad = (write_sim(tmp_path / f"f{i}.parquet", seed=i) for i in range(2))
     _garble(bad, "path")
@@ -222,9 +224,9 @@ def test_an_io_error_of_the_storage_stays_transient():
     """Only pyarrow's errno-less OSErrors (undecodable data) become DataErrors; a failed read is retried."""
     import errno
 
-    from throttler import retries
-    from throttler.contract import decode_error
     from throttler.errors import DataError
+    from throttler.service import outcome as retries
+    from throttler.worker.contract import decode_error
 
     eio = OSError(errno.EIO, "Input/output error")
     assert decode_error(eio, "/x.parquet", "cannot decode") is eio and retries.classify(eio) == retries.TRANSIENT

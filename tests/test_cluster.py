@@ -7,10 +7,21 @@ import time
 import cloudpickle
 import pytest
 
-from throttler.cluster import (
+from throttler.cluster.embedded import (
     MEMORY_RESOURCE_SHARE,
-    MEMORY_RESOURCE, WORKER_BASELINE_BYTES, ClusterShape, ClusterSnapshot, WorkerView, _scheduler_worker_records,
-    default_worker_layout, read_snapshot, start_embedded_cluster,
+    default_worker_layout,
+    start_embedded_cluster,
+)
+from throttler.cluster.scheduler import (
+    MEMORY_RESOURCE,
+    _scheduler_worker_records,
+    read_snapshot,
+)
+from throttler.cluster.snapshot import (
+    WORKER_BASELINE_BYTES,
+    ClusterShape,
+    ClusterSnapshot,
+    WorkerView,
 )
 
 GiB = 2**30
@@ -119,7 +130,7 @@ def test_snapshot_sees_a_paused_worker(cluster_client):
 def test_the_scheduler_function_ships_by_value():
     """A remote scheduler need not have throttler installed."""
     blob = cloudpickle.dumps(_scheduler_worker_records())
-    assert b"throttler.cluster\n_scheduler_worker_records" not in blob
+    assert b"throttler.cluster.snapshot.scheduler\n_scheduler_worker_records" not in blob
     assert b"_scheduler_worker_records.<locals>.collect" in blob
 
 
@@ -176,27 +187,27 @@ def test_default_layout_is_one_single_threaded_worker_per_core(monkeypatch):
 
 
 def test_package_problem_names_each_way_a_worker_can_be_wrong():
-    from throttler.cluster import package_problem
+    from throttler.cluster.workers import package_problem
 
     assert package_problem("1.2.0", {"version": "1.2.0", "error": None}) is None
     assert package_problem("1.2.0", {"version": "1.1.9", "error": None}) == \
         "dask-throttler 1.1.9 is installed there; this daemon runs 1.2.0"
     assert "not installed there" in package_problem("1.2.0", {"version": None, "error": None})
     broken = package_problem("1.2.0", {"version": "1.2.0", "error": "ImportError: no pyarrow"})
-    assert "importing throttler.kernels fails: ImportError: no pyarrow" in broken
+    assert "importing throttler.worker.kernels fails: ImportError: no pyarrow" in broken
     assert "check failed there: OSError: timed out" in package_problem("1.2.0", OSError("timed out"))
     assert "returned None" in package_problem("1.2.0", None)
 
 
 def test_package_probe_runs_on_real_workers_and_reports_this_version(cluster_client):
     from throttler import __version__
-    from throttler.cluster import worker_package_reports
+    from throttler.cluster.workers import worker_package_reports
 
     _cluster, client = cluster_client
     workers = sorted(client.scheduler_info()["workers"])
     reports = worker_package_reports(client, workers)
     assert reports == {w: {"version": __version__, "error": None} for w in workers}
-    assert all(client.run(lambda: "throttler.kernels" in __import__("sys").modules).values())
+    assert all(client.run(lambda: "throttler.worker.kernels" in __import__("sys").modules).values())
 
 
 def test_package_probe_runs_where_throttler_cannot_be_imported(tmp_path):
@@ -204,7 +215,7 @@ def test_package_probe_runs_where_throttler_cannot_be_imported(tmp_path):
     import subprocess
     import sys
 
-    from throttler.cluster import worker_package_probe
+    from throttler.cluster.workers import worker_package_probe
 
     blob = tmp_path / "probe.pickle"
     blob.write_bytes(cloudpickle.dumps(worker_package_probe()))

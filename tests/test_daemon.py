@@ -35,11 +35,11 @@ from tests.daemon_helpers import (
     wait_closed,
 )
 from tests.datafiles import assert_matches_reference
-from throttler import daemon as daemon_mod
+from throttler.commands import serve as daemon_mod
 
 WORKER_MEMORY_BYTES = 1_000_000_000
 SHUTDOWN_LINES = ("shutdown 1/4: intake stopped", "shutdown 2/4: admission stopped",
-                  "shutdown 3/4:", "shutdown 4/4:", "INFO throttler.daemon: stopped")
+                  "shutdown 3/4:", "shutdown 4/4:", "INFO throttler.commands.serve: stopped")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -172,9 +172,8 @@ def test_workers_without_memory_resource_still_serve_with_a_warning(tmp_path, da
 def test_a_worker_with_another_dask_throttler_is_reported_and_the_daemon_serves_on(tmp_path, daemons):
     """A worker whose installed dask-throttler is not the daemon's: an error in the log naming
     it, the gauge, the status file and ``throttler status``; groups are still served."""
-    from throttler import __version__
-
     from tests.daemon_helpers import Proc, child_env
+    from throttler import __version__
 
     other = tmp_path / "other-install"
     dist_info = other / "dask_throttler-0.0.1.dist-info"
@@ -351,7 +350,7 @@ def test_second_sigterm_exits_at_once_and_claims_are_requeued(tmp_path, cluster,
         first = daemons(serve_args(tmp_path, cluster.address, "--drain-timeout-seconds", "60"), name="first.log")
         first.wait_ready()
         assert throttler_cli("submit", "s1", "s2", "s3", "--spool", str(spool)).returncode == 0
-        wait_for(lambda: first.log().count("INFO throttler.service: submitted ") == 3, 60)
+        wait_for(lambda: first.log().count("INFO throttler.service.service: submitted ") == 3, 60)
         first.proc.signal(signal.SIGTERM)
         first.wait_for_log("shutdown 3/4")  # now draining: waiting for the three running groups
         started = time.monotonic()
@@ -362,7 +361,7 @@ def test_second_sigterm_exits_at_once_and_claims_are_requeued(tmp_path, cluster,
 
         second = daemons(serve_args(tmp_path, cluster.address, "--drain-timeout-seconds", "1"), name="second.log")
         second.wait_for_log("spool recovered: {'requeued': 3, 'closed': 0}")
-        wait_for(lambda: second.log().count("INFO throttler.service: submitted ") == 3, 60)
+        wait_for(lambda: second.log().count("INFO throttler.service.service: submitted ") == 3, 60)
         code, seconds = second.stop(20)
         assert code == 0 and 1 <= seconds < 10, second.log()
         assert "shutdown 4/4: 3 running group(s) left at the deadline, put back" in second.log()

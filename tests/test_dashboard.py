@@ -6,12 +6,22 @@ import json
 
 import pytest
 import yaml
-
 from prom_helpers import (
-    ALERTS, DASHBOARD, REPO, _panels, dashboard_queries, exercise, exposed_names, http_get,
-    metric_names, prometheus_server, query, wait_for,
+    ALERTS,
+    DASHBOARD,
+    REPO,
+    _panels,
+    dashboard_queries,
+    exercise,
+    exposed_names,
+    http_get,
+    metric_names,
+    prometheus_server,
+    query,
+    wait_for,
 )
-from throttler.metrics import Metrics
+
+from throttler.ops.metrics import Metrics
 
 DATASOURCE = "${datasource}"
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from throttler.metrics import parse_address
+from throttler.ops.metrics import parse_address
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 UNIT = DEPLOY / "throttler.service"

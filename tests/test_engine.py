@@ -7,9 +7,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from throttler import graphs
-from throttler.errors import DataError, MisalignedKeys
 from tests.datafiles import assert_matches_reference, plan_for, write_sim
+from throttler.errors import DataError, MisalignedKeys
+from throttler.worker import graphs
 
 STRATEGIES = ["aligned", "sum", "groupby"]
 
@@ -174,7 +174,7 @@ def test_keys_unique_per_submission(tmp_path):
 @pytest.mark.parametrize("seed", range(40))
 def test_stored_keys_sorted_agrees_with_the_plain_check(date_type, seed):
     """Chunk-wise, block-wise checking gives the whole-array answer, at every chunk and block edge."""
-    from throttler import contract
+    from throttler.worker import contract
 
     rng = np.random.default_rng(seed)
     n = int(rng.integers(0, 60))
@@ -204,7 +204,7 @@ def test_stored_keys_sorted_agrees_with_the_plain_check(date_type, seed):
 @pytest.mark.parametrize("n_files,files_per_task", [(1, 1), (3, 1), (4, 2)])
 def test_aligned_final_streams_row_groups(tmp_path, monkeypatch, n_files, files_per_task):
     """Row groups of 7 rows (300 rows: 43 of them, the last one short), one to three partials."""
-    from throttler import kernels
+    from throttler.worker import kernels
 
     monkeypatch.setattr(kernels, "OUTPUT_ROW_GROUP_ROWS", 7)
     files = _files(tmp_path, n_files, row_group_size=11)  # reference batches cross its row groups
@@ -217,7 +217,7 @@ def test_aligned_final_streams_row_groups(tmp_path, monkeypatch, n_files, files_
 
 def test_aligned_keys_out_of_order_only_across_a_row_group_boundary(tmp_path, monkeypatch):
     """Each 150-row batch is sorted; the second starts below the first's end: sorted whole instead."""
-    from throttler import kernels
+    from throttler.worker import kernels
 
     monkeypatch.setattr(kernels, "OUTPUT_ROW_GROUP_ROWS", 150)
     table = pq.read_table(write_sim(tmp_path / "sorted.parquet"))  # 50 paths x 6 dates
@@ -240,7 +240,7 @@ def test_aligned_final_error_while_streaming_leaves_no_file_and_no_thread(tmp_pa
     no output, no temporary file, and the preparing thread is gone."""
     import threading
 
-    from throttler import kernels
+    from throttler.worker import kernels
 
     monkeypatch.setattr(kernels, "OUTPUT_ROW_GROUP_ROWS", 100)
     table = pq.read_table(write_sim(tmp_path / "src.parquet"))
@@ -269,7 +269,7 @@ def test_output_write_failing_mid_stream_raises_oserror_and_leaves_nothing(tmp_p
 import errno, resource, signal, sys
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
-from throttler import graphs
+from throttler.worker import graphs
 from tests.datafiles import plan_for
 try:
     graphs.build(plan_for("g", {files!r}, "aligned", 2), {str(tmp_path / "out.parquet")!r}).final.compute(

@@ -11,17 +11,27 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from throttler import estimator as est
+from throttler import durable
 from throttler.errors import DataError
-from throttler.estimator import (
-    Estimator, StrategyStats, TaskPeaks, expansion, file_info, group_peak_bytes, largest_file,
-    merge_task_count, naive_group_bytes, raw_task_peaks, rows_of, updated_stats,
+from throttler.planning import estimator as est
+from throttler.planning import memory_model
+from throttler.planning.estimator import Estimator, StrategyStats, updated_stats
+from throttler.planning.footers import file_info
+from throttler.planning.memory_model import (
+    TaskPeaks,
+    expansion,
+    group_peak_bytes,
+    largest_file,
+    merge_task_count,
+    naive_group_bytes,
+    raw_task_peaks,
+    rows_of,
 )
-from throttler.plan import FileInfo
+from throttler.planning.plan import FileInfo
 
 MiB = 2**20
 ROWS = 6_000_000
-#: the measured simulation file (see throttler.estimator's docstring)
+#: the measured simulation file (see throttler.planning.estimator's docstring)
 REAL = FileInfo("/data/f0.parquet", size_bytes=50_390_300, rows=ROWS, decoded_bytes=55_553_687)
 
 
@@ -63,7 +73,7 @@ def test_file_info_turns_bad_files_into_data_errors(tmp_path):
 
 def test_expansion_from_footers_and_default():
     assert expansion([REAL]) == pytest.approx(1.1025, abs=1e-3)
-    assert expansion([FileInfo("x", 100)]) == est.DEFAULT_EXPANSION
+    assert expansion([FileInfo("x", 100)]) == memory_model.DEFAULT_EXPANSION
 
 
 def test_naive_group_bytes_is_files_times_size_times_expansion():
@@ -80,7 +90,7 @@ def test_rows_unknown_are_bounded_from_above():
 
 # --------------------------------------------------------------------------- strategy model
 
-#: Peak RSS measured for throttler.kernels' tasks on the real file, bytes per row:
+#: Peak RSS measured for throttler.worker.kernels' tasks on the real file, bytes per row:
 #: (strategy, shape, files_per_task, inputs) -> B/row. The model must cover each.
 MEASURED_BYTES_PER_ROW = {
     ("aligned", "leaf", 8, 0): 21.3, ("aligned", "leaf", 4, 0): 26.8,  # the 26.8: a cold first run
@@ -102,7 +112,7 @@ def test_model_covers_every_measured_peak(case):
     peaks = raw_task_peaks(strategy, REAL, files_per_task, fan_in, n_leaves)
     modelled = {"leaf": peaks.leaf_bytes, "combine": peaks.combine_bytes, "final": peaks.final_bytes}[shape]
     measured = MEASURED_BYTES_PER_ROW[case] * ROWS
-    assert measured <= modelled <= 1.6 * measured + est.TASK_OVERHEAD_BYTES
+    assert measured <= modelled <= 1.6 * measured + memory_model.TASK_OVERHEAD_BYTES
 
 
 def test_streaming_leaves_do_not_grow_with_files_but_groupby_does():
@@ -111,12 +121,12 @@ def test_streaming_leaves_do_not_grow_with_files_but_groupby_does():
         assert raw_task_peaks(strategy, REAL, 500, 8, 4).leaf_bytes == one
     small = raw_task_peaks("groupby", REAL, 1, 8, 4).leaf_bytes
     big = raw_task_peaks("groupby", REAL, 4, 8, 4).leaf_bytes
-    assert big - small == 3 * est.GROUPBY_FILE_BYTES_PER_ROW * ROWS
+    assert big - small == 3 * memory_model.GROUPBY_FILE_BYTES_PER_ROW * ROWS
 
 
 def test_aligned_combine_holds_fan_in_plus_one_accumulators():
     peaks = raw_task_peaks("aligned", REAL, 1, 8, 20)
-    assert peaks.combine_bytes == 9 * 8 * ROWS + est.TASK_OVERHEAD_BYTES
+    assert peaks.combine_bytes == 9 * 8 * ROWS + memory_model.TASK_OVERHEAD_BYTES
     assert peaks.result_bytes == 8 * ROWS
 
 
@@ -284,9 +294,9 @@ def test_a_failed_save_is_logged_not_raised(tmp_path, caplog):
 
 def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
     path = tmp_path / "state.json"
-    est.write_json_atomic(str(path), {"a": 1})
+    durable.write_json_atomic(str(path), {"a": 1})
     with pytest.raises(TypeError):
-        est.write_json_atomic(str(path), {"a": object()})
+        durable.write_json_atomic(str(path), {"a": object()})
     assert json.loads(path.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
 

@@ -13,11 +13,11 @@ import subprocess
 import time
 
 import pytest
+from prom_helpers import exercise, http_get
 from prometheus_client import generate_latest
 
-from prom_helpers import exercise, http_get
-from throttler import metrics as metrics_module
-from throttler.metrics import DEFAULT_ADDRESS, Metrics, parse_address
+from throttler.ops import metrics as metrics_module
+from throttler.ops.metrics import DEFAULT_ADDRESS, Metrics, parse_address
 
 MiB = 2**20
 
@@ -198,7 +198,7 @@ def test_garbage_never_raises(m, method, args):
 def test_garbage_changes_nothing_and_is_logged(m, caplog):
     """group_finished checks every argument before it counts anything."""
     before = generate_latest(m.registry)
-    with caplog.at_level(logging.WARNING, logger="throttler.metrics"):
+    with caplog.at_level(logging.WARNING, logger="throttler.ops.metrics"):
         m.group_finished("done", "aligned", 1.0, 3, "lots", 7)
     assert generate_latest(m.registry) == before
     assert "group_finished" in caplog.text
@@ -210,7 +210,7 @@ def test_library_error_is_swallowed(m, monkeypatch, caplog):
         raise RuntimeError("registry on fire")
 
     monkeypatch.setattr(m._losses, "inc", broken)
-    with caplog.at_level(logging.WARNING, logger="throttler.metrics"):
+    with caplog.at_level(logging.WARNING, logger="throttler.ops.metrics"):
         m.worker_lost()
     assert "registry on fire" in caplog.text
 

@@ -8,9 +8,9 @@ import numpy as np
 import psutil
 import pytest
 
-from throttler import graphs, peakrss
-from throttler.kernels import Partial
-from throttler.peakrss import Measured, PeakReading
+from throttler.worker import graphs, peakrss
+from throttler.worker.kernels import Partial
+from throttler.worker.peakrss import Measured, PeakReading
 
 MiB = 2**20
 

@@ -6,11 +6,16 @@ import time
 
 import pytest
 
-from throttler.cluster import ClusterShape
-from throttler.errors import CatalogError, DoesNotFit, RequestError, NoWorkers
-from throttler.estimator import Estimator
-from throttler.plan import FileInfo
-from throttler.planner import ATTEMPT_SAFETY_FACTOR, make_plan, replan_after_oom, resolve_strategy
+from throttler.cluster.snapshot import ClusterShape
+from throttler.errors import CatalogError, DoesNotFit, NoWorkers, RequestError
+from throttler.planning.estimator import Estimator
+from throttler.planning.plan import FileInfo
+from throttler.planning.planner import (
+    ATTEMPT_SAFETY_FACTOR,
+    make_plan,
+    replan_after_oom,
+    resolve_strategy,
+)
 
 GiB = 2**30
 MiB = 2**20

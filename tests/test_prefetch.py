@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from throttler.prefetch import ahead
+from throttler.worker.prefetch import ahead
 
 
 def ahead_threads() -> list[threading.Thread]:

@@ -7,9 +7,16 @@ import json
 import urllib.parse
 from pathlib import Path
 
-from prom_helpers import dashboard_queries, http_get, query, wait_for
-from prom_helpers import prometheus_server
-from tests.daemon_helpers import Daemon, make_estate, records, serve_args, throttler_cli, wait_closed
+from prom_helpers import dashboard_queries, http_get, prometheus_server, query, wait_for
+
+from tests.daemon_helpers import (
+    Daemon,
+    make_estate,
+    records,
+    serve_args,
+    throttler_cli,
+    wait_closed,
+)
 
 ALERTS = Path(__file__).resolve().parent.parent / "deploy" / "alerts.yml"
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 import duckdb
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.datafiles import plan_for, read_output, write_sim
-from throttler import graphs
+from throttler.worker import graphs
 
 DEFECTS = st.fixed_dictionaries({}, optional={
     "shuffle": st.booleans(),

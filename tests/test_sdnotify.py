@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from throttler import sdnotify
+from throttler.ops import sdnotify
 
 
 @pytest.fixture(params=["path", "abstract"])
@@ -70,7 +70,7 @@ def test_noop_without_notify_socket(monkeypatch):
 
 def test_send_error_is_logged_not_raised(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "nobody-listens"))
-    with caplog.at_level(logging.WARNING, logger="throttler.sdnotify"):
+    with caplog.at_level(logging.WARNING, logger="throttler.ops.sdnotify"):
         assert sdnotify.stopping() is False
     assert "STOPPING=1" in caplog.text
 

@@ -29,13 +29,18 @@ from hypothesis import strategies as st
 from tests.conftest import wait_for
 from tests.daemon_helpers import Daemon, leaked_processes
 from tests.datafiles import assert_matches_reference, write_sim
-from tests.test_service import drop_request, make_service, records, run_service_until_settled
+from tests.test_service import (
+    drop_request,
+    make_service,
+    records,
+    run_service_until_settled,
+)
 from throttler.config import DEFAULTS, load
 from throttler.errors import RequestError
 from throttler.groupid import validate_group
-from throttler.metrics import Metrics, parse_address
-from throttler.output import TMP_SUFFIX, output_path_for
-from throttler.spool import Spool
+from throttler.ops.metrics import Metrics, parse_address
+from throttler.spool.queue import Spool
+from throttler.worker.output import TMP_SUFFIX, output_path_for
 
 PACKAGE = Path(__file__).resolve().parent.parent / "throttler"
 FOREIGN_UID = 4242  #: a uid that is neither root nor us
@@ -245,7 +250,7 @@ def test_a_plain_name_request_is_never_read(tmp_path, monkeypatch):
     def no_read(*args):
         raise AssertionError("a plain-name request was read")
 
-    monkeypatch.setattr("throttler.spool.read_request", no_read)
+    monkeypatch.setattr("throttler.spool.queue.read_request", no_read)
     spool = Spool(tmp_path / "spool").ensure()
     drop_request(spool.root, "g1", pickle.dumps(Payload(str(tmp_path / "pwned"))))
     (request,) = spool.scan()

@@ -8,17 +8,16 @@ import shutil
 import time
 
 import pyarrow.parquet as pq
-import pytest
 
 from tests.conftest import wait_for
 from tests.datafiles import assert_matches_reference, write_sim
-from throttler import sdnotify
-from throttler.catalog import Catalog
 from throttler.config import load
-from throttler.estimator import Estimator
-from throttler.metrics import Metrics
-from throttler.service import Service
-from throttler.spool import Spool
+from throttler.ops import sdnotify
+from throttler.ops.metrics import Metrics
+from throttler.planning.catalog import Catalog
+from throttler.planning.estimator import Estimator
+from throttler.service.service import Service
+from throttler.spool.queue import Spool
 
 
 def make_estate(root, groups: dict[str, int], **kw) -> dict[str, list[str]]:

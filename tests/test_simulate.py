@@ -4,12 +4,22 @@ from dataclasses import replace
 
 import pytest
 
-from throttler import graphs
-from throttler.estimator import Estimator
+from throttler.planning.estimator import Estimator
 from throttler.simulate import (
-    GIB, POLICIES, Calibration, ModelCluster, Scenario, Simulation, cached_plan, lower_bounds, plan_peaks,
-    seed_estate, simulate, tree_shape,
+    GIB,
+    POLICIES,
+    Calibration,
+    ModelCluster,
+    Scenario,
+    Simulation,
+    cached_plan,
+    lower_bounds,
+    plan_peaks,
+    seed_estate,
+    simulate,
+    tree_shape,
 )
+from throttler.worker import graphs
 
 #: About 650 files in 59 groups of 2 to 150 files.
 SIZES = seed_estate(600, seed=3, max_files=150)

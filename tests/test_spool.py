@@ -18,10 +18,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import throttler.spool as spool_mod
+import throttler.spool.watcher as spool_mod
 from throttler.errors import RequestError
-from throttler.records import check_name, parse_request_json, validate_group
-from throttler.spool import Spool, SpoolWatcher
+from throttler.spool.queue import Spool
+from throttler.spool.requests import check_name, parse_request_json, validate_group
+from throttler.spool.watcher import SpoolWatcher
 
 
 @pytest.fixture
@@ -475,7 +476,7 @@ def test_rescan_catches_requests_without_inotify(spool, monkeypatch, caplog):
     monkeypatch.setattr(spool_mod, "Observer", _BrokenObserver)
     wake = threading.Event()
     watcher = SpoolWatcher(spool, wake, rescan_seconds=0.1)
-    with caplog.at_level(logging.WARNING, logger="throttler.spool"):
+    with caplog.at_level(logging.WARNING, logger="throttler.spool.queue"):
         watcher.start()
     try:
         assert not watcher.watching

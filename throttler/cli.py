@@ -12,7 +12,7 @@ import time
 from throttler import __version__
 from throttler.config import ConfigError, load
 from throttler.errors import ThrottlerError
-from throttler.plan import STRATEGY_CHOICES
+from throttler.planning.plan import STRATEGY_CHOICES
 
 log = logging.getLogger("throttler")
 
@@ -80,7 +80,7 @@ def _serve_overrides(args) -> dict:
 
 
 def cmd_serve(args) -> int:
-    from throttler import daemon
+    from throttler.commands import serve as daemon
 
     overrides = _serve_overrides(args)
     cfg = load(args.config, overrides)
@@ -101,7 +101,7 @@ def _submit_parser(sub) -> None:
 
 
 def cmd_submit(args) -> int:
-    from throttler.spool import Spool
+    from throttler.spool.queue import Spool
 
     spool = Spool(args.spool).ensure()
     for group in args.groups:
@@ -118,8 +118,8 @@ def _status_parser(sub) -> None:
 
 
 def cmd_status(args) -> int:
-    from throttler.spool import Spool
-    from throttler.status import read_status
+    from throttler.ops.status import read_status
+    from throttler.spool.queue import Spool
 
     spool = Spool(args.spool)
     doc = {"queue": spool.counts(), "daemon": read_status(spool.state_dir)}
@@ -160,11 +160,14 @@ def _plan_parser(sub) -> None:
 
 
 def cmd_plan(args) -> int:
-    from throttler import admission, estimator, planner
-    from throttler.catalog import Catalog
-    from throttler.cluster import read_snapshot
+    from throttler.admission import policy as admission
+    from throttler.cluster.scheduler import read_snapshot
+    from throttler.planning import estimator, planner
+    from throttler.planning.catalog import Catalog
+    from throttler.planning.footers import file_info
+    from throttler.planning.memory_model import naive_group_bytes
 
-    files = [estimator.file_info(f) for f in Catalog(args.data_root, args.manifest).files(args.group)]
+    files = [file_info(f) for f in Catalog(args.data_root, args.manifest).files(args.group)]
     client, cluster = _connect(args)
     try:
         snapshot = read_snapshot(client)
@@ -174,7 +177,7 @@ def cmd_plan(args) -> int:
     finally:
         _disconnect(client, cluster)
     print(f"group {plan.group}: {plan.n_files} files, {plan.input_bytes / 2**20:,.1f} MiB on disk, "
-          f"naive estimate {estimator.naive_group_bytes(files) / 2**20:,.1f} MiB")
+          f"naive estimate {naive_group_bytes(files) / 2**20:,.1f} MiB")
     print(f"strategy {plan.strategy} (asked {args.strategy}); {plan.n_leaf_tasks} leaf tasks x "
           f"{plan.files_per_task} files, fan-in {plan.fan_in}")
     print(f"peak per task {plan.task_peak_bytes / 2**20:,.1f} MiB; group reserves "
@@ -193,9 +196,9 @@ def _run_parser(sub) -> None:
 
 
 def cmd_run(args) -> int:
-    from throttler.catalog import Catalog
-    from throttler.estimator import Estimator
-    from throttler.runner import print_progress, run_group
+    from throttler.commands.run import print_progress, run_group
+    from throttler.planning.catalog import Catalog
+    from throttler.planning.estimator import Estimator
 
     os.makedirs(args.output, exist_ok=True)
     catalog = Catalog(args.data_root, args.manifest)
@@ -220,7 +223,7 @@ def _connect(args):
             return Client(args.scheduler, timeout="30s"), None
         except OSError as exc:
             raise ThrottlerError(f"cannot connect to the scheduler {args.scheduler}: {exc}") from None
-    from throttler.cluster import start_embedded_cluster
+    from throttler.cluster.embedded import start_embedded_cluster
 
     cluster, client = start_embedded_cluster(args.worker_memory_bytes or None, args.workers or None)
     return client, cluster
@@ -249,7 +252,7 @@ def _generate_parser(sub) -> None:
 
 
 def cmd_generate(args) -> int:
-    from throttler.generate import EstateSpec, write_estate
+    from throttler.commands.generate import EstateSpec, write_estate
 
     spec = EstateSpec(groups=args.groups, max_files=args.max_files, min_files=args.min_files,
                       paths=args.paths, dates=args.dates, seed=args.seed, physical_files=args.physical_files)
@@ -268,6 +271,6 @@ def _demo_parser(sub) -> None:
 
 
 def cmd_demo(args) -> int:
-    from throttler.demo import run_demo
+    from throttler.commands.demo import run_demo
 
     return run_demo(args.dir, args.groups)

@@ -12,7 +12,7 @@ import tomllib
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from throttler.plan import STRATEGY_CHOICES
+from throttler.planning.plan import STRATEGY_CHOICES
 
 
 class ConfigError(ValueError):

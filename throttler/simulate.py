@@ -1,26 +1,26 @@
 """A discrete-event simulation of a whole estate on a modelled Dask cluster.
 
-It drives the real planner (:func:`throttler.planner.make_plan`), estimator
-(:class:`throttler.estimator.Estimator`) and admission policy
-(:func:`throttler.admission.choose`, :class:`~throttler.admission.Ledger`)
+It drives the real planner (:func:`throttler.planning.planner.make_plan`), estimator
+(:class:`throttler.planning.estimator.Estimator`) and admission policy
+(:func:`throttler.admission.policy.choose`, :class:`~throttler.admission.ledger.Ledger`)
 against a cluster of ``workers x memory x threads`` modelled here, and compares
 four ways to run the same batch (all groups arrive at time 0):
 
 * ``all-at-once`` (a): every group submitted at once, tasks placed by threads only;
 * ``fixed-pool`` (b): at most ``pool_size`` groups in flight (the seed's thread pool);
 * ``resources`` (c): every group at once, each task restricted by the MEMORY resource;
-* ``throttler`` (d): admission by :func:`~throttler.admission.choose` over a
-  :class:`~throttler.cluster.ClusterSnapshot` built from the simulated state,
+* ``throttler`` (d): admission by :func:`~throttler.admission.policy.choose` over a
+  :class:`~throttler.cluster.snapshot.ClusterSnapshot` built from the simulated state,
   with MEMORY restrictions, the ledger, and the daemon's re-plan after a kill.
 
 The model of execution
 ----------------------
-A planned group becomes the task tree :mod:`throttler.graphs` builds: leaves of
+A planned group becomes the task tree :mod:`throttler.worker.graphs` builds: leaves of
 ``files_per_task`` files, combines of ``fan_in`` partials, one final. A task
 holds its memory peak from dispatch to its end; a partial result stays on its
 worker until its consumer ends. Estimated peaks come from the estimator (the
 plan's figures); the "true" peak is the uncorrected model
-(:func:`~throttler.estimator.raw_task_peaks`) times a random factor drawn from
+(:func:`~throttler.planning.memory_model.raw_task_peaks`) times a random factor drawn from
 ``peak_noise`` (default 1: the model is exact). One greedy list scheduler places
 ready tasks on free worker threads in priority order: earlier-submitted groups
 first (Dask's generation order), then deeper tasks first (combines before new
@@ -34,7 +34,7 @@ nanny kills it: its running tasks and held results are lost (lost results are
 recomputed from their inputs, as Dask does), each running task's failure count
 rises, and a task failing more than ``allowed_failures`` times fails its group
 with KilledWorker. The worker returns empty after ``restart_seconds``. Under (d)
-a failed group is re-planned with :func:`~throttler.planner.replan_after_oom`
+a failed group is re-planned with :func:`~throttler.planning.planner.replan_after_oom`
 and retried, as the daemon does; the other policies report it failed.
 
 Calibration (measured on this 2-core VM, warm page cache, 6,000,000-row files)
@@ -53,9 +53,9 @@ seconds per input partial, final fixed seconds (plus one combine per input).
   concat+groupby 0.62-0.67 s/file); combine 0.8 s/input (0.63-0.79 measured);
   final 1.9 s (2-input final measured 3.5 s including its combine).
 
-Memory: the per-row constants of :mod:`throttler.estimator` with 6,000,000
+Memory: the per-row constants of :mod:`throttler.planning.estimator` with 6,000,000
 rows, 50.4 MB on disk and 55.6 MB decoded per file; a worker process holds
-``worker_baseline_bytes`` idle (:data:`throttler.cluster.WORKER_BASELINE_BYTES`,
+``worker_baseline_bytes`` idle (:data:`throttler.cluster.snapshot.WORKER_BASELINE_BYTES`,
 144 MiB: 132 MiB RSS measured with the libraries imported). Scheduler: 1 ms per task (the Dask
 documentation; 2.3-2.5 ms per no-op task measured on this 2-core VM, where
 client, scheduler and workers share the cores).
@@ -64,7 +64,7 @@ Admission rounds (d) run when capacity changes (a group ends, a worker
 returns) at most every ``admission_interval_seconds``; a round considers the
 first ``admission_window`` waiting groups in queue order (the head among
 them), as the daemon holds a bounded number of claimed requests, and admits
-every group :func:`~throttler.admission.choose` admits (it reserves them
+every group :func:`~throttler.admission.policy.choose` admits (it reserves them
 virtually as it goes); a round that admitted every group it considered
 refills the window and runs again at once. A group's wait is counted from its
 entry into that window, as the daemon counts it from its hand-off. Snapshots
@@ -85,12 +85,21 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from throttler import admission, planner
-from throttler.cluster import MEMORY_RESOURCE_SHARE, WORKER_BASELINE_BYTES, ClusterShape, ClusterSnapshot, WorkerView
+from throttler.admission import policy as admission
+from throttler.admission.ledger import Ledger, Reservation
+from throttler.cluster.embedded import MEMORY_RESOURCE_SHARE
+from throttler.cluster.snapshot import (
+    WORKER_BASELINE_BYTES,
+    ClusterShape,
+    ClusterSnapshot,
+    WorkerView,
+)
+from throttler.commands.generate import EstateSpec, group_sizes
 from throttler.errors import DoesNotFit
-from throttler.estimator import Estimator, TaskPeaks, largest_file, raw_task_peaks
-from throttler.generate import EstateSpec, group_sizes
-from throttler.plan import STRATEGIES, FileInfo, Plan
+from throttler.planning import planner
+from throttler.planning.estimator import Estimator
+from throttler.planning.memory_model import TaskPeaks, largest_file, raw_task_peaks
+from throttler.planning.plan import STRATEGIES, FileInfo, Plan
 
 GIB = 2**30
 MIB = 2**20
@@ -204,7 +213,7 @@ class Scenario:
 
 def seed_estate(total_files: int = 140_000, seed: int = 0, max_files: int = 18_000,
                 min_files: int = 2) -> list[int]:
-    """Long-tailed group sizes (:func:`throttler.generate.group_sizes`) totalling about ``total_files``.
+    """Long-tailed group sizes (:func:`throttler.commands.generate.group_sizes`) totalling about ``total_files``.
 
     The number of groups is the smallest whose sizes reach ``total_files``.
     """
@@ -397,7 +406,7 @@ class Simulation:
         self.groups = [_Group(f"g{i:05d}", n) for i, n in enumerate(sizes)]
         self.queue = deque(self.groups)
         self.window: list[_Group] = []
-        self.ledger = admission.Ledger()
+        self.ledger = Ledger()
         self.policy = admission.AdmissionPolicy(scenario.memory_fraction, scenario.max_head_wait_seconds)
         n = cluster.n_workers
         self.names = [f"w{w:04d}" for w in range(n)]
@@ -613,14 +622,14 @@ class Simulation:
 
     def _reserve(self, entry: admission.QueueEntry) -> None:
         plan = entry.plan
-        self.ledger.reserve(admission.Reservation(plan.group, entry.reservation_key, plan.group_peak_bytes,
+        self.ledger.reserve(Reservation(plan.group, entry.reservation_key, plan.group_peak_bytes,
                                                   plan.task_peak_bytes, self.now, plan.running_bytes))
 
     def _release(self, run: _Run) -> None:
         self.ledger.release(run.key)
 
     def _snapshot(self) -> ClusterSnapshot:
-        """The modelled cluster as :func:`throttler.cluster.read_snapshot` would see it (exact)."""
+        """The modelled cluster as :func:`throttler.cluster.scheduler.read_snapshot` would see it (exact)."""
         c, base = self.cluster, self.cal.worker_baseline_bytes
         workers = tuple(
             WorkerView(self.names[w], f"sim://{self.names[w]}", "paused" if self.paused[w] else "running",

@@ -14,18 +14,17 @@ import shutil
 import time
 
 import pandas as pd
-import pyarrow as pa
 import pyarrow.parquet as pq
 
-from throttler import sdnotify
-from throttler.catalog import Catalog
-from throttler.cluster import start_embedded_cluster
+from throttler.cluster.embedded import start_embedded_cluster
+from throttler.commands.generate import EstateSpec, write_estate
 from throttler.config import load
-from throttler.estimator import Estimator
-from throttler.generate import EstateSpec, write_estate
-from throttler.metrics import Metrics
-from throttler.service import Service
-from throttler.spool import Spool
+from throttler.ops import sdnotify
+from throttler.ops.metrics import Metrics
+from throttler.planning.catalog import Catalog
+from throttler.planning.estimator import Estimator
+from throttler.service.service import Service
+from throttler.spool.queue import Spool
 
 DEMO_SPEC = EstateSpec(groups=6, max_files=24, paths=2_000, dates=24, seed=42)
 DEMO_TIMEOUT_SECONDS = 300

@@ -5,7 +5,7 @@ fresh scheduler snapshot at most once a second (submitters also feed it theirs),
 publishes gauges, counts lost workers, and writes ``state/status.json``
 atomically for ``throttler status``. Each worker that joins is checked once, off
 the main loop, for the daemon's version of dask-throttler
-(:func:`throttler.cluster.package_problem`); a problem is logged as an error,
+(:func:`throttler.cluster.workers.package_problem`); a problem is logged as an error,
 counted in a gauge and listed in the status file.
 """
 
@@ -18,10 +18,11 @@ import threading
 import time
 
 from throttler import __version__
-from throttler.admission import Budget, Tally
-from throttler.cluster import (ClusterShape, ClusterSnapshot, package_problem, read_snapshot,
-                               worker_package_reports)
-from throttler.estimator import write_json_atomic
+from throttler.admission.policy import Budget, Tally
+from throttler.cluster.scheduler import read_snapshot
+from throttler.cluster.snapshot import ClusterShape, ClusterSnapshot
+from throttler.cluster.workers import package_problem, worker_package_reports
+from throttler.durable import write_json_atomic
 
 log = logging.getLogger(__name__)
 

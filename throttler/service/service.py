@@ -6,7 +6,7 @@ Flow of one group::
     waiting --[submitter pool, under ONE lock: snapshot, decide, reserve, submit]--> running
     running --future done--> [completion thread] record, release, learn / retry
 
-Deciding is :func:`throttler.admission.choose` (pure); this module carries its
+Deciding is :func:`throttler.admission.policy.choose` (pure); this module carries its
 decisions out. The lock is held only for check-reserve-submit. The ledger keeps
 every submitted group's reservation until its future ends, which covers the lag
 between a submit and the memory showing up in the scheduler's figures.
@@ -20,14 +20,23 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from throttler import admission, graphs, planner, retries
-from throttler.cluster import MEMORY_RESOURCE, memory_restriction, read_snapshot
+from throttler.admission import policy as admission
+from throttler.admission.ledger import Ledger, Reservation
+from throttler.cluster.scheduler import (
+    MEMORY_RESOURCE,
+    memory_restriction,
+    read_snapshot,
+)
 from throttler.config import Config
 from throttler.errors import DoesNotFit, NoWorkers
-from throttler.estimator import file_info
-from throttler.jobs import PLANNING, QUEUED, RUNNING, STATES, WAITING, Job, done_record, failed_record
-from throttler.output import output_path_for, sweep_temporaries
-from throttler.status import StatusReporter
+from throttler.ops.status import StatusReporter
+from throttler.planning import planner
+from throttler.planning.footers import file_info
+from throttler.service import outcome as retries
+from throttler.service.jobs import PLANNING, QUEUED, RUNNING, STATES, WAITING, Job
+from throttler.service.records import done_record, failed_record
+from throttler.worker import graphs
+from throttler.worker.output import output_path_for, sweep_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +60,7 @@ class Service:
         self._reconnect_attempts = 0
         self.spool, self.catalog, self.estimator = spool, catalog, estimator
         self.metrics, self.notifier, self.clock = metrics, notifier, clock
-        self.ledger = admission.Ledger()
+        self.ledger = Ledger()
         self.submit_lock = threading.Lock()  #: guards check-reserve-submit, nothing else
         self._changed = threading.Condition()  #: capacity or the waiting set changed
         self._jobs: dict[str, Job] = {}  #: live jobs by group
@@ -317,7 +326,7 @@ class Service:
     def _reserve_and_submit(self, job: Job, choice, snapshot) -> None:
         now = self.clock()
         plan = job.plan
-        self.ledger.reserve(admission.Reservation(job.group, job.graph.token, plan.group_peak_bytes,
+        self.ledger.reserve(Reservation(job.group, job.graph.token, plan.group_peak_bytes,
                                                   plan.task_peak_bytes, now, plan.running_bytes))
         job.reservation_key = job.graph.token
         job.admission_wait_seconds += now - job.waiting_since_seconds

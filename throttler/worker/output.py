@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from throttler import contract
+from throttler.worker import contract
 
 TMP_SUFFIX = ".tmp"
 OUTPUT_MODE = 0o640  #: owner read-write, group read, nobody else

@@ -18,14 +18,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from dask.sizeof import sizeof
 import pandas as pd
 import pyarrow as pa
+from dask.sizeof import sizeof
 
-from throttler import contract, prefetch
 from throttler.errors import DataError, MisalignedKeys
-from throttler.output import output_schema, output_table, write_output, write_table, write_tables
-from throttler.peakrss import PeakReading
+from throttler.worker import contract, prefetch
+from throttler.worker.output import (
+    output_schema,
+    output_table,
+    write_output,
+    write_table,
+    write_tables,
+)
+from throttler.worker.peakrss import PeakReading
 
 
 @dataclass

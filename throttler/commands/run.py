@@ -14,12 +14,14 @@ from dataclasses import dataclass
 
 from distributed import wait
 
-from throttler import graphs, planner, retries
-from throttler.cluster import memory_restriction, read_snapshot
+from throttler.cluster.scheduler import memory_restriction, read_snapshot
 from throttler.errors import MisalignedKeys
-from throttler.estimator import file_info
-from throttler.jobs import worker_peak_fraction
-from throttler.output import output_path_for
+from throttler.planning import planner
+from throttler.planning.footers import file_info
+from throttler.service import outcome as retries
+from throttler.service.records import worker_peak_fraction
+from throttler.worker import graphs
+from throttler.worker.output import output_path_for
 
 PROGRESS_EVERY_SECONDS = 2.0
 

@@ -1,45 +1,10 @@
-"""One group's journey through the daemon, and the records it ends with."""
+"""The done/ and failed/ records a group's run ends with."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Any
 
-from throttler.plan import Plan
-
-QUEUED, PLANNING, WAITING, RUNNING = "queued", "planning", "waiting", "running"
-STATES = (QUEUED, PLANNING, WAITING, RUNNING)
-
-
-@dataclass(eq=False)
-class Job:
-    """A claimed run of one group, from claim to record."""
-
-    claim: Any  #: the spool's Claim
-    group: str
-    requested_strategy: str
-    priority: int
-    claimed_at_seconds: float  #: monotonic
-    state: str = QUEUED
-    attempt: int = 1
-    memory_failures: int = 0  #: attempts that killed a worker: only these make the planner more careful
-    strategy_override: str | None = None  #: "sum" after aligned found misaligned keys
-    plan: Plan | None = None
-    graph: Any = None
-    future: Any = None
-    reservation_key: str | None = None
-    not_before_seconds: float = 0.0  #: backoff: do not admit before this monotonic time
-    waiting_since_seconds: float = 0.0
-    admission_wait_seconds: float = 0.0
-    submitted_at_seconds: float = 0.0
-    run_seconds: float = 0.0
-    history: list[str] = field(default_factory=list)  #: one line per failed attempt
-    requests_counted: int = 0  #: request files already counted in the metrics
-
-    @property
-    def strategy(self) -> str:
-        return self.strategy_override or self.requested_strategy
+from throttler.service.jobs import Job
 
 
 def worker_peak_fraction(summary: dict) -> float | None:

@@ -18,14 +18,16 @@ import time
 import tenacity
 
 from throttler import config as config_mod
-from throttler import retries, sdnotify
-from throttler.catalog import Catalog
-from throttler.cluster import start_embedded_cluster
-from throttler.estimator import Estimator
-from throttler.metrics import Metrics
-from throttler.output import sweep_temporaries
-from throttler.service import Service
-from throttler.spool import Spool, SpoolWatcher
+from throttler.cluster.embedded import start_embedded_cluster
+from throttler.ops import sdnotify
+from throttler.ops.metrics import Metrics
+from throttler.planning.catalog import Catalog
+from throttler.planning.estimator import Estimator
+from throttler.service import outcome as retries
+from throttler.service.service import Service
+from throttler.spool.queue import Spool
+from throttler.spool.watcher import SpoolWatcher
+from throttler.worker.output import sweep_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +70,7 @@ class Signals:
 def connect(cfg: config_mod.Config, stop: threading.Event | None = None):
     """(client, embedded cluster or None): the scheduler given, else a local cluster.
 
-    Retries an unreachable scheduler (:data:`throttler.retries.SCHEDULER_RETRY`)
+    Retries an unreachable scheduler (:data:`throttler.service.outcome.SCHEDULER_RETRY`)
     until ``stop`` is set; then the last connection error is raised.
     """
     if not cfg.scheduler:

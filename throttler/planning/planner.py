@@ -1,8 +1,8 @@
 """The planner: how to chunk one group so every task fits a worker and the group fits the cluster.
 
-Pure: it reads footers already collected in :class:`~throttler.plan.FileInfo`,
-the cluster's :class:`~throttler.cluster.ClusterShape` and the estimator's
-prices, and returns a :class:`~throttler.plan.Plan`.
+Pure: it reads footers already collected in :class:`~throttler.planning.plan.FileInfo`,
+the cluster's :class:`~throttler.cluster.snapshot.ClusterShape` and the estimator's
+prices, and returns a :class:`~throttler.planning.plan.Plan`.
 
 Chunking rules:
 
@@ -25,10 +25,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from throttler.cluster import WORKER_BASELINE_BYTES, ClusterShape
+from throttler.cluster.snapshot import WORKER_BASELINE_BYTES, ClusterShape
 from throttler.errors import CatalogError, DoesNotFit, NoWorkers, RequestError
-from throttler.estimator import Estimator, TaskPeaks, expansion, group_peak_parts, largest_file, raw_task_peaks
-from throttler.plan import STRATEGY_CHOICES, FileInfo, Plan
+from throttler.planning.estimator import Estimator
+from throttler.planning.memory_model import (
+    TaskPeaks,
+    expansion,
+    group_peak_parts,
+    largest_file,
+    raw_task_peaks,
+)
+from throttler.planning.plan import STRATEGY_CHOICES, FileInfo, Plan
 
 #: Estimates are multiplied by this once per attempt after the first.
 ATTEMPT_SAFETY_FACTOR = 1.5

@@ -30,7 +30,7 @@ from prometheus_client import (
 )
 
 from throttler import __version__
-from throttler.plan import STRATEGIES
+from throttler.planning.plan import STRATEGIES
 
 # ``*_created`` series double the series count and confuse rate() readers;
 # the flag is process-wide and read at collection time.
@@ -278,7 +278,7 @@ class Metrics:
 
     @_never_raises
     def worker_peak(self, strategy: str, fraction: float) -> None:
-        """Record a group's worker peak RSS over memory limit (see :mod:`throttler.peakrss`)."""
+        """Record a group's worker peak RSS over memory limit (see :mod:`throttler.worker.peakrss`)."""
         fraction = float(fraction)
         if not fraction >= 0:
             raise ValueError(f"fraction must be >= 0, got {fraction!r}")

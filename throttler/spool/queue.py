@@ -23,10 +23,10 @@ Guarantees, and why:
 * Nothing in a request is evaluated. Symlinks are never followed, only removed;
   non-regular, oversized, foreign-owned and malformed requests are refused: each
   refusal is one ``failed/`` record (``reason`` for people, ``reason_class`` one of
-  :data:`~throttler.records.REFUSAL_CLASSES`) and one call of ``on_refused``.
+  :data:`~throttler.spool.requests.REFUSAL_CLASSES`) and one call of ``on_refused``.
 
 One daemon per spool: the set of running groups lives in memory. File formats
-and the crash-safe write live in :mod:`throttler.records`.
+and the crash-safe write live in :mod:`throttler.spool.requests`.
 """
 
 from __future__ import annotations
@@ -41,29 +41,27 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from watchdog.events import DirCreatedEvent, DirMovedEvent, FileCreatedEvent, FileMovedEvent
-from watchdog.events import FileSystemEventHandler
-from watchdog.observers import Observer
-
 from throttler.errors import ThrottlerError
-from throttler.records import (
+from throttler.spool.files import (
+    encode_record,
+    listdir,
+    read_request,
+    remove,
+    rmdir,
+    safe_name,
+    unique_name,
+    write_durable,
+)
+from throttler.spool.requests import (
     DIR_MODE,
     MAX_REQUEST_BYTES,
     RECORD_KINDS,
     BadRequest,
     check_fields,
     check_name,
-    encode_record,
     is_group,
-    listdir,
     parse_request_json,
-    read_request,
-    remove,
-    rmdir,
-    safe_name,
-    unique_name,
     validate_group,
-    write_durable,
 )
 
 __all__ = ["BadRequest", "Claim", "Request", "Spool", "SpoolWatcher", "validate_group"]
@@ -517,76 +515,4 @@ def _order(request: Request) -> tuple:
     return (-request.priority, request.mtime_ns, request.name)
 
 
-class _WakeHandler(FileSystemEventHandler):
-    """When a file appears in incoming/: tell the spool to list it again, then wake the daemon."""
 
-    def __init__(self, wake: threading.Event, spool: Spool):
-        self._wake = wake
-        self._spool = spool
-
-    def on_created(self, event) -> None:
-        self._spool.note_arrival()
-        self._wake.set()
-
-    def on_moved(self, event) -> None:
-        self._spool.note_arrival()
-        self._wake.set()
-
-
-class SpoolWatcher:
-    """Wakes the daemon on new requests: inotify (watchdog) plus a periodic rescan.
-
-    inotify drops events on overflow and sees nothing written by other NFS clients,
-    so ``wake`` is also set every ``rescan_seconds``. If the observer cannot start
-    (e.g. the inotify limit), a warning is logged and only the rescans remain.
-    """
-
-    def __init__(self, spool: Spool, wake: threading.Event, rescan_seconds: float = 5.0):
-        self.spool = spool
-        self.wake = wake
-        self.rescan_seconds = rescan_seconds
-        self._stop = threading.Event()
-        self._observer = None
-        self._ticker: threading.Thread | None = None
-
-    @property
-    def watching(self) -> bool:
-        """True while the inotify observer runs."""
-        return self._observer is not None and self._observer.is_alive()
-
-    def start(self) -> None:
-        self._stop.clear()
-        self._observer = self._start_observer()
-        self._ticker = threading.Thread(target=self._tick_loop, name="spool-rescan", daemon=True)
-        self._ticker.start()
-
-    def _start_observer(self):
-        events = [FileCreatedEvent, FileMovedEvent, DirCreatedEvent, DirMovedEvent]
-        try:
-            observer = Observer()
-            handler = _WakeHandler(self.wake, self.spool)
-            observer.schedule(handler, str(self.spool.root / "incoming"), event_filter=events)
-            observer.start()
-            return observer
-        except Exception as err:  # inotify limits, unsupported file system...
-            log.warning("spool watch unavailable (%s); rescanning every %.1f s", err, self.rescan_seconds)
-            return None
-
-    def tick(self) -> None:
-        """One rescan step: the next scan lists incoming/ again (catching what inotify missed); wake the daemon."""
-        self.spool.note_arrival()
-        self.wake.set()
-
-    def _tick_loop(self) -> None:
-        while not self._stop.wait(self.rescan_seconds):
-            self.tick()
-
-    def stop(self, timeout_seconds: float = 5.0) -> None:
-        self._stop.set()
-        if self._observer is not None:
-            self._observer.stop()
-            self._observer.join(timeout_seconds)
-            self._observer = None
-        if self._ticker is not None:
-            self._ticker.join(timeout_seconds)
-            self._ticker = None

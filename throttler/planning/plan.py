@@ -1,8 +1,8 @@
 """The plan of one group: what to read, how to chunk it, and what it costs in memory.
 
-A plan is a plain value. It is made by :mod:`throttler.planner`, priced by
-:mod:`throttler.estimator`, judged by :mod:`throttler.admission` and turned into a
-Dask graph by :mod:`throttler.graphs`.
+A plan is a plain value. It is made by :mod:`throttler.planning.planner`, priced by
+:mod:`throttler.planning.estimator`, judged by :mod:`throttler.admission.policy` and turned into a
+Dask graph by :mod:`throttler.worker.graphs`.
 """
 
 from __future__ import annotations

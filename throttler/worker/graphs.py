@@ -1,6 +1,6 @@
 """Graph builders: a plan becomes a Dask graph of leaf, combine and final tasks.
 
-Three strategies share one tree shape (see :mod:`throttler.kernels`):
+Three strategies share one tree shape (see :mod:`throttler.worker.kernels`):
 
 * ``aligned`` streams ``value`` columns into float64 accumulators (the fast path);
 * ``sum`` folds (path, Date)-indexed pandas Series: index-aligned summation;
@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import dask
 from dask.delayed import Delayed
 
-from throttler import kernels
-from throttler.peakrss import Measured
-from throttler.plan import Plan
+from throttler.planning.plan import Plan
+from throttler.worker import kernels
+from throttler.worker.peakrss import Measured
 
 
 @dataclass(frozen=True)
@@ -75,5 +75,5 @@ def _functions(strategy: str, files: list[str]):
 
 
 def _task(fn, key: str, *args) -> Delayed:
-    """One task of the graph; it also measures its worker's peak RSS (:mod:`throttler.peakrss`)."""
+    """One task of the graph; it also measures its worker's peak RSS (:mod:`throttler.worker.peakrss`)."""
     return dask.delayed(Measured(fn), pure=False)(*args, dask_key_name=key)

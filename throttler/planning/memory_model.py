@@ -1,0 +1,243 @@
+"""The memory model (pure): what one task and one group of a plan hold at their peak."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable
+
+from throttler.planning.plan import STRATEGIES, FileInfo
+
+MIB = 2**20
+
+
+#: Slack added to every task: allocator pages kept after frees (pyarrow's
+#: mimalloc pool, glibc arenas) and Dask's per-task bookkeeping (5.6 B/row on
+#: a 6M-row file). Measured shapes exceeded their array arithmetic by up to 25 MiB.
+TASK_OVERHEAD_BYTES = 32 * MIB
+
+
+#: Decoded-per-on-disk bytes assumed when a file's footer is unknown. Measured
+#: 1.10 on the simulation files (random float64 does not compress); 1.5 leaves room.
+DEFAULT_EXPANSION = 1.5
+
+
+#: A float64 accumulator: the aligned strategy's partial result.
+#: Aligned leaf = accumulator + the file's on-disk bytes (it is memory-mapped,
+#: and mapped pages count in RSS) + its decoded bytes (row-group buffers, a
+#: safe bound). Measured 128 MB (21 B/row) streaming 1, 2, 4 or 8 files in six
+#: runs, 160 MB once (the first run after writing the files); modelled 188 MB.
+#: Aligned combine of k inputs measured exactly (k + 1) x 8 B/row (412 MiB for 8).
+ACCUMULATOR_BYTES_PER_ROW = 8
+
+
+#: Aligned final, beyond adding its k inputs ((k + 1) x 8 B/row): one file's
+#: keys as stored, the output table, the Parquet file encoded in memory before
+#: its write, and (rarely) a sort permutation with permuted copies. Measured
+#: 39 / 47 / 47 B/row beyond the inputs for k = 1 / 2 / 8 (peak RSS of a fresh
+#: process running the final on 6M rows), against 8 + 56 = 64 modelled. That
+#: was the whole-table final; the streamed one holds a few row groups instead
+#: of whole key and output columns, and the model still covers the whole-table
+#: way it falls back to when keys are out of order.
+ALIGNED_FINAL_EXTRA_BYTES_PER_ROW = 56
+
+
+#: Sum leaf: the (path, Date)-indexed Series accumulator, the next file's table,
+#: keys and Series being built, and the ``add`` result. Files are streamed, so
+#: it levels off: measured 60 / 116 / 122 B/row for 1 / 4 / 8 files (a
+#: pandas-only variant: 82 / 111 / 123 / 124 B/row for 1 / 3 / 6 / 9 files).
+SUM_LEAF_BYTES_PER_ROW = 136
+
+
+#: A sum partial result held between tasks: a Series with a (path, Date)
+#: MultiIndex, values 8 + int32/int8 codes 5 = 13 B/row (``dask.sizeof``).
+SUM_RESULT_BYTES_PER_ROW = 16
+
+
+#: Sum combine, fixed part; plus :data:`SUM_RESULT_BYTES_PER_ROW` per input.
+#: Measured 39 / 126 B/row for 2 / 8 inputs loaded from files, 101 / 187 B/row
+#: for inputs unpickled from bytes in memory (as received over the network).
+SUM_COMBINE_BASE_BYTES_PER_ROW = 64
+
+
+#: Sum final, fixed part (sort, index levels to arrays, output table, writer);
+#: plus :data:`SUM_RESULT_BYTES_PER_ROW` per input. Measured 45 / 70 / 149 B/row
+#: for 1 / 2 / 8 inputs.
+SUM_FINAL_BASE_BYTES_PER_ROW = 56
+
+
+#: A groupby partial result: a (path, Date, value) frame, 3 x 8 B/row.
+GROUPBY_RESULT_BYTES_PER_ROW = 24
+
+
+#: Groupby leaf, fixed part (hash table, grouped result); plus
+#: :data:`GROUPBY_FILE_BYTES_PER_ROW` per file concatenated. Measured 171 /
+#: 268 / 443 / 757 B/row for 1 / 2 / 4 / 8 files per leaf.
+GROUPBY_LEAF_BASE_BYTES_PER_ROW = 80
+
+
+#: Groupby leaf, per file: its table, key arrays, frame and the concat copy.
+GROUPBY_FILE_BYTES_PER_ROW = 96
+
+
+#: Groupby combine (and final: sorting and writing stay below the concat
+#: peak), fixed part; plus :data:`GROUPBY_PARTIAL_BYTES_PER_ROW` per input.
+#: Measured 208 / 362 / 682 B/row for 2 / 4 / 8 inputs; the final 136 / 208 /
+#: 682 B/row for 1 / 2 / 8 inputs.
+GROUPBY_COMBINE_BASE_BYTES_PER_ROW = 56
+
+
+#: Groupby combine, per input concatenated and regrouped.
+GROUPBY_PARTIAL_BYTES_PER_ROW = 80
+
+
+def expansion(files: Iterable[FileInfo]) -> float:
+    """Decoded bytes per on-disk byte over the files whose footer is known."""
+    known = [f for f in files if f.decoded_bytes > 0 and f.size_bytes > 0]
+    if not known:
+        return DEFAULT_EXPANSION
+    return sum(f.decoded_bytes for f in known) / sum(f.size_bytes for f in known)
+
+
+def naive_group_bytes(files: list[FileInfo], expansion_factor: float | None = None) -> int:
+    """The base model: every file of the group decoded in memory at once."""
+    factor = expansion(files) if expansion_factor is None else expansion_factor
+    return math.ceil(sum(f.size_bytes for f in files) * factor)
+
+
+def decoded_bytes_of(f: FileInfo) -> int:
+    """The file's uncompressed size, from the footer or else from the default expansion."""
+    return f.decoded_bytes if f.decoded_bytes > 0 else math.ceil(f.size_bytes * DEFAULT_EXPANSION)
+
+
+def rows_of(f: FileInfo) -> int:
+    """The file's rows, or an upper bound when the footer is unknown.
+
+    The float64 ``value`` column alone takes 8 decoded bytes a row, so
+    decoded bytes / 8 never under-counts rows.
+    """
+    return f.rows if f.rows > 0 else -(-decoded_bytes_of(f) // ACCUMULATOR_BYTES_PER_ROW)
+
+
+@dataclass(frozen=True)
+class TaskPeaks:
+    """Peak bytes of each task shape of a plan, and of one partial result."""
+
+    leaf_bytes: int
+    combine_bytes: int  #: 0 when the plan has no combine task (leaves <= fan-in)
+    final_bytes: int
+    result_bytes: int  #: one partial result held between tasks
+
+    @property
+    def peak_bytes(self) -> int:
+        """The largest task: what must fit one worker."""
+        return max(self.leaf_bytes, self.combine_bytes, self.final_bytes)
+
+    def scaled(self, factor: float) -> "TaskPeaks":
+        return TaskPeaks(*(math.ceil(v * factor) for v in (
+            self.leaf_bytes, self.combine_bytes, self.final_bytes, self.result_bytes)))
+
+
+def largest_file(files: Iterable[FileInfo]) -> FileInfo:
+    """A file as large as the group's largest in every respect (a safe stand-in)."""
+    files = list(files)
+    return FileInfo(path="(largest)", size_bytes=max(f.size_bytes for f in files),
+                    rows=max(rows_of(f) for f in files),
+                    decoded_bytes=max(decoded_bytes_of(f) for f in files))
+
+
+def raw_task_peaks(strategy: str, largest: FileInfo, files_per_task: int,
+                   fan_in: int, n_leaves: int) -> TaskPeaks:
+    """Uncorrected peaks of a plan's tasks, for the tree :mod:`throttler.worker.graphs` builds.
+
+    Leaves read ``files_per_task`` files each; combine tasks (only when there
+    are more than ``fan_in`` leaves) add ``fan_in`` partials; the final task
+    adds the last ``min(n_leaves, fan_in)`` partials and writes the output.
+    """
+    combine_inputs = fan_in if n_leaves > fan_in else 0
+    final_inputs = max(1, min(n_leaves, fan_in))
+    if strategy == "aligned":
+        peaks = _aligned_peaks(largest, combine_inputs, final_inputs)
+    elif strategy == "sum":
+        peaks = _sum_peaks(largest.rows, combine_inputs, final_inputs)
+    elif strategy == "groupby":
+        peaks = _groupby_peaks(largest.rows, files_per_task, combine_inputs, final_inputs)
+    else:
+        raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
+    return peaks
+
+
+def _task_bytes(rows: int, bytes_per_row: int) -> int:
+    return rows * bytes_per_row + TASK_OVERHEAD_BYTES
+
+
+def _aligned_peaks(largest: FileInfo, combine_inputs: int, final_inputs: int) -> TaskPeaks:
+    rows, acc = largest.rows, ACCUMULATOR_BYTES_PER_ROW
+    return TaskPeaks(
+        leaf_bytes=rows * acc + largest.size_bytes + largest.decoded_bytes + TASK_OVERHEAD_BYTES,
+        combine_bytes=_task_bytes(rows, (combine_inputs + 1) * acc) if combine_inputs else 0,
+        final_bytes=_task_bytes(rows, (final_inputs + 1) * acc + ALIGNED_FINAL_EXTRA_BYTES_PER_ROW),
+        result_bytes=rows * acc,
+    )
+
+
+def _sum_peaks(rows: int, combine_inputs: int, final_inputs: int) -> TaskPeaks:
+    per_input = SUM_RESULT_BYTES_PER_ROW
+    return TaskPeaks(
+        leaf_bytes=_task_bytes(rows, SUM_LEAF_BYTES_PER_ROW),
+        combine_bytes=(_task_bytes(rows, SUM_COMBINE_BASE_BYTES_PER_ROW + combine_inputs * per_input)
+                       if combine_inputs else 0),
+        final_bytes=_task_bytes(rows, SUM_FINAL_BASE_BYTES_PER_ROW + final_inputs * per_input),
+        result_bytes=rows * per_input,
+    )
+
+
+def _groupby_peaks(rows: int, files_per_task: int, combine_inputs: int, final_inputs: int) -> TaskPeaks:
+    def combine(inputs: int) -> int:
+        return _task_bytes(rows, GROUPBY_COMBINE_BASE_BYTES_PER_ROW + inputs * GROUPBY_PARTIAL_BYTES_PER_ROW)
+
+    return TaskPeaks(
+        leaf_bytes=_task_bytes(rows, GROUPBY_LEAF_BASE_BYTES_PER_ROW
+                               + files_per_task * GROUPBY_FILE_BYTES_PER_ROW),
+        combine_bytes=combine(combine_inputs) if combine_inputs else 0,
+        final_bytes=combine(final_inputs),
+        result_bytes=rows * GROUPBY_RESULT_BYTES_PER_ROW,
+    )
+
+
+def merge_task_count(n_leaves: int, fan_in: int) -> int:
+    """Combine tasks plus the final task of the tree :mod:`throttler.worker.graphs` builds."""
+    count, level = 1, n_leaves
+    while level > fan_in:
+        level = -(-level // fan_in)
+        count += level
+    return count
+
+
+def group_peak_parts(peaks: TaskPeaks, n_leaves: int, concurrent_tasks: int, fan_in: int) -> tuple[int, int]:
+    """(running bytes, waiting bytes): the most one group holds across the cluster at once.
+
+    At most ``concurrent_tasks`` of its tasks run at once (the cluster's
+    threads); they cost at most the most expensive tasks of the tree taken
+    that many times. Besides them, finished partial results wait for their
+    merge: ``dask.order`` ranks a ready combine above leaves not yet started,
+    so about ``concurrent_tasks x fan_in`` results wait at most, and never
+    more than there are leaves. Admission caps the running part summed over
+    all groups, since the cluster's threads run that many tasks in all.
+    """
+    n_merges = merge_task_count(n_leaves, fan_in)
+    running = max(1, min(concurrent_tasks, n_leaves + n_merges))
+    merge_bytes = max(peaks.combine_bytes, peaks.final_bytes)
+    if merge_bytes >= peaks.leaf_bytes:
+        merges = min(running, n_merges)
+        running_bytes = merges * merge_bytes + (running - merges) * peaks.leaf_bytes
+    else:
+        leaves = min(running, n_leaves)
+        running_bytes = leaves * peaks.leaf_bytes + (running - leaves) * merge_bytes
+    waiting = min(n_leaves, running * fan_in) if n_leaves > 1 else 0
+    return running_bytes, waiting * peaks.result_bytes
+
+
+def group_peak_bytes(peaks: TaskPeaks, n_leaves: int, concurrent_tasks: int, fan_in: int) -> int:
+    """The sum of :func:`group_peak_parts`."""
+    return sum(group_peak_parts(peaks, n_leaves, concurrent_tasks, fan_in))
