@@ -13,6 +13,7 @@ from throttler import __version__
 from throttler.config import ConfigError, load
 from throttler.errors import ThrottlerError
 from throttler.plan import STRATEGY_CHOICES
+from throttler.simulation import command as simulate_command
 
 log = logging.getLogger("throttler")
 
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     _run_parser(sub)
     _generate_parser(sub)
     _demo_parser(sub)
+    simulate_command.add_parser(sub)
     return parser
 
 
