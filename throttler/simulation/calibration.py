@@ -4,10 +4,13 @@ Task times (:data:`STRATEGY_TIMES`) were measured on this project's 2-core VM wi
 6,000,000-row files in the page cache: the CPU a task spends once its bytes have
 arrived. Reading from storage is modelled apart (:mod:`throttler.simulation.model`).
 
-* aligned: 0.09 s a file (reading the value columns took 0.033-0.049 s a file,
-  the numpy add 0.041-0.082 s; the kernel 0.032-0.05 s); combine 0.05 s an
-  input (the add 0.007 s plus moving a 48 MB partial between workers at about
-  1 GB/s); final 0.5 s (keys, sort, write: 0.45-0.59 s measured).
+* aligned: 0.045 s a file (the kernel measured 0.032-0.05 s a file: reading the
+  value columns and the add); combine 0.02 s an input; final 0.15 s (the
+  streamed final: keys, write). Fitted to ``benchmarks/batch.py --strategy auto``
+  on this VM: its 302-file run measured 16-21 work thread-seconds (makespan
+  median 9.7 s, simulated 9.8 s); checked on its 733-file run (24.4-25.7 s
+  measured, 23.4 s simulated). Times from before the streamed final (0.09 s a
+  file, final 0.5 s) doubled the simulated makespan.
 * sum: 0.45 s a file (the streaming kernel 0.42-0.49 s); combine 0.15 s; final 0.4 s.
 * groupby: 0.85 s a file (0.84-0.92 s); combine 0.8 s (0.63-0.79 s); final 1.9 s.
 
@@ -41,7 +44,7 @@ class StrategyTimes:
 
 #: Calibrated CPU times (see the module docstring for the measurements).
 STRATEGY_TIMES = {
-    "aligned": StrategyTimes(0.09, 0.05, 0.5),
+    "aligned": StrategyTimes(0.045, 0.02, 0.15),
     "sum": StrategyTimes(0.45, 0.15, 0.4),
     "groupby": StrategyTimes(0.85, 0.8, 1.9),
 }
