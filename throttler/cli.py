@@ -13,6 +13,7 @@ from throttler import __version__
 from throttler.config import ConfigError, load
 from throttler.errors import ThrottlerError
 from throttler.planning.plan import STRATEGY_CHOICES
+from throttler.simulation import command as simulate_command
 
 log = logging.getLogger("throttler")
 
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     _run_parser(sub)
     _generate_parser(sub)
     _demo_parser(sub)
+    simulate_command.add_parser(sub)
     return parser
 
 
@@ -160,7 +162,7 @@ def _plan_parser(sub) -> None:
 
 
 def cmd_plan(args) -> int:
-    from throttler.admission import policy as admission
+    from throttler.admission.policy import policy as admission
     from throttler.cluster.scheduler import read_snapshot
     from throttler.planning import estimator, planner
     from throttler.planning.catalog import Catalog
