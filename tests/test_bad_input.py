@@ -207,7 +207,7 @@ def test_a_corrupt_file_is_bad_data_in_every_strategy(tmp_path, strategy):
     from tests.bad_inputs import _garble
     from tests.datafiles import write_sim
     from throttler.errors import DataError
-    from throttler.service.service import outcome as retries
+    from throttler.service import outcome as retries
     from throttler.worker import kernels
 
     good, bad = (write_sim(tmp_path / f"f{i}.parquet", seed=i) for i in range(2))
@@ -225,7 +225,7 @@ def test_an_io_error_of_the_storage_stays_transient():
     import errno
 
     from throttler.errors import DataError
-    from throttler.service.service import outcome as retries
+    from throttler.service import outcome as retries
     from throttler.worker.contract import decode_error
 
     eio = OSError(errno.EIO, "Input/output error")

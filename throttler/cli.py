@@ -162,7 +162,7 @@ def _plan_parser(sub) -> None:
 
 
 def cmd_plan(args) -> int:
-    from throttler.admission.policy import policy as admission
+    from throttler.admission import policy as admission
     from throttler.cluster.scheduler import read_snapshot
     from throttler.planning import estimator, planner
     from throttler.planning.catalog import Catalog

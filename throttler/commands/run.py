@@ -18,7 +18,7 @@ from throttler.cluster.scheduler import memory_restriction, read_snapshot
 from throttler.errors import MisalignedKeys
 from throttler.planning import planner
 from throttler.planning.footers import file_info
-from throttler.service.service import outcome as retries
+from throttler.service import outcome as retries
 from throttler.service.records import worker_peak_fraction
 from throttler.worker import graphs
 from throttler.worker.output import output_path_for

@@ -23,7 +23,7 @@ from throttler.ops import sdnotify
 from throttler.ops.metrics import Metrics
 from throttler.planning.catalog import Catalog
 from throttler.planning.estimator import Estimator
-from throttler.service.service import outcome as retries
+from throttler.service import outcome as retries
 from throttler.service.service import Service
 from throttler.spool.queue import Spool
 from throttler.spool.watcher import SpoolWatcher

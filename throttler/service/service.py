@@ -20,7 +20,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from throttler.admission.policy import policy as admission
+from throttler.admission import policy as admission
 from throttler.admission.ledger import Ledger, Reservation
 from throttler.cluster.scheduler import (
     MEMORY_RESOURCE,
@@ -32,7 +32,7 @@ from throttler.errors import DoesNotFit, NoWorkers
 from throttler.ops.status import StatusReporter
 from throttler.planning import planner
 from throttler.planning.footers import file_info
-from throttler.service.service import outcome as retries
+from throttler.service import outcome as retries
 from throttler.service.jobs import PLANNING, QUEUED, RUNNING, STATES, WAITING, Job
 from throttler.service.records import done_record, failed_record
 from throttler.worker import graphs
