@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+from dataclasses import dataclass
 
 import tenacity
 from distributed.comm.core import CommClosedError
@@ -81,3 +82,38 @@ def backoff_seconds(attempt: int) -> float:
 def describe(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return f"{type(exc).__name__}: {text}"[:2000]
+
+
+# --------------------------------------------------------------------------- the decision (pure)
+
+FALL_BACK, RETRY, FAIL = "fall_back", "retry", "fail"
+
+#: What ``auto`` re-plans with when the ``aligned`` strategy found keys not aligned.
+MISALIGNED_FALLBACK_STRATEGY = "sum"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What to do after a failed attempt: fall back to another strategy, retry, or fail."""
+
+    action: str  #: FALL_BACK, RETRY or FAIL
+    kind: str  #: the failure class (see :func:`classify`)
+    strategy: str | None = None  #: FALL_BACK: the strategy to plan with next
+
+
+def decide(kind: str, *, requested_strategy: str, fell_back: bool, attempt: int, memory_failures: int,
+           max_attempts: int, max_transient_attempts: int) -> Outcome:
+    """The next step after attempt ``attempt`` failed with a failure of class ``kind``.
+
+    ``memory_failures`` counts the attempts that killed a worker, this one
+    included. Used alike by the daemon, ``throttler run`` (through the same
+    service) and the simulation.
+    """
+    if kind == MISALIGNED and requested_strategy == "auto" and not fell_back:
+        return Outcome(FALL_BACK, kind, MISALIGNED_FALLBACK_STRATEGY)
+    if kind in (PERMANENT, MISALIGNED):
+        return Outcome(FAIL, kind)
+    if kind == MEMORY:
+        return Outcome(FAIL if memory_failures >= max_attempts else RETRY, kind)
+    limit = max_transient_attempts if kind == TRANSIENT else max_attempts
+    return Outcome(FAIL if attempt >= limit else RETRY, kind)

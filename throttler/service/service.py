@@ -3,13 +3,13 @@
 Flow of one group::
 
     incoming/ --claim--> [builder pool] plan + graph --bounded hand-off--> waiting
-    waiting --[submitter pool, under ONE lock: snapshot, decide, reserve, submit]--> running
+    waiting --[submitter pool: snapshot, then under ONE lock: decide, reserve, submit]--> running
     running --future done--> [completion thread] record, release, learn / retry
 
-Deciding is :func:`throttler.admission.policy.choose` (pure); this module carries its
-decisions out. The lock is held only for check-reserve-submit. The ledger keeps
-every submitted group's reservation until its future ends, which covers the lag
-between a submit and the memory showing up in the scheduler's figures.
+Admission is :func:`throttler.admission.policy.choose` (pure), carried out by
+:class:`throttler.service.submitter.Submitter`, which owns the waiting list,
+the ledger and the lock. What a failure means is
+:func:`throttler.service.outcome.decide` (pure); this module carries it out.
 """
 
 from __future__ import annotations
@@ -21,20 +21,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from throttler.admission import policy as admission
-from throttler.admission.ledger import Ledger, Reservation
-from throttler.cluster.scheduler import (
-    MEMORY_RESOURCE,
-    memory_restriction,
-    read_snapshot,
-)
+from throttler.cluster.scheduler import MEMORY_RESOURCE, memory_restriction
 from throttler.config import Config
-from throttler.errors import DoesNotFit, NoWorkers
+from throttler.errors import NoWorkers
+from throttler.ops.progress import ProgressTracker
 from throttler.ops.status import StatusReporter
 from throttler.planning import planner
 from throttler.planning.footers import file_info
 from throttler.service import outcome as retries
-from throttler.service.jobs import PLANNING, QUEUED, RUNNING, STATES, WAITING, Job
+from throttler.service.jobs import PLANNING, QUEUED, RUNNING, STATES, Job
 from throttler.service.records import done_record, failed_record
+from throttler.service.submitter import Submitter
 from throttler.worker import graphs
 from throttler.worker.output import output_path_for, sweep_temporaries
 
@@ -60,23 +57,24 @@ class Service:
         self._reconnect_attempts = 0
         self.spool, self.catalog, self.estimator = spool, catalog, estimator
         self.metrics, self.notifier, self.clock = metrics, notifier, clock
-        self.ledger = Ledger()
-        self.submit_lock = threading.Lock()  #: guards check-reserve-submit, nothing else
-        self._changed = threading.Condition()  #: capacity or the waiting set changed
+        self.submitter = Submitter(client=lambda: self.client, policy=self._admission_policy,
+                                   resources=self._resources, observe=self._observe_snapshot, clock=clock)
+        self.ledger = self.submitter.ledger
+        self.progress = ProgressTracker()
         self._jobs: dict[str, Job] = {}  #: live jobs by group
         self._jobs_lock = threading.Lock()
-        self._waiting: list[Job] = []  #: built, not yet admitted (guarded by submit_lock)
         self._delayed: list[Job] = []  #: retries waiting out their backoff (guarded by _jobs_lock)
         self._completions: queue.Queue = queue.Queue()
         self._busy = {"builder": 0, "submitter": 0}
         self._stop_intake = threading.Event()
-        self._stop_submitting = threading.Event()
+        self._stop_submitting = self.submitter.stopped
         self._threads: list[threading.Thread] = []
         self._builders: ThreadPoolExecutor | None = None
         self._warned_no_resources = False
         self._pool_size = {"builder": 0, "submitter": 0}
         self.status = StatusReporter(self)
         self.on_capacity = None  #: called when a run ends (the daemon wakes its main loop to claim more)
+        self.on_finished = None  #: called with (kind, record) once a run's record is written
         spool.on_refused = metrics.request_rejected
 
     # ----------------------------------------------------------------- sizes
@@ -101,6 +99,7 @@ class Service:
     def start(self) -> None:
         """Start the pools and the completion thread (the caller runs :meth:`step`)."""
         self.status.shape()  # first snapshot: pool sizes derive from the cluster
+        self.progress.subscribe(self.client)
         builders, submitters = self.pool_sizes()
         self._builders = ThreadPoolExecutor(builders, thread_name_prefix="throttler-builder")
         self._pool_size = {"builder": builders, "submitter": submitters}
@@ -135,8 +134,7 @@ class Service:
         self.estimator.save()
 
     def _release_unstarted(self) -> int:
-        with self.submit_lock:
-            waiting, self._waiting = self._waiting, []
+        waiting = self.submitter.take_all()
         with self._jobs_lock:
             unstarted = [j for j in self._jobs.values() if j.state in (QUEUED, PLANNING)] + waiting
             self._delayed = []
@@ -191,8 +189,8 @@ class Service:
             self._reconnect_at = now + retries.backoff_seconds(self._reconnect_attempts)
             log.warning("scheduler unreachable (attempt %d): %s", self._reconnect_attempts, exc)
             return
-        with self.submit_lock:
-            self.client = client
+        self.client = client
+        self.progress.subscribe(client)
         self._reconnect_attempts = 0
         log.info("reconnected to the scheduler")
 
@@ -243,17 +241,8 @@ class Service:
 
     def _hand_off(self, job: Job) -> None:
         """Bounded hand-off: a builder waits while enough planned groups wait for admission."""
-        with self._changed:
-            while len(self._waiting) >= self.max_waiting() and not self._stop_submitting.is_set():
-                self._changed.wait(0.5)
-        with self.submit_lock:
-            if self._stop_submitting.is_set():
-                self._give_back(job)
-                return
-            job.state = WAITING
-            job.waiting_since_seconds = self.clock()
-            self._waiting.append(job)
-        self._notify()
+        if not self.submitter.add(job, self.max_waiting()):
+            self._give_back(job)
 
     # ----------------------------------------------------------------- submitter pool
 
@@ -265,81 +254,41 @@ class Service:
                 log.exception("admission round failed")
                 progressed = False
             if not progressed:
-                with self._changed:
-                    self._changed.wait(self.config.poll_seconds)
+                self.submitter.wait_for_change(self.config.poll_seconds)
 
     def admit_step(self) -> bool:
-        """One admission round under the lock: check, reserve and submit every admitted group.
-
-        True if any group was submitted or failed. Failures (a fatal plan, a
-        submit that raised) are recorded or retried after the lock is released.
-        """
+        """One admission round; then, outside the lock, log, meter and watch what it submitted,
+        and record or retry what it could not. True if any group was submitted or failed."""
         self._count_busy("submitter", +1)
-        failures: list[tuple[Job, BaseException]] = []
         try:
-            with self.submit_lock:
-                choices, snapshot = self._choose()
-                for choice in choices:
-                    job = self._take_waiting(choice)
-                    if not choice.decision.admit:
-                        failures.append((job, DoesNotFit(choice.decision.reason)))
-                        continue
-                    try:
-                        self._reserve_and_submit(job, choice, snapshot)
-                    except Exception as exc:  # noqa: BLE001 - e.g. the scheduler went away
-                        failures.append((job, exc))
+            done = self.submitter.round()
+        except Exception as exc:  # noqa: BLE001 - the scheduler is away: wait, say so now and then
+            self._warn_unreachable(exc, self.clock())
+            return False
         finally:
             self._count_busy("submitter", -1)
-        for job, exc in failures:
+        for job, reason in done.submitted:
+            self._submitted(job, reason)
+        for job, exc in done.failures:
             self._on_failure(job, exc)
-        if choices:
-            self._notify()  # builders blocked on the hand-off bound
-        return bool(choices)
+        return done.progressed
 
-    def _choose(self):
-        """(choices of one admission round, the snapshot they were made on)."""
-        now = self.clock()
-        ready = [j for j in self._waiting if j.not_before_seconds <= now]
-        if not ready or self._stop_submitting.is_set():
-            return [], None
-        try:
-            snapshot = read_snapshot(self.client)
-        except Exception as exc:  # noqa: BLE001 - the scheduler is away: wait, say so now and then
-            self._warn_unreachable(exc, now)
-            return [], None
+    def _admission_policy(self) -> admission.AdmissionPolicy:
+        return admission.AdmissionPolicy(self.config.memory_fraction, self.config.max_head_wait_seconds)
+
+    def _observe_snapshot(self, snapshot) -> None:
         self.status.observe_snapshot(snapshot)
-        entries = [admission.QueueEntry(j.plan, j.priority, j.waiting_since_seconds, j.graph.token)
-                   for j in ready]
-        policy = admission.AdmissionPolicy(self.config.memory_fraction, self.config.max_head_wait_seconds)
-        return admission.choose(snapshot, self.ledger.items(), entries, now, policy), snapshot
 
     def _warn_unreachable(self, exc: Exception, now: float) -> None:
         if now - self._unreachable_warned_at >= UNREACHABLE_WARNING_SECONDS:
             self._unreachable_warned_at = now
             log.warning("cannot read the scheduler, admission waits: %s", retries.describe(exc))
 
-    def _take_waiting(self, choice) -> Job:
-        job = next(j for j in self._waiting if j.graph.token == choice.entry.reservation_key)
-        self._waiting.remove(job)
-        return job
-
-    def _reserve_and_submit(self, job: Job, choice, snapshot) -> None:
-        now = self.clock()
+    def _submitted(self, job: Job, reason: str) -> None:
         plan = job.plan
-        self.ledger.reserve(Reservation(job.group, job.graph.token, plan.group_peak_bytes,
-                                                  plan.task_peak_bytes, now, plan.running_bytes))
-        job.reservation_key = job.graph.token
-        job.admission_wait_seconds += now - job.waiting_since_seconds
-        job.submitted_at_seconds = now
-        job.state = RUNNING
-        try:
-            job.future = self.client.compute(job.graph.final, resources=self._resources(plan, snapshot))
-        except Exception:
-            self.ledger.release(job.reservation_key)
-            raise
-        self.metrics.admission_wait(now - job.waiting_since_seconds)
+        self.metrics.admission_wait(job.submitted_at_seconds - job.waiting_since_seconds)
         log.info("submitted %s (%s, %d files, %d leaves, reserves %.1f MiB): %s", job.group, plan.strategy,
-                 plan.n_files, plan.n_leaf_tasks, plan.group_peak_bytes / 2**20, choice.decision.reason)
+                 plan.n_files, plan.n_leaf_tasks, plan.group_peak_bytes / 2**20, reason)
         job.future.add_done_callback(lambda _f, job=job: self._completions.put(job))
 
     def _resources(self, plan, snapshot) -> dict | None:
@@ -368,8 +317,8 @@ class Service:
         future, job.future = job.future, None
         if future is None or job.state != RUNNING:
             return  # released during shutdown
-        self.ledger.release(job.reservation_key)
-        self._notify()
+        self.submitter.release(job)
+        self.progress.forget(job.graph.token)
         job.run_seconds = self.clock() - job.submitted_at_seconds
         try:
             summary = future.result()
@@ -388,6 +337,7 @@ class Service:
         self._sweep(job)
         self.spool.finish(job.claim, "done", record)
         self._forget(job)
+        self._finished("done", record)
         self.estimator.observe(plan.strategy, plan.task_peak_bytes, summary["peak_bytes"], plan.estimate_factor)
         self.metrics.estimate_observed(plan.strategy, plan.task_peak_bytes, summary["peak_bytes"])
         if record["worker_peak_fraction"] is not None:
@@ -398,19 +348,22 @@ class Service:
                  summary["files"], job.run_seconds, plan.strategy, job.attempt)
 
     def _on_failure(self, job: Job, exc: BaseException) -> None:
-        """Decide what a failure means: fall back, retry later, or fail for good."""
+        """Carry out :func:`~throttler.service.outcome.decide`: fall back, retry later, or fail."""
         kind = retries.classify(exc)
         reason = retries.describe(exc)
         job.history.append(f"attempt {job.attempt} ({job.strategy}): {reason}")
-        if kind == retries.MISALIGNED and job.requested_strategy == "auto" and not job.strategy_override:
-            log.info("%s: keys not aligned, falling back to the sum strategy", job.group)
-            job.strategy_override = "sum"
-            return self._rebuild(job, delay_seconds=0.0)
-        limit = self.config.max_transient_attempts if kind == retries.TRANSIENT else self.config.max_attempts
         if kind == retries.MEMORY:
             job.memory_failures += 1
-        failures = job.memory_failures if kind == retries.MEMORY else job.attempt
-        if kind in (retries.PERMANENT, retries.MISALIGNED) or failures >= limit:
+        cfg = self.config
+        outcome = retries.decide(kind, requested_strategy=job.requested_strategy,
+                                 fell_back=job.strategy_override is not None, attempt=job.attempt,
+                                 memory_failures=job.memory_failures, max_attempts=cfg.max_attempts,
+                                 max_transient_attempts=cfg.max_transient_attempts)
+        if outcome.action == retries.FALL_BACK:
+            log.info("%s: keys not aligned, falling back to the %s strategy", job.group, outcome.strategy)
+            job.strategy_override = outcome.strategy
+            return self._rebuild(job, delay_seconds=0.0)
+        if outcome.action == retries.FAIL:
             return self._fail(job, reason, exc)
         if kind == retries.MEMORY and job.plan is not None:
             self.estimator.observe(job.plan.strategy, job.plan.task_peak_bytes, 2 * job.plan.task_peak_bytes,
@@ -444,8 +397,10 @@ class Service:
 
     def _fail(self, job: Job, reason: str, exc: BaseException) -> None:
         self._sweep(job)
-        self.spool.finish(job.claim, "failed", failed_record(job, reason, type(exc).__name__))
+        record = failed_record(job, reason, type(exc).__name__)
+        self.spool.finish(job.claim, "failed", record)
         self._forget(job)
+        self._finished("failed", record)
         self.metrics.group_failed_reason(retries.reason_class(exc))
         self.metrics.group_finished("failed", job.plan.strategy if job.plan else "other", job.run_seconds,
                                     0, 0, 0)
@@ -469,6 +424,13 @@ class Service:
         if removed:
             log.info("%s: removed %d temporary output(s) left by killed attempts", job.group, len(removed))
 
+    def _finished(self, kind: str, record: dict) -> None:
+        if self.on_finished is not None:
+            try:
+                self.on_finished(kind, record)
+            except Exception:  # noqa: BLE001 - a hook must not break the core path
+                log.exception("on_finished hook failed")
+
     def _forget(self, job: Job) -> None:
         self._count_requests(job)
         with self._jobs_lock:
@@ -479,8 +441,7 @@ class Service:
             self.on_capacity()
 
     def _notify(self) -> None:
-        with self._changed:
-            self._changed.notify_all()
+        self.submitter.notify()
 
     def _count_busy(self, pool: str, delta: int) -> None:
         with self._jobs_lock:
@@ -507,7 +468,9 @@ class Service:
             jobs = [j for j in self._jobs.values() if j.state == RUNNING]
         now = self.clock()
         return [{"group": j.group, "strategy": j.plan.strategy, "estimate_bytes": j.plan.group_peak_bytes,
-                 "attempt": j.attempt, "running_seconds": round(now - j.submitted_at_seconds, 3)} for j in jobs]
+                 "attempt": j.attempt, "running_seconds": round(now - j.submitted_at_seconds, 3),
+                 **self.progress.of(j.graph.token, j.plan.n_files, j.plan.input_bytes).as_dict()}
+                for j in jobs if j.graph is not None]
 
     def busy(self) -> dict[str, tuple[int, int]]:
         with self._jobs_lock:

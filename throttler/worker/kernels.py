@@ -32,6 +32,7 @@ from throttler.worker.output import (
     write_tables,
 )
 from throttler.worker.peakrss import PeakReading
+from throttler.worker.progress import FileProgress
 
 
 @dataclass
@@ -120,7 +121,7 @@ def aligned_leaf(paths: list[str], reference_path: str) -> Partial:
     the leaf runs again, replacing and counting NaN values chunk by chunk: a
     leaf with NaN inputs (or with ``inf + -inf``) costs about two passes.
     """
-    part = _aligned_pass(paths, reference_path, skip_nans=False)
+    part = _aligned_pass(paths, reference_path, skip_nans=False, progress=FileProgress())
     with np.errstate(invalid="ignore"):
         if not np.isnan(part.data.sum()):
             return part
@@ -128,7 +129,8 @@ def aligned_leaf(paths: list[str], reference_path: str) -> Partial:
     return _aligned_pass(paths, reference_path, skip_nans=True)
 
 
-def _aligned_pass(paths: list[str], reference_path: str, skip_nans: bool) -> Partial:
+def _aligned_pass(paths: list[str], reference_path: str, skip_nans: bool,
+                  progress: FileProgress | None = None) -> Partial:
     started = time.perf_counter()
     ref = _Reference(reference_path)
     acc = np.zeros(ref.schema.num_rows, dtype=np.float64)
@@ -140,7 +142,12 @@ def _aligned_pass(paths: list[str], reference_path: str, skip_nans: bool) -> Par
         extra = 0 if ref.same_key_bytes(pf, path, schema) else ref.verify_same_keys(pf, path)
         peak = max(peak, acc.nbytes + extra, acc.nbytes + _add_values(acc, pf, path, part, skip_nans))
         part.files += 1
-        part.bytes_read += os.path.getsize(path)
+        size = os.path.getsize(path)
+        part.bytes_read += size
+        if progress is not None:
+            progress.add(size)
+    if progress is not None:
+        progress.send()
     part.peak_bytes = peak
     part.task_seconds = time.perf_counter() - started
     return part
@@ -293,7 +300,7 @@ def _summary(total: Partial, written: int, rows: int, peak, started, output_path
 # --------------------------------------------------------------------------- sum
 
 
-def _read_frame(path: str, part: Partial) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _read_frame(path: str, part: Partial, progress: FileProgress) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Read one file's keys (int64) and values (float64, NaN skipped) and check the keys."""
     pf = contract.open_parquet(path)
     schema = contract.check_schema(pf, path)
@@ -306,7 +313,9 @@ def _read_frame(path: str, part: Partial) -> tuple[np.ndarray, np.ndarray, np.nd
     values, nans = _skip_nans(values.astype(np.float64, copy=False))
     part.nan_count += nans
     part.files += 1
-    part.bytes_read += os.path.getsize(path)
+    size = os.path.getsize(path)
+    part.bytes_read += size
+    progress.add(size)
     return paths, dates, values
 
 
@@ -320,13 +329,14 @@ def _series(paths, dates, values, path: str) -> pd.Series:
 def sum_leaf(paths: list[str]) -> Partial:
     """Index-aligned summation: fold each file's (path, Date)-indexed Series in turn."""
     started = time.perf_counter()
-    part = Partial(None)
+    part, progress = Partial(None), FileProgress()
     for path in paths:
-        p, d, v = _read_frame(path, part)
+        p, d, v = _read_frame(path, part, progress)
         series = _series(p, d, v, path)
         held = _series_bytes(series) * (1 if part.data is None else 3)
         part.data = series if part.data is None else _add_series(part.data, series)
         part.peak_bytes = max(part.peak_bytes, held)
+    progress.send()
     part.task_seconds = time.perf_counter() - started
     return part
 
@@ -385,13 +395,14 @@ def _grouped(frame: pd.DataFrame) -> pd.DataFrame:
 def groupby_leaf(paths: list[str]) -> Partial:
     """The seed's chunked group-by: concatenate a chunk of files, group and sum."""
     started = time.perf_counter()
-    part = Partial(None)
+    part, progress = Partial(None), FileProgress()
     frames = []
     for path in paths:
-        p, d, v = _read_frame(path, part)
+        p, d, v = _read_frame(path, part, progress)
         if not contract.keys_strictly_sorted(p, d):
             contract.sort_keys(p, d, path)  # raises on a duplicated key
         frames.append(pd.DataFrame({"path": p, "Date": d, "value": v}))
+    progress.send()
     frame = pd.concat(frames, ignore_index=True)
     part.data = _grouped(frame)
     part.peak_bytes = int(frame.memory_usage(deep=False).sum() * 2 + part.data.memory_usage(deep=False).sum())
