@@ -1,98 +1,100 @@
 """``throttler run``: aggregate some groups now, then exit (for Argo, cron, scripts).
 
-Groups run one after another, each planned for the cluster it runs on and
-submitted with per-task MEMORY restrictions when the workers declare them, so a
-group larger than the cluster runs in chunks that each fit a worker. ``auto``
-falls back from ``aligned`` to ``sum`` when a group's keys are not aligned.
+The groups go through the daemon's own service over a private, temporary queue
+directory: the same planning, admission, submission, retries and fall-back as
+``throttler serve``, so groups that fit together run together and a group
+larger than the cluster runs in chunks. Each group's line is printed when it
+ends; progress (files and bytes read) goes to stderr.
 """
 
 from __future__ import annotations
 
-import sys
+import logging
+import tempfile
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from distributed import wait
+from throttler.commands.progress_display import ProgressDisplay
+from throttler.config import Config
+from throttler.ops.metrics import Metrics
+from throttler.planning.catalog import Catalog
+from throttler.planning.estimator import Estimator
+from throttler.service.service import Service
+from throttler.spool.queue import Spool
 
-from throttler.cluster.scheduler import memory_restriction, read_snapshot
-from throttler.errors import MisalignedKeys
-from throttler.planning import planner
-from throttler.planning.footers import file_info
-from throttler.service import outcome as retries
-from throttler.service.records import worker_peak_fraction
-from throttler.worker import graphs
-from throttler.worker.output import output_path_for
+log = logging.getLogger(__name__)
 
-PROGRESS_EVERY_SECONDS = 2.0
+#: How long ``run`` waits for in-flight groups when it is interrupted.
+DRAIN_SECONDS = 30.0
 
 
 @dataclass
-class GroupResult:
-    group: str
-    ok: bool
-    summary: dict | None = None
-    error: str | None = None
-    seconds: float = 0.0
-    strategy: str = ""
+class RunResults:
+    """Records of the groups that ended, in the order they ended."""
 
-    def line(self) -> str:
-        if not self.ok:
-            return f"FAILED {self.group}: {self.error}"
-        s = self.summary
-        fraction = worker_peak_fraction(s)
-        peak = "" if fraction is None else f", worker peak {fraction:.0%} of its limit"
-        return (f"ok     {self.group}: {s['rows']:,} rows from {s['files']} files in {self.seconds:.2f} s "
-                f"({self.strategy}, {s['bytes_read'] / 2**20:,.1f} MiB read, {s['nan_count']} NaN{peak}) "
-                f"-> {s['output']}")
+    expected: int
+    records: list[tuple[str, dict]] = field(default_factory=list)
+    changed: threading.Event = field(default_factory=threading.Event)
 
+    def add(self, kind: str, record: dict) -> None:
+        self.records.append((kind, record))
+        self.changed.set()
 
-def run_group(client, catalog, group: str, output_root: str, strategy: str = "auto", *,
-              estimator, memory_fraction: float = 0.6, fan_in: int = 8, progress=None) -> GroupResult:
-    """Plan, submit and wait for one group; never raises for a per-group problem."""
-    started = time.monotonic()
-    try:
-        summary, used = _run(client, catalog, group, output_root, strategy, estimator, memory_fraction,
-                             fan_in, progress)
-    except Exception as exc:  # noqa: BLE001 - reported per group
-        return GroupResult(group, False, error=retries.describe(exc), seconds=time.monotonic() - started)
-    return GroupResult(group, True, summary, seconds=time.monotonic() - started, strategy=used)
+    @property
+    def complete(self) -> bool:
+        return len(self.records) >= self.expected
+
+    @property
+    def failed(self) -> int:
+        return sum(1 for kind, _ in self.records if kind != "done")
 
 
-def _run(client, catalog, group, output_root, strategy, estimator, memory_fraction, fan_in, progress):
-    files = [file_info(p) for p in catalog.files(group)]
-    snapshot = read_snapshot(client)
-    plan = planner.make_plan(group, files, strategy, snapshot.shape(), estimator,
-                             memory_fraction=memory_fraction, fan_in=fan_in)
-    try:
-        return _compute(client, plan, output_root, snapshot, progress), plan.strategy
-    except MisalignedKeys:
-        if strategy != "auto":
-            raise
-    plan = planner.make_plan(group, files, "sum", snapshot.shape(), estimator,
-                             memory_fraction=memory_fraction, fan_in=fan_in)
-    return _compute(client, plan, output_root, snapshot, progress), "sum (keys not aligned)"
+def result_line(kind: str, record: dict) -> str:
+    """One line per group, as ``throttler run`` prints it."""
+    if kind != "done":
+        return f"FAILED {record['group']}: {record['reason']}"
+    fraction = record.get("worker_peak_fraction")
+    peak = "" if fraction is None else f", worker peak {fraction:.0%} of its limit"
+    strategy = record["strategy"]
+    if record.get("fell_back"):
+        strategy += " (keys not aligned)"
+    return (f"ok     {record['group']}: {record['rows']:,} rows from {record['files']} files in "
+            f"{record['seconds']:.2f} s ({strategy}, {record['bytes'] / 2**20:,.1f} MiB read, "
+            f"{record['nan_count']} NaN{peak}) -> {record['output']}")
 
 
-def _compute(client, plan, output_root, snapshot, progress) -> dict:
-    graph = graphs.build(plan, output_path_for(output_root, plan.group))
-    future = client.compute(graph.final, resources=memory_restriction(plan.task_peak_bytes, snapshot))
-    started = time.monotonic()
-    while not wait(future, timeout=PROGRESS_EVERY_SECONDS).done:
-        if progress:
-            progress(plan.group, graph.n_tasks - _unfinished(client, graph.key_prefix), graph.n_tasks,
-                     time.monotonic() - started)
-    return future.result()
+def run_groups(cfg: Config, client, groups: list[str], strategy: str, display: ProgressDisplay,
+               print_line=print) -> RunResults:
+    """Run ``groups`` through a service on ``client``; print a line as each ends."""
+    unique = list(dict.fromkeys(groups))
+    with tempfile.TemporaryDirectory(prefix="throttler-run-") as spool_dir:
+        spool = Spool(spool_dir).ensure()
+        results = RunResults(len(unique))
+        for group in unique:
+            spool.submit(group, strategy=strategy)
+        service = Service(cfg, client, spool=spool, catalog=Catalog(cfg.data_root, cfg.manifest),
+                          estimator=Estimator(), metrics=Metrics(), notifier=None)
+        service.on_finished = results.add
+        try:
+            service.start()
+            _serve_until_done(service, results, display, print_line)
+        finally:
+            display.close()
+            service.drain(DRAIN_SECONDS)
+    return results
 
 
-def _unfinished(client, prefix: str) -> int:
-    def count(dask_scheduler, prefix=prefix):
-        return sum(1 for key, ts in dask_scheduler.tasks.items()
-                   if isinstance(key, str) and key.startswith(prefix) and ts.state != "memory")
-    try:
-        return client.run_on_scheduler(count)
-    except Exception:  # noqa: BLE001 - progress is best effort
-        return 0
-
-
-def print_progress(group: str, done: int, total: int, elapsed: float) -> None:
-    print(f"  ... {group}: {done}/{total} tasks, {elapsed:.0f} s", file=sys.stderr, flush=True)
+def _serve_until_done(service: Service, results: RunResults, display: ProgressDisplay, print_line) -> None:
+    printed = 0
+    while True:
+        service.step()
+        while printed < len(results.records):
+            display.clear()
+            print_line(result_line(*results.records[printed]))
+            printed += 1
+        if results.complete:
+            return
+        display.update(service.running_groups(), time.monotonic())
+        results.changed.wait(0.25)
+        results.changed.clear()
