@@ -27,6 +27,7 @@ from throttler.cluster.snapshot import (
     WorkerView,
 )
 from throttler.planning.plan import Plan
+from throttler.units import format_bytes
 
 #: Default share of each worker's memory_limit that admitted work may fill:
 #: Dask's target threshold (0.6, where spilling starts) below spill (0.7),
@@ -153,12 +154,12 @@ def _judge(budget: Budget, tally: Tally, candidate: Plan, backfill_closed: bool)
     if backfill_closed:
         return Decision(False, "backfill closed: the head of the queue has waited too long", free, needed)
     if candidate.task_peak_bytes > budget.largest_task_budget_bytes:
-        return Decision(False, f"largest task ({_human(candidate.task_peak_bytes)}) fits no running worker now",
+        return Decision(False, f"largest task ({format_bytes(candidate.task_peak_bytes)}) fits no running worker now",
                         free, needed)
     increment = tally.plus_plan(candidate).total_bytes(budget.threads) - tally.total_bytes(budget.threads)
     if increment <= free:
-        return Decision(True, f"fits: needs {_human(increment)} more (group peak {_human(needed)}), "
-                              f"{_human(free)} free", free, needed)
+        return Decision(True, f"fits: needs {format_bytes(increment)} more (group peak {format_bytes(needed)}), "
+                              f"{format_bytes(free)} free", free, needed)
     return _alone(tally.count > 0, candidate, budget.capacity_bytes, free)
 
 
@@ -195,8 +196,8 @@ def _never_fits(snapshot: ClusterSnapshot, candidate: Plan, memory_fraction: flo
 def _never_fits_budget(budget: int, candidate: Plan, memory_fraction: float) -> str:
     if candidate.task_peak_bytes <= budget:
         return ""
-    return (f"does not fit: the largest task needs {_human(candidate.task_peak_bytes)} but the largest "
-            f"worker allows {_human(budget)} (memory_limit x {memory_fraction})")
+    return (f"does not fit: the largest task needs {format_bytes(candidate.task_peak_bytes)} but the largest "
+            f"worker allows {format_bytes(budget)} (memory_limit x {memory_fraction})")
 
 
 def _alone(anything_reserved: bool, candidate: Plan, capacity: int, free: int) -> Decision:
@@ -213,10 +214,10 @@ def _alone(anything_reserved: bool, candidate: Plan, capacity: int, free: int) -
     needed = candidate.group_peak_bytes
     if anything_reserved:
         wait = "waits to run alone" if needed > capacity else "waits for memory"
-        return Decision(False, f"{wait}: needs {_human(needed)}, {_human(free)} free of "
-                               f"{_human(capacity)}", free, needed)
-    return Decision(True, f"runs alone: needs {_human(needed)}, {_human(free)} free of "
-                          f"{_human(capacity)}; nothing else of ours runs", free, needed)
+        return Decision(False, f"{wait}: needs {format_bytes(needed)}, {format_bytes(free)} free of "
+                               f"{format_bytes(capacity)}", free, needed)
+    return Decision(True, f"runs alone: needs {format_bytes(needed)}, {format_bytes(free)} free of "
+                          f"{format_bytes(capacity)}; nothing else of ours runs", free, needed)
 
 
 # --------------------------------------------------------------------------- the queue
@@ -301,9 +302,3 @@ def _reservation_for(entry: QueueEntry, now_seconds: float) -> Reservation:
     plan = entry.plan
     return Reservation(plan.group, entry.reservation_key, plan.group_peak_bytes,
                        plan.task_peak_bytes, now_seconds, plan.running_bytes)
-
-
-def _human(n_bytes: float) -> str:
-    if abs(n_bytes) >= 2**30:
-        return f"{n_bytes / 2**30:.2f} GiB"
-    return f"{n_bytes / 2**20:.1f} MiB"

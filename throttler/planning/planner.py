@@ -36,6 +36,7 @@ from throttler.planning.memory_model import (
     raw_task_peaks,
 )
 from throttler.planning.plan import STRATEGY_CHOICES, FileInfo, Plan
+from throttler.units import format_bytes
 
 #: Estimates are multiplied by this once per attempt after the first.
 ATTEMPT_SAFETY_FACTOR = 1.5
@@ -264,10 +265,3 @@ def _raise_does_not_fit(group: str, pricing: _Pricing, shape: ClusterShape,
         f"worker allows {format_bytes(budget)} (memory_limit {format_bytes(limit)} x {memory_fraction}, "
         f"less {format_bytes(WORKER_BASELINE_BYTES)} the worker itself holds)"
         + ("; the workers declare no memory_limit" if limit == 0 else ""))
-
-
-def format_bytes(n_bytes: float) -> str:
-    """Bytes for people: MiB below 1 GiB, GiB above."""
-    if abs(n_bytes) >= 2**30:
-        return f"{n_bytes / 2**30:.2f} GiB"
-    return f"{n_bytes / 2**20:.1f} MiB"
