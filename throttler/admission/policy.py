@@ -26,17 +26,17 @@ from throttler.cluster.snapshot import (
     ClusterSnapshot,
     WorkerView,
 )
+from throttler.config import DEFAULTS
 from throttler.planning.plan import Plan
 from throttler.units import format_bytes
 
-#: Default share of each worker's memory_limit that admitted work may fill:
-#: Dask's target threshold (0.6, where spilling starts) below spill (0.7),
-#: pause (0.8) and terminate (0.95).
-DEFAULT_MEMORY_FRACTION = 0.6
+#: Default share of each worker's memory_limit that admitted work may fill
+#: (the one value is in throttler.config).
+DEFAULT_MEMORY_FRACTION = DEFAULTS.memory_fraction
 
 #: How long the head of the queue may be overtaken by smaller groups before
 #: nothing new starts until it fits.
-DEFAULT_MAX_HEAD_WAIT_SECONDS = 60.0
+DEFAULT_MAX_HEAD_WAIT_SECONDS = DEFAULTS.max_head_wait_seconds
 
 #: How many queued entries one round judges (queue order); the rest wait a round.
 DEFAULT_WINDOW = 256

@@ -26,6 +26,7 @@ import math
 from dataclasses import dataclass, replace
 
 from throttler.cluster.snapshot import WORKER_BASELINE_BYTES, ClusterShape
+from throttler.config import DEFAULTS
 from throttler.errors import CatalogError, DoesNotFit, NoWorkers, RequestError
 from throttler.planning.estimator import Estimator
 from throttler.planning.memory_model import (
@@ -41,11 +42,12 @@ from throttler.units import format_bytes
 #: Estimates are multiplied by this once per attempt after the first.
 ATTEMPT_SAFETY_FACTOR = 1.5
 
-#: Default and smallest number of partial results one combine task adds.
-DEFAULT_FAN_IN = 8
+#: Default and smallest number of partial results one combine task adds
+#: (the defaults' one value is in throttler.config).
+DEFAULT_FAN_IN = DEFAULTS.fan_in
 MIN_FAN_IN = 2
 
-DEFAULT_MEMORY_FRACTION = 0.6
+DEFAULT_MEMORY_FRACTION = DEFAULTS.memory_fraction
 
 #: Fewest files a leaf reads when a group has files to spare, so a task's work
 #: (aligned about 0.09 s a file, sum about 0.25-0.45 s) dwarfs the scheduler's
