@@ -137,12 +137,20 @@ def decide(snapshot: ClusterSnapshot, reserved: list[Reservation], candidate: Pl
     that does not fit the free memory still runs when nothing of ours is
     reserved, so no group waits forever (see :func:`_alone`).
     """
-    fatal = _never_fits(snapshot, candidate, memory_fraction)
-    if fatal:
-        return Decision(False, fatal, 0, candidate.group_peak_bytes, fatal=True)
     backfill_closed = (not is_head and head_waiting_since_seconds is not None
                        and now_seconds - head_waiting_since_seconds >= max_backfill_delay_seconds)
-    return _judge(Budget.of(snapshot, memory_fraction), Tally.of(reserved), candidate, backfill_closed)
+    return _verdict(Budget.of(snapshot, memory_fraction), _empty_budget(snapshot, memory_fraction),
+                    Tally.of(reserved), candidate, backfill_closed, memory_fraction)
+
+
+def _verdict(budget: Budget, empty_budget: int | None, tally: Tally, candidate: Plan,
+             backfill_closed: bool, memory_fraction: float) -> Decision:
+    """The one verdict of :func:`decide` and :func:`choose`: fatal when the candidate's
+    largest task fits no worker even empty (``empty_budget``), else :func:`_judge`."""
+    fatal = "" if empty_budget is None else _never_fits_budget(empty_budget, candidate, memory_fraction)
+    if fatal:
+        return Decision(False, fatal, 0, candidate.group_peak_bytes, fatal=True)
+    return _judge(budget, tally, candidate, backfill_closed)
 
 
 def _judge(budget: Budget, tally: Tally, candidate: Plan, backfill_closed: bool) -> Decision:
@@ -185,15 +193,13 @@ def _shown_and_own(running: tuple[WorkerView, ...]) -> tuple[int, int]:
     return shown, own
 
 
-def _never_fits(snapshot: ClusterSnapshot, candidate: Plan, memory_fraction: float) -> str:
-    """Why the candidate's largest task fits no worker even empty ("" when it fits one)."""
-    if not snapshot.workers:
-        return ""
-    return _never_fits_budget(max(int(w.memory_limit_bytes * memory_fraction) for w in snapshot.workers),
-                              candidate, memory_fraction)
+def _empty_budget(snapshot: ClusterSnapshot, memory_fraction: float) -> int | None:
+    """What the largest worker, running or not, allows one task when empty (None: no workers)."""
+    return max((int(w.memory_limit_bytes * memory_fraction) for w in snapshot.workers), default=None)
 
 
 def _never_fits_budget(budget: int, candidate: Plan, memory_fraction: float) -> str:
+    """Why the candidate's largest task fits no worker even empty ("" when it fits one)."""
     if candidate.task_peak_bytes <= budget:
         return ""
     return (f"does not fit: the largest task needs {format_bytes(candidate.task_peak_bytes)} but the largest "
@@ -277,28 +283,18 @@ def choose(snapshot: ClusterSnapshot, reserved: list[Reservation], queue: list[Q
     (the rest wait for a later round), so a round costs O(workers + window).
     """
     budget = Budget.of(snapshot, policy.memory_fraction)
-    empty_budget = max((int(w.memory_limit_bytes * policy.memory_fraction) for w in snapshot.workers),
-                       default=None)
+    empty_budget = _empty_budget(snapshot, policy.memory_fraction)
     tally = Tally.of(reserved)
     out: list[Choice] = []
     head: QueueEntry | None = None
     for entry in queue_order(queue)[:policy.window]:
-        fatal = "" if empty_budget is None else _never_fits_budget(empty_budget, entry.plan,
-                                                                   policy.memory_fraction)
-        if fatal:
-            out.append(Choice(entry, Decision(False, fatal, 0, entry.plan.group_peak_bytes, fatal=True)))
-            continue
         closed = head is not None and now_seconds - head.enqueued_at_seconds >= policy.max_head_wait_seconds
-        decision = _judge(budget, tally, entry.plan, closed)
-        if decision.admit:
+        decision = _verdict(budget, empty_budget, tally, entry.plan, closed, policy.memory_fraction)
+        if decision.fatal:
+            out.append(Choice(entry, decision))
+        elif decision.admit:
             tally = tally.plus_plan(entry.plan)
             out.append(Choice(entry, decision))
         elif head is None:
             head = entry
     return out
-
-
-def _reservation_for(entry: QueueEntry, now_seconds: float) -> Reservation:
-    plan = entry.plan
-    return Reservation(plan.group, entry.reservation_key, plan.group_peak_bytes,
-                       plan.task_peak_bytes, now_seconds, plan.running_bytes)

@@ -131,7 +131,7 @@ def replan_after_oom(plan: Plan, shape: ClusterShape, estimator: Estimator, *,
     first_fan_in = plan.fan_in << (plan.attempt - 1)
     new = make_plan(plan.group, list(plan.files), plan.strategy, shape, estimator,
                     attempt=plan.attempt + 1, memory_fraction=memory_fraction, fan_in=first_fan_in)
-    return new.with_changes(requested_strategy=plan.requested_strategy)
+    return replace(new, requested_strategy=plan.requested_strategy)
 
 
 def resolve_strategy(strategy: str, files: list[FileInfo]) -> tuple[str, list[str]]:
