@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
@@ -156,7 +157,7 @@ def test_later_attempts_estimate_more_and_chunk_smaller():
 
 def test_replan_after_oom_keeps_the_strategy_and_bumps_the_attempt():
     e = Estimator()
-    p = make_plan("g", files(12), "sum", SMALL, e).with_changes(requested_strategy="auto")
+    p = dataclasses.replace(make_plan("g", files(12), "sum", SMALL, e), requested_strategy="auto")
     again = replan_after_oom(p, SMALL, e)
     assert (again.strategy, again.requested_strategy, again.attempt) == ("sum", "auto", 2)
     assert again.task_peak_bytes > p.task_peak_bytes

@@ -1,5 +1,6 @@
 """Configuration: one table of defaults, a TOML file, environment overrides, flags.
 
+Every other module takes its defaults from :data:`DEFAULTS`; none repeats a value.
 Precedence, highest first: command-line flags, ``THROTTLER_<NAME>`` environment
 variables, the TOML file, the defaults below. :func:`load` validates the result
 and raises ``ConfigError`` with every problem at once.
@@ -29,8 +30,10 @@ class Config:
     strategy: str = "auto"  #: default strategy of requests that name none
     builder_threads: int = 0  #: 0: derived from the cluster
     submitter_threads: int = 0  #: 0: derived from the cluster
-    memory_fraction: float = 0.6  #: share of each worker's memory limit admission may fill
-    fan_in: int = 8
+    #: share of each worker's memory limit admission may fill: Dask's target
+    #: threshold (0.6, where spilling starts), below spill 0.7, pause 0.8, terminate 0.95
+    memory_fraction: float = 0.6
+    fan_in: int = 8  #: partial results one combine task adds
     max_attempts: int = 4  #: attempts of a group that killed a worker (re-planned each time)
     max_transient_attempts: int = 12  #: attempts through scheduler or storage outages
     max_head_wait_seconds: float = 60.0  #: after this, small groups stop jumping a waiting big one

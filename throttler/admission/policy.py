@@ -26,16 +26,17 @@ from throttler.cluster.snapshot import (
     ClusterSnapshot,
     WorkerView,
 )
+from throttler.config import DEFAULTS
 from throttler.planning.plan import Plan
+from throttler.units import format_bytes
 
-#: Default share of each worker's memory_limit that admitted work may fill:
-#: Dask's target threshold (0.6, where spilling starts) below spill (0.7),
-#: pause (0.8) and terminate (0.95).
-DEFAULT_MEMORY_FRACTION = 0.6
+#: Default share of each worker's memory_limit that admitted work may fill
+#: (the one value is in throttler.config).
+DEFAULT_MEMORY_FRACTION = DEFAULTS.memory_fraction
 
 #: How long the head of the queue may be overtaken by smaller groups before
 #: nothing new starts until it fits.
-DEFAULT_MAX_HEAD_WAIT_SECONDS = 60.0
+DEFAULT_MAX_HEAD_WAIT_SECONDS = DEFAULTS.max_head_wait_seconds
 
 #: How many queued entries one round judges (queue order); the rest wait a round.
 DEFAULT_WINDOW = 256
@@ -136,12 +137,20 @@ def decide(snapshot: ClusterSnapshot, reserved: list[Reservation], candidate: Pl
     that does not fit the free memory still runs when nothing of ours is
     reserved, so no group waits forever (see :func:`_alone`).
     """
-    fatal = _never_fits(snapshot, candidate, memory_fraction)
-    if fatal:
-        return Decision(False, fatal, 0, candidate.group_peak_bytes, fatal=True)
     backfill_closed = (not is_head and head_waiting_since_seconds is not None
                        and now_seconds - head_waiting_since_seconds >= max_backfill_delay_seconds)
-    return _judge(Budget.of(snapshot, memory_fraction), Tally.of(reserved), candidate, backfill_closed)
+    return _verdict(Budget.of(snapshot, memory_fraction), _empty_budget(snapshot, memory_fraction),
+                    Tally.of(reserved), candidate, backfill_closed, memory_fraction)
+
+
+def _verdict(budget: Budget, empty_budget: int | None, tally: Tally, candidate: Plan,
+             backfill_closed: bool, memory_fraction: float) -> Decision:
+    """The one verdict of :func:`decide` and :func:`choose`: fatal when the candidate's
+    largest task fits no worker even empty (``empty_budget``), else :func:`_judge`."""
+    fatal = "" if empty_budget is None else _never_fits_budget(empty_budget, candidate, memory_fraction)
+    if fatal:
+        return Decision(False, fatal, 0, candidate.group_peak_bytes, fatal=True)
+    return _judge(budget, tally, candidate, backfill_closed)
 
 
 def _judge(budget: Budget, tally: Tally, candidate: Plan, backfill_closed: bool) -> Decision:
@@ -153,12 +162,12 @@ def _judge(budget: Budget, tally: Tally, candidate: Plan, backfill_closed: bool)
     if backfill_closed:
         return Decision(False, "backfill closed: the head of the queue has waited too long", free, needed)
     if candidate.task_peak_bytes > budget.largest_task_budget_bytes:
-        return Decision(False, f"largest task ({_human(candidate.task_peak_bytes)}) fits no running worker now",
+        return Decision(False, f"largest task ({format_bytes(candidate.task_peak_bytes)}) fits no running worker now",
                         free, needed)
     increment = tally.plus_plan(candidate).total_bytes(budget.threads) - tally.total_bytes(budget.threads)
     if increment <= free:
-        return Decision(True, f"fits: needs {_human(increment)} more (group peak {_human(needed)}), "
-                              f"{_human(free)} free", free, needed)
+        return Decision(True, f"fits: needs {format_bytes(increment)} more (group peak {format_bytes(needed)}), "
+                              f"{format_bytes(free)} free", free, needed)
     return _alone(tally.count > 0, candidate, budget.capacity_bytes, free)
 
 
@@ -184,19 +193,17 @@ def _shown_and_own(running: tuple[WorkerView, ...]) -> tuple[int, int]:
     return shown, own
 
 
-def _never_fits(snapshot: ClusterSnapshot, candidate: Plan, memory_fraction: float) -> str:
-    """Why the candidate's largest task fits no worker even empty ("" when it fits one)."""
-    if not snapshot.workers:
-        return ""
-    return _never_fits_budget(max(int(w.memory_limit_bytes * memory_fraction) for w in snapshot.workers),
-                              candidate, memory_fraction)
+def _empty_budget(snapshot: ClusterSnapshot, memory_fraction: float) -> int | None:
+    """What the largest worker, running or not, allows one task when empty (None: no workers)."""
+    return max((int(w.memory_limit_bytes * memory_fraction) for w in snapshot.workers), default=None)
 
 
 def _never_fits_budget(budget: int, candidate: Plan, memory_fraction: float) -> str:
+    """Why the candidate's largest task fits no worker even empty ("" when it fits one)."""
     if candidate.task_peak_bytes <= budget:
         return ""
-    return (f"does not fit: the largest task needs {_human(candidate.task_peak_bytes)} but the largest "
-            f"worker allows {_human(budget)} (memory_limit x {memory_fraction})")
+    return (f"does not fit: the largest task needs {format_bytes(candidate.task_peak_bytes)} but the largest "
+            f"worker allows {format_bytes(budget)} (memory_limit x {memory_fraction})")
 
 
 def _alone(anything_reserved: bool, candidate: Plan, capacity: int, free: int) -> Decision:
@@ -213,10 +220,10 @@ def _alone(anything_reserved: bool, candidate: Plan, capacity: int, free: int) -
     needed = candidate.group_peak_bytes
     if anything_reserved:
         wait = "waits to run alone" if needed > capacity else "waits for memory"
-        return Decision(False, f"{wait}: needs {_human(needed)}, {_human(free)} free of "
-                               f"{_human(capacity)}", free, needed)
-    return Decision(True, f"runs alone: needs {_human(needed)}, {_human(free)} free of "
-                          f"{_human(capacity)}; nothing else of ours runs", free, needed)
+        return Decision(False, f"{wait}: needs {format_bytes(needed)}, {format_bytes(free)} free of "
+                               f"{format_bytes(capacity)}", free, needed)
+    return Decision(True, f"runs alone: needs {format_bytes(needed)}, {format_bytes(free)} free of "
+                          f"{format_bytes(capacity)}; nothing else of ours runs", free, needed)
 
 
 # --------------------------------------------------------------------------- the queue
@@ -276,34 +283,18 @@ def choose(snapshot: ClusterSnapshot, reserved: list[Reservation], queue: list[Q
     (the rest wait for a later round), so a round costs O(workers + window).
     """
     budget = Budget.of(snapshot, policy.memory_fraction)
-    empty_budget = max((int(w.memory_limit_bytes * policy.memory_fraction) for w in snapshot.workers),
-                       default=None)
+    empty_budget = _empty_budget(snapshot, policy.memory_fraction)
     tally = Tally.of(reserved)
     out: list[Choice] = []
     head: QueueEntry | None = None
     for entry in queue_order(queue)[:policy.window]:
-        fatal = "" if empty_budget is None else _never_fits_budget(empty_budget, entry.plan,
-                                                                   policy.memory_fraction)
-        if fatal:
-            out.append(Choice(entry, Decision(False, fatal, 0, entry.plan.group_peak_bytes, fatal=True)))
-            continue
         closed = head is not None and now_seconds - head.enqueued_at_seconds >= policy.max_head_wait_seconds
-        decision = _judge(budget, tally, entry.plan, closed)
-        if decision.admit:
+        decision = _verdict(budget, empty_budget, tally, entry.plan, closed, policy.memory_fraction)
+        if decision.fatal:
+            out.append(Choice(entry, decision))
+        elif decision.admit:
             tally = tally.plus_plan(entry.plan)
             out.append(Choice(entry, decision))
         elif head is None:
             head = entry
     return out
-
-
-def _reservation_for(entry: QueueEntry, now_seconds: float) -> Reservation:
-    plan = entry.plan
-    return Reservation(plan.group, entry.reservation_key, plan.group_peak_bytes,
-                       plan.task_peak_bytes, now_seconds, plan.running_bytes)
-
-
-def _human(n_bytes: float) -> str:
-    if abs(n_bytes) >= 2**30:
-        return f"{n_bytes / 2**30:.2f} GiB"
-    return f"{n_bytes / 2**20:.1f} MiB"

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from throttler.worker.output import fsync_dir
+from throttler.durable import fsync_dir
 
 
 @dataclass(frozen=True)

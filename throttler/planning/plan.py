@@ -59,4 +59,6 @@ class Plan:
         return -(-self.n_files // max(1, self.files_per_task))
 
     def with_changes(self, **changes) -> "Plan":
+        """Deprecated: ``dataclasses.replace``. Kept only for throttler/simulate.py while it
+        moves; delete once its one call uses ``dataclasses.replace``."""
         return replace(self, **changes)

@@ -26,6 +26,7 @@ import math
 from dataclasses import dataclass, replace
 
 from throttler.cluster.snapshot import WORKER_BASELINE_BYTES, ClusterShape
+from throttler.config import DEFAULTS
 from throttler.errors import CatalogError, DoesNotFit, NoWorkers, RequestError
 from throttler.planning.estimator import Estimator
 from throttler.planning.memory_model import (
@@ -36,15 +37,17 @@ from throttler.planning.memory_model import (
     raw_task_peaks,
 )
 from throttler.planning.plan import STRATEGY_CHOICES, FileInfo, Plan
+from throttler.units import format_bytes
 
 #: Estimates are multiplied by this once per attempt after the first.
 ATTEMPT_SAFETY_FACTOR = 1.5
 
-#: Default and smallest number of partial results one combine task adds.
-DEFAULT_FAN_IN = 8
+#: Default and smallest number of partial results one combine task adds
+#: (the defaults' one value is in throttler.config).
+DEFAULT_FAN_IN = DEFAULTS.fan_in
 MIN_FAN_IN = 2
 
-DEFAULT_MEMORY_FRACTION = 0.6
+DEFAULT_MEMORY_FRACTION = DEFAULTS.memory_fraction
 
 #: Fewest files a leaf reads when a group has files to spare, so a task's work
 #: (aligned about 0.09 s a file, sum about 0.25-0.45 s) dwarfs the scheduler's
@@ -128,7 +131,7 @@ def replan_after_oom(plan: Plan, shape: ClusterShape, estimator: Estimator, *,
     first_fan_in = plan.fan_in << (plan.attempt - 1)
     new = make_plan(plan.group, list(plan.files), plan.strategy, shape, estimator,
                     attempt=plan.attempt + 1, memory_fraction=memory_fraction, fan_in=first_fan_in)
-    return new.with_changes(requested_strategy=plan.requested_strategy)
+    return replace(new, requested_strategy=plan.requested_strategy)
 
 
 def resolve_strategy(strategy: str, files: list[FileInfo]) -> tuple[str, list[str]]:
@@ -264,10 +267,3 @@ def _raise_does_not_fit(group: str, pricing: _Pricing, shape: ClusterShape,
         f"worker allows {format_bytes(budget)} (memory_limit {format_bytes(limit)} x {memory_fraction}, "
         f"less {format_bytes(WORKER_BASELINE_BYTES)} the worker itself holds)"
         + ("; the workers declare no memory_limit" if limit == 0 else ""))
-
-
-def format_bytes(n_bytes: float) -> str:
-    """Bytes for people: MiB below 1 GiB, GiB above."""
-    if abs(n_bytes) >= 2**30:
-        return f"{n_bytes / 2**30:.2f} GiB"
-    return f"{n_bytes / 2**20:.1f} MiB"

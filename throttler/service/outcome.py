@@ -1,6 +1,6 @@
 """What is retried, how long to wait, and when to give up: configured in one place.
 
-Failures of a submitted group fall in four classes:
+Failures of a submitted group fall in five classes:
 
 * ``permanent``: bad data, unknown group, a task that cannot fit: fail at once;
 * ``misaligned``: the ``aligned`` strategy found files whose keys differ: re-run
@@ -23,7 +23,7 @@ import tenacity
 from distributed.comm.core import CommClosedError
 from distributed.scheduler import KilledWorker
 
-from throttler.errors import DataError, DoesNotFit, MisalignedKeys, RequestError
+from throttler.errors import CatalogError, DataError, DoesNotFit, MisalignedKeys, RequestError
 
 PERMANENT, MISALIGNED, MEMORY, TRANSIENT, UNEXPECTED = (
     "permanent", "misaligned", "memory", "transient", "unexpected")
@@ -62,7 +62,7 @@ def reason_class(exc: BaseException) -> str:
     if isinstance(exc, DoesNotFit):
         return "does_not_fit"
     if isinstance(exc, DataError):
-        return "catalog" if type(exc).__name__ == "CatalogError" else "data"
+        return "catalog" if isinstance(exc, CatalogError) else "data"
     if isinstance(exc, (KilledWorker, MemoryError)):
         return "killed_worker"
     if isinstance(exc, (CommClosedError, concurrent.futures.CancelledError, asyncio.CancelledError, TimeoutError)):

@@ -11,18 +11,10 @@ import stat
 import time
 from pathlib import Path
 
+from throttler.durable import fsync_dir
 from throttler.spool.requests import FILE_MODE, MAX_REQUEST_BYTES, BadRequest
 
 log = logging.getLogger(__name__)
-
-def fsync_dir(path: Path) -> None:
-    """Persist a directory's entries (fsync of a file does not persist its name)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def _write_fsync(fd: int, data: bytes) -> None:
     os.fchmod(fd, FILE_MODE)  # exact mode, whatever the umask

@@ -19,7 +19,6 @@ Parquet gives no way to detect.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,28 +78,14 @@ def check_schema(pf: pq.ParquetFile, path: str) -> FileSchema:
     return FileSchema(path_type, date_type, value_type, md.num_rows, md.num_row_groups)
 
 
-def key_fingerprint(pf: pq.ParquetFile, path: str, schema: FileSchema) -> bytes:
-    """A digest of the key columns' encoded bytes, read straight from the file.
-
-    Two files with equal fingerprints hold identical key columns: identical
-    encoded bytes under an identical physical layout decode to identical keys.
-    Hashing the column chunks costs a few milliseconds a file, against tens to
-    decode and compare them. Unequal fingerprints prove nothing: the caller
-    then decodes and compares.
-    """
-    digest = hashlib.blake2b(digest_size=20)
-    for part in key_chunks(pf, path, schema):
-        digest.update(part)
-    return digest.digest()
-
-
 def key_chunks(pf: pq.ParquetFile, path: str, schema: FileSchema) -> list[bytes]:
-    """The key columns' encoded bytes with their layout: what :func:`key_fingerprint` hashes.
+    """The key columns' encoded bytes with their layout, read straight from the file.
 
-    Comparing two files' lists directly (a memcmp, about 0.1 ms for the seed's
-    0.7 MB of key chunks) is exact and about ten times cheaper than hashing
-    both; the same rule holds: equal lists mean identical keys, unequal prove
-    nothing.
+    Equal lists mean identical keys: identical encoded bytes under an identical
+    physical layout decode to identical keys. Unequal lists prove nothing: the
+    caller then decodes and compares. Comparing the lists directly (a memcmp,
+    about 0.1 ms for the seed's 0.7 MB of key chunks) is exact and about ten
+    times cheaper than hashing both, and far cheaper than decoding.
     """
     md = pf.metadata
     names = [md.schema.column(i).path for i in range(md.num_columns)]
