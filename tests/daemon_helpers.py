@@ -239,7 +239,9 @@ def throttler_cli(*args: str, timeout_seconds: float = 60.0) -> subprocess.Compl
 
 
 def serve_args(tmp_path: Path, scheduler: str | None = None, *extra: str) -> list[str]:
-    """The usual ``serve`` arguments for a test directory."""
+    """The usual ``serve`` arguments for a test directory (its data root and output made, as an operator does)."""
+    for made in ("out", "data"):
+        (tmp_path / made).mkdir(exist_ok=True)
     args = ["--spool", str(tmp_path / "spool"), "--data-root", str(tmp_path / "data"),
             "--output", str(tmp_path / "out"), "--metrics-address", "127.0.0.1:0",
             "--poll-seconds", "0.05", "--rescan-seconds", "0.5"]

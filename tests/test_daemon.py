@@ -96,6 +96,8 @@ def test_external_cluster_cli_and_dropped_requests_then_sigterm(tmp_path, cluste
     daemon = daemons(serve_args(tmp_path, cluster.address, "--drain-timeout-seconds", "20"))
     daemon.wait_ready()
     assert "connected to scheduler " + cluster.address in daemon.log()
+    assert re.search(rf"serving spool {tmp_path}/spool; data root {tmp_path}/data; output {tmp_path}/out; "
+                     rf"scheduler {cluster.address}; metrics http://127\.0\.0\.1:\d+/metrics", daemon.log()), daemon.log()
 
     submitted = throttler_cli("submit", "g1", "g2", "--spool", str(tmp_path / "spool"))
     assert submitted.returncode == 0, submitted.stderr
@@ -120,8 +122,9 @@ def test_external_cluster_cli_and_dropped_requests_then_sigterm(tmp_path, cluste
     assert daemon_doc["cluster_memory"]["limit_bytes"] == 2 * int(WORKER_MEMORY_BYTES * 0.6)
     assert set(daemon_doc["states"]) == {"queued", "planning", "waiting", "running"}
     human = throttler_cli("status", "--spool", str(spool)).stdout
-    assert "incoming 0  active 0  done 4  failed 0" in human
-    assert re.search(rf"daemon pid {daemon.pid} \(status written \d+ s ago\)", human), human
+    assert "queue: incoming 0  active 0  done 4  failed 0" in human
+    assert doc["running"] is True and doc["not_running_reason"] is None
+    assert human.splitlines()[1].startswith(f"daemon pid {daemon.pid}: states "), human
 
     metrics = urllib.request.urlopen(daemon.metrics_url(), timeout=10).read().decode()
     assert "throttler_requests_received_total 4.0" in metrics
@@ -133,6 +136,12 @@ def test_external_cluster_cli_and_dropped_requests_then_sigterm(tmp_path, cluste
 
     code, seconds = daemon.stop(20)
     assert code == 0 and seconds < 20, daemon.log()
+    stopped = throttler_cli("status", "--spool", str(spool))
+    assert stopped.returncode == 3, stopped.stdout + stopped.stderr
+    assert re.match(rf"throttler is not running \(last seen \d+ s ago, pid {daemon.pid}\): its pid "
+                    rf"{daemon.pid} is gone", stopped.stdout), stopped.stdout
+    assert "queue: incoming 0  active 0  done 4  failed 0" in stopped.stdout
+    assert f"last known daemon pid {daemon.pid}: states" in stopped.stdout, stopped.stdout
     assert_shutdown_logged_in_order(daemon.log())
     assert "shutdown 3/4: 0 unstarted" in daemon.log() and "shutdown 4/4: 0 running" in daemon.log()
     assert "Traceback" not in daemon.log()
@@ -321,6 +330,11 @@ def test_kill_9_while_running_then_restart_closes_every_request_once(tmp_path, c
     print(f"crash left {len(runs)} run(s) in active/ ({len(recorded)} recorded); running: {sorted(unfinished)}")
     assert len(runs) > len(recorded) and unfinished, "the crash came too late to interrupt running groups"
     assert "shutdown 1/4" not in first.log()
+    dead = throttler_cli("status", "--spool", str(spool), "--json")
+    assert dead.returncode == 3, dead.stdout + dead.stderr
+    doc = json.loads(dead.stdout)
+    assert doc["running"] is False and doc["not_running_reason"] == f"its pid {first.pid} is gone"
+    assert doc["queue"]["active"] == len(runs)  # counted from the directories, not the status file
 
     second = daemons(args, name="second.log")
     wait_closed(spool, 14, 90, second)

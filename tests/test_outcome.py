@@ -34,3 +34,32 @@ def test_the_docstring_names_as_many_classes_as_there_are():
     classes = (outcome.PERMANENT, outcome.MISALIGNED, outcome.MEMORY, outcome.TRANSIENT, outcome.UNEXPECTED)
     assert "five classes" in outcome.__doc__
     assert all(f"``{name}``" in outcome.__doc__ for name in classes)
+
+
+# --------------------------------------------------------------------------- the decision (pure)
+
+from throttler.service.outcome import FAIL, FALL_BACK, RETRY, decide  # noqa: E402
+
+LIMITS = {"max_attempts": 4, "max_transient_attempts": 12}
+
+
+def _decide(kind, attempt=1, memory_failures=0, requested="auto", fell_back=False):
+    return decide(kind, requested_strategy=requested, fell_back=fell_back, attempt=attempt,
+                  memory_failures=memory_failures, **LIMITS)
+
+
+def test_auto_falls_back_once_on_misaligned_keys_an_explicit_aligned_fails():
+    assert (_decide("misaligned").action, _decide("misaligned").strategy) == (FALL_BACK, "sum")
+    assert _decide("misaligned", fell_back=True).action == FAIL
+    assert _decide("misaligned", requested="aligned").action == FAIL
+
+
+def test_permanent_fails_at_once_transient_retries_up_to_its_own_limit():
+    assert _decide("permanent").action == FAIL
+    assert [_decide("transient", attempt=a).action for a in (1, 11, 12)] == [RETRY, RETRY, FAIL]
+    assert [_decide("unexpected", attempt=a).action for a in (3, 4)] == [RETRY, FAIL]
+
+
+def test_memory_failures_count_only_kills_not_attempts():
+    assert _decide("memory", attempt=10, memory_failures=3).action == RETRY
+    assert _decide("memory", attempt=4, memory_failures=4).action == FAIL

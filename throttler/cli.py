@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
-import time
 
 from throttler import __version__
-from throttler.config import ConfigError, load
+from throttler.config import DEFAULTS, ConfigError, load
 from throttler.errors import ThrottlerError
 from throttler.planning.plan import STRATEGY_CHOICES
 from throttler.simulation import command as simulate_command
@@ -56,7 +54,8 @@ def _add_cluster_flags(p) -> None:
     p.add_argument("--scheduler", help="Dask scheduler address; none: an embedded local cluster")
     p.add_argument("--workers", type=int, default=0, help="embedded cluster: worker processes")
     p.add_argument("--worker-memory-bytes", type=int, default=0, help="embedded cluster: limit per worker")
-    p.add_argument("--memory-fraction", type=float, default=0.6, help="share of worker memory to fill")
+    p.add_argument("--memory-fraction", type=float, default=DEFAULTS.memory_fraction,
+                   help="share of worker memory to fill")
 
 
 # ------------------------------------------------------------------------- serve
@@ -103,8 +102,13 @@ def _submit_parser(sub) -> None:
 
 
 def cmd_submit(args) -> int:
+    from throttler.commands import checks
     from throttler.spool.queue import Spool
 
+    checks.group_ids(args.groups)
+    if not os.path.isdir(os.path.join(args.spool, "incoming")):
+        print(f"throttler: no spool at {args.spool} yet: creating it (a daemon serving another --spool "
+              "will not see these requests)", file=sys.stderr)
     spool = Spool(args.spool).ensure()
     for group in args.groups:
         path = spool.submit(group, priority=args.priority, strategy=args.strategy)
@@ -113,40 +117,18 @@ def cmd_submit(args) -> int:
 
 
 def _status_parser(sub) -> None:
-    p = sub.add_parser("status", help="queue depths, running groups, reservations, cluster memory")
+    p = sub.add_parser("status", help="is the daemon running; queue depths, running groups, cluster memory "
+                                      "(exit 3 when the daemon is not running)")
     p.add_argument("--spool", required=True)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
 
 
 def cmd_status(args) -> int:
-    from throttler.ops.status import read_status
-    from throttler.spool.queue import Spool
+    from throttler.commands import checks, status
 
-    spool = Spool(args.spool)
-    doc = {"queue": spool.counts(), "daemon": read_status(spool.state_dir)}
-    if args.json:
-        print(json.dumps(doc, indent=1, sort_keys=True))
-        return 0
-    q = doc["queue"]
-    print(f"incoming {q['incoming']}  active {q['active']}  done {q['done']}  failed {q['failed']}")
-    daemon = doc["daemon"]
-    if not daemon:
-        print("daemon: no status file (not running yet?)")
-        return 0
-    mem = daemon["cluster_memory"]
-    age_seconds = time.time() - daemon.get("updated_unix_seconds", 0)
-    print(f"daemon pid {daemon['pid']} (status written {age_seconds:.0f} s ago): states {daemon['states']}; "
-          f"workers {daemon['workers']}")
-    print(f"cluster memory (admission view): limit {mem['limit_bytes'] / 2**30:.2f} GiB, used "
-          f"{mem['used_bytes'] / 2**30:.2f} GiB, free {mem['free_bytes'] / 2**30:.2f} GiB, reserved "
-          f"{mem['reserved_bytes'] / 2**30:.2f} GiB")
-    for address, problem in sorted(daemon.get("workers_incompatible", {}).items()):
-        print(f"  INCOMPATIBLE worker {address}: {problem}")
-    for r in daemon["running"]:
-        print(f"  running {r['group']}: {r['strategy']}, reserves {r['estimate_bytes'] / 2**20:.1f} MiB, "
-              f"attempt {r['attempt']}, {r['running_seconds']:.1f} s")
-    return 0
+    checks.readable_directory(args.spool, "spool")
+    return status.main(args.spool, args.json)
 
 
 # ------------------------------------------------------------------------- plan / run
@@ -162,59 +144,47 @@ def _plan_parser(sub) -> None:
 
 
 def cmd_plan(args) -> int:
-    from throttler.admission import policy as admission
-    from throttler.cluster.scheduler import read_snapshot
-    from throttler.planning import estimator, planner
-    from throttler.planning.catalog import Catalog
-    from throttler.planning.footers import file_info
-    from throttler.planning.memory_model import naive_group_bytes
+    from throttler.commands import checks, plan
 
-    files = [file_info(f) for f in Catalog(args.data_root, args.manifest).files(args.group)]
+    checks.group_ids([args.group])
+    checks.data_inputs(args.data_root, args.manifest)
     client, cluster = _connect(args)
     try:
-        snapshot = read_snapshot(client)
-        plan = planner.make_plan(args.group, files, args.strategy, snapshot.shape(), estimator.Estimator(),
-                                 memory_fraction=args.memory_fraction)
-        decision = admission.decide(snapshot, [], plan, memory_fraction=args.memory_fraction, now_seconds=0.0)
+        return plan.main(args.group, args.data_root, args.manifest, args.strategy, args.memory_fraction, client)
     finally:
         _disconnect(client, cluster)
-    print(f"group {plan.group}: {plan.n_files} files, {plan.input_bytes / 2**20:,.1f} MiB on disk, "
-          f"naive estimate {naive_group_bytes(files) / 2**20:,.1f} MiB")
-    print(f"strategy {plan.strategy} (asked {args.strategy}); {plan.n_leaf_tasks} leaf tasks x "
-          f"{plan.files_per_task} files, fan-in {plan.fan_in}")
-    print(f"peak per task {plan.task_peak_bytes / 2**20:,.1f} MiB; group reserves "
-          f"{plan.group_peak_bytes / 2**20:,.1f} MiB")
-    print(f"fits now: {'yes' if decision.admit else 'no'} ({decision.reason})")
-    return 0
 
 
 def _run_parser(sub) -> None:
-    p = sub.add_parser("run", help="aggregate groups now and exit (non-zero if any failed)")
+    p = sub.add_parser("run", help="aggregate groups now and exit (1 if any failed, 2 on bad inputs)")
     p.add_argument("groups", nargs="+", metavar="GROUP")
     _add_data_flags(p)
     _add_cluster_flags(p)
     p.add_argument("--strategy", choices=STRATEGY_CHOICES, default="auto")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.add_argument("--progress-seconds", type=float, default=10.0,
+                   help="when stderr is not a terminal: one progress line per group this often")
     p.set_defaults(func=cmd_run)
 
 
 def cmd_run(args) -> int:
-    from throttler.commands.run import print_progress, run_group
-    from throttler.planning.catalog import Catalog
-    from throttler.planning.estimator import Estimator
+    from throttler.commands import checks, run
+    from throttler.commands.progress_display import ProgressDisplay, choose_mode
+    from throttler.config import load
 
-    os.makedirs(args.output, exist_ok=True)
-    catalog = Catalog(args.data_root, args.manifest)
+    checks.group_ids(args.groups)
+    checks.data_inputs(args.data_root, args.manifest)
+    checks.writable_directory(args.output, "output", create=True)
+    cfg = load(overrides={"data_root": args.data_root, "output": args.output, "manifest": args.manifest,
+                          "memory_fraction": args.memory_fraction, "metrics_address": None}, environ={})
+    display = ProgressDisplay(choose_mode(args.quiet), args.progress_seconds)
     client, cluster = _connect(args)
-    failed = 0
     try:
-        for group in args.groups:
-            result = run_group(client, catalog, group, args.output, args.strategy, estimator=Estimator(),
-                               memory_fraction=args.memory_fraction, progress=print_progress)
-            print(result.line(), flush=True)
-            failed += not result.ok
+        results = run.run_groups(cfg, client, args.groups, args.strategy, display,
+                                 print_line=lambda line: print(line, flush=True))
     finally:
         _disconnect(client, cluster)
-    return 1 if failed else 0
+    return 1 if results.failed else 0
 
 
 def _connect(args):

@@ -35,3 +35,7 @@ class NoWorkers(ThrottlerError):
 
 class RequestError(ThrottlerError):
     """Permanent: a queue request is malformed (bad name, bad JSON, symlink...)."""
+
+
+class UsageError(ThrottlerError):
+    """A command was given inputs it cannot work with (a missing directory, a bad name): exit 2."""

@@ -41,11 +41,13 @@ class ProgressDisplay:
         self.every_seconds = every_seconds
         self.stream = stream
         self._bars: dict[str, object] = {}
-        self._printed_at_seconds = float("-inf")
+        self._printed_at_seconds: float | None = None  #: the first line comes one period in
 
     def update(self, running: list[dict], now_seconds: float) -> None:
         if self.mode == BAR:
             self._update_bars(running)
+        elif self.mode == LINES and self._printed_at_seconds is None:
+            self._printed_at_seconds = now_seconds
         elif self.mode == LINES and now_seconds - self._printed_at_seconds >= self.every_seconds and running:
             self._printed_at_seconds = now_seconds
             for group in running:

@@ -18,6 +18,7 @@ import time
 import tenacity
 
 from throttler import config as config_mod
+from throttler.commands import checks
 from throttler.cluster.embedded import start_embedded_cluster
 from throttler.ops import sdnotify
 from throttler.ops.metrics import Metrics
@@ -104,6 +105,7 @@ def _embedded(cfg):
 
 def serve(cfg: config_mod.Config, config_path: str | None = None, overrides: dict | None = None) -> int:
     """Run the daemon until stopped; returns the exit code."""
+    check_paths(cfg)
     os.umask(DAEMON_UMASK)  # records, state, and the embedded workers' outputs: no world access
     signals = Signals()
     signals.install()
@@ -131,7 +133,9 @@ def serve(cfg: config_mod.Config, config_path: str | None = None, overrides: dic
         watcher.start()
         metrics.set_up({"version": _version()})
         sdnotify.ready(service.status.summary_line())
-        log.info("serving spool %s", cfg.spool)
+        log.info("serving spool %s; data root %s%s; output %s; %s; metrics %s", cfg.spool, cfg.data_root,
+                 f" (manifest {cfg.manifest})" if cfg.manifest else "", cfg.output, _cluster_line(cfg, cluster),
+                 _metrics_line(metrics_server))
         _main_loop(service, signals, watcher, config_path, overrides)
         sdnotify.stopping()
         service.drain(service.config.drain_timeout_seconds)
@@ -205,6 +209,32 @@ def log_level_number(name: str) -> int:
         raise config_mod.ConfigError(f"log_level must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, "
                                      f"not {name!r}")
     return level
+
+
+def check_paths(cfg: config_mod.Config) -> None:
+    """Refuse, before anything starts, a data root, manifest or output the daemon cannot use."""
+    checks.data_inputs(cfg.data_root, cfg.manifest)
+    checks.writable_directory(cfg.output, "output", create=False)
+    parent = os.path.dirname(os.path.abspath(cfg.spool))
+    if not os.path.isdir(cfg.spool):
+        checks.writable_directory(parent, "spool's parent directory", create=False)
+
+
+def _cluster_line(cfg: config_mod.Config, cluster) -> str:
+    if cluster is None:
+        return f"scheduler {cfg.scheduler}"
+    workers = cluster.scheduler_info.get("workers", {}).values()
+    limits = sorted({w.get("memory_limit", 0) for w in workers})
+    threads = sorted({w.get("nthreads", 0) for w in workers})
+    return (f"embedded cluster of {len(workers)} workers x {'/'.join(map(str, threads))} threads, "
+            f"{'/'.join(f'{limit / 2**30:.1f}' for limit in limits)} GiB each")
+
+
+def _metrics_line(server) -> str:
+    if server is None:
+        return "off"
+    host, port = server.server_address[:2]
+    return f"http://{host}:{port}/metrics"
 
 
 def _serve_metrics(metrics: Metrics, cfg):

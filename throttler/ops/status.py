@@ -22,6 +22,7 @@ from throttler.admission.policy import Budget, Tally
 from throttler.cluster.scheduler import read_snapshot
 from throttler.cluster.snapshot import ClusterShape, ClusterSnapshot
 from throttler.cluster.workers import package_problem, worker_package_reports
+from throttler.ops.liveness import own_start_ticks
 from throttler.durable import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class StatusReporter:
         self.worker_problems: dict[str, str] = {}  #: address -> why it cannot run our tasks
         self._check_thread: threading.Thread | None = None
         self._check_after = 0.0
+        self._start_ticks = own_start_ticks()
 
     @property
     def last_threads(self) -> int:
@@ -138,6 +140,7 @@ class StatusReporter:
         svc = self.service
         return {
             "pid": os.getpid(),
+            "pid_start_ticks": self._start_ticks,
             "updated_unix_seconds": time.time(),
             "states": svc.state_counts(),
             "queue": svc.spool.counts(),

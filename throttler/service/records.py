@@ -26,6 +26,7 @@ def done_record(job: Job, summary: dict) -> dict:
         "nan_count": summary["nan_count"],
         "strategy": plan.strategy,
         "requested_strategy": job.requested_strategy,
+        "fell_back": job.strategy_override is not None,
         "estimate_bytes": plan.group_peak_bytes,
         "task_estimate_bytes": plan.task_peak_bytes,
         "observed_peak_bytes": summary["peak_bytes"],

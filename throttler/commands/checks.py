@@ -1,0 +1,50 @@
+"""Checks of a command's inputs, made before anything starts (no cluster, no spool).
+
+Each raises :class:`~throttler.errors.UsageError` with one clear sentence; the
+command line turns it into ``throttler: ...`` on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import os
+
+from throttler.errors import RequestError, UsageError
+from throttler.groupid import validate_group
+
+
+def readable_directory(path: str, what: str) -> None:
+    if not os.path.isdir(path):
+        raise UsageError(f"{what} {path} does not exist or is not a directory")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise UsageError(f"{what} {path} is not readable by this user")
+
+
+def writable_directory(path: str, what: str, create: bool) -> None:
+    """``path`` is a writable directory; with ``create``, a missing one is made (its parent must exist)."""
+    if create and not os.path.exists(path):
+        try:
+            os.mkdir(path, 0o750)
+        except OSError as exc:
+            raise UsageError(f"{what} {path} does not exist and cannot be created: {exc.strerror}") from None
+    if not os.path.isdir(path):
+        raise UsageError(f"{what} {path} does not exist or is not a directory")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(f"{what} {path} is not writable by this user")
+
+
+def readable_file(path: str | None, what: str) -> None:
+    if path is not None and not os.access(path, os.R_OK):
+        raise UsageError(f"{what} {path} does not exist or is not readable")
+
+
+def group_ids(groups: list[str]) -> None:
+    for group in groups:
+        try:
+            validate_group(group)
+        except RequestError as exc:
+            raise UsageError(str(exc)) from None
+
+
+def data_inputs(data_root: str, manifest: str | None) -> None:
+    readable_directory(data_root, "data root")
+    readable_file(manifest, "manifest")
