@@ -122,14 +122,12 @@ class ThrottlerMemoryPlugin(WorkerPlugin):
 
 async def _workers_on_host(worker) -> int:
     """Workers the scheduler knows on this worker's host, this one included."""
-    from distributed.utils import get_ip
-
     host = worker.address.split("://")[-1].rsplit(":", 1)[0]
     try:
         info = await worker.scheduler.identity()
         others = {a for a, w in info.get("workers", {}).items() if w.get("host") == host}
-    except Exception:  # noqa: BLE001 -- the share is a fallback; one worker is the safe reading
-        log.warning("throttler memory: cannot count workers on %s (%s)", host, get_ip())
+    except Exception as exc:  # noqa: BLE001 -- a fallback of a fallback: count this worker alone
+        log.warning("throttler memory: cannot count the workers on %s: %s", host, exc)
         others = set()
     return max(1, len(others | {worker.address}))
 
