@@ -281,3 +281,17 @@ except OSError as exc:
                           cwd=str(Path(__file__).resolve().parent.parent))  # tests/ importable
     assert done.stdout.strip() == "OSError True", done.stdout + done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.rsplit("/", 1)[1] for p in files)
+
+
+def test_groupby_combine_adds_partials_with_identical_keys_else_regroups(tmp_path):
+    from throttler.worker import kernels
+
+    same = [kernels.groupby_leaf([f]) for f in _files(tmp_path, 3, nan_frac=0.1)]
+    other = kernels.groupby_leaf([write_sim(tmp_path / "x.parquet", seed=9, drop_paths=(3,))])
+    assert kernels._add_if_same_keys([p.data for p in same]) is not None
+    assert kernels._add_if_same_keys([same[0].data, other.data]) is None
+    combined = kernels.groupby_combine(same)
+    regrouped = kernels._grouped(__import__("pandas").concat([p.data for p in same], ignore_index=True))
+    np.testing.assert_array_equal(combined.data[["path", "Date"]].to_numpy(), regrouped[["path", "Date"]].to_numpy())
+    np.testing.assert_allclose(combined.data["value"].to_numpy(), regrouped["value"].to_numpy(), rtol=1e-12)
+    assert combined.nan_count == sum(p.nan_count for p in same) and combined.files == 3

@@ -31,6 +31,10 @@ DEFAULT_EXPANSION = 1.5
 ACCUMULATOR_BYTES_PER_ROW = 8
 
 
+#: Aligned combine beyond its (k + 1) accumulators: a 2-thread worker's RSS
+#: rose one accumulator more (benchmarks/calibrate_memory.py, benchmarks/README.md).
+ALIGNED_COMBINE_EXTRA_BYTES_PER_ROW = 8
+
 #: Aligned final, beyond adding its k inputs ((k + 1) x 8 B/row): one file's
 #: keys as stored, the output table, the Parquet file encoded in memory before
 #: its write, and (rarely) a sort permutation with permuted copies. Measured
@@ -57,13 +61,17 @@ SUM_RESULT_BYTES_PER_ROW = 16
 #: Sum combine, fixed part; plus :data:`SUM_RESULT_BYTES_PER_ROW` per input.
 #: Measured 39 / 126 B/row for 2 / 8 inputs loaded from files, 101 / 187 B/row
 #: for inputs unpickled from bytes in memory (as received over the network).
-SUM_COMBINE_BASE_BYTES_PER_ROW = 64
+SUM_COMBINE_BASE_BYTES_PER_ROW = 40
+
+#: Sum combine and final, per input merged: worker RSS grew 26-28 B/row per
+#: input, not the 13 B/row a partial weighs (benchmarks/calibrate_memory.py).
+SUM_MERGE_BYTES_PER_INPUT_ROW = 30
 
 
 #: Sum final, fixed part (sort, index levels to arrays, output table, writer);
 #: plus :data:`SUM_RESULT_BYTES_PER_ROW` per input. Measured 45 / 70 / 149 B/row
 #: for 1 / 2 / 8 inputs.
-SUM_FINAL_BASE_BYTES_PER_ROW = 56
+SUM_FINAL_BASE_BYTES_PER_ROW = 64
 
 
 #: A groupby partial result: a (path, Date, value) frame, 3 x 8 B/row.
@@ -84,11 +92,11 @@ GROUPBY_FILE_BYTES_PER_ROW = 96
 #: peak), fixed part; plus :data:`GROUPBY_PARTIAL_BYTES_PER_ROW` per input.
 #: Measured 208 / 362 / 682 B/row for 2 / 4 / 8 inputs; the final 136 / 208 /
 #: 682 B/row for 1 / 2 / 8 inputs.
-GROUPBY_COMBINE_BASE_BYTES_PER_ROW = 56
+GROUPBY_COMBINE_BASE_BYTES_PER_ROW = 88
 
 
 #: Groupby combine, per input concatenated and regrouped.
-GROUPBY_PARTIAL_BYTES_PER_ROW = 80
+GROUPBY_PARTIAL_BYTES_PER_ROW = 96
 
 
 def expansion(files: Iterable[FileInfo]) -> float:
@@ -175,20 +183,21 @@ def _aligned_peaks(largest: FileInfo, combine_inputs: int, final_inputs: int) ->
     rows, acc = largest.rows, ACCUMULATOR_BYTES_PER_ROW
     return TaskPeaks(
         leaf_bytes=rows * acc + largest.size_bytes + largest.decoded_bytes + TASK_OVERHEAD_BYTES,
-        combine_bytes=_task_bytes(rows, (combine_inputs + 1) * acc) if combine_inputs else 0,
+        combine_bytes=(_task_bytes(rows, (combine_inputs + 1) * acc + ALIGNED_COMBINE_EXTRA_BYTES_PER_ROW)
+                       if combine_inputs else 0),
         final_bytes=_task_bytes(rows, (final_inputs + 1) * acc + ALIGNED_FINAL_EXTRA_BYTES_PER_ROW),
         result_bytes=rows * acc,
     )
 
 
 def _sum_peaks(rows: int, combine_inputs: int, final_inputs: int) -> TaskPeaks:
-    per_input = SUM_RESULT_BYTES_PER_ROW
+    per_input = SUM_MERGE_BYTES_PER_INPUT_ROW
     return TaskPeaks(
         leaf_bytes=_task_bytes(rows, SUM_LEAF_BYTES_PER_ROW),
         combine_bytes=(_task_bytes(rows, SUM_COMBINE_BASE_BYTES_PER_ROW + combine_inputs * per_input)
                        if combine_inputs else 0),
         final_bytes=_task_bytes(rows, SUM_FINAL_BASE_BYTES_PER_ROW + final_inputs * per_input),
-        result_bytes=rows * per_input,
+        result_bytes=rows * SUM_RESULT_BYTES_PER_ROW,
     )
 
 

@@ -1,0 +1,191 @@
+"""The daemon's worker resources on a real ``dask scheduler`` with ``dask worker`` processes
+started without any throttler flag."""
+
+from __future__ import annotations
+
+import os
+import signal
+import psutil
+import pytest
+
+from tests.conftest import wait_for
+from tests.daemon_helpers import Proc, free_port
+from throttler.cluster import worker_memory as wm
+
+LIMIT_BYTES = 1 * 2**30
+
+
+def _worker(cluster_dir, address, name, *extra):
+    argv = ["dask", "worker", address, "--nthreads", "2", "--memory-limit", str(LIMIT_BYTES),
+            "--no-dashboard", "--name", name, *extra]
+    return Proc(argv, cluster_dir / f"{name}.log")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    from distributed import Client
+
+    logs = tmp_path_factory.mktemp("wm-cluster")
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    procs = [Proc(["dask", "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+                  logs / "scheduler.log")]
+    procs += [_worker(logs, address, "w0"), _worker(logs, address, "w1", "--resources", "MEMORY=2000")]
+    client = None
+    try:
+        wait_for(lambda: _reachable(address), 60)
+        client = Client(address, timeout="5s")
+        client.wait_for_workers(2, timeout=60)
+        wm.register(client)
+        yield {"client": client, "address": address, "logs": logs, "procs": procs}
+    finally:
+        if client is not None:
+            client.close()
+        for p in reversed(procs):
+            p.kill_group()
+
+
+def _reachable(address) -> bool:
+    import socket
+
+    host, port = address.split("//")[1].split(":")
+    with socket.socket() as s:
+        return s.connect_ex((host, int(port))) == 0
+
+
+def _sized(client, names) -> dict[str, wm.WorkerCapacity]:
+    caps = {c.name: c for c in wm.read_capacities(client)}
+    return caps if all(n in caps and caps[n].solo_bytes > 0 and caps[n].limit_source for n in names) else {}
+
+
+def _reports(client) -> dict[str, dict]:
+    """The latest sizing event of each live worker, by name."""
+    live = set(client.scheduler_info()["workers"])
+    return {m["name"]: m for _, m in client.get_events(wm.EVENT_TOPIC) if m["worker"] in live}
+
+
+def test_every_worker_gets_the_resources_and_keeps_its_own(cluster):
+    client = cluster["client"]
+    wait_for(lambda: _sized(client, ["w0", "w1"]), 30)
+    caps, reports = _sized(client, ["w0", "w1"]), _reports(client)
+    for name in ("w0", "w1"):
+        idle = reports[name]["idle_rss_bytes"]
+        assert caps[name].memory_bytes == int(LIMIT_BYTES * wm.DEFAULT_SHARE) - idle
+        assert caps[name].solo_bytes == int(LIMIT_BYTES * (0.8 - wm.SOLO_MARGIN)) - idle
+        assert caps[name].limit_source == "memory_limit"
+    resources = {w["name"]: w["resources"] for w in client.scheduler_info()["workers"].values()}
+    assert resources["w1"]["MEMORY"] == 2000  # the user's own resource, untouched
+    assert "MEMORY" not in resources["w0"]
+    assert resources["w0"][wm.WORKER_TOKEN] == 1.0
+
+
+def _pid_of(client, name) -> int:
+    return next(pid for pid in client.run(os.getpid, workers=[_address_of(client, name)]).values())
+
+
+def _address_of(client, name) -> str:
+    return next(a for a, w in client.scheduler_info()["workers"].items() if w["name"] == name)
+
+
+def test_a_worker_restarted_by_its_nanny_gets_them_again(cluster):
+    client = cluster["client"]
+    wait_for(lambda: _sized(client, ["w0"]), 30)
+    old_address = _address_of(client, "w0")
+    os.kill(_pid_of(client, "w0"), signal.SIGKILL)  # the nanny starts a new worker process
+    wait_for(lambda: _sized(client, ["w0"]) and _address_of(client, "w0") != old_address, 60)
+    assert _sized(client, ["w0"])["w0"].memory_bytes == int(LIMIT_BYTES * wm.DEFAULT_SHARE) - \
+        _reports(client)["w0"]["idle_rss_bytes"]
+
+
+def test_a_worker_added_later_without_a_limit_is_sized_from_its_host(cluster):
+    from distributed.system import MEMORY_LIMIT
+
+    client = cluster["client"]
+    proc = Proc(["dask", "worker", cluster["address"], "--nthreads", "1", "--memory-limit", "0",
+                 "--no-dashboard", "--name", "w2"], cluster["logs"] / "w2.log")
+    try:
+        wait_for(lambda: _sized(client, ["w2"]), 60)
+        caps, report = _sized(client, ["w2"])["w2"], _reports(client)["w2"]
+        assert caps.limit_source == "host-share"
+        assert report["limit_bytes"] == MEMORY_LIMIT // 3  # three workers on this host
+        assert caps.memory_bytes == int(MEMORY_LIMIT // 3 * wm.DEFAULT_SHARE) - report["idle_rss_bytes"]
+        assert "host-share" in proc.log()  # logged as a warning
+    finally:
+        proc.kill_group()
+    wait_for(lambda: "w2" not in {c.name for c in wm.read_capacities(client)}, 30)
+
+
+def _holder():
+    """A heavy task: hold ``nbytes`` for ``seconds``; returns (worker name, start, stop).
+
+    Defined inside a function so it ships by value (the scheduler cannot import tests)."""
+    def hold(nbytes, seconds):
+        import time as clock
+
+        from distributed import get_worker
+
+        start = clock.time()
+        block = bytearray(nbytes)
+        clock.sleep(seconds)
+        del block
+        return get_worker().name, start, clock.time()
+
+    return hold
+
+
+def test_heavy_tasks_never_share_a_worker_past_its_budget(cluster):
+    client = cluster["client"]
+    wait_for(lambda: _sized(client, ["w0", "w1"]), 60)
+    caps = wm.read_capacities(client)
+    peak = max(c.memory_bytes for c in caps) // 2 + 1  # two of them exceed any worker's share
+    resources = wm.task_resources(peak, caps)
+    assert set(resources) == {wm.MEMORY_BYTES, wm.WORKER_TOKEN}
+    futures = [client.submit(_holder(), 200 * 2**20, 0.4, resources=resources, pure=False) for _ in range(6)]
+    runs = client.gather(futures)
+    by_worker: dict[str, list] = {}
+    for name, start, stop in runs:
+        by_worker.setdefault(name, []).append((start, stop))
+    for intervals in by_worker.values():
+        intervals.sort()
+        assert all(a[1] <= b[0] for a, b in zip(intervals, intervals[1:])), intervals
+    assert sum(len(v) for v in by_worker.values()) == 6
+
+
+def test_a_task_alone_excludes_every_other_task_of_ours(cluster):
+    client = cluster["client"]
+    wait_for(lambda: _sized(client, ["w0", "w1"]), 60)
+    caps = wm.read_capacities(client)
+    w0 = next(c for c in caps if c.name == "w0")
+    alone = wm.task_resources(w0.solo_bytes, [w0])  # too big to share: runs alone
+    small = wm.task_resources(1, caps)
+    assert alone == {wm.SOLO_BYTES: float(w0.solo_bytes), wm.WORKER_TOKEN: 1.0}
+    futures = [client.submit(_holder(), 1, 0.6, resources=alone, workers=[w0.address], pure=False)]
+    futures += [client.submit(_holder(), 1, 0.2, resources=small, workers=[w0.address], pure=False) for _ in range(3)]
+    (_, a_start, a_stop), *others = client.gather(futures)
+    assert all(stop <= a_start or start >= a_stop for _, start, stop in others), (a_start, a_stop, others)
+
+
+# --------------------------------------------------------------------------- pure policy
+
+
+def _cap(memory, solo, name="w"):
+    return wm.WorkerCapacity(address=name, name=name, memory_limit_bytes=0, memory_bytes=memory, solo_bytes=solo)
+
+
+def test_task_resources_shares_then_runs_alone_then_refuses():
+    workers = [_cap(600, 750, "a"), _cap(300, 400, "b")]
+    assert wm.task_resources(500, workers) == {wm.MEMORY_BYTES: 500.0, wm.WORKER_TOKEN: wm.SHARED_TOKEN}
+    assert wm.task_resources(700, workers) == {wm.SOLO_BYTES: 700.0, wm.WORKER_TOKEN: 1.0}
+    assert wm.task_resources(10, workers, alone=True) == {wm.SOLO_BYTES: 10.0, wm.WORKER_TOKEN: 1.0}
+    with pytest.raises(wm.NoWorkerFits) as info:
+        wm.task_resources(751, workers)
+    assert info.value.largest_solo_bytes == 750
+    with pytest.raises(wm.NoWorkerFits):
+        wm.task_resources(1, [_cap(0, 0)])  # workers not sized yet fit nothing
+
+
+def test_worker_sizing_subtracts_the_idle_worker():
+    s = wm.worker_sizing(1000, "memory_limit", 100, 0.6, 0.8)
+    assert (s.memory_bytes, s.solo_bytes) == (500, 650)
+    assert wm.worker_sizing(1000, "memory_limit", 100, 0.6, False).solo_bytes == 650  # pause disabled
+    assert wm.worker_sizing(1000, "memory_limit", 100, 0.9, 0.8).memory_bytes == 650  # never above solo

@@ -1,0 +1,218 @@
+"""The daemon's own per-worker memory accounting, given to every worker by a WorkerPlugin.
+
+No worker flag is needed. :class:`ThrottlerMemoryPlugin`, registered once with
+``client.register_plugin(ThrottlerMemoryPlugin())``, runs on every worker
+present and every worker that joins later (a worker restarted by its nanny
+included) and gives it three resources that belong to the daemon:
+
+* ``throttler-memory-bytes`` = ``share x memory_limit - idle RSS``: what our
+  tasks running at once on that worker may hold together, in bytes. Dask
+  subtracts each running task's request from it, so the tasks on one worker
+  can never sum past it, however many threads the worker has.
+* ``throttler-solo-bytes`` = ``(pause - margin) x memory_limit - idle RSS``:
+  what one task may hold when it runs alone on the worker (Dask pauses a
+  worker at ``pause`` = 0.8 of its limit).
+* ``throttler-worker`` = 1: a token. Every shared task asks
+  :data:`SHARED_TOKEN` of it; a task that must run alone asks all of it, so
+  no other task of ours runs on that worker meanwhile.
+
+A worker's thread count already caps how many tasks it runs at once; the
+bytes cap what they hold, so no separate slot resource is needed (see
+docs/memory.md). ``set_resources`` merges: the worker's own resources
+(``MEMORY`` in any units, or anything else) are left as they are and are
+never read.
+
+A worker without a memory limit is sized from its host's memory
+(cgroup-aware, ``distributed.system.MEMORY_LIMIT``) divided by the workers
+the scheduler knows on that host, or from ``assumed_limit_bytes`` if given;
+it is logged as a warning and its report says which (``limit_source``).
+
+The submitter calls :func:`task_resources` with a task's peak and a snapshot
+from :func:`read_capacities`; the result goes to ``client.compute(...,
+resources=...)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+from distributed import WorkerPlugin
+
+log = logging.getLogger(__name__)
+
+MEMORY_BYTES = "throttler-memory-bytes"
+SOLO_BYTES = "throttler-solo-bytes"
+WORKER_TOKEN = "throttler-worker"
+RESOURCES = (MEMORY_BYTES, SOLO_BYTES, WORKER_TOKEN)
+
+#: The token a shared task asks: a power of two, so that sums and differences
+#: of it stay exact in floating point (1024 tasks at once before it runs out).
+SHARED_TOKEN = 2.0**-10
+
+#: Share of the limit that the tasks running at once on one worker may fill.
+DEFAULT_SHARE = 0.6
+
+#: Below Dask's pause threshold, for one task alone: RSS read between two
+#: heartbeats and allocator pages the model does not see (docs/memory.md).
+SOLO_MARGIN = 0.05
+
+#: Dask's default pause threshold, used when the worker's is disabled.
+DEFAULT_PAUSE_FRACTION = 0.8
+
+#: Event topic the plugin reports each worker's sizing on (read by :func:`read_capacities`).
+EVENT_TOPIC = "throttler-memory"
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """How one worker was sized: the figures behind its resources."""
+
+    limit_bytes: int  #: the limit used (the worker's own, or assumed when it has none)
+    limit_source: str  #: "memory_limit", "configured" or "host-share"
+    idle_rss_bytes: int  #: the worker's RSS at setup, subtracted from both budgets
+    memory_bytes: int  #: throttler-memory-bytes
+    solo_bytes: int  #: throttler-solo-bytes
+
+
+def worker_sizing(limit_bytes: int, limit_source: str, idle_rss_bytes: int, share: float,
+                  pause_fraction: float | None) -> Sizing:
+    """Pure: the two budgets of one worker."""
+    pause = pause_fraction if pause_fraction else DEFAULT_PAUSE_FRACTION
+    solo = max(0, int(limit_bytes * (pause - SOLO_MARGIN)) - idle_rss_bytes)
+    memory = min(solo, max(0, int(limit_bytes * share) - idle_rss_bytes))
+    return Sizing(limit_bytes, limit_source, idle_rss_bytes, memory, solo)
+
+
+class ThrottlerMemoryPlugin(WorkerPlugin):
+    """Gives each worker the daemon's resources (see the module docstring)."""
+
+    name = "throttler-memory"
+    idempotent = True
+
+    def __init__(self, share: float = DEFAULT_SHARE, assumed_limit_bytes: int | None = None):
+        if not 0.05 <= share <= 0.95:
+            raise ValueError(f"share must be within [0.05, 0.95], got {share}")
+        self.share = share
+        self.assumed_limit_bytes = assumed_limit_bytes
+
+    async def setup(self, worker) -> None:
+        limit, source = await self._limit(worker)
+        mm = worker.memory_manager
+        sizing = worker_sizing(limit, source, _rss_bytes(), self.share, mm.memory_pause_fraction)
+        await worker.set_resources(**{MEMORY_BYTES: sizing.memory_bytes, SOLO_BYTES: sizing.solo_bytes,
+                                      WORKER_TOKEN: 1.0})
+        report = {"worker": worker.address, "name": str(worker.name), "nthreads": worker.state.nthreads,
+                  **sizing.__dict__}
+        worker.log_event(EVENT_TOPIC, report)
+        level = logging.INFO if source == "memory_limit" else logging.WARNING
+        log.log(level, "throttler memory: worker %s sized %s", worker.address, report)
+
+    async def _limit(self, worker) -> tuple[int, str]:
+        own = int(worker.memory_manager.memory_limit or 0)
+        if own:
+            return own, "memory_limit"
+        if self.assumed_limit_bytes:
+            return int(self.assumed_limit_bytes), "configured"
+        from distributed.system import MEMORY_LIMIT
+
+        return MEMORY_LIMIT // await _workers_on_host(worker), "host-share"
+
+
+async def _workers_on_host(worker) -> int:
+    """Workers the scheduler knows on this worker's host, this one included."""
+    host = worker.address.split("://")[-1].rsplit(":", 1)[0]
+    try:
+        info = await worker.scheduler.identity()
+        others = {a for a, w in info.get("workers", {}).items() if w.get("host") == host}
+    except Exception as exc:  # noqa: BLE001 -- a fallback of a fallback: count this worker alone
+        log.warning("throttler memory: cannot count the workers on %s: %s", host, exc)
+        others = set()
+    return max(1, len(others | {worker.address}))
+
+
+def _rss_bytes() -> int:
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+# --------------------------------------------------------------------------- the submitter's side
+
+
+@dataclass(frozen=True)
+class WorkerCapacity:
+    """One worker's daemon resources, as the scheduler holds them (0: not sized yet)."""
+
+    address: str
+    name: str
+    memory_limit_bytes: int
+    memory_bytes: int
+    solo_bytes: int
+    used_memory_bytes: float = 0.0
+    limit_source: str = ""  #: from the worker's sizing event ("" if not seen)
+
+
+class NoWorkerFits(Exception):
+    """No worker's daemon resources can hold the task, even alone."""
+
+    def __init__(self, peak_bytes: int, largest_solo_bytes: int):
+        super().__init__(f"a task of {peak_bytes} B exceeds the largest worker's solo budget "
+                         f"({largest_solo_bytes} B)")
+        self.peak_bytes = peak_bytes
+        self.largest_solo_bytes = largest_solo_bytes
+
+
+def task_resources(peak_bytes: int, workers: Iterable[WorkerCapacity], alone: bool = False) -> dict[str, float]:
+    """Pure: the ``resources=`` to submit a task of ``peak_bytes`` with.
+
+    Shared (the default, when some worker's ``throttler-memory-bytes`` holds
+    it): ``{memory-bytes: peak, worker: SHARED_TOKEN}``. Alone (asked for, or
+    too big to share any worker): ``{solo-bytes: peak, worker: 1}``, which
+    only workers whose solo budget holds it accept and which excludes every
+    other task of ours there while it runs. Raises :class:`NoWorkerFits`
+    when no worker could ever run it, so the request is always satisfiable.
+    """
+    peak = max(1, int(peak_bytes))
+    workers = [w for w in workers if w.solo_bytes > 0]
+    if not alone and any(w.memory_bytes >= peak for w in workers):
+        return {MEMORY_BYTES: float(peak), WORKER_TOKEN: SHARED_TOKEN}
+    if any(w.solo_bytes >= peak for w in workers):
+        return {SOLO_BYTES: float(peak), WORKER_TOKEN: 1.0}
+    raise NoWorkerFits(peak, max((w.solo_bytes for w in workers), default=0))
+
+
+def capacities_from_records(records: Iterable[Mapping[str, Any]]) -> list[WorkerCapacity]:
+    """Pure: :class:`WorkerCapacity` from :func:`scheduler_capacity_records` dicts."""
+    return [WorkerCapacity(**r) for r in records]
+
+
+def read_capacities(client) -> list[WorkerCapacity]:
+    """Each live worker's daemon resources, read on the scheduler (one round trip)."""
+    return capacities_from_records(client.run_on_scheduler(scheduler_capacity_records()))
+
+
+def scheduler_capacity_records():
+    """The function run on the scheduler; shipped by value (no throttler needed there)."""
+    memory_key, solo_key, topic = MEMORY_BYTES, SOLO_BYTES, EVENT_TOPIC
+
+    def collect(dask_scheduler) -> list[dict]:
+        sources = {}
+        for _, msg in dask_scheduler.get_events(topic):
+            sources[msg.get("worker")] = msg.get("limit_source", "")
+        out = []
+        for ws in dask_scheduler.workers.values():
+            res, used = ws.resources or {}, ws.used_resources or {}
+            out.append(dict(address=ws.address, name=str(ws.name), memory_limit_bytes=int(ws.memory_limit or 0),
+                            memory_bytes=int(res.get(memory_key, 0)), solo_bytes=int(res.get(solo_key, 0)),
+                            used_memory_bytes=float(used.get(memory_key, 0.0)),
+                            limit_source=sources.get(ws.address, "")))
+        return sorted(out, key=lambda r: r["name"])
+
+    return collect
+
+
+def register(client, share: float = DEFAULT_SHARE, assumed_limit_bytes: int | None = None) -> None:
+    """Register the plugin on the client's cluster (present and future workers)."""
+    client.register_plugin(ThrottlerMemoryPlugin(share, assumed_limit_bytes))
