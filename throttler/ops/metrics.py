@@ -31,6 +31,9 @@ from prometheus_client import (
 
 from throttler import __version__
 from throttler.planning.plan import STRATEGIES
+from throttler.service.jobs import STATES as JOB_STATES
+from throttler.service.outcome import REASON_CLASSES
+from throttler.spool.requests import RECORD_KINDS, REFUSAL_CLASSES
 
 # ``*_created`` series double the series count and confuse rate() readers;
 # the flag is process-wide and read at collection time.
@@ -40,10 +43,11 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_ADDRESS = "127.0.0.1:9464"
 
-REJECT_REASONS = ("validation", "symlink", "ownership", "too_large", "invalid_json", "other")
-FAILURE_REASONS = ("data", "catalog", "does_not_fit", "killed_worker", "scheduler", "io", "other")
-OUTCOMES = ("done", "failed")
-GROUP_STATES = ("queued", "planning", "waiting", "running")
+# Label sets live beside the code that produces the values; these are those sets.
+REJECT_REASONS = REFUSAL_CLASSES  #: why the spool refused a request
+FAILURE_REASONS = REASON_CLASSES  #: why a group's attempt failed
+OUTCOMES = RECORD_KINDS  #: the record a group ends with
+GROUP_STATES = JOB_STATES
 QUEUE_DIRS = ("incoming", "active")
 WORKER_STATUSES = ("running", "paused", "closing", "other")
 POOLS = ("builder", "submitter")
