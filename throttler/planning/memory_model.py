@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Iterable
 
-from throttler.planning.plan import STRATEGIES, FileInfo
+from throttler.planning.plan import STRATEGIES, FileInfo, merge_levels
 
 MIB = 2**20
 
@@ -184,12 +184,8 @@ def _groupby_peaks(rows: int, files_per_task: int, combine_inputs: int, final_in
 
 
 def merge_task_count(n_leaves: int, fan_in: int) -> int:
-    """Combine tasks plus the final task of the tree :mod:`throttler.worker.graphs` builds."""
-    count, level = 1, n_leaves
-    while level > fan_in:
-        level = -(-level // fan_in)
-        count += level
-    return count
+    """Combine tasks plus the final task of the group's tree (:func:`~throttler.planning.plan.merge_levels`)."""
+    return 1 + sum(merge_levels(n_leaves, fan_in))
 
 
 def group_peak_parts(peaks: TaskPeaks, n_leaves: int, concurrent_tasks: int, fan_in: int) -> tuple[int, int]:
