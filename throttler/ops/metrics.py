@@ -133,6 +133,25 @@ class Metrics:
         self._wait = Histogram(
             "throttler_admission_wait_seconds", "Time a planned group waited for memory.",
             buckets=WAIT_SECONDS_BUCKETS, registry=r)
+        self._define_memory_metrics(r)
+        self._retries = Counter("throttler_retries", "Group retries, by reason class.", ["reason"], registry=r)
+        self._losses = Counter("throttler_worker_losses", "Dask workers lost (died or removed).", registry=r)
+        self._incompatible = Gauge(
+            "throttler_workers_incompatible",
+            "Workers without this daemon's version of dask-throttler (the log says why).", registry=r)
+        self._pool_busy = Gauge("throttler_pool_busy_threads", "Busy threads, by pool.", ["pool"], registry=r)
+        self._pool_size = Gauge("throttler_pool_threads", "Threads, by pool.", ["pool"], registry=r)
+        self._build = Gauge(
+            "throttler_build_info", "Always 1; labels tell the running version.",
+            ["version", "python_version"], registry=r)
+        self._start = Gauge("throttler_start_time_seconds", "Unix time the daemon started.", registry=r)
+        self._loop = Gauge(
+            "throttler_last_loop_timestamp_seconds", "Unix time of the main loop's last iteration.",
+            registry=r)
+        self._preinitialise()
+
+    def _define_memory_metrics(self, r: CollectorRegistry) -> None:
+        """The memory metrics: reserved, the cluster's as admission sees it, workers, estimates."""
         self._reserved = Gauge(
             "throttler_memory_reserved_bytes", "Memory reserved by admitted groups.", registry=r)
         self._mem = {
@@ -155,21 +174,6 @@ class Metrics:
             "Per finished group, the highest peak RSS of a worker while running one of its tasks, "
             "over that worker's memory limit.",
             ["strategy"], buckets=LIMIT_FRACTION_BUCKETS, registry=r)
-        self._retries = Counter("throttler_retries", "Group retries, by reason class.", ["reason"], registry=r)
-        self._losses = Counter("throttler_worker_losses", "Dask workers lost (died or removed).", registry=r)
-        self._incompatible = Gauge(
-            "throttler_workers_incompatible",
-            "Workers without this daemon's version of dask-throttler (the log says why).", registry=r)
-        self._pool_busy = Gauge("throttler_pool_busy_threads", "Busy threads, by pool.", ["pool"], registry=r)
-        self._pool_size = Gauge("throttler_pool_threads", "Threads, by pool.", ["pool"], registry=r)
-        self._build = Gauge(
-            "throttler_build_info", "Always 1; labels tell the running version.",
-            ["version", "python_version"], registry=r)
-        self._start = Gauge("throttler_start_time_seconds", "Unix time the daemon started.", registry=r)
-        self._loop = Gauge(
-            "throttler_last_loop_timestamp_seconds", "Unix time of the main loop's last iteration.",
-            registry=r)
-        self._preinitialise()
 
     def _preinitialise(self) -> None:
         """Create every known labelled series, so queries see 0 rather than no data."""
