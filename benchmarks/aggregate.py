@@ -549,6 +549,12 @@ def notes(r: dict, reference: dict | None) -> list[str]:
     return out
 
 
+def _repo_relative(path) -> str:
+    """``path`` relative to the repository when inside it: printed tables name no machine's paths."""
+    resolved, repo = Path(path).resolve(), Path(__file__).resolve().parent.parent
+    return str(resolved.relative_to(repo)) if resolved.is_relative_to(repo) else resolved.name
+
+
 def environment(args, files: list[str], warmed_bytes: int, load: tuple[float, float], runs) -> str:
     versions = ", ".join(f"{p} {metadata.version(p)}" for p in
                          ("dask", "distributed", "pandas", "pyarrow", "numpy", "duckdb", "polars"))
@@ -558,7 +564,7 @@ def environment(args, files: list[str], warmed_bytes: int, load: tuple[float, fl
     warm = (" which first made one untimed call of its method (warm process and workers)"
             if args.warm_process else "")
     return (f"{len(files)} files x {args.paths * args.dates:,} rows ({warmed_bytes / 1e6:,.1f} MB) under "
-            f"{Path(args.data).resolve()}; median of {args.runs} runs after one warm-up run, each run a fresh "
+            f"{_repo_relative(args.data)}; median of {args.runs} runs after one warm-up run, each run a fresh "
             f"process{warm}, methods run one at a time.\nPage cache: warm (the parent read every file once before "
             f"the warm-up). Machine: {os.cpu_count()} CPUs, 1-min load average {load[0]:.2f} before and "
             f"{load[1]:.2f} after the runs.{quiet}\nPython {platform.python_version()}; {versions}.")

@@ -275,15 +275,21 @@ def test_admitted_memory_plus_baseline_never_exceeds_capacity(limits, baseline_s
     baseline = sum(w.process_bytes for w in workers)
     ledger = Ledger()
     queue = [entry(f"g{i}", p, at=i, task_peak=min(p, 512 * MiB)) for i, p in enumerate(peaks)]
+    ran_alone = []  # groups admitted by the never-deadlock rule: nothing of ours was reserved
     for r in range(rounds):  # several rounds, each seeing the ledger of the previous ones
         for c in choose(s, ledger.items(), queue, now_seconds=float(r)):
             if c.decision.admit:
+                if c.decision.reason.startswith("runs alone"):
+                    assert not ledger.items(), c.decision.reason
+                    ran_alone.append(c.plan.group)
                 ledger.reserve(Reservation(c.plan.group, c.entry.reservation_key,
                                            c.plan.group_peak_bytes, c.plan.task_peak_bytes, float(r)))
         queue = [e for e in queue if e.reservation_key not in {x.key for x in ledger.items()}]
-    admitted = ledger.items()
-    alone = len(admitted) == 1  # a group may run alone even if it does not fit (never deadlock)
-    assert alone or baseline + ledger.total_bytes() <= capacity
+    admitted = [x.group for x in ledger.items()]
+    if ran_alone:  # a group that ran alone keeps the cluster to itself: nothing joins it
+        assert admitted == ran_alone and len(ran_alone) == 1
+    else:
+        assert baseline + ledger.total_bytes() <= capacity
 
 
 def split_plan(group, running, waiting, task_peak):

@@ -12,6 +12,7 @@ import pytest
 
 from tests.conftest import wait_for
 from tests.test_service import make_service, records
+from throttler.admission import policy as admission_policy
 from throttler.cluster.embedded import start_embedded_cluster
 from throttler.cluster.scheduler import read_snapshot
 from throttler.commands.generate import simulation_dates, simulation_table
@@ -95,7 +96,21 @@ def cluster_events(client) -> list[dict]:
     return [msg for topic in events.values() for _, msg in topic if isinstance(msg, dict)]
 
 
-def test_queue_larger_than_cluster_completes_without_pauses_or_kills(tmp_path, small_cluster):
+def record_admission_rounds(monkeypatch) -> list[tuple[set[str], list[str]]]:
+    """(groups judged, groups admitted) of every admission round the service runs, in order."""
+    rounds = []
+    real_choose = admission_policy.choose
+
+    def recording_choose(snapshot, reserved, queue, now_seconds, policy=admission_policy.AdmissionPolicy()):
+        choices = real_choose(snapshot, reserved, queue, now_seconds, policy)
+        rounds.append(({e.plan.group for e in queue}, [c.plan.group for c in choices if c.decision.admit]))
+        return choices
+
+    monkeypatch.setattr(admission_policy, "choose", recording_choose)
+    return rounds
+
+
+def test_queue_larger_than_cluster_completes_without_pauses_or_kills(tmp_path, small_cluster, monkeypatch):
     client = small_cluster
     groups = {f"sum{i}": 20 for i in range(6)}
     groups.update({f"gb{i}": 10 for i in range(3)})
@@ -113,10 +128,11 @@ def test_queue_larger_than_cluster_completes_without_pauses_or_kills(tmp_path, s
     # after pandas tasks (admission counts 144 MiB), a third of the limit here.
     # On 500 MB workers the sampled peak reached 75-76%, 4 points below the
     # pause, and one run paused; on 600 MB it was 63-73% in 7 runs.
-    service, spool, _ = make_service(tmp_path, client, max_head_wait_seconds=5.0)
+    service, spool, metrics = make_service(tmp_path, client, max_head_wait_seconds=5.0)
     for group, strategy in strategies.items():
         spool.submit(group, strategy=strategy)
     start_rss_samplers(client)
+    rounds = record_admission_rounds(monkeypatch)
     service.start()
     try:
         wait_for(lambda: len(records(spool.root, "done")) + len(records(spool.root, "failed")) >= len(groups),
@@ -131,7 +147,19 @@ def test_queue_larger_than_cluster_completes_without_pauses_or_kills(tmp_path, s
         got = pq.read_table(done[group]["output"]).column("value").to_numpy()
         np.testing.assert_allclose(got, reference_values(files), rtol=1e-9, atol=1e-9)
     assert done["huge"]["strategy"] == "aligned"
-    assert max(r["admission_wait_seconds"] for r in done.values()) > 0, "admission never made a group wait"
+    # Every group was admitted once and its wait observed once, as its record says.
+    waits = [r["admission_wait_seconds"] for r in done.values()]
+    sample = metrics.registry.get_sample_value
+    assert sample("throttler_admission_wait_seconds_count") == len(groups)
+    assert sample("throttler_admission_wait_seconds_sum") == pytest.approx(sum(waits), abs=1e-5 * len(groups))
+    # Admission made groups wait: some group was judged and left waiting in a round, and
+    # every group was admitted exactly once, never again after that.
+    admitted = [g for _, chosen in rounds for g in chosen]
+    assert sorted(admitted) == sorted(groups)
+    waited = {g for judged, chosen in rounds for g in judged - set(chosen)}
+    assert waited and waited <= set(groups), rounds
+    for i, (judged, _) in enumerate(rounds):
+        assert not judged & {g for _, chosen in rounds[:i] for g in chosen}, (i, rounds)
     assert {w.address for w in read_snapshot(client).workers} == workers_before, "a worker was restarted"
     bad = [e for e in cluster_events(client) if e.get("action") in ("remove-worker", "worker-status-change")
            and e.get("status") != "running"]

@@ -11,7 +11,7 @@ from throttler.errors import CatalogError, DataError, DoesNotFit, MisalignedKeys
 from throttler.service import outcome
 
 
-@pytest.mark.parametrize("exc, failure_class, reason_class", [
+CASES = [
     (MisalignedKeys("keys differ"), outcome.MISALIGNED, "data"),
     (CatalogError("unknown group"), outcome.PERMANENT, "catalog"),
     (type("SubCatalogError", (CatalogError,), {})("sub"), outcome.PERMANENT, "catalog"),
@@ -25,7 +25,10 @@ from throttler.service import outcome
     (asyncio.TimeoutError(), outcome.TRANSIENT, "scheduler"),
     (FileNotFoundError(2, "gone"), outcome.TRANSIENT, "io"),
     (ValueError("a bug"), outcome.UNEXPECTED, "other"),
-])
+]
+
+
+@pytest.mark.parametrize("exc, failure_class, reason_class", CASES)
 def test_each_failure_has_one_class_and_one_reason_class(exc, failure_class, reason_class):
     assert (outcome.classify(exc), outcome.reason_class(exc)) == (failure_class, reason_class)
 
@@ -63,3 +66,9 @@ def test_permanent_fails_at_once_transient_retries_up_to_its_own_limit():
 def test_memory_failures_count_only_kills_not_attempts():
     assert _decide("memory", attempt=10, memory_failures=3).action == RETRY
     assert _decide("memory", attempt=4, memory_failures=4).action == FAIL
+
+def test_the_reason_classes_are_the_metrics_label_set_and_all_occur():
+    from throttler.ops import metrics
+
+    assert metrics.FAILURE_REASONS is outcome.REASON_CLASSES
+    assert sorted({reason for _, _, reason in CASES}) == sorted(outcome.REASON_CLASSES)

@@ -11,11 +11,14 @@ import pyarrow.parquet as pq
 
 from tests.conftest import wait_for
 from tests.datafiles import assert_matches_reference, write_sim
+from throttler.cluster.scheduler import read_snapshot
 from throttler.config import load
 from throttler.ops import sdnotify
 from throttler.ops.metrics import Metrics
 from throttler.planning.catalog import Catalog
 from throttler.planning.estimator import Estimator
+from throttler.planning.footers import file_info
+from throttler.planning.planner import make_plan
 from throttler.service.service import Service
 from throttler.spool.queue import Spool
 
@@ -78,13 +81,25 @@ def test_groups_end_to_end_with_records_and_reference(tmp_path, client):
     assert set(done) == {"alpha", "beta", "gamma"} and not records(spool.root, "failed")
     assert (done["alpha"]["strategy"], done["beta"]["strategy"], done["gamma"]["strategy"]) == \
         ("aligned", "sum", "groupby")
+    shape = read_snapshot(client).shape()  # the shape the service planned for
+    requested = {"alpha": "auto", "beta": "sum", "gamma": "groupby"}
+    request_files = {"alpha": "alpha", "beta": "req-1.json", "gamma": "req-2.json"}
     for group, files in estate.items():
         r = done[group]
         assert_matches_reference(r["output"], files)
-        assert r["files"] == len(files) and r["rows"] == 300 and r["attempts"] == 1
-        for key in ("output", "rows", "files", "strategy", "estimate_bytes", "attempts", "seconds",
-                    "observed_peak_bytes", "admission_wait_seconds", "bytes"):
-            assert key in r
+        # each strategy's correction was still 1.0 when its one group was planned: the same plan again
+        plan = make_plan(group, [file_info(f) for f in files], requested[group], shape, Estimator())
+        output = str(tmp_path / "out" / f"{group}.parquet")
+        assert {k: r[k] for k in ("group", "output", "rows", "files", "bytes", "bytes_written", "nan_count",
+                                  "strategy", "requested_strategy", "estimate_bytes", "task_estimate_bytes",
+                                  "files_per_task", "leaf_tasks", "attempts", "history", "requests")} == {
+            "group": group, "output": output, "rows": 300, "files": len(files),
+            "bytes": sum(os.path.getsize(f) for f in files), "bytes_written": os.path.getsize(output),
+            "nan_count": 0, "strategy": plan.strategy, "requested_strategy": requested[group],
+            "estimate_bytes": plan.group_peak_bytes, "task_estimate_bytes": plan.task_peak_bytes,
+            "files_per_task": plan.files_per_task, "leaf_tasks": plan.n_leaf_tasks, "attempts": 1,
+            "history": [], "requests": [request_files[group]]}
+        assert 0 <= r["admission_wait_seconds"] <= r["total_seconds"] and 0 < r["seconds"] <= r["total_seconds"]
     assert metrics.registry.get_sample_value("throttler_groups_finished_total",
                                              {"outcome": "done", "strategy": "aligned"}) == 1
     assert not os.listdir(os.path.join(spool.root, "incoming"))

@@ -83,9 +83,12 @@ class ClusterShape:
 
         Each thread runs one task. With the MEMORY resource, every task of a
         plan asks for its task peak, so a worker also runs at most
-        ``memory_limit // task_peak`` of them (assuming workers declare MEMORY
-        equal to their memory_limit, as :func:`start_embedded_cluster` does;
-        a smaller declaration only lowers the real figure).
+        ``MEMORY // task_peak`` of them. The shape does not know the declared
+        MEMORY, so this counts ``memory_limit // task_peak``: an upper bound.
+        The embedded cluster declares 0.7 x the limit
+        (:data:`~throttler.cluster.embedded.MEMORY_RESOURCE_SHARE`), where the
+        real figure can be lower; counting more tasks at once only makes the
+        group's reserved peak larger, never smaller (safe for admission).
         """
         if not self.has_memory_resource or task_peak_bytes <= 0:
             return max(1, self.total_threads)

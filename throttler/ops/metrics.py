@@ -31,6 +31,9 @@ from prometheus_client import (
 
 from throttler import __version__
 from throttler.planning.plan import STRATEGIES
+from throttler.service.jobs import STATES as JOB_STATES
+from throttler.service.outcome import REASON_CLASSES
+from throttler.spool.requests import RECORD_KINDS, REFUSAL_CLASSES
 
 # ``*_created`` series double the series count and confuse rate() readers;
 # the flag is process-wide and read at collection time.
@@ -40,10 +43,11 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_ADDRESS = "127.0.0.1:9464"
 
-REJECT_REASONS = ("validation", "symlink", "ownership", "too_large", "invalid_json", "other")
-FAILURE_REASONS = ("data", "catalog", "does_not_fit", "killed_worker", "scheduler", "io", "other")
-OUTCOMES = ("done", "failed")
-GROUP_STATES = ("queued", "planning", "waiting", "running")
+# Label sets live beside the code that produces the values; these are those sets.
+REJECT_REASONS = REFUSAL_CLASSES  #: why the spool refused a request
+FAILURE_REASONS = REASON_CLASSES  #: why a group's attempt failed
+OUTCOMES = RECORD_KINDS  #: the record a group ends with
+GROUP_STATES = JOB_STATES
 QUEUE_DIRS = ("incoming", "active")
 WORKER_STATUSES = ("running", "paused", "closing", "other")
 POOLS = ("builder", "submitter")
@@ -129,6 +133,25 @@ class Metrics:
         self._wait = Histogram(
             "throttler_admission_wait_seconds", "Time a planned group waited for memory.",
             buckets=WAIT_SECONDS_BUCKETS, registry=r)
+        self._define_memory_metrics(r)
+        self._retries = Counter("throttler_retries", "Group retries, by reason class.", ["reason"], registry=r)
+        self._losses = Counter("throttler_worker_losses", "Dask workers lost (died or removed).", registry=r)
+        self._incompatible = Gauge(
+            "throttler_workers_incompatible",
+            "Workers without this daemon's version of dask-throttler (the log says why).", registry=r)
+        self._pool_busy = Gauge("throttler_pool_busy_threads", "Busy threads, by pool.", ["pool"], registry=r)
+        self._pool_size = Gauge("throttler_pool_threads", "Threads, by pool.", ["pool"], registry=r)
+        self._build = Gauge(
+            "throttler_build_info", "Always 1; labels tell the running version.",
+            ["version", "python_version"], registry=r)
+        self._start = Gauge("throttler_start_time_seconds", "Unix time the daemon started.", registry=r)
+        self._loop = Gauge(
+            "throttler_last_loop_timestamp_seconds", "Unix time of the main loop's last iteration.",
+            registry=r)
+        self._preinitialise()
+
+    def _define_memory_metrics(self, r: CollectorRegistry) -> None:
+        """The memory metrics: reserved, the cluster's as admission sees it, workers, estimates."""
         self._reserved = Gauge(
             "throttler_memory_reserved_bytes", "Memory reserved by admitted groups.", registry=r)
         self._mem = {
@@ -151,21 +174,6 @@ class Metrics:
             "Per finished group, the highest peak RSS of a worker while running one of its tasks, "
             "over that worker's memory limit.",
             ["strategy"], buckets=LIMIT_FRACTION_BUCKETS, registry=r)
-        self._retries = Counter("throttler_retries", "Group retries, by reason class.", ["reason"], registry=r)
-        self._losses = Counter("throttler_worker_losses", "Dask workers lost (died or removed).", registry=r)
-        self._incompatible = Gauge(
-            "throttler_workers_incompatible",
-            "Workers without this daemon's version of dask-throttler (the log says why).", registry=r)
-        self._pool_busy = Gauge("throttler_pool_busy_threads", "Busy threads, by pool.", ["pool"], registry=r)
-        self._pool_size = Gauge("throttler_pool_threads", "Threads, by pool.", ["pool"], registry=r)
-        self._build = Gauge(
-            "throttler_build_info", "Always 1; labels tell the running version.",
-            ["version", "python_version"], registry=r)
-        self._start = Gauge("throttler_start_time_seconds", "Unix time the daemon started.", registry=r)
-        self._loop = Gauge(
-            "throttler_last_loop_timestamp_seconds", "Unix time of the main loop's last iteration.",
-            registry=r)
-        self._preinitialise()
 
     def _preinitialise(self) -> None:
         """Create every known labelled series, so queries see 0 rather than no data."""

@@ -1,4 +1,8 @@
-"""The memory model (pure): what one task and one group of a plan hold at their peak."""
+"""The memory model (pure): what one task and one group of a plan hold at their peak.
+
+Each constant is calibrated on measured peak RSS; the measurements behind them
+are in benchmarks/README.md, "Where the model's constants come from".
+"""
 
 from __future__ import annotations
 
@@ -6,71 +10,46 @@ import math
 from dataclasses import dataclass
 from typing import Iterable
 
-from throttler.planning.plan import STRATEGIES, FileInfo
+from throttler.planning.plan import STRATEGIES, FileInfo, merge_levels
 
 MIB = 2**20
 
 
-#: Slack added to every task: allocator pages kept after frees (pyarrow's
-#: mimalloc pool, glibc arenas) and Dask's per-task bookkeeping (5.6 B/row on
-#: a 6M-row file). Measured shapes exceeded their array arithmetic by up to 25 MiB.
+#: Slack on every task: allocator pages kept after frees and Dask's per-task bookkeeping.
 TASK_OVERHEAD_BYTES = 32 * MIB
 
 
-#: Decoded-per-on-disk bytes assumed when a file's footer is unknown. Measured
-#: 1.10 on the simulation files (random float64 does not compress); 1.5 leaves room.
+#: Decoded-per-on-disk bytes assumed when a file's footer is unknown (above any file measured).
 DEFAULT_EXPANSION = 1.5
 
 
-#: A float64 accumulator: the aligned strategy's partial result.
-#: Aligned leaf = accumulator + the file's on-disk bytes (it is memory-mapped,
-#: and mapped pages count in RSS) + its decoded bytes (row-group buffers, a
-#: safe bound). Measured 128 MB (21 B/row) streaming 1, 2, 4 or 8 files in six
-#: runs, 160 MB once (the first run after writing the files); modelled 188 MB.
-#: Aligned combine of k inputs measured exactly (k + 1) x 8 B/row (412 MiB for 8).
+#: A float64 accumulator: the aligned strategy's partial result (a combine of k holds k + 1).
 ACCUMULATOR_BYTES_PER_ROW = 8
 
 
-#: Aligned combine beyond its (k + 1) accumulators: a 2-thread worker's RSS
-#: rose one accumulator more (benchmarks/calibrate_memory.py, benchmarks/README.md).
+#: Aligned combine beyond its (k + 1) accumulators: one accumulator more on a 2-thread worker.
 ALIGNED_COMBINE_EXTRA_BYTES_PER_ROW = 8
 
-#: Aligned final, beyond adding its k inputs ((k + 1) x 8 B/row): one file's
-#: keys as stored, the output table, the Parquet file encoded in memory before
-#: its write, and (rarely) a sort permutation with permuted copies. Measured
-#: 39 / 47 / 47 B/row beyond the inputs for k = 1 / 2 / 8 (peak RSS of a fresh
-#: process running the final on 6M rows), against 8 + 56 = 64 modelled. That
-#: was the whole-table final; the streamed one holds a few row groups instead
-#: of whole key and output columns, and the model still covers the whole-table
-#: way it falls back to when keys are out of order.
+#: Aligned final beyond its inputs: stored keys, output table, encoded file, a rare sort (the whole-table way).
 ALIGNED_FINAL_EXTRA_BYTES_PER_ROW = 56
 
 
-#: Sum leaf: the (path, Date)-indexed Series accumulator, the next file's table,
-#: keys and Series being built, and the ``add`` result. Files are streamed, so
-#: it levels off: measured 60 / 116 / 122 B/row for 1 / 4 / 8 files (a
-#: pandas-only variant: 82 / 111 / 123 / 124 B/row for 1 / 3 / 6 / 9 files).
+#: Sum leaf: Series accumulator, the next file's table and Series, the add result (files stream: it levels off).
 SUM_LEAF_BYTES_PER_ROW = 136
 
 
-#: A sum partial result held between tasks: a Series with a (path, Date)
-#: MultiIndex, values 8 + int32/int8 codes 5 = 13 B/row (``dask.sizeof``).
+#: A sum partial result: a Series on a (path, Date) MultiIndex, 13 B/row by ``dask.sizeof``, rounded up.
 SUM_RESULT_BYTES_PER_ROW = 16
 
 
-#: Sum combine, fixed part; plus :data:`SUM_RESULT_BYTES_PER_ROW` per input.
-#: Measured 39 / 126 B/row for 2 / 8 inputs loaded from files, 101 / 187 B/row
-#: for inputs unpickled from bytes in memory (as received over the network).
+#: Sum combine, fixed part (inputs arrive unpickled from the network); plus one merge input per input.
 SUM_COMBINE_BASE_BYTES_PER_ROW = 40
 
-#: Sum combine and final, per input merged: worker RSS grew 26-28 B/row per
-#: input, not the 13 B/row a partial weighs (benchmarks/calibrate_memory.py).
+#: Sum combine and final, per input merged: worker RSS grows about twice what a held partial weighs.
 SUM_MERGE_BYTES_PER_INPUT_ROW = 30
 
 
-#: Sum final, fixed part (sort, index levels to arrays, output table, writer);
-#: plus :data:`SUM_RESULT_BYTES_PER_ROW` per input. Measured 45 / 70 / 149 B/row
-#: for 1 / 2 / 8 inputs.
+#: Sum final, fixed part (sort, index levels to arrays, output table, writer); plus one merge input per input.
 SUM_FINAL_BASE_BYTES_PER_ROW = 64
 
 
@@ -78,9 +57,7 @@ SUM_FINAL_BASE_BYTES_PER_ROW = 64
 GROUPBY_RESULT_BYTES_PER_ROW = 24
 
 
-#: Groupby leaf, fixed part (hash table, grouped result); plus
-#: :data:`GROUPBY_FILE_BYTES_PER_ROW` per file concatenated. Measured 171 /
-#: 268 / 443 / 757 B/row for 1 / 2 / 4 / 8 files per leaf.
+#: Groupby leaf, fixed part (hash table, grouped result); plus :data:`GROUPBY_FILE_BYTES_PER_ROW` per file.
 GROUPBY_LEAF_BASE_BYTES_PER_ROW = 80
 
 
@@ -88,10 +65,7 @@ GROUPBY_LEAF_BASE_BYTES_PER_ROW = 80
 GROUPBY_FILE_BYTES_PER_ROW = 96
 
 
-#: Groupby combine (and final: sorting and writing stay below the concat
-#: peak), fixed part; plus :data:`GROUPBY_PARTIAL_BYTES_PER_ROW` per input.
-#: Measured 208 / 362 / 682 B/row for 2 / 4 / 8 inputs; the final 136 / 208 /
-#: 682 B/row for 1 / 2 / 8 inputs.
+#: Groupby combine and final (sort and write stay below the concat peak), fixed part; plus one partial per input.
 GROUPBY_COMBINE_BASE_BYTES_PER_ROW = 88
 
 
@@ -180,6 +154,8 @@ def _task_bytes(rows: int, bytes_per_row: int) -> int:
 
 
 def _aligned_peaks(largest: FileInfo, combine_inputs: int, final_inputs: int) -> TaskPeaks:
+    """A leaf holds its accumulator, the file's on-disk bytes (memory-mapped pages
+    count in RSS) and its decoded bytes (row-group buffers, a safe bound)."""
     rows, acc = largest.rows, ACCUMULATOR_BYTES_PER_ROW
     return TaskPeaks(
         leaf_bytes=rows * acc + largest.size_bytes + largest.decoded_bytes + TASK_OVERHEAD_BYTES,
@@ -215,12 +191,8 @@ def _groupby_peaks(rows: int, files_per_task: int, combine_inputs: int, final_in
 
 
 def merge_task_count(n_leaves: int, fan_in: int) -> int:
-    """Combine tasks plus the final task of the tree :mod:`throttler.worker.graphs` builds."""
-    count, level = 1, n_leaves
-    while level > fan_in:
-        level = -(-level // fan_in)
-        count += level
-    return count
+    """Combine tasks plus the final task of the group's tree (:func:`~throttler.planning.plan.merge_levels`)."""
+    return 1 + sum(merge_levels(n_leaves, fan_in))
 
 
 def group_peak_parts(peaks: TaskPeaks, n_leaves: int, concurrent_tasks: int, fan_in: int) -> tuple[int, int]:

@@ -62,3 +62,31 @@ class Plan:
         """Deprecated: ``dataclasses.replace``. Kept only for throttler/simulate.py while it
         moves; delete once its one call uses ``dataclasses.replace``."""
         return replace(self, **changes)
+
+
+
+def merge_levels(n_leaves: int, fan_in: int) -> list[int]:
+    """The number of combine tasks of each level of a group's tree, from the leaves up.
+
+    The one statement of the tree's shape: combine tasks add ``fan_in``
+    consecutive partials of the level below (the last one what is left) until
+    at most ``fan_in`` remain, which the final task (not counted) adds. No
+    level when ``n_leaves <= fan_in``. A ``fan_in`` below 2 counts as 2.
+    """
+    fan_in = max(2, fan_in)
+    levels: list[int] = []
+    width = n_leaves
+    while width > fan_in:
+        width = -(-width // fan_in)
+        levels.append(width)
+    return levels
+
+
+def merge_tree(n_leaves: int, fan_in: int) -> list[list[int]]:
+    """The inputs of each combine task of :func:`merge_levels`, level by level."""
+    fan_in = max(2, fan_in)
+    tree, below = [], n_leaves
+    for tasks in merge_levels(n_leaves, fan_in):
+        tree.append([fan_in] * (tasks - 1) + [below - fan_in * (tasks - 1)])
+        below = tasks
+    return tree

@@ -57,8 +57,12 @@ def classify(exc: BaseException) -> str:
     return UNEXPECTED
 
 
+#: Every value :func:`reason_class` returns: the ``reason`` label of the failure and retry metrics.
+REASON_CLASSES = ("data", "catalog", "does_not_fit", "killed_worker", "scheduler", "io", "other")
+
+
 def reason_class(exc: BaseException) -> str:
-    """A bounded label for metrics (never the message itself)."""
+    """A bounded label for metrics (never the message itself), one of :data:`REASON_CLASSES`."""
     if isinstance(exc, DoesNotFit):
         return "does_not_fit"
     if isinstance(exc, DataError):

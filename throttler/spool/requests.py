@@ -3,7 +3,8 @@
 Request names and JSON (validated strictly, never evaluated), printable names for
 records, and the crash-safe write used for every request and record: a tmp/ file
 created with O_EXCL, fsynced, hard-linked into place, and the directory fsynced
-(FACTS.md "Queue directories": fsync of a file does not persist its name).
+(the Maildir discipline: fsync of a file does not persist its name; the write
+itself is :func:`throttler.spool.files.write_durable`).
 """
 
 from __future__ import annotations

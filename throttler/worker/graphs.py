@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import dask
 from dask.delayed import Delayed
 
-from throttler.planning.plan import Plan
+from throttler.planning.plan import Plan, merge_tree
 from throttler.worker import kernels
 from throttler.worker.peakrss import Measured
 
@@ -53,15 +53,20 @@ def build(plan: Plan, output_path: str, token: str | None = None) -> GroupGraph:
         return GroupGraph(final, token, 1, prefix)
     level = [_task(leaf_fn, f"{prefix}-leaf-{i}", chunk, *extra) for i, chunk in enumerate(chunks)]
     n_tasks = len(level)
-    depth = 0
-    fan_in = max(2, plan.fan_in)
-    while len(level) > fan_in:
-        depth += 1
-        level = [_task(combine_fn, f"{prefix}-combine-{depth}-{i}", level[j:j + fan_in])
-                 for i, j in enumerate(range(0, len(level), fan_in))]
+    for depth, inputs in enumerate(merge_tree(len(level), plan.fan_in), start=1):
+        level = _combine_level(combine_fn, f"{prefix}-combine-{depth}", level, inputs)
         n_tasks += len(level)
     final = _task(final_fn, f"{prefix}-final", level, *extra, output_path)
     return GroupGraph(final, token, n_tasks + 1, prefix)
+
+
+def _combine_level(combine_fn, prefix: str, below: list[Delayed], inputs: list[int]) -> list[Delayed]:
+    """One level of combine tasks: task ``i`` adds the next ``inputs[i]`` tasks of ``below``."""
+    level, start = [], 0
+    for i, n in enumerate(inputs):
+        level.append(_task(combine_fn, f"{prefix}-{i}", below[start:start + n]))
+        start += n
+    return level
 
 
 def _functions(strategy: str, files: list[str]):

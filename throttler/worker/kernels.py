@@ -229,11 +229,10 @@ def aligned_final(partials: list[Partial], reference_path: str, output_path: str
     Streamed: a thread prepares each row group (keys decoded as stored and
     checked, partial sums added) while the writer encodes the one before and
     writes it to the temporary file, so preparing costs almost no time on top
-    of encoding (measured in process, 6M rows: 0.35 s against 0.46 s prepared
-    whole, then encoded). Keys found out of order anywhere (rare: the
-    simulator writes them sorted) make the task start over the whole-table
-    way, which sorts; the streamed attempt's temporary file is removed and
-    nothing was renamed into place.
+    of encoding (see benchmarks/README.md). Keys found out of order anywhere
+    (rare: the simulator writes them sorted) make the task start over the
+    whole-table way, which sorts; the streamed attempt's temporary file is
+    removed and nothing was renamed into place.
     """
     started = time.perf_counter()
     check_not_empty(partials)

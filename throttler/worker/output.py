@@ -28,12 +28,8 @@ def output_path_for(output_root: str | os.PathLike, group: str) -> str:
     return str(Path(output_root) / f"{group}{OUTPUT_SUFFIX}")
 
 
-#: How outputs are encoded. Keys are sorted, so plain encoding with zstd level 1
-#: stores them as small as dictionary encoding does, at about half its CPU
-#: (measured on 6M-row outputs: 0.09 s against 0.17 s for both key columns).
-#: Summed values are near-random floats: plain, snappy (which gives up on
-#: incompressible pages quickly). Statistics on keys only: readers prune by
-#: path or Date, not by value. Page checksums let readers detect corruption.
+#: How outputs are encoded: sorted keys plain + zstd 1 (as small as a dictionary, half its CPU),
+#: near-random sums plain + snappy, key statistics only, page checksums (see benchmarks/README.md).
 WRITE_OPTIONS = {
     "use_dictionary": False,
     "compression": {"path": "zstd", "Date": "zstd", "value": "snappy"},
@@ -58,12 +54,10 @@ def output_table(paths: pa.Array | pa.ChunkedArray, dates: pa.Array | pa.Chunked
 
 
 def write_table(output_path: str, table: pa.Table) -> int:
-    """Write ``table`` atomically (temporary file, fsync, rename, fsync of the directory); returns bytes.
+    """Write ``table`` atomically (:func:`throttler.durable.replacing`); returns bytes.
 
-    The file is encoded in memory and written with one unbuffered system call
-    loop: about 20% faster than letting the Parquet writer go through a Python
-    file object, page by page. The temporary file is created exclusively, with
-    the output mode, before anything is written.
+    Encoded in memory first, then written in one unbuffered loop: faster than
+    the writer going page by page through a Python file object.
     """
     encoded = pa.BufferOutputStream()
     pq.write_table(table, encoded, **WRITE_OPTIONS)
@@ -83,11 +77,8 @@ def write_tables(output_path: str, schema: pa.Schema, tables) -> int:
     """:func:`write_table` for a sequence of tables of ``schema`` (row groups of at
     most the writer's default 1,048,576 rows, as :func:`write_table` writes).
 
-    Each table is encoded and written as it arrives, while the caller may be
-    preparing the next: the writer goes straight to the temporary file through
-    a Python file object, so its system calls overlap that work too (measured
-    in process on 6M rows, with the aligned final's preparing thread: 0.233 s
-    against 0.255 s encoding in memory first).
+    Each table is encoded and written straight to the temporary file as it
+    arrives, so the writes overlap the caller preparing the next one.
     """
     with durable.replacing(output_path, OUTPUT_MODE) as fh:
         with pq.ParquetWriter(pa.PythonFile(fh, mode="w"), schema, **WRITE_OPTIONS) as writer:
@@ -102,7 +93,7 @@ def start_writeback(fd: int) -> None:
 
     ``POSIX_FADV_DONTNEED`` starts writeback of dirty pages (and drops clean
     ones: outputs do not crowd the workers' page cache), so the closing fsync
-    finds little left (measured on 6M-row outputs: 3 ms instead of 30 ms).
+    finds little left.
     """
     if hasattr(os, "posix_fadvise"):
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
