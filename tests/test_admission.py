@@ -32,7 +32,7 @@ def worker(name="w1", limit=10 * GiB, process=0, old=None, managed=0, status="ru
            processing=1):
     return WorkerView(name=name, address=f"tcp://{name}:1", status=status, nthreads=nthreads,
                       memory_limit_bytes=limit, process_bytes=process, managed_bytes=managed,
-                      unmanaged_old_bytes=process if old is None else old, memory_resource=float(limit),
+                      unmanaged_old_bytes=process if old is None else old,
                       processing=processing)
 
 
@@ -135,9 +135,12 @@ def test_nothing_running_waits():
 
 
 def test_a_task_larger_than_any_worker_is_fatal():
-    d = decide(TWO, [], plan(group_peak=8 * GiB, task_peak=7 * GiB), now_seconds=0)
+    # a 10 GiB worker lets one task alone reach 0.75 x 10 GiB less its own baseline: 7.36 GiB
+    d = decide(TWO, [], plan(group_peak=8 * GiB, task_peak=int(7.5 * GiB)), now_seconds=0)
     assert not d.admit and d.fatal
-    assert "7.00 GiB" in d.reason and "6.00 GiB" in d.reason
+    assert d.reason == ("does not fit: the largest task needs 7.50 GiB but the largest worker allows 7.36 GiB "
+                        "for one task running alone (below Dask's pause threshold)")
+    assert decide(TWO, [], plan(group_peak=8 * GiB, task_peak=7 * GiB), now_seconds=0).admit  # alone, it fits
 
 
 def test_a_task_fitting_only_a_paused_worker_waits_without_being_fatal():
@@ -205,7 +208,7 @@ def test_an_old_head_blocks_backfill_so_it_starts_within_a_bound():
 
 
 def test_a_fatal_head_is_returned_and_blocks_nobody():
-    queue = [entry("huge-task", 8 * GiB, at=0, task_peak=7 * GiB), entry("small", 1 * GiB, at=1)]
+    queue = [entry("huge-task", 8 * GiB, at=0, task_peak=int(7.5 * GiB)), entry("small", 1 * GiB, at=1)]
     choices = choose(TWO, [], queue, now_seconds=1000)
     assert [(c.plan.group, c.decision.admit, c.decision.fatal) for c in choices] == [
         ("huge-task", False, True), ("small", True, False)]

@@ -2,11 +2,12 @@
 
 No cluster: the fake client answers the scheduler read with fixed worker records
 and records what is submitted. The waiting list is filled directly (today it is
-``Service._waiting``; the service's split will give it a public home).
+``Submitter._waiting``).
 """
 
 from __future__ import annotations
 
+from throttler.cluster import worker_memory
 from throttler.config import load
 from throttler.ops import sdnotify
 from throttler.ops.metrics import Metrics
@@ -31,7 +32,7 @@ class FakeFuture:
 
 
 class FakeClient:
-    """Two idle 4 GiB workers of one thread, each declaring MEMORY = 0.7 x its limit."""
+    """Two idle 4 GiB workers of one thread, sized by the daemon's worker plugin."""
 
     def __init__(self):
         self.submitted = []  #: (final, resources) per compute call
@@ -39,7 +40,7 @@ class FakeClient:
     def run_on_scheduler(self, fn):
         return [dict(name=f"w{i}", address=f"tcp://10.0.0.{i}:1", status="running", nthreads=1,
                      memory_limit_bytes=4 * GiB, process_bytes=200 * MiB, managed_bytes=0,
-                     unmanaged_old_bytes=0, memory_resource=0.7 * 4 * GiB, used_memory_resource=0.0,
+                     unmanaged_old_bytes=0, memory_budget_bytes=2 * GiB, solo_budget_bytes=3 * GiB,
                      processing=0) for i in range(2)]
 
     def compute(self, final, resources=None):
@@ -64,14 +65,15 @@ def test_one_round_submits_what_fits_in_queue_order_and_leaves_the_rest_waiting(
                       estimator=Estimator(str(tmp_path / "estimator.json")), notifier=sdnotify,
                       clock=lambda: NOW_SECONDS)
     a, b, c = waiting_job("a", 1 * GiB, 90.0), waiting_job("b", 3 * GiB, 95.0), waiting_job("c", 2 * GiB, 99.0)
-    service._waiting.extend([a, b, c])
+    service.submitter._waiting.extend([a, b, c])
 
     # capacity 2 x 4 GiB x 0.6 = 4.8 GiB; used: each idle worker's 144 MiB baseline -> 4.52 GiB free:
     # a (1 GiB) and b (3 GiB) fit in turn, c (2 GiB) then waits for memory
     assert service.admit_step() is True
-    memory = {"MEMORY": float(512 * MiB)}  # the task peak, below the 2.8 GiB each worker declares
+    memory = {worker_memory.MEMORY_BYTES: float(512 * MiB),  # the task peak: it shares its worker
+              worker_memory.WORKER_TOKEN: worker_memory.SHARED_TOKEN}
     assert client.submitted == [("final-a", memory), ("final-b", memory)]
-    assert service._waiting == [c]
+    assert service.submitter._waiting == [c]
     assert sorted(r.key for r in service.ledger.items()) == ["token-a", "token-b"]
     assert service.ledger.total_bytes() == 4 * GiB
     assert [(j.state, j.reservation_key, j.admission_wait_seconds, j.submitted_at_seconds) for j in (a, b)] == [
@@ -83,4 +85,4 @@ def test_one_round_submits_what_fits_in_queue_order_and_leaves_the_rest_waiting(
 
     # a second round at the same instant: nothing changed, nothing more is submitted
     assert service.admit_step() is False
-    assert len(client.submitted) == 2 and service._waiting == [c]
+    assert len(client.submitted) == 2 and service.submitter._waiting == [c]

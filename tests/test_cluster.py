@@ -7,16 +7,9 @@ import time
 import cloudpickle
 import pytest
 
-from throttler.cluster.embedded import (
-    MEMORY_RESOURCE_SHARE,
-    default_worker_layout,
-    start_embedded_cluster,
-)
-from throttler.cluster.scheduler import (
-    MEMORY_RESOURCE,
-    _scheduler_worker_records,
-    read_snapshot,
-)
+from throttler.cluster import worker_memory
+from throttler.cluster.embedded import default_worker_layout, start_embedded_cluster
+from throttler.cluster.scheduler import _scheduler_worker_records, read_snapshot
 from throttler.cluster.snapshot import (
     WORKER_BASELINE_BYTES,
     ClusterShape,
@@ -32,6 +25,7 @@ MiB = 2**20
 def cluster_client():
     cluster, client = start_embedded_cluster(memory_limit_bytes=1 * GiB, n_workers=2, threads_per_worker=1)
     client.wait_for_workers(2, timeout=30)
+    worker_memory.register(client)  # as the service does: the daemon's own resources on every worker
     yield cluster, client
     client.close()
     cluster.close()
@@ -52,6 +46,7 @@ def wait_for(client, predicate, timeout_seconds=8.0):
 
 def test_snapshot_reads_limits_status_and_resources(cluster_client):
     _, client = cluster_client
+    sized = {msg["worker"]: msg for _, msg in client.get_events(worker_memory.EVENT_TOPIC)}
     before = time.monotonic()
     snapshot = read_snapshot(client)
     assert before <= snapshot.taken_at_seconds <= time.monotonic()
@@ -60,12 +55,15 @@ def test_snapshot_reads_limits_status_and_resources(cluster_client):
         assert w.status == "running" and w.is_running
         assert w.nthreads == 1
         assert w.memory_limit_bytes == 1 * GiB
-        assert w.memory_resource == float(int(1 * GiB * MEMORY_RESOURCE_SHARE))
-        assert w.used_memory_resource == 0.0
+        assert w.memory_budget_bytes == sized[w.address]["memory_bytes"]  # as the worker plugin sized it
+        assert w.solo_budget_bytes == sized[w.address]["solo_bytes"]
+        assert w.used_budget_bytes == 0.0
         assert 10 * MiB < w.process_bytes < 1 * GiB
         assert 0 <= w.unmanaged_old_bytes <= w.process_bytes
         assert w.address.startswith("tcp://")
-    assert snapshot.shape() == ClusterShape(2, (GiB, GiB), (1, 1), has_memory_resource=True)
+    budgets = tuple(sized[w.address]["memory_bytes"] for w in snapshot.workers)
+    solos = tuple(sized[w.address]["solo_bytes"] for w in snapshot.workers)
+    assert snapshot.shape() == ClusterShape(2, (GiB, GiB), (1, 1), budgets, solos)
     assert snapshot.total_threads == 2
 
 
@@ -79,15 +77,16 @@ def test_snapshot_sees_a_task_holding_the_memory_resource(cluster_client):
         Event("throttler-test-hold").wait(timeout=10)
         return n
 
-    future = client.submit(held, 1, resources={MEMORY_RESOURCE: 300 * MiB}, pure=False)
+    future = client.submit(held, 1, resources={worker_memory.MEMORY_BYTES: 300 * MiB,
+                                               worker_memory.WORKER_TOKEN: worker_memory.SHARED_TOKEN}, pure=False)
     try:
-        seen = wait_for(client, lambda s: sum(w.used_memory_resource for w in s.workers) > 0)
-        assert sorted(w.used_memory_resource for w in seen.workers) == [0.0, float(300 * MiB)]
+        seen = wait_for(client, lambda s: sum(w.used_budget_bytes for w in s.workers) > 0)
+        assert sorted(w.used_budget_bytes for w in seen.workers) == [0.0, float(300 * MiB)]
     finally:
         hold.set()
     assert future.result(timeout=10) == 1
-    done = wait_for(client, lambda s: all(w.used_memory_resource == 0 for w in s.workers))
-    assert all(w.used_memory_resource == 0 for w in done.workers)
+    done = wait_for(client, lambda s: all(w.used_budget_bytes == 0 for w in s.workers))
+    assert all(w.used_budget_bytes == 0 for w in done.workers)
 
 
 def test_snapshot_sees_managed_memory_at_once(cluster_client):
@@ -127,19 +126,35 @@ def test_snapshot_sees_a_paused_worker(cluster_client):
     wait_for(client, lambda s: all(w.is_running for w in s.workers))
 
 
-def test_the_scheduler_function_ships_by_value():
-    """A remote scheduler need not have throttler installed."""
-    blob = cloudpickle.dumps(_scheduler_worker_records())
-    assert b"throttler.cluster.snapshot.scheduler\n_scheduler_worker_records" not in blob
-    assert b"_scheduler_worker_records.<locals>.collect" in blob
+def test_the_scheduler_function_ships_by_value(tmp_path):
+    """A remote scheduler need not have throttler installed: the function unpickles and runs where
+    throttler cannot be imported."""
+    import subprocess
+    import sys
+
+    blob = tmp_path / "collect.pickle"
+    blob.write_bytes(cloudpickle.dumps(_scheduler_worker_records()))
+    script = (
+        "import sys, pickle, types\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'throttler':\n"
+        "            raise ImportError('blocked for the test: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        f"collect = pickle.loads(open({str(blob)!r}, 'rb').read())\n"
+        "print(collect(types.SimpleNamespace(workers={})))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
 
 
 # --------------------------------------------------------------------------- pure values
 
 
-def view(name, status="running", limit=GiB, threads=2, resource=True):
+def view(name, status="running", limit=GiB, threads=2, sized=True):
     return WorkerView(name, f"tcp://{name}:1", status, threads, limit, 100, 0, 100,
-                      float(limit) if resource else None)
+                      limit // 2 if sized else 0, limit * 3 // 4 if sized else 0)
 
 
 def test_shape_keeps_running_and_paused_workers_only():
@@ -149,16 +164,23 @@ def test_shape_keeps_running_and_paused_workers_only():
     assert shape.memory_limit_bytes == (GiB, 2 * GiB)
     assert shape.largest_memory_limit_bytes == 2 * GiB
     assert shape.total_threads == 4
-    assert shape.task_budget_bytes(0.5) == GiB - WORKER_BASELINE_BYTES
-    assert shape.cluster_budget_bytes(0.5) == 3 * GiB // 2 - 2 * WORKER_BASELINE_BYTES
+    assert shape.task_budget_bytes(0.5) == GiB  # the plugin's budgets: limit // 2 in view()
+    assert shape.cluster_budget_bytes(0.5) == 3 * GiB // 2
+    assert shape.solo_task_budget_bytes() == 3 * GiB // 2
+    unsized = ClusterShape(2, (GiB, 2 * GiB), (2, 2))
+    assert unsized.task_budget_bytes(0.5) == GiB - WORKER_BASELINE_BYTES
+    assert unsized.cluster_budget_bytes(0.5) == 3 * GiB // 2 - 2 * WORKER_BASELINE_BYTES
     assert ClusterShape.uniform(1, 100 * MiB).task_budget_bytes(0.6) == 0
     assert snapshot.process_bytes == 100  # running workers only
 
 
-def test_shape_declares_memory_only_if_every_worker_does():
-    snapshot = ClusterSnapshot((view("a"), view("b", resource=False)), 0.0)
-    assert not snapshot.shape().has_memory_resource
-    assert not ClusterSnapshot((), 0.0).shape().has_memory_resource
+def test_shape_takes_the_plugin_budgets_only_when_every_worker_is_sized():
+    sized = ClusterSnapshot((view("a"), view("b", limit=2 * GiB)), 0.0).shape()
+    assert sized.memory_budget_bytes == (GiB // 2, GiB) and sized.solo_budget_bytes == (3 * GiB // 4, 3 * GiB // 2)
+    half = ClusterSnapshot((view("a"), view("b", sized=False)), 0.0).shape()
+    assert half.memory_budget_bytes == () and half.solo_budget_bytes == ()  # derived from the limits
+    assert half.task_budget_bytes(0.6) == int(GiB * 0.6) - WORKER_BASELINE_BYTES
+    assert half.solo_task_budget_bytes() == int(GiB * 0.75) - WORKER_BASELINE_BYTES
 
 
 def test_shape_validates_its_tuples():
@@ -166,12 +188,12 @@ def test_shape_validates_its_tuples():
         ClusterShape(2, (GiB,), (1, 1))
 
 
-def test_concurrency_is_threads_limited_by_the_memory_resource():
-    shape = ClusterShape(2, (4 * GiB, 1 * GiB), (4, 4), has_memory_resource=True)
-    assert shape.concurrent_tasks(1 * GiB) == 4 + 1
-    assert shape.concurrent_tasks(3 * GiB) == 1
+def test_concurrency_is_threads_limited_by_the_daemon_budgets():
+    shape = ClusterShape(2, (4 * GiB, 1 * GiB), (4, 4), (2 * GiB, 512 * MiB), (3 * GiB, 700 * MiB))
+    assert shape.concurrent_tasks(1 * GiB) == 2 + 0
+    assert shape.concurrent_tasks(512 * MiB) == 4 + 1
+    assert shape.concurrent_tasks(int(2.5 * GiB)) == 1  # shares no worker: alone, on the one whose solo budget holds it
     assert shape.concurrent_tasks(10) == 8
-    assert ClusterShape(2, (GiB, GiB), (4, 4)).concurrent_tasks(GiB) == 8
 
 
 def test_default_layout_is_one_single_threaded_worker_per_core(monkeypatch):

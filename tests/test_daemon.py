@@ -157,7 +157,7 @@ def test_run_command_against_external_cluster(tmp_path, cluster):
     assert_outputs_match(tmp_path, estate)
 
 
-def test_workers_without_memory_resource_still_serve_with_a_warning(tmp_path, daemons):
+def test_workers_started_with_defaults_get_the_daemons_own_memory_resources(tmp_path, daemons):
     (tmp_path / "plain").mkdir()
     plain = ExternalCluster(tmp_path / "plain", n_workers=1, declare_memory=False)
     try:
@@ -170,7 +170,10 @@ def test_workers_without_memory_resource_still_serve_with_a_warning(tmp_path, da
         (done,) = records(tmp_path / "spool", "done")
         assert done["group"] == "bare"
         assert_outputs_match(tmp_path, estate)
-        assert "workers declare no MEMORY resource: admission alone protects them" in daemon.log()
+        resources = plain.client.run(lambda dask_worker: dict(dask_worker.state.total_resources))
+        (own,) = resources.values()
+        assert sorted(own) == ["throttler-memory-bytes", "throttler-solo-bytes", "throttler-worker"], own
+        assert 0 < own["throttler-memory-bytes"] < own["throttler-solo-bytes"] < 0.8 * WORKER_MEMORY_BYTES
         code, _ = daemon.stop(20)
         assert code == 0
     finally:

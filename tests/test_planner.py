@@ -79,8 +79,8 @@ def test_about_one_leaf_per_thread():
 
 
 def test_a_group_larger_than_the_cluster_gets_fewer_leaves_reading_more_files():
-    # many threads, little memory, no MEMORY resource to limit concurrency
-    shape = ClusterShape(2, (2 * GiB, 2 * GiB), (16, 16), has_memory_resource=False)
+    # many threads, little memory
+    shape = ClusterShape(2, (2 * GiB, 2 * GiB), (16, 16))
     p = make_plan("g", files(64), "sum", shape, Estimator())
     _, cluster_budget = budgets(shape)
     assert p.group_peak_bytes <= cluster_budget
@@ -89,12 +89,13 @@ def test_a_group_larger_than_the_cluster_gets_fewer_leaves_reading_more_files():
     assert p.n_leaf_tasks * p.files_per_task >= 64
 
 
-def test_memory_resource_limits_concurrency_and_so_the_group_peak():
-    with_resource = ClusterShape(2, (2 * GiB, 2 * GiB), (16, 16), has_memory_resource=True)
-    without = ClusterShape(2, (2 * GiB, 2 * GiB), (16, 16), has_memory_resource=False)
-    a = make_plan("g", files(64), "aligned", with_resource, Estimator())
-    b = make_plan("g", files(64), "aligned", without, Estimator())
-    assert a.n_leaf_tasks >= b.n_leaf_tasks
+def test_the_daemon_budgets_limit_concurrency_and_so_the_group_peak():
+    narrow = ClusterShape(2, (2 * GiB, 2 * GiB), (16, 16), (600 * MiB, 600 * MiB), (1400 * MiB, 1400 * MiB))
+    wide = ClusterShape(2, (2 * GiB, 2 * GiB), (16, 16), (1800 * MiB, 1800 * MiB), (1900 * MiB, 1900 * MiB))
+    a = make_plan("g", files(64), "aligned", narrow, Estimator())
+    b = make_plan("g", files(64), "aligned", wide, Estimator())
+    assert narrow.concurrent_tasks(a.task_peak_bytes) < wide.concurrent_tasks(a.task_peak_bytes)
+    assert a.running_bytes < b.running_bytes and not a.run_alone and not b.run_alone
 
 
 def test_groupby_shrinks_files_per_task_until_the_leaf_fits():
@@ -115,7 +116,7 @@ def test_does_not_fit_names_the_numbers():
         make_plan("big-group", files(2), "sum", tiny, Estimator())
     message = str(info.value)
     assert "big-group" in message and "MiB" in message
-    assert "memory_limit 256.0 MiB x 0.6" in message
+    assert "the largest worker allows 48.0 MiB for one task running alone (memory_limit 256.0 MiB" in message
 
 
 def test_workers_without_memory_limit_cannot_be_planned_for():
@@ -172,12 +173,15 @@ def test_replan_on_a_shrunken_cluster_uses_fewer_leaves():
     assert again.n_leaf_tasks <= 2 < p.n_leaf_tasks
 
 
-def test_replans_end_in_does_not_fit_rather_than_looping():
+def test_replans_cap_their_safety_factor_a_measured_peak_above_every_worker_does_not_fit():
     e = Estimator()
     p = make_plan("g", files(10), "groupby", SMALL, e)
-    with pytest.raises(DoesNotFit):
-        for _ in range(10):
-            p = replan_after_oom(p, SMALL, e)
+    for _ in range(10):  # retries are bounded by the outcome policy, never by a correction
+        p = replan_after_oom(p, SMALL, e)
+    assert p.attempt == 11 and p.task_peak_bytes <= SMALL.solo_task_budget_bytes()
+    assert any("corrections capped" in n for n in p.notes), p.notes
+    with pytest.raises(DoesNotFit, match=r"measured at .* when it killed a worker"):
+        make_plan("g", files(10), "groupby", SMALL, e, measured_task_peak_bytes=SMALL.solo_task_budget_bytes() + 1)
 
 
 def test_planning_a_huge_group_on_a_big_cluster_is_fast():

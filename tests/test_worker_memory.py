@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import psutil
 import pytest
 
 from tests.conftest import wait_for
@@ -83,8 +82,9 @@ def _pid_of(client, name) -> int:
     return next(pid for pid in client.run(os.getpid, workers=[_address_of(client, name)]).values())
 
 
-def _address_of(client, name) -> str:
-    return next(a for a, w in client.scheduler_info()["workers"].items() if w["name"] == name)
+def _address_of(client, name) -> str | None:
+    """The worker's address, None while no worker of that name is connected (between a death and its restart)."""
+    return next((a for a, w in client.scheduler_info()["workers"].items() if w["name"] == name), None)
 
 
 def test_a_worker_restarted_by_its_nanny_gets_them_again(cluster):
@@ -92,7 +92,7 @@ def test_a_worker_restarted_by_its_nanny_gets_them_again(cluster):
     wait_for(lambda: _sized(client, ["w0"]), 30)
     old_address = _address_of(client, "w0")
     os.kill(_pid_of(client, "w0"), signal.SIGKILL)  # the nanny starts a new worker process
-    wait_for(lambda: _sized(client, ["w0"]) and _address_of(client, "w0") != old_address, 60)
+    wait_for(lambda: _address_of(client, "w0") not in (None, old_address) and _sized(client, ["w0"]), 60)
     assert _sized(client, ["w0"])["w0"].memory_bytes == int(LIMIT_BYTES * wm.DEFAULT_SHARE) - \
         _reports(client)["w0"]["idle_rss_bytes"]
 

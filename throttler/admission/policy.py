@@ -60,7 +60,7 @@ class Budget:
     capacity_bytes: int  #: running workers' memory_limit x fraction
     shown_bytes: int  #: what the workers show
     own_bytes: int  #: the workers' own memory, to which reservations add
-    largest_task_budget_bytes: int  #: the largest running worker's limit x fraction (0: none)
+    largest_task_budget_bytes: int  #: the largest running worker's solo budget: one task alone (0: none)
     has_running: bool
     threads: int = 0  #: of the running workers: at most this many tasks run at once
 
@@ -69,7 +69,7 @@ class Budget:
         running = snapshot.running_workers
         shown, own = _shown_and_own(running)
         return cls(sum(int(w.memory_limit_bytes * memory_fraction) for w in running), shown, own,
-                   max((int(w.memory_limit_bytes * memory_fraction) for w in running), default=0),
+                   max((w.solo_budget() for w in running), default=0),
                    bool(running), sum(w.nthreads for w in running))
 
     def used_bytes(self, tally: "Tally") -> int:
@@ -195,7 +195,7 @@ def _shown_and_own(running: tuple[WorkerView, ...]) -> tuple[int, int]:
 
 def _empty_budget(snapshot: ClusterSnapshot, memory_fraction: float) -> int | None:
     """What the largest worker, running or not, allows one task when empty (None: no workers)."""
-    return max((int(w.memory_limit_bytes * memory_fraction) for w in snapshot.workers), default=None)
+    return max((w.solo_budget() for w in snapshot.workers), default=None)
 
 
 def _never_fits_budget(budget: int, candidate: Plan, memory_fraction: float) -> str:
@@ -203,7 +203,7 @@ def _never_fits_budget(budget: int, candidate: Plan, memory_fraction: float) -> 
     if candidate.task_peak_bytes <= budget:
         return ""
     return (f"does not fit: the largest task needs {format_bytes(candidate.task_peak_bytes)} but the largest "
-            f"worker allows {format_bytes(budget)} (memory_limit x {memory_fraction})")
+            f"worker allows {format_bytes(budget)} for one task running alone (below Dask's pause threshold)")
 
 
 def _alone(anything_reserved: bool, candidate: Plan, capacity: int, free: int) -> Decision:

@@ -6,20 +6,10 @@ import logging
 
 import psutil
 
-from throttler.cluster.scheduler import MEMORY_RESOURCE
-
 log = logging.getLogger(__name__)
 
 #: Share of the machine's memory the embedded cluster's workers may use together.
 EMBEDDED_MEMORY_SHARE = 0.8
-
-
-#: The MEMORY resource a worker should declare, as a share of its memory limit:
-#: Dask's spill threshold. Running tasks' restrictions then add up to at most
-#: 70% of the limit, below pause (80%) and terminate (95%) with the worker's
-#: own memory on top. Declaring the whole limit let tasks fill it and get the
-#: worker killed (seen in the simulation at 64 workers with groupby).
-MEMORY_RESOURCE_SHARE = 0.7
 
 
 def default_worker_layout(n_workers: int | None = None, threads_per_worker: int | None = None,
@@ -36,13 +26,17 @@ def default_worker_layout(n_workers: int | None = None, threads_per_worker: int 
 
 def start_embedded_cluster(memory_limit_bytes: int | None = None, n_workers: int | None = None,
                            threads_per_worker: int | None = None):
-    """Start a LocalCluster of worker processes declaring MEMORY; returns (cluster, client)."""
+    """Start a LocalCluster of worker processes with a memory limit; returns (cluster, client).
+
+    Like any other cluster, its workers get the daemon's memory resources from
+    the worker plugin the service registers (:mod:`throttler.cluster.worker_memory`).
+    """
     from distributed import Client, LocalCluster
 
     n, threads, limit = default_worker_layout(n_workers, threads_per_worker, memory_limit_bytes)
     cluster = LocalCluster(
         n_workers=n, threads_per_worker=threads, processes=True, memory_limit=limit,
-        resources={MEMORY_RESOURCE: int(limit * MEMORY_RESOURCE_SHARE)}, dashboard_address=None, silence_logs=logging.WARNING,
+        dashboard_address=None, silence_logs=logging.WARNING,
     )
     try:
         client = Client(cluster)

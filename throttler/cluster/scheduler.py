@@ -1,26 +1,30 @@
-"""Scheduler I/O: reading worker state from the scheduler, task restrictions."""
+"""Scheduler I/O: reading worker state from the scheduler, and the restrictions tasks are submitted with."""
 
 from __future__ import annotations
 
 import time
 from typing import Any, Callable
 
+from throttler.cluster import worker_memory
 from throttler.cluster.snapshot import ClusterSnapshot, WorkerView
-
-#: The worker resource that admission restrictions are expressed in (bytes).
-MEMORY_RESOURCE = "MEMORY"
+from throttler.errors import DoesNotFit
 
 
-def memory_restriction(task_peak_bytes: int, snapshot: ClusterSnapshot) -> dict | None:
-    """The per-task ``resources`` to submit with, or None when no running worker
-    declares MEMORY (then a restriction would leave tasks waiting forever).
+def task_restriction(task_peak_bytes: int, alone: bool, snapshot: ClusterSnapshot,
+                     memory_fraction: float) -> dict[str, float]:
+    """The ``resources=`` of a submission whose largest task peaks at ``task_peak_bytes``.
 
-    Never more than the largest declaration, so every task can run somewhere.
+    Expressed in the daemon's own worker resources (:mod:`throttler.cluster.worker_memory`):
+    shared, or alone on its worker when ``alone`` or when no worker can share it.
+    Raises ``NoWorkerFits`` when no running worker could hold it even alone.
     """
-    declared = [w.memory_resource for w in snapshot.running_workers if w.memory_resource]
-    if not declared:
-        return None
-    return {MEMORY_RESOURCE: min(float(task_peak_bytes), max(declared))}
+    capacities = [worker_memory.WorkerCapacity(w.address, w.name, w.memory_limit_bytes,
+                                               w.shared_budget(memory_fraction), w.solo_budget())
+                  for w in snapshot.running_workers]
+    try:
+        return worker_memory.task_resources(task_peak_bytes, capacities, alone)
+    except worker_memory.NoWorkerFits as exc:
+        raise DoesNotFit(str(exc)) from None
 
 
 def read_snapshot(client: Any, clock: Callable[[], float] = time.monotonic) -> ClusterSnapshot:
@@ -38,6 +42,8 @@ def _scheduler_worker_records() -> Callable:
     and returns plain dicts.
     """
 
+    memory_key, solo_key = worker_memory.MEMORY_BYTES, worker_memory.SOLO_BYTES
+
     def collect(dask_scheduler) -> list[dict]:
         records = []
         for ws in dask_scheduler.workers.values():
@@ -46,14 +52,15 @@ def _scheduler_worker_records() -> Callable:
                 process, managed, old = int(mem.process), int(mem.managed), int(mem.unmanaged_old)
             except (KeyError, TypeError, AttributeError):  # no heartbeat metrics yet
                 process = managed = old = 0
-            declared = (ws.resources or {}).get("MEMORY")
+            resources, used = ws.resources or {}, ws.used_resources or {}
             records.append(dict(
                 name=str(ws.name), address=ws.address,
                 status=getattr(ws.status, "name", str(ws.status)),
                 nthreads=int(ws.nthreads), memory_limit_bytes=int(ws.memory_limit or 0),
                 process_bytes=process, managed_bytes=managed, unmanaged_old_bytes=old,
-                memory_resource=None if declared is None else float(declared),
-                used_memory_resource=float((ws.used_resources or {}).get("MEMORY", 0.0)),
+                memory_budget_bytes=int(resources.get(memory_key, 0)),
+                solo_budget_bytes=int(resources.get(solo_key, 0)),
+                used_budget_bytes=float(used.get(memory_key, 0.0)),
                 processing=len(ws.processing),
             ))
         return records

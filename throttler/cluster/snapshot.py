@@ -13,6 +13,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from throttler.cluster.worker_memory import DEFAULT_PAUSE_FRACTION, SOLO_MARGIN
+from throttler.config import DEFAULTS
+
 log = logging.getLogger(__name__)
 
 
@@ -40,23 +43,40 @@ class WorkerView:
     process_bytes: int  #: RSS from the last heartbeat
     managed_bytes: int  #: bytes of task results in memory (updated per task)
     unmanaged_old_bytes: int  #: process memory neither managed nor recent
-    memory_resource: float | None = None  #: the declared MEMORY resource, if any
-    used_memory_resource: float = 0.0  #: MEMORY held by running tasks
+    memory_budget_bytes: int = 0  #: the daemon's throttler-memory-bytes resource (0: not sized yet)
+    solo_budget_bytes: int = 0  #: the daemon's throttler-solo-bytes resource (0: not sized yet)
+    used_budget_bytes: float = 0.0  #: throttler-memory-bytes held by our running tasks
     processing: int = 0  #: tasks assigned to the worker and not finished (fresh: per task)
 
     @property
     def is_running(self) -> bool:
         return self.status == "running"
 
+    def shared_budget(self, memory_fraction: float) -> int:
+        """What our tasks running at once here may hold (as the worker plugin sized it)."""
+        return self.memory_budget_bytes or worker_budget_bytes(self.memory_limit_bytes, memory_fraction)
+
+    def solo_budget(self) -> int:
+        """What one task of ours alone here may hold."""
+        return self.solo_budget_bytes or solo_budget_bytes(self.memory_limit_bytes)
+
 
 @dataclass(frozen=True)
 class ClusterShape:
-    """The cluster as the planner sizes a group for it."""
+    """The cluster as the planner sizes a group for it.
+
+    Per worker: its memory limit, threads, and the two budgets the daemon's
+    worker plugin gave it (:mod:`throttler.cluster.worker_memory`): what our
+    tasks running at once may hold together, and what one task running alone
+    may hold. Budgets not known (``()``) are derived from the limits the way
+    the plugin sizes them, with the baseline standing for the idle RSS.
+    """
 
     n_workers: int
     memory_limit_bytes: tuple[int, ...]  #: per worker
     nthreads: tuple[int, ...]  #: per worker
-    has_memory_resource: bool = False  #: every worker declares MEMORY
+    memory_budget_bytes: tuple[int, ...] = ()  #: per worker; () derived from the limits
+    solo_budget_bytes: tuple[int, ...] = ()  #: per worker; () derived from the limits
 
     def __post_init__(self):
         if not (self.n_workers == len(self.memory_limit_bytes) == len(self.nthreads)):
@@ -64,11 +84,9 @@ class ClusterShape:
                              f"{len(self.memory_limit_bytes)} limits and {len(self.nthreads)} thread counts")
 
     @classmethod
-    def uniform(cls, n_workers: int, memory_limit_bytes: int, nthreads: int = 1,
-                has_memory_resource: bool = True) -> "ClusterShape":
+    def uniform(cls, n_workers: int, memory_limit_bytes: int, nthreads: int = 1) -> "ClusterShape":
         """``n_workers`` identical workers."""
-        return cls(n_workers, (memory_limit_bytes,) * n_workers, (nthreads,) * n_workers,
-                   has_memory_resource)
+        return cls(n_workers, (memory_limit_bytes,) * n_workers, (nthreads,) * n_workers)
 
     @property
     def total_threads(self) -> int:
@@ -78,36 +96,50 @@ class ClusterShape:
     def largest_memory_limit_bytes(self) -> int:
         return max(self.memory_limit_bytes, default=0)
 
-    def concurrent_tasks(self, task_peak_bytes: int) -> int:
+    def shared_budgets(self, memory_fraction: float) -> tuple[int, ...]:
+        return self.memory_budget_bytes or tuple(worker_budget_bytes(limit, memory_fraction)
+                                                 for limit in self.memory_limit_bytes)
+
+    def solo_budgets(self) -> tuple[int, ...]:
+        return self.solo_budget_bytes or tuple(solo_budget_bytes(limit) for limit in self.memory_limit_bytes)
+
+    def concurrent_tasks(self, task_peak_bytes: int, memory_fraction: float = DEFAULTS.memory_fraction) -> int:
         """How many tasks of one plan can run at once.
 
-        Each thread runs one task. With the MEMORY resource, every task of a
-        plan asks for its task peak, so a worker also runs at most
-        ``MEMORY // task_peak`` of them. The shape does not know the declared
-        MEMORY, so this counts ``memory_limit // task_peak``: an upper bound.
-        The embedded cluster declares 0.7 x the limit
-        (:data:`~throttler.cluster.embedded.MEMORY_RESOURCE_SHARE`), where the
-        real figure can be lower; counting more tasks at once only makes the
-        group's reserved peak larger, never smaller (safe for admission).
+        Each task of a plan asks its task peak of the daemon's memory resource,
+        so a worker runs at most ``min(threads, budget // task_peak)`` of them;
+        a task too large to share any worker runs alone, one per worker whose
+        solo budget holds it.
         """
-        if not self.has_memory_resource or task_peak_bytes <= 0:
+        if task_peak_bytes <= 0:
             return max(1, self.total_threads)
-        slots = sum(min(threads, limit // task_peak_bytes)
-                    for threads, limit in zip(self.nthreads, self.memory_limit_bytes))
+        shared = self.shared_budgets(memory_fraction)
+        slots = sum(min(threads, budget // task_peak_bytes) for threads, budget in zip(self.nthreads, shared))
+        if slots == 0:
+            slots = sum(1 for solo in self.solo_budgets() if solo >= task_peak_bytes)
         return max(1, slots)
 
     def task_budget_bytes(self, memory_fraction: float) -> int:
-        """What one task may hold: the largest worker's limit x the fraction, less its baseline."""
-        return worker_budget_bytes(self.largest_memory_limit_bytes, memory_fraction)
+        """What one task may hold while sharing a worker: the largest worker's shared budget."""
+        return max(self.shared_budgets(memory_fraction), default=0)
+
+    def solo_task_budget_bytes(self) -> int:
+        """What one task may hold running alone on its worker: the largest solo budget."""
+        return max(self.solo_budgets(), default=0)
 
     def cluster_budget_bytes(self, memory_fraction: float) -> int:
-        """What one group may hold: every worker's budget together."""
-        return sum(worker_budget_bytes(limit, memory_fraction) for limit in self.memory_limit_bytes)
+        """What one group may hold: every worker's shared budget together."""
+        return sum(self.shared_budgets(memory_fraction))
 
 
 def worker_budget_bytes(memory_limit_bytes: int, memory_fraction: float) -> int:
     """What our tasks may hold on one worker: limit x fraction, less the worker's own baseline."""
     return max(0, int(memory_limit_bytes * memory_fraction) - WORKER_BASELINE_BYTES)
+
+
+def solo_budget_bytes(memory_limit_bytes: int) -> int:
+    """What one task alone may hold on a worker: below Dask's pause threshold by a margin, less the baseline."""
+    return max(0, int(memory_limit_bytes * (DEFAULT_PAUSE_FRACTION - SOLO_MARGIN)) - WORKER_BASELINE_BYTES)
 
 
 @dataclass(frozen=True)
@@ -138,7 +170,10 @@ class ClusterSnapshot:
             n_workers=len(members),
             memory_limit_bytes=tuple(w.memory_limit_bytes for w in members),
             nthreads=tuple(w.nthreads for w in members),
-            has_memory_resource=bool(members) and all(w.memory_resource is not None for w in members),
+            memory_budget_bytes=tuple(w.memory_budget_bytes for w in members)
+            if members and all(w.memory_budget_bytes for w in members) else (),
+            solo_budget_bytes=tuple(w.solo_budget_bytes for w in members)
+            if members and all(w.solo_budget_bytes for w in members) else (),
         )
 
 

@@ -18,8 +18,8 @@ import time
 import tenacity
 
 from throttler import config as config_mod
-from throttler.commands import checks
 from throttler.cluster.embedded import start_embedded_cluster
+from throttler.commands import checks
 from throttler.ops import sdnotify
 from throttler.ops.metrics import Metrics
 from throttler.planning.catalog import Catalog

@@ -22,8 +22,8 @@ from throttler.admission.policy import Budget, Tally
 from throttler.cluster.scheduler import read_snapshot
 from throttler.cluster.snapshot import ClusterShape, ClusterSnapshot
 from throttler.cluster.workers import package_problem, worker_package_reports
-from throttler.ops.liveness import own_start_ticks
 from throttler.durable import write_json_atomic
+from throttler.ops.liveness import own_start_ticks
 
 log = logging.getLogger(__name__)
 

@@ -44,6 +44,7 @@ class Plan:
     running_bytes: int = 0  #: the part of group_peak_bytes held by running tasks (0: not split)
     estimate_factor: float = 1.0  #: the estimator's correction x retry safety the estimates include
     attempt: int = 1
+    run_alone: bool = False  #: its largest task exceeds what a worker shares: each task runs alone on its worker
     notes: tuple[str, ...] = field(default=())
 
     @property

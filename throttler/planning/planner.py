@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from throttler.cluster.snapshot import WORKER_BASELINE_BYTES, ClusterShape
+from throttler.cluster.snapshot import ClusterShape
 from throttler.config import DEFAULTS
 from throttler.errors import CatalogError, DoesNotFit, NoWorkers, RequestError
 from throttler.planning.estimator import Estimator
@@ -69,15 +69,20 @@ class _Pricing:
     largest: FileInfo
     safety: float  #: the attempt's factor
     factor: float  #: safety x the estimator's correction
+    floor_bytes: int = 0  #: this group's own task, measured when it killed a worker (0: none)
 
     @classmethod
-    def of(cls, strategy: str, files: list[FileInfo], estimator: Estimator, safety: float) -> "_Pricing":
+    def of(cls, strategy: str, files: list[FileInfo], estimator: Estimator, safety: float,
+           floor_bytes: int = 0) -> "_Pricing":
         return cls(strategy, len(files), largest_file(files), safety,
-                   safety * estimator.correction(strategy))
+                   safety * estimator.correction(strategy), floor_bytes)
 
     def peaks(self, files_per_task: int, fan_in: int, n_leaves: int) -> TaskPeaks:
         raw = raw_task_peaks(self.strategy, self.largest, files_per_task, fan_in, n_leaves)
-        return raw.scaled(self.factor)
+        peaks = raw.scaled(self.factor)
+        if self.floor_bytes > peaks.peak_bytes:  # measured beats modelled: every task scales up to it
+            peaks = peaks.scaled(self.floor_bytes / peaks.peak_bytes)
+        return peaks
 
 
 @dataclass(frozen=True)
@@ -92,31 +97,34 @@ class _Layout:
 def make_plan(group: str, files: list[FileInfo], strategy: str, shape: ClusterShape,
               estimator: Estimator, *, attempt: int = 1,
               memory_fraction: float = DEFAULT_MEMORY_FRACTION,
-              max_files_per_task: int | None = None, fan_in: int = DEFAULT_FAN_IN) -> Plan:
+              max_files_per_task: int | None = None, fan_in: int = DEFAULT_FAN_IN,
+              measured_task_peak_bytes: int = 0) -> Plan:
     """Plan ``group`` for ``shape``.
 
     Raises DoesNotFit when even the smallest layout (one file per groupby
-    leaf, fan-in 2) has a task larger than the largest worker's budget,
-    CatalogError for an empty group and RequestError for an unknown strategy.
+    leaf, fan-in 2) has a task larger than what the largest worker allows one
+    task running alone, CatalogError for an empty group and RequestError for an
+    unknown strategy. ``measured_task_peak_bytes``: what this group's own task
+    was measured at when it killed a worker (a floor for its estimates).
     """
     _validate(group, files, strategy, shape, attempt)
     resolved, notes = resolve_strategy(strategy, files)
     safety = ATTEMPT_SAFETY_FACTOR ** (attempt - 1)
     if attempt > 1:
         notes.append(f"attempt {attempt}: estimates x{safety:.2f}, smaller chunks")
-    pricing = _Pricing.of(resolved, files, estimator, safety)
+    pricing = _Pricing.of(resolved, files, estimator, safety, measured_task_peak_bytes)
     budget = shape.task_budget_bytes(memory_fraction)
     fan_in = _fitting_fan_in(pricing, budget, max(MIN_FAN_IN, fan_in >> (attempt - 1)), notes)
     limit = _files_per_task_limit(pricing, budget, fan_in, attempt, max_files_per_task,
                                   shape.total_threads)
-    layout = _choose_layout(group, pricing, shape, memory_fraction, fan_in, limit, notes)
+    layout, alone = _choose_layout(group, pricing, shape, memory_fraction, fan_in, limit, notes)
     return Plan(
         group=group, strategy=resolved, files=tuple(files),
         files_per_task=layout.files_per_task, fan_in=fan_in,
         task_peak_bytes=layout.peaks.peak_bytes, group_peak_bytes=layout.group_peak_bytes,
         running_bytes=layout.running_bytes,
         expansion=expansion(files), requested_strategy=strategy, attempt=attempt,
-        estimate_factor=pricing.factor,
+        estimate_factor=pricing.factor, run_alone=alone,
         notes=tuple(notes),
     )
 
@@ -193,49 +201,68 @@ def _files_per_task_limit(pricing: _Pricing, budget: int, fan_in: int, attempt: 
 
 
 def _choose_layout(group: str, pricing: _Pricing, shape: ClusterShape, memory_fraction: float,
-                   fan_in: int, limit: int, notes: list[str]) -> _Layout:
-    """About one leaf per thread, fewer while the group exceeds the cluster budget.
+                   fan_in: int, limit: int, notes: list[str]) -> tuple[_Layout, bool]:
+    """(layout, run alone): about one leaf per thread, fewer while the group exceeds the cluster budget.
 
-    Raises DoesNotFit when no layout's largest task fits the per-task budget.
+    A layout's largest task should fit what a worker shares among our tasks;
+    if none does, it runs alone on its worker, up to that worker's solo budget.
+    Raises DoesNotFit when no layout fits even alone.
     """
     n, threads = pricing.n_files, max(1, shape.total_threads)
-    task_budget = shape.task_budget_bytes(memory_fraction)
     cluster_budget = shape.cluster_budget_bytes(memory_fraction)
     most_leaves = min(n, threads, math.ceil(n / MIN_FILES_PER_LEAF[pricing.strategy]))
-    layouts = [_layout(pricing, shape, n, target, limit, fan_in)
+    layouts = [_layout(pricing, shape, n, target, limit, fan_in, memory_fraction)
                for target in range(most_leaves, 0, -1)]
-    fitting = [lay for lay in layouts if lay.peaks.peak_bytes <= task_budget]
-    if not fitting:  # the learned correction alone must not fail a group: cap it
-        fitting = _with_capped_correction(pricing, shape, n, most_leaves, limit, fan_in, task_budget, notes)
+    shared = _fitting(layouts, pricing, shape, most_leaves, limit, fan_in, memory_fraction,
+                      shape.task_budget_bytes(memory_fraction), notes)
+    fitting, alone = shared, False
+    if not shared:
+        solo = shape.solo_task_budget_bytes()
+        fitting = _fitting(layouts, pricing, shape, most_leaves, limit, fan_in, memory_fraction, solo, notes)
+        alone = bool(fitting)
+        if alone:
+            notes.append(f"largest task above what a worker shares: each runs alone on its worker "
+                         f"(up to {format_bytes(solo)})")
     if not fitting:
-        _raise_does_not_fit(group, pricing, shape, memory_fraction, min(layouts, key=_peak))
+        _raise_does_not_fit(group, pricing, shape, min(layouts, key=_peak))
     for layout in fitting:
         if layout.group_peak_bytes <= cluster_budget:
-            return layout
+            return layout, alone
     smallest = min(fitting, key=lambda lay: lay.group_peak_bytes)
     notes.append(f"group peak {format_bytes(smallest.group_peak_bytes)} exceeds the cluster budget "
                  f"{format_bytes(cluster_budget)}: it runs alone")
-    return smallest
+    return smallest, alone
+
+
+def _fitting(layouts: list[_Layout], pricing: _Pricing, shape: ClusterShape, most_leaves: int, limit: int,
+             fan_in: int, memory_fraction: float, budget: int, notes: list[str]) -> list[_Layout]:
+    """The layouts whose largest task fits ``budget``, with corrections capped if that is what it takes."""
+    fitting = [lay for lay in layouts if lay.peaks.peak_bytes <= budget]
+    if fitting:
+        return fitting
+    return _with_capped_correction(pricing, shape, pricing.n_files, most_leaves, limit, fan_in, budget,
+                                   memory_fraction, notes)
 
 
 def _with_capped_correction(pricing: _Pricing, shape: ClusterShape, n: int, most_leaves: int, limit: int,
-                            fan_in: int, task_budget: int, notes: list[str]) -> list[_Layout]:
-    """Layouts that fit once the estimator's learned correction is capped.
+                            fan_in: int, task_budget: int, memory_fraction: float,
+                            notes: list[str]) -> list[_Layout]:
+    """Layouts that fit once the corrections (learned, and the retry safety) are capped.
 
-    The correction is learned from every group of the strategy, so one group that
-    killed a worker raises it for all. A group whose estimate fits at this attempt's
-    safety factor (its own evidence) is not failed for what others did: its
-    correction is capped to fit the budget. Empty when even that does not fit.
+    A correction may make a group wait or run alone, never fail it: only the
+    bare model, or this group's own measured peak (the floor), can. Empty when
+    even the bare model (with the floor) does not fit.
     """
-    if pricing.factor <= pricing.safety:
+    if pricing.factor <= 1.0:
         return []
-    bare = replace(pricing, factor=pricing.safety)
-    smallest = min((_layout(bare, shape, n, t, limit, fan_in) for t in range(most_leaves, 0, -1)), key=_peak)
+    bare = replace(pricing, factor=1.0)
+    smallest = min((_layout(bare, shape, n, t, limit, fan_in, memory_fraction)
+                    for t in range(most_leaves, 0, -1)), key=_peak)
     if smallest.peaks.peak_bytes > task_budget:
         return []
-    capped = replace(pricing, factor=pricing.safety * 0.999 * task_budget / smallest.peaks.peak_bytes)
-    layouts = [_layout(capped, shape, n, t, limit, fan_in) for t in range(most_leaves, 0, -1)]
-    notes.append(f"estimate x{pricing.factor:.2f} exceeds the task budget; learned correction capped "
+    capped = replace(pricing, factor=max(1.0, 0.999 * task_budget / smallest.peaks.peak_bytes))
+    layouts = [_layout(capped, shape, n, t, limit, fan_in, memory_fraction) for t in range(most_leaves, 0, -1)]
+    notes.append(f"estimate x{pricing.factor:.2f} exceeds {format_bytes(task_budget)}; corrections capped "
                  f"(x{capped.factor:.2f})")
     return [lay for lay in layouts if lay.peaks.peak_bytes <= task_budget]
 
@@ -245,25 +272,26 @@ def _peak(layout: _Layout) -> int:
 
 
 def _layout(pricing: _Pricing, shape: ClusterShape, n_files: int, target_leaves: int,
-            limit: int, fan_in: int) -> _Layout:
+            limit: int, fan_in: int, memory_fraction: float) -> _Layout:
     files_per_task = min(limit, math.ceil(n_files / target_leaves))
     n_leaves = math.ceil(n_files / files_per_task)
     peaks = pricing.peaks(files_per_task, fan_in, n_leaves)
-    running, waiting = group_peak_parts(peaks, n_leaves, shape.concurrent_tasks(peaks.peak_bytes), fan_in)
+    running, waiting = group_peak_parts(peaks, n_leaves, shape.concurrent_tasks(peaks.peak_bytes, memory_fraction),
+                                        fan_in)
     return _Layout(files_per_task, n_leaves, peaks, running + waiting, running)
 
 
-def _raise_does_not_fit(group: str, pricing: _Pricing, shape: ClusterShape,
-                        memory_fraction: float, smallest: _Layout) -> None:
+def _raise_does_not_fit(group: str, pricing: _Pricing, shape: ClusterShape, smallest: _Layout) -> None:
     peaks = smallest.peaks
     shapes = {"leaf": peaks.leaf_bytes, "combine": peaks.combine_bytes, "final": peaks.final_bytes}
     worst = max(shapes, key=shapes.get)
     limit = shape.largest_memory_limit_bytes
-    budget = shape.task_budget_bytes(memory_fraction)
     files = "1 file" if smallest.files_per_task == 1 else f"{smallest.files_per_task} files"
+    why = (f"measured at {format_bytes(pricing.floor_bytes)} when it killed a worker"
+           if pricing.floor_bytes >= peaks.peak_bytes else "the bare model's estimate")
     raise DoesNotFit(
         f"group {group}: the smallest {pricing.strategy} plan ({files} per leaf) has a {worst} task "
-        f"of about {format_bytes(peaks.peak_bytes)} (estimate x{pricing.factor:.2f}), but the largest "
-        f"worker allows {format_bytes(budget)} (memory_limit {format_bytes(limit)} x {memory_fraction}, "
-        f"less {format_bytes(WORKER_BASELINE_BYTES)} the worker itself holds)"
+        f"of about {format_bytes(peaks.peak_bytes)} ({why}), but the largest worker allows "
+        f"{format_bytes(shape.solo_task_budget_bytes())} for one task running alone (memory_limit "
+        f"{format_bytes(limit)}, below Dask's pause threshold, less what the worker itself holds)"
         + ("; the workers declare no memory_limit" if limit == 0 else ""))

@@ -23,6 +23,8 @@ class Job:
     state: str = QUEUED
     attempt: int = 1
     memory_failures: int = 0  #: attempts that killed a worker: only these make the planner more careful
+    measured_task_peak_bytes: int = 0  #: its own task's memory when it alone killed a worker (0: never)
+    run_alone: bool = False  #: after a memory kill: each task runs alone on its worker
     strategy_override: str | None = None  #: "sum" after aligned found misaligned keys
     plan: Plan | None = None
     graph: Any = None

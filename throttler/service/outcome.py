@@ -23,7 +23,13 @@ import tenacity
 from distributed.comm.core import CommClosedError
 from distributed.scheduler import KilledWorker
 
-from throttler.errors import CatalogError, DataError, DoesNotFit, MisalignedKeys, RequestError
+from throttler.errors import (
+    CatalogError,
+    DataError,
+    DoesNotFit,
+    MisalignedKeys,
+    RequestError,
+)
 
 PERMANENT, MISALIGNED, MEMORY, TRANSIENT, UNEXPECTED = (
     "permanent", "misaligned", "memory", "transient", "unexpected")

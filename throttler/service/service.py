@@ -14,14 +14,19 @@ the ledger and the lock. What a failure means is
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from distributed.scheduler import KilledWorker
+
 from throttler.admission import policy as admission
-from throttler.cluster.scheduler import MEMORY_RESOURCE, memory_restriction
+from throttler.cluster import worker_deaths, worker_memory
+from throttler.cluster.scheduler import task_restriction
+from throttler.cluster.snapshot import WORKER_BASELINE_BYTES
 from throttler.config import Config
 from throttler.errors import NoWorkers
 from throttler.ops.progress import ProgressTracker
@@ -70,7 +75,6 @@ class Service:
         self._stop_submitting = self.submitter.stopped
         self._threads: list[threading.Thread] = []
         self._builders: ThreadPoolExecutor | None = None
-        self._warned_no_resources = False
         self._pool_size = {"builder": 0, "submitter": 0}
         self.status = StatusReporter(self)
         self.on_capacity = None  #: called when a run ends (the daemon wakes its main loop to claim more)
@@ -98,8 +102,8 @@ class Service:
 
     def start(self) -> None:
         """Start the pools and the completion thread (the caller runs :meth:`step`)."""
+        self._prepare_cluster(self.client)
         self.status.shape()  # first snapshot: pool sizes derive from the cluster
-        self.progress.subscribe(self.client)
         builders, submitters = self.pool_sizes()
         self._builders = ThreadPoolExecutor(builders, thread_name_prefix="throttler-builder")
         self._pool_size = {"builder": builders, "submitter": submitters}
@@ -107,6 +111,13 @@ class Service:
             self._spawn(self._submitter_loop, f"throttler-submitter-{i}")
         self._spawn(self._completion_loop, "throttler-completions")
         log.info("service started: %d builder threads, %d submitter threads", builders, submitters)
+
+    def _prepare_cluster(self, client) -> None:
+        """Give every worker, present and future, the daemon's memory resources; record
+        why workers die; receive the leaves' progress (again after a reconnect)."""
+        worker_memory.register(client, share=self.config.memory_fraction)
+        worker_deaths.register(client)
+        self.progress.subscribe(client)
 
     def _spawn(self, target, name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -190,7 +201,7 @@ class Service:
             log.warning("scheduler unreachable (attempt %d): %s", self._reconnect_attempts, exc)
             return
         self.client = client
-        self.progress.subscribe(client)
+        self._prepare_cluster(client)
         self._reconnect_attempts = 0
         log.info("reconnected to the scheduler")
 
@@ -235,9 +246,11 @@ class Service:
 
     def _plan(self, job: Job):
         files = [file_info(path) for path in self.catalog.files(job.group)]
-        return planner.make_plan(job.group, files, job.strategy, self.status.shape(), self.estimator,
+        plan = planner.make_plan(job.group, files, job.strategy, self.status.shape(), self.estimator,
                                  attempt=1 + job.memory_failures, memory_fraction=self.config.memory_fraction,
+                                 measured_task_peak_bytes=job.measured_task_peak_bytes,
                                  fan_in=self.config.fan_in)
+        return dataclasses.replace(plan, run_alone=True) if job.run_alone else plan
 
     def _hand_off(self, job: Job) -> None:
         """Bounded hand-off: a builder waits while enough planned groups wait for admission."""
@@ -291,14 +304,9 @@ class Service:
                  plan.n_files, plan.n_leaf_tasks, plan.group_peak_bytes / 2**20, reason)
         job.future.add_done_callback(lambda _f, job=job: self._completions.put(job))
 
-    def _resources(self, plan, snapshot) -> dict | None:
-        """Per-task MEMORY restriction when the running workers declare it."""
-        resources = memory_restriction(plan.task_peak_bytes, snapshot)
-        if resources is None and not self._warned_no_resources:
-            log.warning("workers declare no %s resource: admission alone protects them "
-                        "(start workers with --resources %s=<bytes>)", MEMORY_RESOURCE, MEMORY_RESOURCE)
-            self._warned_no_resources = True
-        return resources
+    def _resources(self, plan, snapshot) -> dict:
+        """The daemon's own worker resources each task of ``plan`` asks (shared, or alone on its worker)."""
+        return task_restriction(plan.task_peak_bytes, plan.run_alone, snapshot, self.config.memory_fraction)
 
     # ----------------------------------------------------------------- completions
 
@@ -338,8 +346,10 @@ class Service:
         self.spool.finish(job.claim, "done", record)
         self._forget(job)
         self._finished("done", record)
-        self.estimator.observe(plan.strategy, plan.task_peak_bytes, summary["peak_bytes"], plan.estimate_factor)
-        self.metrics.estimate_observed(plan.strategy, plan.task_peak_bytes, summary["peak_bytes"])
+        observed = self._observed_task_bytes(plan, summary)
+        if observed:
+            self.estimator.observe(plan.strategy, plan.task_peak_bytes, observed, plan.estimate_factor)
+            self.metrics.estimate_observed(plan.strategy, plan.task_peak_bytes, observed)
         if record["worker_peak_fraction"] is not None:
             self.metrics.worker_peak(plan.strategy, record["worker_peak_fraction"])
         self.metrics.group_finished("done", plan.strategy, job.run_seconds, summary["files"],
@@ -347,9 +357,49 @@ class Service:
         log.info("done %s: %d rows from %d files in %.2f s (%s, attempt %d)", job.group, summary["rows"],
                  summary["files"], job.run_seconds, plan.strategy, job.attempt)
 
+    def _observed_task_bytes(self, plan, summary: dict) -> int:
+        """What the group's heaviest task held, learned only where it ran alone on its worker.
+
+        The worker's peak RSS less what an idle worker holds is what kills workers;
+        a task that shared its worker would be blamed for its neighbours' memory.
+        """
+        rss = summary.get("worker_peak_rss_bytes") or 0
+        alone = plan.run_alone or max(self.status.shape().nthreads, default=1) == 1
+        return max(0, rss - WORKER_BASELINE_BYTES) if rss and alone else 0
+
+    def _memory_kill_kind(self, job: Job, exc: BaseException) -> str:
+        """MEMORY only if a worker died of memory while running this group's task, else TRANSIENT.
+
+        On such a death the next attempt runs each task alone on its worker, and
+        when this group's task was the only one of ours there, the worker's
+        memory at the kill becomes the floor of its estimate (never the others').
+        """
+        if job.graph is None or not isinstance(exc, KilledWorker):
+            return retries.MEMORY
+        try:
+            hit = worker_deaths.group_memory_death(worker_deaths.fetch_deaths(self.client), job.graph.key_prefix)
+        except Exception as exc_fetch:  # noqa: BLE001 - unknown cause: the safe reading
+            log.warning("%s: cannot read why workers died (%s); counting it as a memory kill",
+                        job.group, exc_fetch)
+            return retries.MEMORY
+        if hit is None:
+            log.warning("%s: a worker running it was lost, not by a memory kill of its task: retried as "
+                        "transient, no estimate changes", job.group)
+            return retries.TRANSIENT
+        job.run_alone = True
+        if hit.sole_suspect:
+            job.measured_task_peak_bytes = max(job.measured_task_peak_bytes,
+                                               hit.death.memory_bytes - WORKER_BASELINE_BYTES)
+        log.warning("%s: its task killed worker %s at %.0f MiB of %.0f MiB%s; next attempt runs alone",
+                    job.group, hit.death.name, hit.death.memory_bytes / 2**20,
+                    hit.death.memory_limit_bytes / 2**20, "" if hit.sole_suspect else " (shared with others)")
+        return retries.MEMORY
+
     def _on_failure(self, job: Job, exc: BaseException) -> None:
         """Carry out :func:`~throttler.service.outcome.decide`: fall back, retry later, or fail."""
         kind = retries.classify(exc)
+        if kind == retries.MEMORY:
+            kind = self._memory_kill_kind(job, exc)
         reason = retries.describe(exc)
         job.history.append(f"attempt {job.attempt} ({job.strategy}): {reason}")
         if kind == retries.MEMORY:
@@ -365,9 +415,6 @@ class Service:
             return self._rebuild(job, delay_seconds=0.0)
         if outcome.action == retries.FAIL:
             return self._fail(job, reason, exc)
-        if kind == retries.MEMORY and job.plan is not None:
-            self.estimator.observe(job.plan.strategy, job.plan.task_peak_bytes, 2 * job.plan.task_peak_bytes,
-                                   job.plan.estimate_factor)
         self.metrics.retry(retries.reason_class(exc))
         delay = retries.backoff_seconds(job.attempt)
         log.warning("%s: attempt %d failed (%s); retrying in %.1f s", job.group, job.attempt, reason, delay)

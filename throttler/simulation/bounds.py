@@ -16,7 +16,6 @@ import math
 from dataclasses import asdict, dataclass
 
 from throttler.planning.estimator import Estimator
-
 from throttler.simulation.calibration import Calibration
 from throttler.simulation.estate import Estate
 from throttler.simulation.model import ModelCluster, Scenario

@@ -11,7 +11,14 @@ from throttler.simulation.deadline import smallest_cluster
 from throttler.simulation.engine import simulate
 from throttler.simulation.estate import case_study, from_manifest
 from throttler.simulation.model import (
-    POLICIES, POLICY_LABELS, ModelCluster, Scenario, Storage, parse_bytes, parse_duration, parse_rate,
+    POLICIES,
+    POLICY_LABELS,
+    ModelCluster,
+    Scenario,
+    Storage,
+    parse_bytes,
+    parse_duration,
+    parse_rate,
 )
 from throttler.simulation.report import as_json, bounds_line, policy_table, write_json
 

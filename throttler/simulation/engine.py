@@ -30,14 +30,22 @@ import numpy as np
 
 from throttler.errors import DoesNotFit
 from throttler.planning.estimator import Estimator
-
 from throttler.simulation import policies
 from throttler.simulation.calibration import Calibration
 from throttler.simulation.estate import Estate
 from throttler.simulation.model import Bandwidth, ModelCluster, Scenario
 from throttler.simulation.plans import PlanCache, plan_peaks, tree_shape
 from throttler.simulation.tasks import (
-    CANCELLED, CONSUMED, DONE, LOST, PENDING, READY, RUNNING, Group, Run, Task,
+    CANCELLED,
+    CONSUMED,
+    DONE,
+    LOST,
+    PENDING,
+    READY,
+    RUNNING,
+    Group,
+    Run,
+    Task,
 )
 
 EV_TASK_DONE, EV_WORKER_BACK, EV_ROUND, EV_BEGIN, EV_SUBMITTED = range(5)

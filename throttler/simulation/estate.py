@@ -9,8 +9,8 @@ from pathlib import Path
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from throttler.planning.footers import file_info
 from throttler.commands.generate import EstateSpec, group_sizes
+from throttler.planning.footers import file_info
 from throttler.planning.plan import FileInfo
 
 #: The case study's estate: about 140,000 files of about 140 MB (20 TB), 6,000,000 rows each,

@@ -20,9 +20,8 @@ import re
 from dataclasses import dataclass
 
 from throttler.admission import policy as admission
-from throttler.planning import planner
-from throttler.cluster.embedded import MEMORY_RESOURCE_SHARE
 from throttler.cluster.snapshot import ClusterShape
+from throttler.planning import planner
 
 POLICIES = ("all-at-once", "fixed-pool", "resources", "throttler")
 POLICY_LABELS = {"all-at-once": "(a) all at once", "fixed-pool": "(b) fixed pool",
@@ -56,6 +55,10 @@ def parse_duration(text: str) -> float:
         raise ValueError(f"not a duration: {text!r} (try 30m, 2h, 90s, 5ms)")
     value = float(m.group(1))
     return value / 1000 if m.group(2) == "ms" else value * _DURATIONS[m.group(2)]
+
+
+#: What policy (c)'s workers declare as MEMORY, as a share of their limit (Dask's spill threshold).
+MEMORY_RESOURCE_SHARE = 0.7
 
 
 @dataclass(frozen=True)

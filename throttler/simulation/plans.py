@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from throttler.planning import planner
 from throttler.cluster.snapshot import ClusterShape
 from throttler.errors import DoesNotFit
+from throttler.planning import planner
 from throttler.planning.estimator import Estimator
 from throttler.planning.memory_model import TaskPeaks, largest_file, raw_task_peaks
 from throttler.planning.plan import STRATEGIES, Plan
-
 from throttler.simulation.calibration import Calibration
 from throttler.simulation.estate import GroupSpec
 from throttler.simulation.model import Scenario

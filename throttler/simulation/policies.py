@@ -23,9 +23,9 @@ import math
 
 from throttler.admission import policy as admission
 from throttler.admission.ledger import Ledger, Reservation
-from throttler.planning import planner
 from throttler.cluster.snapshot import ClusterSnapshot, WorkerView
 from throttler.errors import DoesNotFit
+from throttler.planning import planner
 
 
 class Policy:
@@ -167,8 +167,8 @@ def snapshot(sim) -> ClusterSnapshot:
                    c.threads_per_worker, c.memory_limit_bytes,
                    process_bytes=base + sim.running_bytes[w] + sim.result_bytes[w],
                    managed_bytes=sim.result_bytes[w], unmanaged_old_bytes=base,
-                   memory_resource=float(c.resource_bytes),
-                   used_memory_resource=float(c.resource_bytes - sim.free_res[w]))
+                   memory_budget_bytes=int(c.resource_bytes),
+                   used_budget_bytes=float(c.resource_bytes - sim.free_res[w]))
         for w in range(c.n_workers) if sim.up[w])
     return ClusterSnapshot(workers, sim.now)
 
