@@ -511,6 +511,7 @@ def run_worker_kill(h: Harness, outcome: Outcome) -> None:
             moments[what] += 1
         _wait_for_pid_gone_and_workers(h, pid)
     outcome.details["moments"] = dict(moments)
+    outcome.details["memory_blamed"] = _daemon_log(h).count("its task killed worker")  # an operator's kill: 0
     outcome.notes.append("worker killed while running: " + ", ".join(f"{k} {v}" for k, v in sorted(moments.items())))
 
 
@@ -768,6 +769,7 @@ def after_memory(h: Harness, outcome: Outcome) -> None:
         oom_record={k: oom.get(k) for k in ("attempts", "reason", "history", "estimate_bytes", "strategy")},
         near_record={k: near.get(k) for k in ("output", "attempts", "reason", "task_estimate_bytes")},
         corrections_after=after,
+        memory_blamed=_daemon_log(h).count("oom: its task killed worker"),
         other_groups={"done": sum(1 for r in others if "output" in r),
                       "failed": sum(1 for r in others if "output" not in r),
                       "max_attempts": max((r.get("attempts", 1) for r in others), default=0)})
@@ -778,6 +780,11 @@ def after_memory(h: Harness, outcome: Outcome) -> None:
         + f"; sum correction {before.get('sum', 1.0):.2f} -> {after.get('sum', 1.0):.2f}; "
         f"other groups: {outcome.details['other_groups']}; the group queued after it, sized to 80% of a "
         f"task's budget: " + ("done" if "output" in near else f"failed ({near.get('reason', 'no record')[:220]})"))
+
+
+def _daemon_log(h: Harness) -> str:
+    path = h.logs / "daemon.log"
+    return path.read_text(errors="replace") if path.exists() else ""
 
 
 def _corrections(h: Harness) -> dict[str, float]:

@@ -224,7 +224,9 @@ def _choose_layout(group: str, pricing: _Pricing, shape: ClusterShape, memory_fr
             notes.append(f"largest task above what a worker shares: each runs alone on its worker "
                          f"(up to {format_bytes(solo)})")
     if not fitting:
-        _raise_does_not_fit(group, pricing, shape, min(layouts, key=_peak))
+        bare = replace(pricing, factor=1.0)  # what is refused is the bare model, or the measured floor
+        _raise_does_not_fit(group, bare, shape, min((_layout(bare, shape, n, t, limit, fan_in, memory_fraction)
+                                                     for t in range(most_leaves, 0, -1)), key=_peak))
     for layout in fitting:
         if layout.group_peak_bytes <= cluster_budget:
             return layout, alone
@@ -284,11 +286,12 @@ def _layout(pricing: _Pricing, shape: ClusterShape, n_files: int, target_leaves:
 def _raise_does_not_fit(group: str, pricing: _Pricing, shape: ClusterShape, smallest: _Layout) -> None:
     peaks = smallest.peaks
     shapes = {"leaf": peaks.leaf_bytes, "combine": peaks.combine_bytes, "final": peaks.final_bytes}
-    worst = max(shapes, key=shapes.get)
+    measured = pricing.floor_bytes >= 0.999 * peaks.peak_bytes  # the floor set every task's peak (to rounding)
+    worst = "heaviest" if measured else max(shapes, key=shapes.get)
     limit = shape.largest_memory_limit_bytes
     files = "1 file" if smallest.files_per_task == 1 else f"{smallest.files_per_task} files"
     why = (f"measured at {format_bytes(pricing.floor_bytes)} when it killed a worker"
-           if pricing.floor_bytes >= peaks.peak_bytes else "the bare model's estimate")
+           if measured else "the bare model's estimate")
     raise DoesNotFit(
         f"group {group}: the smallest {pricing.strategy} plan ({files} per leaf) has a {worst} task "
         f"of about {format_bytes(peaks.peak_bytes)} ({why}), but the largest worker allows "

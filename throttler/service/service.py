@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 #: how often a group planned while the cluster has no worker tries again (no attempt used)
 NO_WORKERS_RETRY_SECONDS = 1.0
 
+#: tasks estimated below this share of a worker's solo budget teach the estimator nothing
+LEARN_MIN_SHARE_OF_SOLO = 0.25
+
 #: how often "cannot read the scheduler" is logged while it stays away
 UNREACHABLE_WARNING_SECONDS = 10.0
 
@@ -361,11 +364,15 @@ class Service:
         """What the group's heaviest task held, learned only where it ran alone on its worker.
 
         The worker's peak RSS less what an idle worker holds is what kills workers;
-        a task that shared its worker would be blamed for its neighbours' memory.
+        a task that shared its worker would be blamed for its neighbours' memory,
+        and a small task's RSS is mostly the worker's own growth (imports,
+        allocator pages), which says nothing of the per-row model.
         """
         rss = summary.get("worker_peak_rss_bytes") or 0
-        alone = plan.run_alone or max(self.status.shape().nthreads, default=1) == 1
-        return max(0, rss - WORKER_BASELINE_BYTES) if rss and alone else 0
+        shape = self.status.shape()
+        alone = plan.run_alone or max(shape.nthreads, default=1) == 1
+        informative = plan.task_peak_bytes >= LEARN_MIN_SHARE_OF_SOLO * shape.solo_task_budget_bytes()
+        return max(0, rss - WORKER_BASELINE_BYTES) if rss and alone and informative else 0
 
     def _memory_kill_kind(self, job: Job, exc: BaseException) -> str:
         """MEMORY only if a worker died of memory while running this group's task, else TRANSIENT.
