@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-STRATEGIES = ("aligned", "sum", "groupby")
+STRATEGIES = ("aligned", "sum", "groupby", "dense")
 STRATEGY_CHOICES = ("auto",) + STRATEGIES
 
 
