@@ -43,6 +43,7 @@ from typing import Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from throttler import pages
 from throttler.errors import DataError
 from throttler.plan import STRATEGIES, FileInfo
 
@@ -117,6 +118,15 @@ GROUPBY_COMBINE_BASE_BYTES_PER_ROW = 56
 #: Groupby combine, per input concatenated and regrouped.
 GROUPBY_PARTIAL_BYTES_PER_ROW = 80
 
+#: Dense leaf, per grid cell: float64 sums and int32 stamps. A dense partial:
+#: float64 sums and a bool presence mask.
+DENSE_LEAF_BYTES_PER_CELL = 12
+DENSE_PARTIAL_BYTES_PER_CELL = 9
+
+#: Dense final, beyond its inputs: one output row group being prepared and one
+#: being encoded (2**20 rows x (path + Date + value + index) x 2, rounded up).
+DENSE_OUTPUT_BLOCK_BYTES = 80 * MIB
+
 #: Bounds of the learned correction factor (multiplies every task estimate).
 #: The floor is 1: the model above is measured, while the peaks the kernels
 #: report are array arithmetic that leaves out allocator and mapped pages
@@ -148,7 +158,23 @@ def file_info(path: str) -> FileInfo:
     except (pa.ArrowInvalid, OSError) as exc:
         raise DataError(f"{path}: cannot read the Parquet footer ({exc})") from None
     decoded = sum(md.row_group(i).total_byte_size for i in range(md.num_row_groups))
-    return FileInfo(path=path, size_bytes=size_bytes, rows=md.num_rows, decoded_bytes=decoded)
+    return FileInfo(path=path, size_bytes=size_bytes, rows=md.num_rows, decoded_bytes=decoded,
+                    **key_domain_info(path, md))
+
+
+def key_domain_info(path: str, md: pq.FileMetaData) -> dict:
+    """``path_min``/``path_max`` from the footer's statistics (None unless every row group has
+    them) and ``date_count`` from the first row group's Date dictionary page header (0 if none)."""
+    names = [md.schema.column(i).path for i in range(md.num_columns)]
+    if "path" not in names or "Date" not in names or md.num_row_groups == 0:
+        return {}
+    stats = [md.row_group(i).column(names.index("path")).statistics for i in range(md.num_row_groups)]
+    out = {}
+    if all(s is not None and s.has_min_max for s in stats):
+        out = {"path_min": min(int(s.min) for s in stats), "path_max": max(int(s.max) for s in stats)}
+    with contextlib.suppress(OSError, pa.ArrowException), pa.memory_map(path, "r") as source:
+        out["date_count"] = pages.dictionary_size(md.row_group(0).column(names.index("Date")), source)
+    return out
 
 
 def expansion(files: Iterable[FileInfo]) -> float:
@@ -204,9 +230,22 @@ class TaskPeaks:
 def largest_file(files: Iterable[FileInfo]) -> FileInfo:
     """A file as large as the group's largest in every respect (a safe stand-in)."""
     files = list(files)
+    known = all(f.path_min is not None and f.path_max is not None for f in files)
     return FileInfo(path="(largest)", size_bytes=max(f.size_bytes for f in files),
                     rows=max(rows_of(f) for f in files),
-                    decoded_bytes=max(decoded_bytes_of(f) for f in files))
+                    decoded_bytes=max(decoded_bytes_of(f) for f in files),
+                    path_min=min(f.path_min for f in files) if known else None,
+                    path_max=max(f.path_max for f in files) if known else None,
+                    date_count=max(f.date_count for f in files))
+
+
+def grid_cells(largest: FileInfo) -> int:
+    """The dense strategy's grid, estimated from a :func:`largest_file` stand-in: its path range x
+    the most distinct dates a file's first row group has (exact when files share their dates, as
+    simulation files do); without footer statistics, the largest file's rows."""
+    if largest.path_min is None or largest.path_max is None or largest.date_count <= 0:
+        return rows_of(largest)
+    return (largest.path_max - largest.path_min + 1) * largest.date_count
 
 
 def raw_task_peaks(strategy: str, largest: FileInfo, files_per_task: int,
@@ -225,6 +264,8 @@ def raw_task_peaks(strategy: str, largest: FileInfo, files_per_task: int,
         peaks = _sum_peaks(largest.rows, combine_inputs, final_inputs)
     elif strategy == "groupby":
         peaks = _groupby_peaks(largest.rows, files_per_task, combine_inputs, final_inputs)
+    elif strategy == "dense":
+        peaks = _dense_peaks(largest, combine_inputs, final_inputs)
     else:
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
     return peaks
@@ -241,6 +282,21 @@ def _aligned_peaks(largest: FileInfo, combine_inputs: int, final_inputs: int) ->
         combine_bytes=_task_bytes(rows, (combine_inputs + 1) * acc) if combine_inputs else 0,
         final_bytes=_task_bytes(rows, (final_inputs + 1) * acc + ALIGNED_FINAL_EXTRA_BYTES_PER_ROW),
         result_bytes=rows * acc,
+    )
+
+
+def _dense_peaks(largest: FileInfo, combine_inputs: int, final_inputs: int) -> TaskPeaks:
+    """Dense: leaves hold the grid's sums and stamps, the reference-rows sums and, like an
+    aligned leaf, the file mapped plus its decoded bytes (a bound on one row group); files
+    are streamed, so files per leaf cost no memory. Merges hold k + 1 grids of partials."""
+    cells, rows = grid_cells(largest), largest.rows
+    cell = DENSE_PARTIAL_BYTES_PER_CELL
+    return TaskPeaks(
+        leaf_bytes=(cells * DENSE_LEAF_BYTES_PER_CELL + rows * ACCUMULATOR_BYTES_PER_ROW + largest.size_bytes
+                    + largest.decoded_bytes + TASK_OVERHEAD_BYTES),
+        combine_bytes=cells * cell * (combine_inputs + 1) + TASK_OVERHEAD_BYTES if combine_inputs else 0,
+        final_bytes=cells * cell * (final_inputs + 1) + DENSE_OUTPUT_BLOCK_BYTES + TASK_OVERHEAD_BYTES,
+        result_bytes=cells * cell,
     )
 
 
