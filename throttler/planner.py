@@ -27,7 +27,9 @@ from dataclasses import dataclass, replace
 
 from throttler.cluster import WORKER_BASELINE_BYTES, ClusterShape
 from throttler.errors import CatalogError, DoesNotFit, NoWorkers, RequestError
-from throttler.estimator import Estimator, TaskPeaks, expansion, group_peak_parts, largest_file, raw_task_peaks
+from throttler.dense import MAX_GRID_CELLS
+from throttler.estimator import (Estimator, TaskPeaks, expansion, grid_cells, group_peak_parts, largest_file,
+                                 raw_task_peaks)
 from throttler.plan import STRATEGY_CHOICES, FileInfo, Plan
 
 #: Estimates are multiplied by this once per attempt after the first.
@@ -43,7 +45,22 @@ DEFAULT_MEMORY_FRACTION = 0.6
 #: (aligned about 0.09 s a file, sum about 0.25-0.45 s) dwarfs the scheduler's
 #: cost per task (1-2.5 ms) even for an estate of many small groups: at the
 #: seed's scale one leaf per file would make the scheduler the bottleneck.
-MIN_FILES_PER_LEAF = {"aligned": 8, "sum": 2, "groupby": 1}
+MIN_FILES_PER_LEAF = {"aligned": 8, "sum": 2, "groupby": 1, "dense": 8}
+
+#: Sparse keys: ``auto`` takes the hash-based ``sum`` instead of ``dense`` when the
+#: estimated grid (path range x distinct dates, from the footers) has more than this
+#: many cells per input row of the group (the group's rows bound its distinct keys),
+#: or more than :data:`throttler.dense.MAX_GRID_CELLS` cells at all (1.5 GiB of leaf
+#: accumulator). Dense costs per cell a few passes of plain arithmetic (zeroing, the
+#: stamps, the merges, the output scan: about 2-5 ns) against about 20 ns per row of
+#: its own and about 200 ns per row for ``sum``, so it stays faster well past one cell
+#: per row; 8 keeps its memory (12 B/cell) near ``sum``'s (136 B/row per leaf).
+#: benchmarks/sparse.py measures both sides.
+SPARSE_CELLS_PER_ROW = 8
+
+#: ``auto`` on a group whose footers all report the same row count: True keeps
+#: ``aligned`` (falling back to ``dense`` on MisalignedKeys), False takes ``dense``.
+AUTO_PREFERS_ALIGNED = True
 
 
 @dataclass(frozen=True)
@@ -128,15 +145,36 @@ def resolve_strategy(strategy: str, files: list[FileInfo]) -> tuple[str, list[st
     """Turn ``auto`` into a concrete strategy; returns it with a note saying why.
 
     ``auto`` picks ``aligned`` when every footer reports the same row count
-    (the runtime still checks the keys and falls back to ``sum`` on
-    MisalignedKeys), else ``sum``.
+    (with :data:`AUTO_PREFERS_ALIGNED`; the runtime still checks the keys and
+    falls back on MisalignedKeys, see :func:`fallback_strategy`), else
+    ``dense`` when the footers show a dense enough key grid, else ``sum``.
     """
     if strategy != "auto":
         return strategy, []
     rows = {f.rows for f in files}
-    if len(rows) == 1 and 0 not in rows:
+    if AUTO_PREFERS_ALIGNED and len(rows) == 1 and 0 not in rows:
         return "aligned", ["auto -> aligned: every footer reports the same row count"]
-    return "sum", ["auto -> sum: row counts differ or are unknown"]
+    suits, why = dense_suits(files)
+    return ("dense", [f"auto -> dense: {why}"]) if suits else ("sum", [f"auto -> sum: {why}"])
+
+
+def dense_suits(files: list[FileInfo]) -> tuple[bool, str]:
+    """Whether the footers show a key grid dense enough for ``dense`` (pure; with the reason)."""
+    if any(f.path_min is None or f.path_max is None or f.date_count <= 0 or f.rows <= 0 for f in files):
+        return False, "footers without path statistics, Date dictionary or row count"
+    cells = grid_cells(largest_file(files))
+    rows = sum(f.rows for f in files)
+    if cells > MAX_GRID_CELLS:
+        return False, f"sparse keys: a grid of {cells:,} cells exceeds {MAX_GRID_CELLS:,}"
+    if cells > SPARSE_CELLS_PER_ROW * rows:
+        return False, f"sparse keys: {cells:,} grid cells for {rows:,} rows (> {SPARSE_CELLS_PER_ROW} per row)"
+    return True, f"{cells:,} grid cells for {rows:,} rows"
+
+
+def fallback_strategy(failed: str, files: list[FileInfo]) -> str:
+    """What ``auto`` runs after ``failed`` found keys it cannot handle (MisalignedKeys):
+    ``aligned`` falls back to ``dense`` when the grid suits, anything else to ``sum``."""
+    return "dense" if failed == "aligned" and dense_suits(files)[0] else "sum"
 
 
 def _validate(group: str, files: list[FileInfo], strategy: str, shape: ClusterShape, attempt: int) -> None:

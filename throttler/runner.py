@@ -3,7 +3,8 @@
 Groups run one after another, each planned for the cluster it runs on and
 submitted with per-task MEMORY restrictions when the workers declare them, so a
 group larger than the cluster runs in chunks that each fit a worker. ``auto``
-falls back from ``aligned`` to ``sum`` when a group's keys are not aligned.
+falls back from ``aligned`` to ``dense`` (or ``sum`` for sparse keys) when a
+group's keys are not aligned.
 """
 
 from __future__ import annotations
@@ -61,14 +62,17 @@ def _run(client, catalog, group, output_root, strategy, estimator, memory_fracti
     snapshot = read_snapshot(client)
     plan = planner.make_plan(group, files, strategy, snapshot.shape(), estimator,
                              memory_fraction=memory_fraction, fan_in=fan_in)
-    try:
-        return _compute(client, plan, output_root, snapshot, progress), plan.strategy
-    except MisalignedKeys:
-        if strategy != "auto":
-            raise
-    plan = planner.make_plan(group, files, "sum", snapshot.shape(), estimator,
-                             memory_fraction=memory_fraction, fan_in=fan_in)
-    return _compute(client, plan, output_root, snapshot, progress), "sum (keys not aligned)"
+    label = plan.strategy
+    while True:  # auto: aligned -> dense -> sum as keys turn out not aligned, or too sparse
+        try:
+            return _compute(client, plan, output_root, snapshot, progress), label
+        except MisalignedKeys:
+            if strategy != "auto" or plan.strategy == "sum":
+                raise
+        fallback = planner.fallback_strategy(plan.strategy, files)
+        plan = planner.make_plan(group, files, fallback, snapshot.shape(), estimator,
+                                 memory_fraction=memory_fraction, fan_in=fan_in)
+        label = f"{fallback} (keys not aligned)"
 
 
 def _compute(client, plan, output_root, snapshot, progress) -> dict:

@@ -393,9 +393,10 @@ class Service:
         kind = retries.classify(exc)
         reason = retries.describe(exc)
         job.history.append(f"attempt {job.attempt} ({job.strategy}): {reason}")
-        if kind == retries.MISALIGNED and job.requested_strategy == "auto" and not job.strategy_override:
-            log.info("%s: keys not aligned, falling back to the sum strategy", job.group)
-            job.strategy_override = "sum"
+        if kind == retries.MISALIGNED and job.requested_strategy == "auto" and job.strategy_override != "sum":
+            failed = job.plan.strategy if job.plan else job.strategy
+            job.strategy_override = planner.fallback_strategy(failed, list(job.plan.files) if job.plan else [])
+            log.info("%s: keys not aligned for %s, falling back to %s", job.group, failed, job.strategy_override)
             return self._rebuild(job, delay_seconds=0.0)
         limit = self.config.max_transient_attempts if kind == retries.TRANSIENT else self.config.max_attempts
         if kind == retries.MEMORY:
