@@ -38,7 +38,7 @@ Duplicates: each file stamps the cells it writes with its own number; a file
 whose rows stamp fewer cells than it has rows holds a duplicated key, a
 DataError naming the file and the key.
 
-Memory per task: the grid's accumulator (8 B/cell) and stamps (4 B/cell), the
+Memory per task: the grid's accumulator (8 B/cell) and stamps (1 B/cell), the
 reference-rows accumulator when some file matches the reference (8 B/row), and
 one row group, whatever the number of files.
 """
@@ -57,16 +57,12 @@ from dask.sizeof import sizeof
 
 from throttler import contract, kernels, pages, prefetch
 from throttler.errors import DataError, MisalignedKeys
+from throttler.estimator import DENSE_LEAF_BYTES_PER_CELL, DENSE_PARTIAL_BYTES_PER_CELL
 from throttler.kernels import Partial
 from throttler.output import output_schema, output_table, write_tables
 
-#: Bytes a task holds per grid cell: accumulator float64 + stamp int32 (leaf) or
-#: accumulator + presence bool (partials).
-LEAF_BYTES_PER_CELL = 12
-PARTIAL_BYTES_PER_CELL = 9
-
 #: The most cells a grid may have, whatever the planner estimated: 2**27 cells is
-#: 1.5 GiB of leaf accumulator and stamps. A bigger grid is refused at run time
+#: 1.1 GiB of leaf accumulator and stamps. A bigger grid is refused at run time
 #: with GridTooLarge (a MisalignedKeys, so ``auto`` falls back to ``sum``).
 MAX_GRID_CELLS = 1 << 27
 
@@ -76,7 +72,10 @@ MAX_DATE_TABLE_ENTRIES = 1 << 22
 #: Grid cells one output row group covers (so it has at most that many rows).
 OUTPUT_BLOCK_CELLS = kernels.OUTPUT_ROW_GROUP_ROWS
 
-REFERENCE_STAMP = 1  #: the stamp of the reference's keys; other files count up from 2
+#: Stamps (uint8, 1 B/cell: cheaper random writes than wider ones): 0 for a cell no file
+#: had, SEEN_STAMP for one an earlier file had, the reference's keys REFERENCE_STAMP,
+#: other files count up from FIRST_STAMP and start again after LAST_STAMP.
+SEEN_STAMP, FIRST_STAMP, LAST_STAMP, REFERENCE_STAMP = 1, 2, 254, 255
 
 
 class GridTooLarge(MisalignedKeys):
@@ -202,48 +201,72 @@ def _read_row_group(pf, rg: int, columns: list[str], path: str) -> pa.Table:
 
 
 class _DateCoder:
-    """Maps one Date representation's stored integers to the grid's date codes."""
+    """Maps one Date representation's stored integers to their part of a grid cell.
+
+    The part is ``date code - path_min x n_dates``, so a row's cell is
+    ``path x n_dates + part``: two passes over the row group's paths, one gather.
+    The table is indexed by the stored value itself when dates are small
+    non-negative integers (date32 days), else by ``(value - lo) / step``.
+    """
+
+    #: The table's entry for a value that is not one of the grid's dates.
+    ABSENT = np.iinfo(np.int64).min
 
     def __init__(self, grid: Grid, date_type: pa.DataType, path: str):
         self.path = path
         native = contract.ns_to_date_type(grid.dates_ns, date_type) if grid.n_dates else pa.array([], date_type)
         back = contract.date_to_ns(pa.chunked_array([native]), path).to_numpy().view(np.int64)
         exact = back == grid.dates_ns  # a date the type cannot represent cannot occur in this file
-        self.values = contract.date_order_view(native).astype(np.int64)
-        self.codes = np.flatnonzero(exact).astype(np.int32)
-        self.values = self.values[exact]
-        self.lo = int(self.values[0]) if len(self.values) else 0
+        self.values = contract.date_order_view(native).astype(np.int64)[exact]
+        parts = np.flatnonzero(exact).astype(np.int64) - grid.path_min * grid.n_dates
+        self.parts, self.min_part = parts, -grid.path_min * grid.n_dates
+        direct = len(self.values) and self.values[0] >= 0 and self.values[-1] < MAX_DATE_TABLE_ENTRIES
+        self.lo = 0 if direct or not len(self.values) else int(self.values[0])
         gaps = np.diff(self.values)
-        self.step = int(np.gcd.reduce(gaps)) if len(gaps) else 1
+        self.step = 1 if direct or not len(gaps) else int(np.gcd.reduce(gaps))
         span = (int(self.values[-1]) - self.lo) // self.step + 1 if len(self.values) else 0
         self.table = None
         if span <= MAX_DATE_TABLE_ENTRIES:
-            self.table = np.zeros(max(span, 1), np.int32)
-            self.table[(self.values - self.lo) // self.step] = np.arange(len(self.values), dtype=np.int32)
+            self.table = np.full(max(span, 1), self.ABSENT, np.int64)
+            self.table[(self.values - self.lo) // self.step] = parts
 
     def __call__(self, dates: pa.ChunkedArray) -> np.ndarray:
-        """The grid's date codes of ``dates``; a date outside the grid is a DataError."""
+        """Each row's date part of its cell; a date outside the grid is a DataError."""
         stored = np.concatenate([contract.date_order_view(c) for c in dates.chunks]) if dates.num_chunks != 1 \
             else contract.date_order_view(dates.chunk(0))
-        if self.table is not None:
-            offsets = stored - self.lo
-            if self.step != 1:
-                offsets //= self.step
-            index = np.take(self.table, offsets, mode="clip")
-        else:
-            index = np.minimum(np.searchsorted(self.values, stored), max(len(self.values) - 1, 0))
-        if len(stored) and not np.array_equal(self.values[index], stored):
-            raise DataError(f"{self.path}: a Date outside the group's key domain (its dictionary page"
-                            " does not list every date its pages hold)")
-        return self.codes[index]
+        if not len(stored):
+            return np.empty(0, np.int64)
+        if self.table is None:
+            index = np.minimum(np.searchsorted(self.values, stored), len(self.values) - 1)
+            if not np.array_equal(self.values[index], stored):
+                raise self._outside()
+            return self.parts[index]
+        offsets = stored if self.lo == 0 and self.step == 1 else stored - self.lo
+        if self.step != 1:
+            if np.any(offsets % self.step):
+                raise self._outside()
+            offsets //= self.step
+        if offsets.min() < 0 or offsets.max() >= len(self.table):
+            raise self._outside()
+        parts = self.table[offsets]
+        if parts.min() < self.min_part:  # an ABSENT entry
+            raise self._outside()
+        return parts
+
+    def _outside(self) -> DataError:
+        return DataError(f"{self.path}: a Date outside the group's key domain (its dictionary page"
+                         " does not list every date its pages hold, or the file changed)")
 
 
-def _cells(paths: pa.ChunkedArray, codes: np.ndarray, grid: Grid) -> np.ndarray:
-    """Grid cells of one row group's keys: (path - path_min) x n_dates + date code."""
+def _cells(paths: pa.ChunkedArray, parts: np.ndarray, grid: Grid, path: str) -> np.ndarray:
+    """Grid cells of one row group's keys: path x n_dates + the date's part; checked in range."""
     p = paths.to_numpy() if paths.num_chunks == 1 else np.concatenate([c.to_numpy() for c in paths.chunks])
-    cells = p.astype(np.int64) - grid.path_min
+    cells = p.astype(np.int64)
     cells *= grid.n_dates
-    cells += codes
+    cells += parts
+    if len(cells) and (cells.min() < 0 or cells.max() >= grid.cells):
+        raise DataError(f"{path}: a path outside the group's key domain (footer statistics wrong, or the"
+                        " file changed)")
     return cells
 
 
@@ -258,7 +281,7 @@ class _Coders:
         coder = self._by_type.get(dates.type)
         if coder is None:
             coder = self._by_type[dates.type] = _DateCoder(self.grid, dates.type, path)
-        return _cells(paths, coder(dates), self.grid)
+        return _cells(paths, coder(dates), self.grid, path)
 
 
 def _values(column: pa.ChunkedArray, part: Partial) -> np.ndarray:
@@ -278,11 +301,11 @@ class _Accumulator:
     def __init__(self, grid: Grid, reference_path: str):
         self.grid = grid
         self.values = np.zeros(grid.cells, np.float64)
-        self.stamps = np.zeros(grid.cells, np.int32)
+        self.stamps = np.zeros(grid.cells, np.uint8)
         self.reference = kernels._Reference(reference_path)
         self.reference_sums: np.ndarray | None = None  #: allocated when a file matches the reference
         self.coders = _Coders(grid)
-        self.next_stamp = REFERENCE_STAMP + 1
+        self.next_stamp = FIRST_STAMP
         self.largest_chunk_bytes = 0
 
     def add_file(self, path: str, part: Partial) -> None:
@@ -307,6 +330,9 @@ class _Accumulator:
             self.largest_chunk_bytes = max(self.largest_chunk_bytes, values.nbytes)
 
     def _add_scattered(self, pf, path: str, part: Partial) -> None:
+        if self.next_stamp > LAST_STAMP:  # every stamp used: older files' cells become "seen"
+            self.stamps[(self.stamps >= FIRST_STAMP) & (self.stamps <= LAST_STAMP)] = SEEN_STAMP
+            self.next_stamp = FIRST_STAMP
         stamp, self.next_stamp = self.next_stamp, self.next_stamp + 1
         for rg in range(pf.metadata.num_row_groups):
             table = _read_row_group(pf, rg, list(contract.REQUIRED_COLUMNS), path)
@@ -349,7 +375,7 @@ def dense_leaf(paths: list[str], reference_path: str, grid: Grid) -> Partial:
             acc.add_file(path, part)
         aligned_bytes = 0 if acc.reference_sums is None else acc.reference_sums.nbytes
         part.data = acc.finish()
-    part.peak_bytes = grid.cells * LEAF_BYTES_PER_CELL + aligned_bytes + acc.largest_chunk_bytes
+    part.peak_bytes = grid.cells * DENSE_LEAF_BYTES_PER_CELL + aligned_bytes + acc.largest_chunk_bytes
     part.task_seconds = time.perf_counter() - started
     return part
 
@@ -367,7 +393,7 @@ def dense_combine(partials: list[Partial]) -> Partial:
     out = Partial(Cells(values, present))
     for p in partials:
         out.absorb_stats(p)
-    out.peak_bytes = max(out.peak_bytes, (len(partials) + 1) * len(values) * PARTIAL_BYTES_PER_CELL)
+    out.peak_bytes = max(out.peak_bytes, (len(partials) + 1) * len(values) * DENSE_PARTIAL_BYTES_PER_CELL)
     out.task_seconds += time.perf_counter() - started
     return out
 
@@ -386,7 +412,7 @@ def dense_final(partials: list[Partial], reference_path: str, grid: Grid, output
     rows = int(np.count_nonzero(total.data.present))
     with contextlib.closing(prefetch.ahead(_output_blocks(total.data, grid, dates))) as tables:
         written = write_tables(output_path, schema, tables)
-    peak = max(total.peak_bytes, grid.cells * PARTIAL_BYTES_PER_CELL + min(OUTPUT_BLOCK_CELLS, grid.cells) * 3 * 24)
+    peak = max(total.peak_bytes, grid.cells * DENSE_PARTIAL_BYTES_PER_CELL + min(OUTPUT_BLOCK_CELLS, grid.cells) * 3 * 24)
     return kernels._summary(total, written, rows, peak, started, output_path, "dense")
 
 

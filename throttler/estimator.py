@@ -118,9 +118,9 @@ GROUPBY_COMBINE_BASE_BYTES_PER_ROW = 56
 #: Groupby combine, per input concatenated and regrouped.
 GROUPBY_PARTIAL_BYTES_PER_ROW = 80
 
-#: Dense leaf, per grid cell: float64 sums and int32 stamps. A dense partial:
+#: Dense leaf, per grid cell: float64 sums and uint8 stamps. A dense partial:
 #: float64 sums and a bool presence mask.
-DENSE_LEAF_BYTES_PER_CELL = 12
+DENSE_LEAF_BYTES_PER_CELL = 9
 DENSE_PARTIAL_BYTES_PER_CELL = 9
 
 #: Dense final, beyond its inputs: one output row group being prepared and one

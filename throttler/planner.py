@@ -50,11 +50,11 @@ MIN_FILES_PER_LEAF = {"aligned": 8, "sum": 2, "groupby": 1, "dense": 8}
 #: Sparse keys: ``auto`` takes the hash-based ``sum`` instead of ``dense`` when the
 #: estimated grid (path range x distinct dates, from the footers) has more than this
 #: many cells per input row of the group (the group's rows bound its distinct keys),
-#: or more than :data:`throttler.dense.MAX_GRID_CELLS` cells at all (1.5 GiB of leaf
+#: or more than :data:`throttler.dense.MAX_GRID_CELLS` cells at all (1.1 GiB of leaf
 #: accumulator). Dense costs per cell a few passes of plain arithmetic (zeroing, the
 #: stamps, the merges, the output scan: about 2-5 ns) against about 20 ns per row of
 #: its own and about 200 ns per row for ``sum``, so it stays faster well past one cell
-#: per row; 8 keeps its memory (12 B/cell) near ``sum``'s (136 B/row per leaf).
+#: per row; 8 keeps its memory (9 B/cell) near ``sum``'s (136 B/row per leaf).
 #: benchmarks/sparse.py measures both sides.
 SPARSE_CELLS_PER_ROW = 8
 
