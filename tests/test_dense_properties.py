@@ -94,6 +94,6 @@ def test_dense_on_a_real_cluster_with_several_leaves_and_combines(tmp_path_facto
     out = root / "out.parquet"
     graph = graphs.build(plan_for("g", paths, "dense", files_per_task=1, fan_in=2), str(out))
     summary = client.compute(graph.final).result()
-    assert graph.n_tasks == len(paths) + merge_task_count(len(paths), 2) + 1  # leaves, merges, the domain
+    assert graph.n_tasks == len(paths) + merge_task_count(len(paths), 2)  # leaves, combines, the final
     assert summary["files"] == len(paths) and summary["worker_peak_rss_bytes"] is not None
     check_against_duckdb(out, paths)

@@ -5,8 +5,8 @@ Three strategies share one tree shape (see :mod:`throttler.kernels`):
 * ``aligned`` streams ``value`` columns into float64 accumulators (the fast path);
 * ``sum`` folds (path, Date)-indexed pandas Series: index-aligned summation;
 * ``groupby`` concatenates a chunk of files and groups it, the seed's first way;
-* ``dense`` scatter-adds into a (path x Date) grid found by one ``domain`` task
-  (see :mod:`throttler.dense`): keys in any order at about the aligned speed.
+* ``dense`` scatter-adds into a (path x Date) grid of the keys' domain
+  (see :mod:`throttler.dense`): keys in any order, no sort, no hash table.
 
 A group that fits one leaf runs as one task (leaf and final in turn), so the
 common small group costs one scheduled task and moves no partial result
@@ -48,12 +48,11 @@ def build(plan: Plan, output_path: str, token: str | None = None) -> GroupGraph:
     token = token or new_token()
     prefix = f"throttler-{plan.strategy}-{token}"
     files = [f.path for f in plan.files]
-    leaf_fn, combine_fn, final_fn, extra = _functions(plan.strategy, files, prefix)
-    setup_tasks = 1 if plan.strategy == "dense" else 0  #: dense: the domain task every leaf depends on
+    leaf_fn, combine_fn, final_fn, extra = _functions(plan.strategy, files)
     chunks = [files[i:i + plan.files_per_task] for i in range(0, len(files), plan.files_per_task)]
     if len(chunks) == 1:  # one task reads and writes: no partial result to hold, move or schedule
         final = _task(kernels.single_task, f"{prefix}-final", leaf_fn, final_fn, files, extra, output_path)
-        return GroupGraph(final, token, 1 + setup_tasks, prefix)
+        return GroupGraph(final, token, 1, prefix)
     level = [_task(leaf_fn, f"{prefix}-leaf-{i}", chunk, *extra) for i, chunk in enumerate(chunks)]
     n_tasks = len(level)
     depth = 0
@@ -64,12 +63,12 @@ def build(plan: Plan, output_path: str, token: str | None = None) -> GroupGraph:
                  for i, j in enumerate(range(0, len(level), fan_in))]
         n_tasks += len(level)
     final = _task(final_fn, f"{prefix}-final", level, *extra, output_path)
-    return GroupGraph(final, token, n_tasks + 1 + setup_tasks, prefix)
+    return GroupGraph(final, token, n_tasks + 1, prefix)
 
 
-def _functions(strategy: str, files: list[str], prefix: str):
+def _functions(strategy: str, files: list[str]):
     if strategy == "dense":
-        return dense.dense_functions(files, prefix)
+        return dense.dense_leaf, dense.dense_combine, dense.dense_final, (files[0],)
     if strategy == "aligned":
         return kernels.aligned_leaf, kernels.aligned_combine, kernels.aligned_final, (files[0],)
     if strategy == "sum":
