@@ -98,8 +98,8 @@ def info(path_min, path_max, dates=120, rows=6_000_000) -> FileInfo:
 
 def test_planner_picks_sum_for_sparse_keys_and_dense_for_dense_ones():
     shuffled = [info(0, 49_999, rows=5_700_000), info(0, 52_499, rows=6_300_000)]
-    assert resolve_strategy("auto", shuffled) == ("dense", ["auto -> dense: 6,300,000 grid cells for "
-                                                            "12,000,000 rows"])
+    note = "auto -> dense: 6,300,000 grid cells for 12,000,000 rows"
+    assert resolve_strategy("auto", shuffled) == ("dense", [note])
     eight_per_row = 8 * 12_000_000 // 120
     assert dense_suits([info(0, eight_per_row - 1, rows=6_000_000)] * 2)[0] is True
     assert dense_suits([info(0, eight_per_row, rows=6_000_000)] * 2)[0] is False

@@ -49,7 +49,6 @@ one row group, whatever the number of files.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import time
 from dataclasses import dataclass
