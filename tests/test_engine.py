@@ -11,7 +11,7 @@ from throttler import graphs
 from throttler.errors import DataError, MisalignedKeys
 from tests.datafiles import assert_matches_reference, plan_for, write_sim
 
-STRATEGIES = ["aligned", "sum", "groupby"]
+STRATEGIES = ["aligned", "sum", "groupby", "dense"]
 
 
 def run_in_process(plan, out):

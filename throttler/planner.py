@@ -67,6 +67,9 @@ SPARSE_CELLS_PER_ROW = 8
 
 #: ``auto`` on a group whose footers all report the same row count: True keeps
 #: ``aligned`` (falling back to ``dense`` on MisalignedKeys), False takes ``dense``.
+#: On 10 aligned 6M-row files through a LocalCluster, output written, ``dense`` took
+#: 0.65 s against ``aligned``'s 0.40 s (medians of 5, benchmarks/aggregate.py): not
+#: within a few percent, so aligned groups keep ``aligned``.
 AUTO_PREFERS_ALIGNED = True
 
 
