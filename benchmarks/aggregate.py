@@ -3,6 +3,14 @@
     python benchmarks/aggregate.py                                    # 10 files x 6M rows, 3 runs
     python benchmarks/aggregate.py --paths 2000 --dates 12 --runs 1   # quick smoke run
     python benchmarks/aggregate.py --methods floor,aligned-kernels,duckdb --json results.json
+    python benchmarks/aggregate.py --layout shuffled --methods floor3,dense-cluster,sum,duckdb,dense-cluster@mixed,aligned-cluster@aligned
+
+``--layout`` picks the group: ``aligned`` (the generator's files, keys identical),
+``shuffled`` (the same files with rows shuffled, some paths missing, one file
+reaching past the others' path range, int32 paths in some, a little NaN) or
+``mixed`` (8 aligned files and 2 shuffled ones). A method named ``NAME@LAYOUT``
+runs on that layout's files whatever ``--layout`` says, so peers on different
+groups share one table.
 
 The parent generates the group once (``--data``, cached), reads every file once so
 the page cache is warm, then runs each method in a fresh child process
@@ -32,6 +40,7 @@ from pathlib import Path
 
 import numpy as np  # every method needs these two; others are imported by the methods using them
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute in write_not_aligned)
 import pyarrow.parquet as pq
 
 FILES_PER_TASK = 5  #: files one throttler leaf task reads
@@ -51,8 +60,58 @@ def group_dir(args) -> Path:
     return Path(args.data) / f"{args.files}x{args.paths}x{args.dates}"
 
 
-def group_files(args) -> list[str]:
-    return [str(p.resolve()) for p in sorted((group_dir(args) / "g00000").glob("sim-*.parquet"))]
+def group_files(args, layout: str = "aligned") -> list[str]:
+    directory = group_dir(args) / ("g00000" if layout == "aligned" else layout)
+    return [str(p.resolve()) for p in sorted(directory.glob("sim-*.parquet"))]
+
+
+def layout_of(method: str, args) -> str:
+    return method.split("@", 1)[1] if "@" in method else args.layout
+
+
+def ensure_layout(args, layout: str) -> list[str]:
+    """The files of ``layout``; the shuffled ones are made from the aligned ones once."""
+    aligned = ensure_data(args)
+    if layout == "aligned":
+        return aligned
+    shuffled_dir = group_dir(args) / "shuffled"
+    if len(group_files(args, "shuffled")) != len(aligned):
+        shuffled_dir.mkdir(exist_ok=True)
+        for i, path in enumerate(aligned):
+            write_not_aligned(path, shuffled_dir / Path(path).name, i, len(aligned))
+    if layout == "mixed":
+        mixed_dir = group_dir(args) / "mixed"
+        mixed_dir.mkdir(exist_ok=True)
+        sources = aligned[:-2] + group_files(args, "shuffled")[-2:]
+        for source in sources:
+            link = mixed_dir / Path(source).name
+            if not link.exists():
+                link.symlink_to(source)
+    return group_files(args, layout)
+
+
+def write_not_aligned(source: str, target: Path, i: int, n_files: int) -> None:
+    """File ``i`` of the shuffled layout: rows shuffled; every third file misses 5% of the
+    paths; the last reaches 5% past the others' path range; odd files store int32 paths;
+    every other file has a NaN in about 1 of 100,000 values."""
+    rng = np.random.default_rng(1000 + i)
+    table = pq.read_table(source)
+    paths = table.column("path").to_numpy()
+    keep = np.ones(len(paths), bool) if i % 3 else (paths % 20 != 7)
+    table = table.filter(pa.array(keep))
+    if i == n_files - 1:
+        top = int(paths.max()) + 1
+        extra = table.slice(0, max(1, table.num_rows // 20))
+        extra = extra.set_column(0, "path", pa.compute.add(extra.column("path"), top))
+        table = pa.concat_tables([table, extra])
+    table = table.take(pa.array(rng.permutation(table.num_rows)))
+    if i % 2:
+        table = table.set_column(0, "path", table.column("path").cast(pa.int32()))
+    if i % 2 == 0:
+        values = table.column("value").to_numpy().copy()
+        values[rng.random(len(values)) < 1e-5] = np.nan
+        table = table.set_column(2, "value", pa.array(values))
+    pq.write_table(table, target, write_page_checksum=True)
 
 
 def ensure_data(args) -> list[str]:
@@ -214,10 +273,22 @@ def run_throttler_cluster(files: list[str], work: str, strategy: str = "aligned"
     with local_cluster() as client:
         warm_workers(client, "throttler.worker.kernels")
         graph = graphs.build(throttler_plan(files, strategy), out)
-        timing, _ = timed_on_cluster(client, lambda: client.compute(
+        timing, summary = timed_on_cluster(client, lambda: client.compute(
             graph.final, resources={"MEMORY": TASK_MEMORY_BYTES}).result())
         workers = workers_peak_rss_bytes(client)
-    return output_result(timing, out, rss_workers_bytes=workers)
+    return output_result(timing, out, rss_workers_bytes=workers,
+                         task_worker_peak_bytes=summary.get("worker_peak_rss_bytes"),
+                         task_estimate_bytes=task_estimate_bytes(files, strategy))
+
+
+def task_estimate_bytes(files: list[str], strategy: str) -> int:
+    """The estimator's largest task of the benchmark's tree (uncorrected model)."""
+    from throttler.planning.footers import file_info
+    from throttler.planning.memory_model import largest_file, raw_task_peaks
+
+    n_leaves = -(-len(files) // FILES_PER_TASK)
+    infos = [file_info(path) for path in files]
+    return raw_task_peaks(strategy, largest_file(infos), FILES_PER_TASK, FAN_IN, n_leaves).peak_bytes
 
 
 def aligned_result_summary(partials, reference_path: str) -> dict:
@@ -413,6 +484,22 @@ def run_floor_keys(files: list[str], work: str) -> dict:
     return result_of(timing, acc, len(acc))
 
 
+def run_floor3(files: list[str], work: str) -> dict:
+    """Read the three contract columns of every file a row group at a time; the checksum only."""
+    def read():
+        total, rows = 0.0, 0
+        for path in files:
+            pf = pq.ParquetFile(pa.memory_map(path, "r"))
+            for rg in range(pf.metadata.num_row_groups):
+                table = pf.read_row_group(rg, columns=["path", "Date", "value"])
+                total += float(np.nansum(table.column(2).to_numpy()))
+                rows += table.num_rows
+        return total, rows
+
+    timing, (total, rows) = timed(read)
+    return {**timing, "rows": rows, "checksum": total, "rows_are_input_rows": True}
+
+
 METHODS = {
     "aligned-cluster": (run_throttler_cluster, "throttler aligned, LocalCluster 2x1 thread, incl. output write"),
     "aligned-cluster-compute": (run_throttler_cluster_no_write, "throttler aligned, LocalCluster 2x1 thread, no output write"),
@@ -429,6 +516,11 @@ METHODS = {
     "polars": (run_polars, "Polars scan_parquet + group_by().sum(), streaming engine"),
     "floor": (run_floor, "pyarrow reads value columns + numpy.add (no key checks)"),
     "floor-keys": (run_floor_keys, "floor + every file's keys decoded and compared"),
+    "floor3": (run_floor3, "pyarrow reads path, Date, value a row group at a time (no sum): any layout's floor"),
+    "dense-cluster": (lambda f, w: run_throttler_cluster(f, w, "dense"),
+                      "throttler dense, LocalCluster 2x1 thread, incl. output write"),
+    "sum-cluster": (lambda f, w: run_throttler_cluster(f, w, "sum"),
+                    "throttler sum, LocalCluster 2x1 thread, incl. output write"),
 }
 
 
@@ -441,11 +533,11 @@ def child_main(args) -> None:
 
     global WARM_PROCESS
     WARM_PROCESS = args.warm_process
-    files = group_files(args)  # the parent made sure they exist
+    files = group_files(args, layout_of(args.method, args))  # the parent made sure they exist
     work = str(Path(args.data) / "out")
     os.makedirs(work, exist_ok=True)
     report = {"method": args.method, "status": "ok"}
-    report.update(METHODS[args.method][0](files, work))
+    report.update(METHODS[args.method.split("@")[0]][0](files, work))
     report["rss_self_bytes"] = peak_rss_bytes()
     report["rss_children_max_bytes"] = peak_rss_bytes(resource.RUSAGE_CHILDREN)
     print(json.dumps(report), flush=True)
@@ -457,7 +549,8 @@ def child_main(args) -> None:
 def run_child(method: str, args) -> dict:
     """One run of ``method`` in a fresh interpreter; the whole-process wall time is added."""
     cmd = [sys.executable, os.path.abspath(__file__), "--method", method, "--data", args.data,
-           "--files", str(args.files), "--paths", str(args.paths), "--dates", str(args.dates)]
+           "--files", str(args.files), "--paths", str(args.paths), "--dates", str(args.dates),
+           "--layout", args.layout]
     cmd += ["--warm-process"] if args.warm_process else []
     started = time.perf_counter()
     try:
@@ -507,7 +600,11 @@ def summarise(method: str, reports: list[dict]) -> dict:
                    cpu_seconds=statistics.median(r["cpu_seconds"] for r in ok),
                    process_seconds=statistics.median(r["process_seconds"] for r in ok),
                    rss_bytes=statistics.median(total_rss_bytes(r) for r in ok),
-                   rows=ok[0]["rows"], checksum=ok[0]["checksum"])
+                   rows=ok[0]["rows"], checksum=ok[0]["checksum"],
+                   input_rows=bool(ok[0].get("rows_are_input_rows")))
+        peaks = [r["task_worker_peak_bytes"] for r in ok if r.get("task_worker_peak_bytes")]
+        if peaks:
+            row.update(task_worker_peak_bytes=max(peaks), task_estimate_bytes=ok[0]["task_estimate_bytes"])
     else:
         timed_runs = [r["seconds"] for r in reports if "seconds" in r]
         row["seconds_to_failure"] = statistics.median(timed_runs) if timed_runs else None
@@ -517,7 +614,7 @@ def summarise(method: str, reports: list[dict]) -> dict:
 def render_table(rows: list[dict]) -> str:
     done = [r for r in rows if "seconds" in r]
     fastest = min((r["seconds"] for r in done), default=math.nan)
-    reference = next((r for r in done if r["method"] == "floor"), None)
+    reference = next((r for r in done if r["method"] in ("floor", "floor3")), None)
     floor = reference["seconds"] if reference else math.nan
     lines = ["| method | compute s (median) | min-max | x fastest | x floor | CPU s | process wall s | "
              "peak RSS MiB | rows | notes |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -540,7 +637,14 @@ def failure_note(r: dict) -> str:
 
 
 def notes(r: dict, reference: dict | None) -> list[str]:
-    out = [METHODS[r["method"]][1]]
+    out = [METHODS[r["method"].split("@")[0]][1]]
+    if "@" in r["method"]:
+        out[0] += f" (on the {r['method'].split('@')[1]} layout)"
+    if r.get("task_worker_peak_bytes"):
+        out.append(f"largest task's worker peak RSS {r['task_worker_peak_bytes'] / 2**20:,.0f} MiB, "
+                   f"estimate {r['task_estimate_bytes'] / 2**20:,.0f} MiB")
+    if reference and (reference.get("input_rows") or "@" in r["method"]):
+        return out  # rows and checksums compare only like with like
     if r["failures"]:
         out.append(f"{len(r['failures'])} of {r['runs']} runs failed ({r['failures'][0]})")
     if reference and (r["rows"] != reference["rows"] or not math.isclose(
@@ -572,11 +676,13 @@ def environment(args, files: list[str], warmed_bytes: int, load: tuple[float, fl
 
 def parent_main(args) -> None:
     methods = args.methods.split(",") if args.methods else list(METHODS)
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m.split("@")[0] not in METHODS]
     if unknown:
         sys.exit(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    files = ensure_data(args)
-    warmed = warm_page_cache(files)
+    for layout in sorted({layout_of(m, args) for m in methods}):
+        files = ensure_layout(args, layout)
+        warmed = warm_page_cache(files)
+    files = group_files(args, args.layout)
     load_before = os.getloadavg()[0]
     runs = run_all(methods, args)
     load = (load_before, os.getloadavg()[0])
@@ -594,6 +700,8 @@ def parse_args(argv=None):
     parser.add_argument("--files", type=int, default=10)
     parser.add_argument("--paths", type=int, default=50_000)
     parser.add_argument("--dates", type=int, default=120)
+    parser.add_argument("--layout", choices=("aligned", "shuffled", "mixed"), default="aligned",
+                        help="which group the methods read (see the module docstring)")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per method, after one warm-up")
     parser.add_argument("--methods", help=f"comma-separated subset of: {', '.join(METHODS)}")
     parser.add_argument("--json", help="also write the summary and every run's report here")

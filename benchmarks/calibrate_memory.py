@@ -36,11 +36,15 @@ from pathlib import Path
 import dask
 from distributed import Client, LocalCluster, wait
 
-from throttler.worker import kernels
+from throttler.commands.generate import EstateSpec, write_estate
 from throttler.planning.footers import file_info
 from throttler.planning.memory_model import raw_task_peaks
-from throttler.commands.generate import EstateSpec, write_estate
-from throttler.worker.peakrss import Measured, high_water_mark_bytes, reset_high_water_mark
+from throttler.worker import kernels
+from throttler.worker.peakrss import (
+    Measured,
+    high_water_mark_bytes,
+    reset_high_water_mark,
+)
 
 STRATEGIES = ("aligned", "sum", "groupby")
 KINDS = ("leaf", "combine", "final")

@@ -28,13 +28,13 @@ from pathlib import Path
 import numpy as np
 
 from throttler.admission import policy as admission
-from throttler.worker import graphs
-from throttler.planning import planner
 from throttler.cluster.snapshot import ClusterShape, ClusterSnapshot, WorkerView
+from throttler.commands.generate import EstateSpec, write_estate
+from throttler.planning import planner
 from throttler.planning.estimator import Estimator
 from throttler.planning.footers import file_info
-from throttler.commands.generate import EstateSpec, write_estate
 from throttler.planning.plan import FileInfo
+from throttler.worker import graphs
 
 GROUP_SIZES = (2, 10, 100, 1000, 18000)
 ENTRY_COUNTS = (1, 8, 32)

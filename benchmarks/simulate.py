@@ -26,7 +26,14 @@ from throttler.simulation.bounds import lower_bounds
 from throttler.simulation.calibration import Calibration
 from throttler.simulation.engine import simulate
 from throttler.simulation.estate import case_study, seed_sizes, uniform_estate
-from throttler.simulation.model import POLICY_LABELS, ModelCluster, Scenario, Storage, parse_bytes, parse_rate
+from throttler.simulation.model import (
+    POLICY_LABELS,
+    ModelCluster,
+    Scenario,
+    Storage,
+    parse_bytes,
+    parse_rate,
+)
 from throttler.simulation.report import bounds_line, policy_table
 
 

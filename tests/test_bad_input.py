@@ -117,7 +117,7 @@ def test_every_failure_and_refusal_is_counted_by_class(corpus, catalog):
     assert {r: run.sample("throttler_requests_rejected_total", {"reason": r}) for r in REJECT_REASONS} == \
         {r: refusals[r] for r in REJECT_REASONS}
     finished_failed = sum(run.sample("throttler_groups_finished_total", {"outcome": "failed", "strategy": s})
-                          for s in ("aligned", "sum", "groupby", "other"))
+                          for s in ("aligned", "sum", "groupby", "dense", "other"))
     assert finished_failed == sum(failures.values())
 
 
@@ -201,20 +201,21 @@ def test_reasons_are_printable_single_lines(corpus):
 # --------------------------------------------------------------------------- corruption in every strategy
 
 
-@pytest.mark.parametrize("strategy", ["aligned", "sum", "groupby"])
+@pytest.mark.parametrize("strategy", ["aligned", "sum", "groupby", "dense"])
 def test_a_corrupt_file_is_bad_data_in_every_strategy(tmp_path, strategy):
     """Decoding errors are permanent DataErrors naming the file, whichever kernel meets them."""
     from tests.bad_inputs import _garble
     from tests.datafiles import write_sim
     from throttler.errors import DataError
     from throttler.service import outcome as retries
-    from throttler.worker import kernels
+    from throttler.worker import dense, kernels
 
     good, bad = (write_sim(tmp_path / f"f{i}.parquet", seed=i) for i in range(2))
     _garble(bad, "path")
     leaf = {"aligned": lambda: kernels.aligned_leaf([good, bad], good),
             "sum": lambda: kernels.sum_leaf([good, bad]),
-            "groupby": lambda: kernels.groupby_leaf([good, bad])}[strategy]
+            "groupby": lambda: kernels.groupby_leaf([good, bad]),
+            "dense": lambda: dense.dense_leaf([good, bad], good)}[strategy]
     with pytest.raises(DataError, match=f"{bad}: cannot decode") as info:
         leaf()
     assert retries.classify(info.value) == retries.PERMANENT

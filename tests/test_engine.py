@@ -11,7 +11,7 @@ from tests.datafiles import assert_matches_reference, plan_for, write_sim
 from throttler.errors import DataError, MisalignedKeys
 from throttler.worker import graphs
 
-STRATEGIES = ["aligned", "sum", "groupby"]
+STRATEGIES = ["aligned", "sum", "groupby", "dense"]
 
 
 def run_in_process(plan, out):

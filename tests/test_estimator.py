@@ -239,7 +239,7 @@ def test_accuracy_reports_every_strategy():
     e = Estimator()
     e.observe("groupby", 100, 150)
     acc = e.accuracy()
-    assert set(acc) == {"aligned", "sum", "groupby"}
+    assert set(acc) == {"aligned", "sum", "groupby", "dense"}
     assert acc["groupby"]["count"] == 1
     assert acc["groupby"]["last_ratio"] == 1.5
     assert acc["groupby"]["ewma_ratio"] == 1.5

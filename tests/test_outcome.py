@@ -7,9 +7,14 @@ import pytest
 from distributed.comm.core import CommClosedError
 from distributed.scheduler import KilledWorker
 
-from throttler.errors import CatalogError, DataError, DoesNotFit, MisalignedKeys, RequestError
+from throttler.errors import (
+    CatalogError,
+    DataError,
+    DoesNotFit,
+    MisalignedKeys,
+    RequestError,
+)
 from throttler.service import outcome
-
 
 CASES = [
     (MisalignedKeys("keys differ"), outcome.MISALIGNED, "data"),
@@ -46,14 +51,16 @@ from throttler.service.outcome import FAIL, FALL_BACK, RETRY, decide  # noqa: E4
 LIMITS = {"max_attempts": 4, "max_transient_attempts": 12}
 
 
-def _decide(kind, attempt=1, memory_failures=0, requested="auto", fell_back=False):
-    return decide(kind, requested_strategy=requested, fell_back=fell_back, attempt=attempt,
+def _decide(kind, attempt=1, memory_failures=0, requested="auto", fallback="dense"):
+    return decide(kind, requested_strategy=requested, fallback=fallback, attempt=attempt,
                   memory_failures=memory_failures, **LIMITS)
 
 
-def test_auto_falls_back_once_on_misaligned_keys_an_explicit_aligned_fails():
-    assert (_decide("misaligned").action, _decide("misaligned").strategy) == (FALL_BACK, "sum")
-    assert _decide("misaligned", fell_back=True).action == FAIL
+def test_auto_falls_back_on_misaligned_keys_while_a_fallback_remains_an_explicit_strategy_fails():
+    assert (_decide("misaligned").action, _decide("misaligned").strategy) == (FALL_BACK, "dense")
+    assert (_decide("misaligned", fallback="sum").action, _decide("misaligned", fallback="sum").strategy) == (
+        FALL_BACK, "sum")
+    assert _decide("misaligned", fallback=None).action == FAIL  # after sum: nothing left
     assert _decide("misaligned", requested="aligned").action == FAIL
 
 

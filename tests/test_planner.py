@@ -57,7 +57,7 @@ def test_plan_records_requested_and_resolved_strategy():
 # --------------------------------------------------------------------------- budgets
 
 
-@pytest.mark.parametrize("strategy", ["aligned", "sum", "groupby"])
+@pytest.mark.parametrize("strategy", ["aligned", "sum", "groupby", "dense"])
 @pytest.mark.parametrize("n", [1, 2, 10, 500])
 def test_every_task_fits_the_largest_worker(strategy, n):
     p = make_plan("g", files(n), strategy, SMALL, Estimator())

@@ -123,7 +123,7 @@ def test_bad_groups_fail_clearly_and_others_are_served(tmp_path, client):
     assert metrics.registry.get_sample_value("throttler_group_failures_total", {"reason": "catalog"}) == 1
 
 
-def test_misaligned_group_falls_back_to_sum_under_auto_and_fails_under_aligned(tmp_path, client):
+def test_misaligned_group_falls_back_to_dense_under_auto_and_fails_under_aligned(tmp_path, client):
     estate = make_estate(tmp_path / "data", {"mixed": 3})
     write_sim(tmp_path / "data" / "mixed" / "f002.parquet", seed=9, shuffle=True)
     shutil.copytree(tmp_path / "data" / "mixed", tmp_path / "data" / "strict")
@@ -132,7 +132,7 @@ def test_misaligned_group_falls_back_to_sum_under_auto_and_fails_under_aligned(t
     drop_request(spool.root, "strict.json", json.dumps({"group": "strict", "strategy": "aligned"}).encode())
     run_service_until_settled(service, spool, 2)
     (done,) = records(spool.root, "done")
-    assert done["group"] == "mixed" and done["strategy"] == "sum" and "not aligned" in done["history"][0]
+    assert done["group"] == "mixed" and done["strategy"] == "dense" and "not aligned" in done["history"][0]
     assert_matches_reference(done["output"], estate["mixed"])
     (failed,) = records(spool.root, "failed")
     assert failed["group"] == "strict" and "keys" in failed["reason"] and "f002.parquet" in failed["reason"]

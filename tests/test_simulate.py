@@ -6,7 +6,6 @@ from dataclasses import replace
 
 import pytest
 
-from throttler.worker import graphs
 from throttler.planning.estimator import Estimator
 from throttler.simulation import command
 from throttler.simulation.bounds import lower_bounds
@@ -15,9 +14,16 @@ from throttler.simulation.deadline import smallest_cluster
 from throttler.simulation.engine import Simulation, simulate
 from throttler.simulation.estate import case_study, seed_sizes, uniform_estate
 from throttler.simulation.model import (
-    POLICIES, ModelCluster, Scenario, Storage, parse_bytes, parse_duration, parse_rate,
+    POLICIES,
+    ModelCluster,
+    Scenario,
+    Storage,
+    parse_bytes,
+    parse_duration,
+    parse_rate,
 )
 from throttler.simulation.plans import PlanCache, plan_peaks, tree_shape
+from throttler.worker import graphs
 
 #: About 650 files of 140 MB in 59 groups of 2 to 150 files.
 ESTATE = uniform_estate(seed_sizes(600, seed=3, max_files=150))

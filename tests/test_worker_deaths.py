@@ -30,7 +30,6 @@ SMALL_LIMIT_BYTES = 400 * 2**20
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    from distributed import Client
 
     logs = tmp_path_factory.mktemp("deaths-cluster")
     port = free_port()

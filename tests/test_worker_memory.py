@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+
 import pytest
 
 from tests.conftest import wait_for

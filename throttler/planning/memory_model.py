@@ -72,6 +72,15 @@ GROUPBY_COMBINE_BASE_BYTES_PER_ROW = 88
 #: Groupby combine, per input concatenated and regrouped.
 GROUPBY_PARTIAL_BYTES_PER_ROW = 96
 
+#: Dense leaf, per grid cell: float64 sums and uint8 stamps. A dense partial:
+#: float64 sums and a bool presence mask.
+DENSE_LEAF_BYTES_PER_CELL = 9
+DENSE_PARTIAL_BYTES_PER_CELL = 9
+
+#: Dense final, beyond its inputs: one output row group being prepared and one
+#: being encoded (2**20 rows x (path + Date + value + index) x 2, rounded up).
+DENSE_OUTPUT_BLOCK_BYTES = 80 * MIB
+
 
 def expansion(files: Iterable[FileInfo]) -> float:
     """Decoded bytes per on-disk byte over the files whose footer is known."""
@@ -123,9 +132,22 @@ class TaskPeaks:
 def largest_file(files: Iterable[FileInfo]) -> FileInfo:
     """A file as large as the group's largest in every respect (a safe stand-in)."""
     files = list(files)
+    known = all(f.path_min is not None and f.path_max is not None for f in files)
     return FileInfo(path="(largest)", size_bytes=max(f.size_bytes for f in files),
                     rows=max(rows_of(f) for f in files),
-                    decoded_bytes=max(decoded_bytes_of(f) for f in files))
+                    decoded_bytes=max(decoded_bytes_of(f) for f in files),
+                    path_min=min(f.path_min for f in files) if known else None,
+                    path_max=max(f.path_max for f in files) if known else None,
+                    date_count=max(f.date_count for f in files))
+
+
+def grid_cells(largest: FileInfo) -> int:
+    """The dense strategy's grid, estimated from a :func:`largest_file` stand-in: its path range x
+    the most distinct dates a file's first row group has (exact when files share their dates, as
+    simulation files do); without footer statistics, the largest file's rows."""
+    if largest.path_min is None or largest.path_max is None or largest.date_count <= 0:
+        return rows_of(largest)
+    return (largest.path_max - largest.path_min + 1) * largest.date_count
 
 
 def raw_task_peaks(strategy: str, largest: FileInfo, files_per_task: int,
@@ -144,6 +166,8 @@ def raw_task_peaks(strategy: str, largest: FileInfo, files_per_task: int,
         peaks = _sum_peaks(largest.rows, combine_inputs, final_inputs)
     elif strategy == "groupby":
         peaks = _groupby_peaks(largest.rows, files_per_task, combine_inputs, final_inputs)
+    elif strategy == "dense":
+        peaks = _dense_peaks(largest, combine_inputs, final_inputs)
     else:
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
     return peaks
@@ -163,6 +187,21 @@ def _aligned_peaks(largest: FileInfo, combine_inputs: int, final_inputs: int) ->
                        if combine_inputs else 0),
         final_bytes=_task_bytes(rows, (final_inputs + 1) * acc + ALIGNED_FINAL_EXTRA_BYTES_PER_ROW),
         result_bytes=rows * acc,
+    )
+
+
+def _dense_peaks(largest: FileInfo, combine_inputs: int, final_inputs: int) -> TaskPeaks:
+    """Dense: leaves hold the grid's sums and stamps, the reference-rows sums and, like an
+    aligned leaf, the file mapped plus its decoded bytes (a bound on one row group); files
+    are streamed, so files per leaf cost no memory. Merges hold k + 1 grids of partials."""
+    cells, rows = grid_cells(largest), largest.rows
+    cell = DENSE_PARTIAL_BYTES_PER_CELL
+    return TaskPeaks(
+        leaf_bytes=(cells * DENSE_LEAF_BYTES_PER_CELL + rows * ACCUMULATOR_BYTES_PER_ROW + largest.size_bytes
+                    + largest.decoded_bytes + TASK_OVERHEAD_BYTES),
+        combine_bytes=cells * cell * (combine_inputs + 1) + TASK_OVERHEAD_BYTES if combine_inputs else 0,
+        final_bytes=cells * cell * (final_inputs + 1) + DENSE_OUTPUT_BLOCK_BYTES + TASK_OVERHEAD_BYTES,
+        result_bytes=cells * cell,
     )
 
 

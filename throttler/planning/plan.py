@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-STRATEGIES = ("aligned", "sum", "groupby")
+STRATEGIES = ("aligned", "sum", "groupby", "dense")
 STRATEGY_CHOICES = ("auto",) + STRATEGIES
 
 
@@ -21,6 +21,9 @@ class FileInfo:
     size_bytes: int  #: on-disk size
     rows: int = 0  #: rows from the Parquet footer (0 when unknown)
     decoded_bytes: int = 0  #: uncompressed size from the Parquet footer (0 when unknown)
+    path_min: int | None = None  #: smallest ``path`` from the footer's statistics (None when unknown)
+    path_max: int | None = None  #: largest ``path`` from the footer's statistics (None when unknown)
+    date_count: int = 0  #: distinct dates of the first row group (its dictionary page's size; 0 unknown)
 
 
 @dataclass(frozen=True)

@@ -98,8 +98,6 @@ def describe(exc: BaseException) -> str:
 
 FALL_BACK, RETRY, FAIL = "fall_back", "retry", "fail"
 
-#: What ``auto`` re-plans with when the ``aligned`` strategy found keys not aligned.
-MISALIGNED_FALLBACK_STRATEGY = "sum"
 
 
 @dataclass(frozen=True)
@@ -111,16 +109,17 @@ class Outcome:
     strategy: str | None = None  #: FALL_BACK: the strategy to plan with next
 
 
-def decide(kind: str, *, requested_strategy: str, fell_back: bool, attempt: int, memory_failures: int,
+def decide(kind: str, *, requested_strategy: str, fallback: str | None, attempt: int, memory_failures: int,
            max_attempts: int, max_transient_attempts: int) -> Outcome:
     """The next step after attempt ``attempt`` failed with a failure of class ``kind``.
 
+    ``fallback``: the strategy ``auto`` may turn to when keys were not what the
+    failed strategy needs (aligned -> dense -> sum; None after ``sum``).
     ``memory_failures`` counts the attempts that killed a worker, this one
-    included. Used alike by the daemon, ``throttler run`` (through the same
-    service) and the simulation.
+    included. Used alike by the daemon and ``throttler run`` (through the same service).
     """
-    if kind == MISALIGNED and requested_strategy == "auto" and not fell_back:
-        return Outcome(FALL_BACK, kind, MISALIGNED_FALLBACK_STRATEGY)
+    if kind == MISALIGNED and requested_strategy == "auto" and fallback is not None:
+        return Outcome(FALL_BACK, kind, fallback)
     if kind in (PERMANENT, MISALIGNED):
         return Outcome(FAIL, kind)
     if kind == MEMORY:

@@ -25,7 +25,7 @@ from distributed.scheduler import KilledWorker
 
 from throttler.admission import policy as admission
 from throttler.cluster import worker_deaths, worker_memory
-from throttler.cluster.scheduler import task_restriction
+from throttler.cluster.scheduler import task_restriction, wake_unrunnable
 from throttler.cluster.snapshot import WORKER_BASELINE_BYTES
 from throttler.config import Config
 from throttler.errors import NoWorkers
@@ -48,6 +48,9 @@ NO_WORKERS_RETRY_SECONDS = 1.0
 #: tasks estimated below this share of a worker's solo budget teach the estimator nothing
 LEARN_MIN_SHARE_OF_SOLO = 0.25
 
+#: how often no-worker tasks are looked at (see :func:`throttler.cluster.scheduler.wake_unrunnable`)
+WAKE_EVERY_SECONDS = 1.0
+
 #: how often "cannot read the scheduler" is logged while it stays away
 UNREACHABLE_WARNING_SECONDS = 10.0
 
@@ -61,6 +64,7 @@ class Service:
         self.client = client
         self.reconnect = reconnect  #: () -> new Client, for an external scheduler
         self._reconnect_at = 0.0
+        self._woken_at = float("-inf")
         self._unreachable_warned_at = float("-inf")
         self._reconnect_attempts = 0
         self.spool, self.catalog, self.estimator = spool, catalog, estimator
@@ -182,6 +186,21 @@ class Service:
             self._start_due()
             self.intake()
         self.status.refresh()
+        self._wake_unrunnable()
+
+    def _wake_unrunnable(self) -> None:
+        """At most once a second: tasks left in no-worker while workers restarted go to the workers now sized."""
+        now = self.clock()
+        if now - self._woken_at < WAKE_EVERY_SECONDS:
+            return
+        self._woken_at = now
+        try:
+            woken = wake_unrunnable(self.client)
+        except Exception as exc:  # noqa: BLE001 - the scheduler may be away; the next step tries again
+            log.debug("cannot wake no-worker tasks: %s", exc)
+            return
+        if woken:
+            log.info("%d task(s) waiting for a worker with the daemon's resources were scheduled", woken)
 
     def check_client(self) -> None:
         """Replace a client that gave up reconnecting (the scheduler was away too long).
@@ -412,12 +431,14 @@ class Service:
         if kind == retries.MEMORY:
             job.memory_failures += 1
         cfg = self.config
-        outcome = retries.decide(kind, requested_strategy=job.requested_strategy,
-                                 fell_back=job.strategy_override is not None, attempt=job.attempt,
+        failed = job.plan.strategy if job.plan else job.strategy
+        fallback = None if failed == "sum" else planner.fallback_strategy(failed, list(job.plan.files) if job.plan else [])
+        outcome = retries.decide(kind, requested_strategy=job.requested_strategy, fallback=fallback,
+                                 attempt=job.attempt,
                                  memory_failures=job.memory_failures, max_attempts=cfg.max_attempts,
                                  max_transient_attempts=cfg.max_transient_attempts)
         if outcome.action == retries.FALL_BACK:
-            log.info("%s: keys not aligned, falling back to the %s strategy", job.group, outcome.strategy)
+            log.info("%s: keys not aligned for %s, falling back to %s", job.group, failed, outcome.strategy)
             job.strategy_override = outcome.strategy
             return self._rebuild(job, delay_seconds=0.0)
         if outcome.action == retries.FAIL:

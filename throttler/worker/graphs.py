@@ -4,7 +4,9 @@ Three strategies share one tree shape (see :mod:`throttler.worker.kernels`):
 
 * ``aligned`` streams ``value`` columns into float64 accumulators (the fast path);
 * ``sum`` folds (path, Date)-indexed pandas Series: index-aligned summation;
-* ``groupby`` concatenates a chunk of files and groups it, the seed's first way.
+* ``groupby`` concatenates a chunk of files and groups it, the seed's first way;
+* ``dense`` scatter-adds into a (path x Date) grid of the keys' domain
+  (see :mod:`throttler.dense`): keys in any order, no sort, no hash table.
 
 A group that fits one leaf runs as one task (leaf and final in turn), so the
 common small group costs one scheduled task and moves no partial result
@@ -23,7 +25,7 @@ import dask
 from dask.delayed import Delayed
 
 from throttler.planning.plan import Plan, merge_tree
-from throttler.worker import kernels
+from throttler.worker import dense, kernels
 from throttler.worker.peakrss import Measured
 
 
@@ -70,6 +72,8 @@ def _combine_level(combine_fn, prefix: str, below: list[Delayed], inputs: list[i
 
 
 def _functions(strategy: str, files: list[str]):
+    if strategy == "dense":
+        return dense.dense_leaf, dense.dense_combine, dense.dense_final, (files[0],)
     if strategy == "aligned":
         return kernels.aligned_leaf, kernels.aligned_combine, kernels.aligned_final, (files[0],)
     if strategy == "sum":

@@ -1,0 +1,113 @@
+"""The dense strategy: kernels on real Parquet files, its domain, the planner's choice for sparse keys."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests.datafiles import assert_matches_reference, plan_for, read_output, write_sim
+from throttler.errors import DataError
+from throttler.planning.footers import file_info
+from throttler.planning.plan import FileInfo
+from throttler.planning.planner import dense_suits, fallback_strategy, resolve_strategy
+from throttler.worker import dense, graphs, pages
+
+
+def run_dense(paths, out, files_per_task=2, fan_in=2) -> dict:
+    return graphs.build(plan_for("g", paths, "dense", files_per_task, fan_in), str(out)).final.compute(
+        scheduler="sync")
+
+
+def test_domain_reads_dictionary_pages_and_footer_statistics(tmp_path):
+    a = write_sim(tmp_path / "a.parquet", n_paths=30, n_dates=6, row_group_size=50)
+    b = write_sim(tmp_path / "b.parquet", n_paths=40, n_dates=6, drop_paths=range(10), shuffle=True,
+                  date_type=pa.timestamp("us"))
+    grid = dense.domain([a, b])
+    want = np.unique(pq.read_table(a).column("Date").cast(pa.timestamp("ns")).to_numpy().view(np.int64))
+    assert (grid.path_min, grid.path_max, grid.cells, grid.date_type) == (0, 39, 40 * 6, pa.date32())
+    np.testing.assert_array_equal(grid.dates_ns, want)
+    md = pq.ParquetFile(a).metadata
+    with pa.memory_map(a) as source:
+        assert [len(pages.dictionary_values(md.row_group(i).column(1), source)) for i in range(4)] == [6, 6, 6, 6]
+
+
+def test_domain_without_statistics_or_dictionary_reads_the_data(tmp_path):
+    path = str(tmp_path / "plain.parquet")
+    table = pq.read_table(write_sim(tmp_path / "src.parquet", n_paths=12, n_dates=4, shuffle=True))
+    pq.write_table(table, path, write_statistics=False, use_dictionary=False)
+    grid = dense.domain([path])
+    assert (grid.path_min, grid.path_max, grid.n_dates) == (0, 11, 4)
+    assert file_info(path).path_min is None and file_info(path).date_count == 0
+    run_dense([path], tmp_path / "out.parquet")
+    assert_matches_reference(tmp_path / "out.parquet", [path])
+
+
+def test_mixed_group_through_leaves_combines_and_final(tmp_path):
+    paths = [write_sim(tmp_path / "a.parquet", seed=1), write_sim(tmp_path / "b.parquet", seed=2),
+             write_sim(tmp_path / "c.parquet", seed=3, shuffle=True, drop_paths=(3, 4), path_type=pa.int32(),
+                       date_type=pa.timestamp("ms")),
+             write_sim(tmp_path / "d.parquet", seed=4, n_paths=60, nan_frac=0.1, row_group_size=70),
+             write_sim(tmp_path / "e.parquet", seed=5)]
+    summary = run_dense(paths, tmp_path / "out.parquet", files_per_task=1, fan_in=2)
+    assert_matches_reference(tmp_path / "out.parquet", paths)
+    nans = int(np.isnan(pq.read_table(paths[3]).column("value").to_numpy()).sum())
+    assert (summary["strategy"], summary["rows"], summary["files"], summary["nan_count"]) == ("dense", 360, 5, nans)
+    assert pq.read_schema(tmp_path / "out.parquet").field("Date").type == pa.date32()
+
+
+def test_opposite_infinities_give_nan_and_keys_absent_everywhere_are_not_output(tmp_path):
+    table = pa.table({"path": pa.array([0, 5], pa.int64()), "Date": pa.array([1, 1], pa.date32()),
+                      "value": [np.inf, 1.0]})
+    other = pa.table({"path": pa.array([5, 0], pa.int16()), "Date": pa.array([1, 1], pa.date32()),
+                      "value": [np.nan, -np.inf]})
+    pq.write_table(table, tmp_path / "a.parquet")
+    pq.write_table(other, tmp_path / "b.parquet")
+    run_dense([str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")], tmp_path / "out.parquet")
+    got = read_output(tmp_path / "out.parquet")
+    assert got["path"].tolist() == [0, 5]  # paths 1..4 lie in the grid, in no file
+    assert np.isnan(got["value"][0]) and got["value"][1] == 1.0
+
+
+def test_duplicated_key_in_one_file_is_a_data_error_naming_it(tmp_path):
+    good = write_sim(tmp_path / "good.parquet", n_paths=5, n_dates=3)
+    table = pq.read_table(good)
+    bad = str(tmp_path / "dup.parquet")
+    pq.write_table(pa.concat_tables([table, table.slice(4, 1)]).take(pa.array(np.arange(16)[::-1])), bad)
+    with pytest.raises(DataError, match=r"dup\.parquet: duplicated key \(path=1"):
+        run_dense([good, bad], tmp_path / "out.parquet")
+    with pytest.raises(DataError, match=r"dup\.parquet: duplicated key"):
+        run_dense([bad], tmp_path / "out2.parquet")  # the reference itself: its aligned add path
+
+
+def test_grid_too_large_is_misaligned_keys_so_auto_falls_back(tmp_path):
+    table = pa.table({"path": pa.array([0, 2**40]), "Date": pa.array([1, 1], pa.date32()), "value": [1.0, 2.0]})
+    pq.write_table(table, tmp_path / "sparse.parquet")
+    with pytest.raises(dense.GridTooLarge, match="too sparse"):
+        dense.domain([str(tmp_path / "sparse.parquet")])
+    info = file_info(str(tmp_path / "sparse.parquet"))
+    assert (info.path_min, info.path_max, info.date_count) == (0, 2**40, 1)
+    assert dense_suits([info]) == (False, "sparse keys: a grid of 1,099,511,627,777 cells exceeds 134,217,728")
+
+
+def info(path_min, path_max, dates=120, rows=6_000_000) -> FileInfo:
+    return FileInfo("/d/f.parquet", 50_000_000, rows=rows, decoded_bytes=55_000_000, path_min=path_min,
+                    path_max=path_max, date_count=dates)
+
+
+def test_planner_picks_sum_for_sparse_keys_and_dense_for_dense_ones():
+    shuffled = [info(0, 49_999, rows=5_700_000), info(0, 52_499, rows=6_300_000)]
+    note = "auto -> dense: 6,300,000 grid cells for 12,000,000 rows"
+    assert resolve_strategy("auto", shuffled) == ("dense", [note])
+    eight_per_row = 8 * 12_000_000 // 120
+    assert dense_suits([info(0, eight_per_row - 1, rows=6_000_000)] * 2)[0] is True
+    assert dense_suits([info(0, eight_per_row, rows=6_000_000)] * 2)[0] is False
+    spread = [info(0, 2**62, rows=6_000_000), info(5, 2**62, rows=5_000_000)]  # 64-bit ids, a huge range
+    assert resolve_strategy("auto", spread)[0] == "sum"
+    assert resolve_strategy("auto", [FileInfo("/d/f.parquet", 1, rows=5), FileInfo("/d/g.parquet", 1, rows=6)]
+                            )[0] == "sum"  # no statistics: no grid estimate
+    assert resolve_strategy("dense", spread) == ("dense", [])
+    assert fallback_strategy("aligned", shuffled) == "dense"
+    assert fallback_strategy("aligned", spread) == "sum"
+    assert fallback_strategy("dense", shuffled) == "sum"

@@ -1,0 +1,170 @@
+"""A column chunk's dictionary page, read straight from the file: its distinct values without the data.
+
+pyarrow decodes a dictionary-encoded column to its values and offers no way to
+read only the dictionary for dates or timestamps. The dictionary page is small
+(120 dates: under 1 KB) and sits at the chunk's start, so reading it costs one
+small read and a Thrift header parse. Its values are the chunk's distinct
+values only if every data page is dictionary-encoded (a writer may fall back to
+plain encoding when the dictionary grows too large), so the data page headers
+are walked too (headers only: the pages themselves are skipped).
+
+The page header is Thrift compact protocol (parquet.thrift ``PageHeader``):
+only the few fields needed here are interpreted; others are skipped by type.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+#: parquet.thrift PageType and Encoding values used here
+DATA_PAGE, DICTIONARY_PAGE, DATA_PAGE_V2 = 0, 2, 3
+DICTIONARY_ENCODINGS = (2, 8)  #: PLAIN_DICTIONARY, RLE_DICTIONARY
+
+#: Most bytes one page header may take (headers are tens of bytes; statistics can add some).
+HEADER_READ_BYTES = 4096
+
+_NUMPY_TYPES = {"INT32": np.int32, "INT64": np.int64}
+
+
+class NotReadable(Exception):
+    """The chunk has no usable dictionary page: read the data instead."""
+
+
+class _Reader:
+    """Thrift compact protocol over a bytes buffer: varints, field headers, skipping."""
+
+    def __init__(self, buf: bytes):
+        self.buf, self.pos = buf, 0
+
+    def byte(self) -> int:
+        if self.pos >= len(self.buf):
+            raise NotReadable("page header runs past the bytes read")
+        b = self.buf[self.pos]
+        self.pos += 1
+        return b
+
+    def varint(self) -> int:
+        shift, out = 0, 0
+        while True:
+            b = self.byte()
+            out |= (b & 0x7F) << shift
+            if not b & 0x80:
+                return out
+            shift += 7
+
+    def zigzag(self) -> int:
+        n = self.varint()
+        return (n >> 1) ^ -(n & 1)
+
+    def fields(self):
+        """(field id, compact type) of one struct's fields, until its stop byte."""
+        last = 0
+        while True:
+            head = self.byte()
+            if head == 0:
+                return
+            delta, kind = head >> 4, head & 0x0F
+            last = last + delta if delta else self.zigzag()
+            yield last, kind
+
+    def skip(self, kind: int) -> None:
+        if kind in (1, 2):  # booleans carry their value in the type
+            return
+        if kind == 3:
+            self.pos += 1
+        elif kind in (4, 5, 6):
+            self.varint()
+        elif kind == 7:
+            self.pos += 8
+        elif kind == 8:
+            size = self.varint()  # read first: ``self.pos += self.varint()`` would add to the old pos
+            self.pos += size
+        elif kind == 12:
+            for _, inner in self.fields():
+                self.skip(inner)
+        elif kind in (9, 10):
+            head = self.byte()
+            size = head >> 4 if head >> 4 != 15 else self.varint()
+            for _ in range(size):
+                self.skip(head & 0x0F)
+        else:
+            raise NotReadable(f"unsupported Thrift type {kind} in a page header")
+
+
+def _page_header(buf: bytes) -> tuple[dict, int]:
+    """The header's type, sizes, dictionary size and data encoding; with its length in bytes."""
+    r, out = _Reader(buf), {"encoding": None}
+    for fid, kind in r.fields():
+        if fid in (1, 2, 3) and kind == 5:
+            out[("type", "uncompressed", "compressed")[fid - 1]] = r.zigzag()
+        elif fid in (5, 7, 8) and kind == 12:
+            wanted = {5: 2, 7: 1, 8: 4}[fid]  # data page: encoding; dictionary: num_values; v2: encoding
+            for inner, ikind in r.fields():
+                if inner == wanted and ikind == 5:
+                    out["num_values" if fid == 7 else "encoding"] = r.zigzag()
+                else:
+                    r.skip(ikind)
+        else:
+            r.skip(kind)
+    return out, r.pos
+
+
+def dictionary_values(col: pq.ColumnChunkMetaData, source: pa.NativeFile) -> np.ndarray:
+    """The chunk's distinct values, as stored (int32 or int64), from its dictionary page.
+
+    Raises NotReadable when the chunk has no dictionary page, a data page is
+    not dictionary-encoded, or the header or codec is not one handled here.
+    """
+    if not col.has_dictionary_page or col.dictionary_page_offset is None:
+        raise NotReadable("no dictionary page")
+    dtype = _NUMPY_TYPES.get(col.physical_type)
+    if dtype is None:
+        raise NotReadable(f"physical type {col.physical_type}")
+    start, end = col.dictionary_page_offset, col.dictionary_page_offset + col.total_compressed_size
+    head, length = _page_header(source.read_at(min(HEADER_READ_BYTES, end - start), start))
+    if head.get("type") != DICTIONARY_PAGE:
+        raise NotReadable("the chunk does not start with a dictionary page")
+    payload = source.read_at(head["compressed"], start + length)
+    _check_data_pages(source, start + length + head["compressed"], end)
+    raw = _decompress(payload, head["uncompressed"], col.compression)
+    values = np.frombuffer(raw, dtype=dtype)
+    if len(values) != head.get("num_values", -1):
+        raise NotReadable("dictionary size does not match its header")
+    return values
+
+
+def dictionary_size(col: pq.ColumnChunkMetaData, source: pa.NativeFile) -> int:
+    """How many values the chunk's dictionary page holds (its header only); 0 when none."""
+    if not col.has_dictionary_page or col.dictionary_page_offset is None:
+        return 0
+    try:
+        head, _ = _page_header(source.read_at(HEADER_READ_BYTES, col.dictionary_page_offset))
+    except NotReadable:
+        return 0
+    return head.get("num_values", 0) if head.get("type") == DICTIONARY_PAGE else 0
+
+
+def _check_data_pages(source: pa.NativeFile, pos: int, end: int) -> None:
+    """Walk the data page headers from ``pos`` to ``end``: all must be dictionary-encoded."""
+    while pos < end:
+        head, length = _page_header(source.read_at(min(HEADER_READ_BYTES, end - pos), pos))
+        if head.get("type") not in (DATA_PAGE, DATA_PAGE_V2):
+            raise NotReadable(f"page type {head.get('type')} after the dictionary")
+        if head["encoding"] not in DICTIONARY_ENCODINGS:
+            raise NotReadable("a data page is not dictionary-encoded (the writer fell back)")
+        pos += length + head["compressed"]
+
+
+def _decompress(payload: bytes, size: int, compression: str) -> bytes:
+    if compression == "UNCOMPRESSED":
+        return payload
+    codec = {"SNAPPY": "snappy", "ZSTD": "zstd", "GZIP": "gzip", "BROTLI": "brotli", "LZ4_RAW": "lz4_raw"}.get(
+        compression)
+    if codec is None:
+        raise NotReadable(f"codec {compression}")
+    try:
+        return pa.decompress(payload, decompressed_size=size, codec=codec, asbytes=True)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
+        raise NotReadable(f"cannot decompress the dictionary ({exc})") from None
