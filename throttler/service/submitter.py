@@ -95,7 +95,7 @@ class Submitter:
         snapshot = read_snapshot(self._client())  # outside the lock: the ledger covers its lag
         self._observe(snapshot)
         with self._lock:
-            self._admit(snapshot, now, done)
+            self._admit(snapshot, self._clock(), done)  # now again: jobs may have joined since the read
         if done.progressed:
             self.notify()  # builders blocked on the hand-off bound
         return done

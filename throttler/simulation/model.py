@@ -101,7 +101,7 @@ class ModelCluster:
         return self.memory_resource_bytes
 
     def shape(self) -> ClusterShape:
-        return ClusterShape.uniform(self.n_workers, self.memory_limit_bytes, self.threads_per_worker, True)
+        return ClusterShape.uniform(self.n_workers, self.memory_limit_bytes, self.threads_per_worker)
 
     def capacity_bytes(self, memory_fraction: float) -> int:
         """What admission may fill: every limit x the fraction."""
