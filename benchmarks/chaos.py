@@ -66,7 +66,7 @@ import psutil  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from tests.daemon_helpers import (  # noqa: E402
+from tests.helpers.daemon import (  # noqa: E402
     Daemon,
     NotifyListener,
     Proc,
@@ -75,7 +75,7 @@ from tests.daemon_helpers import (  # noqa: E402
     make_estate,
     records,
 )
-from tests.datafiles import assert_matches_reference  # noqa: E402
+from tests.helpers.datafiles import assert_matches_reference  # noqa: E402
 from throttler.commands.generate import simulation_dates
 from throttler.spool.queue import Spool
 

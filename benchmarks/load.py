@@ -50,7 +50,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.datafiles import write_sim  # noqa: E402 - the repository's own small-file writer
+from tests.helpers.datafiles import write_sim  # noqa: E402 - the repository's own small-file writer
 
 PHYSICAL_FILES = 4  #: distinct files behind every hard link
 WORKER_MEMORY_BYTES = 1_000_000_000

@@ -53,7 +53,7 @@ def group_paths(args, cells_per_row: int) -> list[str]:
 
 
 def child(args) -> None:
-    from tests.datafiles import plan_for
+    from tests.helpers.datafiles import plan_for
     from throttler.worker import graphs
 
     paths = group_paths(args, args.cells_per_row)

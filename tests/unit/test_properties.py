@@ -8,7 +8,7 @@ import pyarrow as pa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.datafiles import plan_for, read_output, write_sim
+from tests.helpers.datafiles import plan_for, read_output, write_sim
 from throttler.worker import graphs
 
 DEFECTS = st.fixed_dictionaries({}, optional={

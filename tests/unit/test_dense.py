@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.datafiles import assert_matches_reference, plan_for, read_output, write_sim
+from tests.helpers.datafiles import assert_matches_reference, plan_for, read_output, write_sim
 from throttler.errors import DataError
 from throttler.planning.footers import file_info
 from throttler.planning.plan import FileInfo

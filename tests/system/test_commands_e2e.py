@@ -14,8 +14,8 @@ import re
 
 import pytest
 
-from tests.daemon_helpers import ExternalCluster, throttler_cli
-from tests.datafiles import assert_matches_reference, write_sim
+from tests.helpers.daemon import ExternalCluster, throttler_cli
+from tests.helpers.datafiles import assert_matches_reference, write_sim
 
 SEED_PATHS, SEED_DATES = 50_000, 120
 

@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import yaml
-from prom_helpers import ALERTS, exercise, exposed_names, metric_names
+from tests.helpers.prom import ALERTS, exercise, exposed_names, metric_names
 
 from throttler.ops.metrics import Metrics
 
@@ -52,7 +52,7 @@ def test_unit_tests_catch_a_broken_rule(tmp_path):
     (tmp_path / "deploy" / "alerts.yml").write_text(broken)
     (tmp_path / "tests").mkdir()
     shutil.copy(ALERT_TESTS, tmp_path / "tests" / "alerts_test.yml")
-    result = promtool("test", "rules", "tests/alerts_test.yml", cwd=tmp_path)
+    result = promtool("test", "rules", "tests/system/alerts_test.yml", cwd=tmp_path)
     assert result.returncode != 0
     assert "ThrottlerLoopStalled" in result.stdout + result.stderr
 

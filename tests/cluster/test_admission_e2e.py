@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import wait_for
-from tests.test_service import make_service, records
+from tests.cluster.test_service import make_service, records
 from throttler.admission import policy as admission_policy
 from throttler.cluster.embedded import start_embedded_cluster
 from throttler.cluster.scheduler import read_snapshot

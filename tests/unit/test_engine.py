@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.datafiles import assert_matches_reference, plan_for, write_sim
+from tests.helpers.datafiles import assert_matches_reference, plan_for, write_sim
 from throttler.errors import DataError, MisalignedKeys
 from throttler.worker import graphs
 
@@ -270,7 +270,7 @@ import errno, resource, signal, sys
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
 from throttler.worker import graphs
-from tests.datafiles import plan_for
+from tests.helpers.datafiles import plan_for
 try:
     graphs.build(plan_for("g", {files!r}, "aligned", 2), {str(tmp_path / "out.parquet")!r}).final.compute(
         scheduler="sync")
@@ -278,7 +278,7 @@ except OSError as exc:
     print("OSError", exc.errno == errno.EFBIG)
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                          cwd=str(Path(__file__).resolve().parent.parent))  # tests/ importable
+                          cwd=str(Path(__file__).resolve().parents[2]))  # tests/ importable
     assert done.stdout.strip() == "OSError True", done.stdout + done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.rsplit("/", 1)[1] for p in files)
 

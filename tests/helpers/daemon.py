@@ -28,7 +28,7 @@ from pathlib import Path
 import psutil
 
 from tests.conftest import wait_for
-from tests.datafiles import write_sim
+from tests.helpers.datafiles import write_sim
 
 #: process groups started by these helpers (each Proc is its own session leader)
 STARTED_GROUPS: set[int] = set()

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from benchmarks import chaos
-from tests.daemon_helpers import leaked_processes
+from tests.helpers.daemon import leaked_processes
 
 #: a few faults each; about 100 s for the module on a 2-core machine. The scheduler stays
 #: away 11 s (the daemon's client gives up at 10 s and must be replaced) and its workers

@@ -13,7 +13,7 @@ A :class:`Case` is one defect: the files and request it writes into an
   the group succeeds and ``check`` compares its output with a reference.
 
 Cases use the directory catalog unless ``catalog="manifest"``. Group IDs are
-the case IDs, so each record names its case. ``tests/test_bad_input.py``
+the case IDs, so each record names its case. ``tests/cluster/test_bad_input.py``
 builds every case into one estate per catalog and runs one real Service over
 each.
 """
@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tests.conftest import WORKER_MEMORY_BYTES
-from tests.datafiles import (
+from tests.helpers.datafiles import (
     assert_matches_reference,
     read_output,
     reference_sum,

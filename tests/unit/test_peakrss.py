@@ -64,7 +64,7 @@ def test_measured_task_attaches_its_reading(resettable):
 
 def test_graph_tasks_are_measured_and_the_final_summary_carries_the_highest(tmp_path, resettable):
     """Through dask's synchronous scheduler: every task measured, the summary has the peak."""
-    from tests.datafiles import plan_for, write_sim
+    from tests.helpers.datafiles import plan_for, write_sim
 
     files = [str(write_sim(tmp_path / f"f{i}.parquet", seed=i)) for i in range(4)]
     plan = plan_for("g", files, "aligned", files_per_task=1, fan_in=2)

@@ -10,7 +10,7 @@ import time
 import pyarrow.parquet as pq
 
 from tests.conftest import wait_for
-from tests.datafiles import assert_matches_reference, write_sim
+from tests.helpers.datafiles import assert_matches_reference, write_sim
 from throttler.cluster.scheduler import read_snapshot
 from throttler.config import load
 from throttler.ops import sdnotify

@@ -27,9 +27,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.conftest import wait_for
-from tests.daemon_helpers import Daemon, leaked_processes
-from tests.datafiles import assert_matches_reference, write_sim
-from tests.test_service import (
+from tests.helpers.daemon import Daemon, leaked_processes
+from tests.helpers.datafiles import assert_matches_reference, write_sim
+from tests.cluster.test_service import (
     drop_request,
     make_service,
     records,
@@ -42,7 +42,7 @@ from throttler.ops.metrics import Metrics, parse_address
 from throttler.spool.queue import Spool
 from throttler.worker.output import TMP_SUFFIX, output_path_for
 
-PACKAGE = Path(__file__).resolve().parent.parent / "throttler"
+PACKAGE = Path(__file__).resolve().parents[2] / "throttler"
 FOREIGN_UID = 4242  #: a uid that is neither root nor us
 
 

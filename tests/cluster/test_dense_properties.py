@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.datafiles import plan_for, read_output
-from tests.test_properties import duckdb_reference
+from tests.helpers.datafiles import plan_for, read_output
+from tests.unit.test_properties import duckdb_reference
 from throttler.commands.generate import simulation_dates
 from throttler.planning.memory_model import merge_task_count
 from throttler.worker import graphs

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Iterator
 
 PROMETHEUS = "/usr/bin/prometheus"
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "grafana" / "dashboards" / "throttler.json"
 ALERTS = REPO / "deploy" / "alerts.yml"
 

@@ -9,7 +9,7 @@ import signal
 import pytest
 
 from tests.conftest import wait_for
-from tests.daemon_helpers import Proc, free_port
+from tests.helpers.daemon import Proc, free_port
 from throttler.cluster import worker_memory as wm
 
 LIMIT_BYTES = 1 * 2**30

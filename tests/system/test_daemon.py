@@ -18,7 +18,7 @@ import urllib.request
 import pytest
 
 from tests.conftest import wait_for
-from tests.daemon_helpers import (
+from tests.helpers.daemon import (
     Daemon,
     ExternalCluster,
     NotifyListener,
@@ -34,7 +34,7 @@ from tests.daemon_helpers import (
     throttler_cli,
     wait_closed,
 )
-from tests.datafiles import assert_matches_reference
+from tests.helpers.datafiles import assert_matches_reference
 from throttler.commands import serve as daemon_mod
 
 WORKER_MEMORY_BYTES = 1_000_000_000
@@ -184,7 +184,7 @@ def test_workers_started_with_defaults_get_the_daemons_own_memory_resources(tmp_
 def test_a_worker_with_another_dask_throttler_is_reported_and_the_daemon_serves_on(tmp_path, daemons):
     """A worker whose installed dask-throttler is not the daemon's: an error in the log naming
     it, the gauge, the status file and ``throttler status``; groups are still served."""
-    from tests.daemon_helpers import Proc, child_env
+    from tests.helpers.daemon import Proc, child_env
     from throttler import __version__
 
     other = tmp_path / "other-install"

@@ -13,7 +13,7 @@ import subprocess
 import time
 
 import pytest
-from prom_helpers import exercise, http_get
+from tests.helpers.prom import exercise, http_get
 from prometheus_client import generate_latest
 
 from throttler.ops import metrics as metrics_module

@@ -6,8 +6,8 @@ import csv
 import os
 import re
 
-from tests.daemon_helpers import throttler_cli
-from tests.datafiles import assert_matches_reference
+from tests.helpers.daemon import throttler_cli
+from tests.helpers.datafiles import assert_matches_reference
 
 
 def _manifest(root):
@@ -57,7 +57,7 @@ def test_demo_as_the_readme_runs_it(tmp_path):
     import subprocess
     import sys
 
-    from tests.daemon_helpers import child_env
+    from tests.helpers.daemon import child_env
 
     done = subprocess.run([sys.executable, "-m", "throttler", "demo"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=300, env=child_env(), stdin=subprocess.DEVNULL)

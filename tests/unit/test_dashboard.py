@@ -6,7 +6,7 @@ import json
 
 import pytest
 import yaml
-from prom_helpers import (
+from tests.helpers.prom import (
     ALERTS,
     DASHBOARD,
     REPO,

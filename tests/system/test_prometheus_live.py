@@ -7,9 +7,9 @@ import json
 import urllib.parse
 from pathlib import Path
 
-from prom_helpers import dashboard_queries, http_get, prometheus_server, query, wait_for
+from tests.helpers.prom import dashboard_queries, http_get, prometheus_server, query, wait_for
 
-from tests.daemon_helpers import (
+from tests.helpers.daemon import (
     Daemon,
     make_estate,
     records,
@@ -18,7 +18,7 @@ from tests.daemon_helpers import (
     wait_closed,
 )
 
-ALERTS = Path(__file__).resolve().parent.parent / "deploy" / "alerts.yml"
+ALERTS = Path(__file__).resolve().parents[2] / "deploy" / "alerts.yml"
 
 
 def test_dashboard_queries_return_data_from_the_running_daemon(tmp_path):

@@ -1,4 +1,4 @@
-"""The bad-input corpus (``tests/bad_inputs.py``) against the real Service on a real cluster.
+"""The bad-input corpus (``tests/helpers/bad_inputs.py``) against the real Service on a real cluster.
 
 Every case is built into one estate per catalog (directory, manifest) and
 all of an estate's requests are dropped at once, next to a good group; one
@@ -18,9 +18,9 @@ import time
 
 import pytest
 
-from tests.bad_inputs import CASES, Case, Estate, build_estate
-from tests.datafiles import assert_matches_reference
-from tests.test_service import records, run_service_until_settled
+from tests.helpers.bad_inputs import CASES, Case, Estate, build_estate
+from tests.helpers.datafiles import assert_matches_reference
+from tests.cluster.test_service import records, run_service_until_settled
 from throttler.config import load
 from throttler.errors import RequestError
 from throttler.ops import sdnotify
@@ -204,8 +204,8 @@ def test_reasons_are_printable_single_lines(corpus):
 @pytest.mark.parametrize("strategy", ["aligned", "sum", "groupby", "dense"])
 def test_a_corrupt_file_is_bad_data_in_every_strategy(tmp_path, strategy):
     """Decoding errors are permanent DataErrors naming the file, whichever kernel meets them."""
-    from tests.bad_inputs import _garble
-    from tests.datafiles import write_sim
+    from tests.helpers.bad_inputs import _garble
+    from tests.helpers.datafiles import write_sim
     from throttler.errors import DataError
     from throttler.service import outcome as retries
     from throttler.worker import dense, kernels

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from tests.conftest import wait_for
-from tests.daemon_helpers import Proc, free_port
+from tests.helpers.daemon import Proc, free_port
 from throttler.cluster import worker_deaths as wd
 
 #: The scheduler runs with throttler made unimportable: the plugin must arrive by value.

@@ -19,7 +19,7 @@ import pytest
 
 from throttler.ops.metrics import parse_address
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 UNIT = DEPLOY / "throttler.service"
 SHIPPED_EXEC_START = "ExecStart=/usr/local/bin/throttler serve --config /etc/throttler/throttler.toml"
 MAX_EXPOSURE = 2.0
