@@ -50,8 +50,8 @@ def test_unit_tests_catch_a_broken_rule(tmp_path):
     assert broken != ALERTS.read_text()
     (tmp_path / "deploy").mkdir()
     (tmp_path / "deploy" / "alerts.yml").write_text(broken)
-    (tmp_path / "tests").mkdir()
-    shutil.copy(ALERT_TESTS, tmp_path / "tests" / "alerts_test.yml")
+    (tmp_path / "tests" / "system").mkdir(parents=True)
+    shutil.copy(ALERT_TESTS, tmp_path / "tests" / "system" / "alerts_test.yml")
     result = promtool("test", "rules", "tests/system/alerts_test.yml", cwd=tmp_path)
     assert result.returncode != 0
     assert "ThrottlerLoopStalled" in result.stdout + result.stderr
