@@ -68,7 +68,7 @@ def _group(root: Path, name: str, physical: list[Path], n: int) -> Path:
 
 def _child(root: Path, out: Path, group: str) -> dict:
     cmd = [sys.executable, __file__, "--child", group, "--root", str(root), "--out", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800,
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False,
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
     if done.returncode:
         raise SystemExit(f"child failed: {done.stderr[-3000:]}")

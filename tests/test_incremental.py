@@ -212,7 +212,7 @@ def test_throttler_run_again_after_a_file_lands_reads_only_that_file(tmp_path):
     second = throttler_cli("run", "g", *args, timeout_seconds=120)
     assert second.returncode == 0, second.stdout + second.stderr
     assert re.search(r"^ok     g: 60,000 rows from 4 files in [\d.]+ s \(aligned, incremental: 1 file read, ",
-                     second.stdout, re.M), second.stdout
+                     second.stdout, re.MULTILINE), second.stdout
     assert_matches_reference(out / "g.parquet", sorted(str(p) for p in (root / "g").iterdir()), rtol=RTOL)
     forced = throttler_cli("run", "g", "--full", *args, timeout_seconds=120)
     assert "full (full run requested): 4 files read" in forced.stdout, forced.stdout + forced.stderr

@@ -25,7 +25,12 @@ from throttler.errors import DataError
 from throttler.planning.footers import file_info
 from throttler.planning.incremental import RunDecision, decide
 from throttler.planning.plan import FileInfo
-from throttler.worker.state import OutputState, StatefulOutput, fingerprint_files, read_state
+from throttler.worker.state import (
+    OutputState,
+    StatefulOutput,
+    fingerprint_files,
+    read_state,
+)
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,7 @@ class OutputState:
         return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
 
     @classmethod
-    def decode(cls, data: bytes) -> "OutputState | None":
+    def decode(cls, data: bytes) -> OutputState | None:
         """The state in ``data``, or None when it is not a well-formed state."""
         try:
             doc = json.loads(data)
