@@ -98,6 +98,7 @@ def _submit_parser(sub) -> None:
     p.add_argument("--spool", required=True)
     p.add_argument("--priority", type=int, default=0)
     p.add_argument("--strategy", choices=STRATEGY_CHOICES, help="default: the daemon's configured strategy")
+    p.add_argument("--full", action="store_true", help="a full run, even when the previous output could be extended")
     p.set_defaults(func=cmd_submit)
 
 
@@ -111,7 +112,7 @@ def cmd_submit(args) -> int:
               "will not see these requests)", file=sys.stderr)
     spool = Spool(args.spool).ensure()
     for group in args.groups:
-        path = spool.submit(group, priority=args.priority, strategy=args.strategy)
+        path = spool.submit(group, priority=args.priority, strategy=args.strategy, full=args.full)
         print(f"queued {group} as {path.name}")
     return 0
 
@@ -162,6 +163,8 @@ def _run_parser(sub) -> None:
     _add_cluster_flags(p)
     p.add_argument("--strategy", choices=STRATEGY_CHOICES, default="auto")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.add_argument("--full", action="store_true",
+                   help="read every file of each group, even when its previous output could be extended")
     p.add_argument("--progress-seconds", type=float, default=10.0,
                    help="when stderr is not a terminal: one progress line per group this often")
     p.set_defaults(func=cmd_run)
@@ -181,7 +184,7 @@ def cmd_run(args) -> int:
     client, cluster = _connect(args)
     try:
         results = run.run_groups(cfg, client, args.groups, args.strategy, display,
-                                 print_line=lambda line: print(line, flush=True))
+                                 print_line=lambda line: print(line, flush=True), full=args.full)
     finally:
         _disconnect(client, cluster)
     return 1 if results.failed else 0

@@ -60,19 +60,28 @@ def result_line(kind: str, record: dict) -> str:
     if record.get("fell_back"):
         strategy += " (keys not aligned)"
     return (f"ok     {record['group']}: {record['rows']:,} rows from {record['files']} files in "
-            f"{record['seconds']:.2f} s ({strategy}, {record['bytes'] / 2**20:,.1f} MiB read, "
+            f"{record['seconds']:.2f} s ({strategy}, {run_note(record)}, {record['bytes'] / 2**20:,.1f} MiB read, "
             f"{record['nan_count']} NaN{peak}) -> {record['output']}")
 
 
+def run_note(record: dict) -> str:
+    """``incremental: 1 file read`` or ``full (why): N files read``."""
+    if "run" not in record:
+        return f"{record['files']} files read"
+    why = "" if record["run"] == "incremental" else f" ({record['run_reason']})"
+    read = record["files_read"]
+    return f"{record['run']}{why}: {read} file{'' if read == 1 else 's'} read"
+
+
 def run_groups(cfg: Config, client, groups: list[str], strategy: str, display: ProgressDisplay,
-               print_line=print) -> RunResults:
+               print_line=print, full: bool = False) -> RunResults:
     """Run ``groups`` through a service on ``client``; print a line as each ends."""
     unique = list(dict.fromkeys(groups))
     with tempfile.TemporaryDirectory(prefix="throttler-run-") as spool_dir:
         spool = Spool(spool_dir).ensure()
         results = RunResults(len(unique))
         for group in unique:
-            spool.submit(group, strategy=strategy)
+            spool.submit(group, strategy=strategy, full=full)
         service = Service(cfg, client, spool=spool, catalog=Catalog(cfg.data_root, cfg.manifest),
                           estimator=Estimator(), metrics=Metrics(), notifier=None)
         service.on_finished = results.add

@@ -37,6 +37,8 @@ class Job:
     run_seconds: float = 0.0
     history: list[str] = field(default_factory=list)  #: one line per failed attempt
     requests_counted: int = 0  #: request files already counted in the metrics
+    full: bool = False  #: the request forces a full run (no reuse of the previous output)
+    run: Any = None  #: the incremental_run.PreparedRun of the latest plan
 
     @property
     def strategy(self) -> str:

@@ -41,6 +41,7 @@ def done_record(job: Job, summary: dict) -> dict:
         "total_seconds": round(time.monotonic() - job.claimed_at_seconds, 6),
         "attempts": job.attempt,
         "history": job.history,
+        **(job.run.record_fields() if job.run is not None else {}),
     }
 
 

@@ -32,7 +32,7 @@ from throttler.errors import NoWorkers
 from throttler.ops.progress import ProgressTracker
 from throttler.ops.status import StatusReporter
 from throttler.planning import planner
-from throttler.planning.footers import file_info
+from throttler.service import incremental_run
 from throttler.service import outcome as retries
 from throttler.service.jobs import PLANNING, QUEUED, RUNNING, STATES, Job
 from throttler.service.records import done_record, failed_record
@@ -237,7 +237,7 @@ class Service:
             if claim is None:
                 continue
             job = Job(claim, request.group, claim.strategy or self.config.strategy,
-                      claim.priority or 0, self.clock())
+                      claim.priority or 0, self.clock(), full=claim.full)
             with self._jobs_lock:
                 self._jobs[job.group] = job
             self._count_requests(job)
@@ -254,7 +254,7 @@ class Service:
             job.state = PLANNING
             try:
                 job.plan = self._plan(job)
-                job.graph = graphs.build(job.plan, output_path_for(self.config.output, job.group))
+                job.graph = graphs.build(job.plan, job.run.target)
             except NoWorkers as exc:  # not the group's fault: no attempt used, plan again soon
                 log.info("%s: %s", job.group, exc)
                 self._rebuild(job, delay_seconds=NO_WORKERS_RETRY_SECONDS)
@@ -267,8 +267,9 @@ class Service:
             self._count_busy("builder", -1)
 
     def _plan(self, job: Job):
-        files = [file_info(path) for path in self.catalog.files(job.group)]
-        plan = planner.make_plan(job.group, files, job.strategy, self.status.shape(), self.estimator,
+        job.run = incremental_run.prepare(self.catalog.files(job.group), self.catalog.data_root,
+                                          output_path_for(self.config.output, job.group), job.full)
+        plan = planner.make_plan(job.group, list(job.run.files), job.strategy, self.status.shape(), self.estimator,
                                  attempt=1 + job.memory_failures, memory_fraction=self.config.memory_fraction,
                                  measured_task_peak_bytes=job.measured_task_peak_bytes,
                                  fan_in=self.config.fan_in)

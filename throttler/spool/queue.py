@@ -83,6 +83,7 @@ class Request:
     priority: int = 0
     mtime_ns: int = 0
     queued: int = 1  #: request files for this group in the scan (one run closes them all)
+    full: bool = False  #: force a full run (no incremental reuse of the previous output)
 
 
 @dataclass(eq=False)
@@ -100,6 +101,7 @@ class Claim:
     files: list[tuple[str, str]] = field(default_factory=list)  #: (entry in path, request name)
     is_open: bool = True
     claimed_ns: int = field(default_factory=time.time_ns)
+    full: bool = False  #: the first request asked for a full run
 
     @property
     def requests(self) -> list[str]:
@@ -198,14 +200,15 @@ class Spool:
                 self._finished[kind] += 1
         return path
 
-    def submit(self, group: str, priority: int = 0, strategy: str | None = None) -> Path:
+    def submit(self, group: str, priority: int = 0, strategy: str | None = None, full: bool = False) -> Path:
         """Queue a request for ``group`` durably; raise RequestError if it is malformed.
 
         Each call writes a distinct ``<group>.<time>.<pid>.<random>.json``, so many
         submits of one group are many requests, which the daemon coalesces.
         """
         check_fields(group, strategy, priority)
-        fields = {"group": group, "priority": priority, **({"strategy": strategy} if strategy else {})}
+        fields = {"group": group, "priority": priority, **({"strategy": strategy} if strategy else {}),
+                  **({"full": True} if full else {})}
         data = json.dumps(fields).encode()
         return write_durable(self.root / "tmp", self.root / "incoming", f"{unique_name(group)}.json", data)
 
@@ -223,8 +226,8 @@ class Spool:
             raise BadRequest("request too large", reason_class="too_large")
         if not check_name(name):
             return Request(name, name, mtime_ns=st.st_mtime_ns)
-        group, strategy, priority = parse_request_json(read_request(path, st))
-        return Request(name, group, strategy, priority, st.st_mtime_ns)
+        group, strategy, priority, full = parse_request_json(read_request(path, st))
+        return Request(name, group, strategy, priority, st.st_mtime_ns, full=full)
 
     def _peek(self, entry: os.DirEntry) -> Request | None:
         """Inspect one entry of ``incoming/`` (cached by its stat); refuse it if bad.
@@ -382,7 +385,7 @@ class Spool:
             return BadRequest(f"request unreadable: {err.strerror}", run.group, "other")
         if found.group != run.group:
             return BadRequest("request changed while queued", run.group, "other")
-        run.strategy, run.priority = found.strategy, found.priority
+        run.strategy, run.priority, run.full = found.strategy, found.priority, found.full
         return None
 
     def _close(self, claim: Claim) -> tuple[list[tuple[str, str]], bool]:

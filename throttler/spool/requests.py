@@ -26,7 +26,7 @@ MAX_PRIORITY = 2**31 - 1  #: priorities lie in [-MAX_PRIORITY, MAX_PRIORITY]
 DIR_MODE = 0o750
 FILE_MODE = 0o640
 RECORD_KINDS = ("done", "failed")
-_REQUEST_KEYS = frozenset({"group", "strategy", "priority"})
+_REQUEST_KEYS = frozenset({"group", "strategy", "priority", "full"})
 
 
 #: Why a request was refused, as a bounded class: the ``reason`` label of the
@@ -95,11 +95,13 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
-def parse_request_json(data: bytes) -> tuple[str, str, int]:
-    """Return ``(group, strategy, priority)`` from a JSON request's bytes.
+def parse_request_json(data: bytes) -> tuple[str, str, int, bool]:
+    """Return ``(group, strategy, priority, full)`` from a JSON request's bytes.
 
     Only plain JSON is accepted: an object with ``group`` (required), ``strategy``
-    (default ``auto``) and ``priority`` (default 0) and no other key.
+    (default ``auto``), ``priority`` (default 0) and ``full`` (default false: a
+    group whose previous output can be extended reads only its new files; true
+    forces a full run) and no other key.
     """
     try:
         doc = json.loads(
@@ -117,7 +119,10 @@ def parse_request_json(data: bytes) -> tuple[str, str, int]:
         raise BadRequest(f"unknown keys in request: {unknown!r:.200}", group, "invalid_json")
     strategy, priority = doc.get("strategy"), doc.get("priority", 0)
     check_fields(group, strategy, priority)
-    return group, strategy, priority
+    full = doc.get("full", False)
+    if type(full) is not bool:
+        raise BadRequest("full must be true or false", group)
+    return group, strategy, priority, full
 
 
 def check_name(name: str) -> bool:

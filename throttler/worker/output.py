@@ -13,10 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from throttler import durable
-from throttler.worker import contract
+from throttler.worker import contract, state
 
 TMP_SUFFIX = durable.TMP_SUFFIX
 OUTPUT_MODE = 0o640  #: owner read-write, group read, nobody else
@@ -60,6 +61,8 @@ def write_table(output_path: str, table: pa.Table) -> int:
     the writer going page by page through a Python file object.
     """
     encoded = pa.BufferOutputStream()
+    if state.state_of(output_path) is not None:  # the inputs' state goes into the same footer
+        table = table.replace_schema_metadata(state.state_metadata(output_path, _finite(table)))
     pq.write_table(table, encoded, **WRITE_OPTIONS)
     data = memoryview(encoded.getvalue())
     with durable.replacing(output_path, OUTPUT_MODE) as fh:
@@ -80,12 +83,21 @@ def write_tables(output_path: str, schema: pa.Schema, tables) -> int:
     Each table is encoded and written straight to the temporary file as it
     arrives, so the writes overlap the caller preparing the next one.
     """
+    finite = True
     with durable.replacing(output_path, OUTPUT_MODE) as fh:
         with pq.ParquetWriter(pa.PythonFile(fh, mode="w"), schema, **WRITE_OPTIONS) as writer:
             for table in tables:
                 writer.write_table(table)
                 start_writeback(fh.fileno())
+                finite = finite and (state.state_of(output_path) is None or _finite(table))
+            if state.state_of(output_path) is not None:  # the inputs' state goes into the same footer
+                writer.add_key_value_metadata(state.state_metadata(output_path, finite))
     return os.path.getsize(output_path)
+
+
+def _finite(table: pa.Table) -> bool:
+    """Every output value is finite (an output with NaN or inf is not extended incrementally)."""
+    return pc.all(pc.is_finite(table.column("value"))).as_py() is not False
 
 
 def start_writeback(fd: int) -> None:
