@@ -18,8 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.daemon_helpers import throttler_cli
-from tests.datafiles import assert_matches_reference, read_output, write_sim
+from tests.helpers.daemon import throttler_cli
+from tests.helpers.datafiles import assert_matches_reference, read_output, write_sim
 from throttler.errors import MisalignedKeys
 from throttler.planning import planner
 from throttler.planning.catalog import Catalog
