@@ -55,6 +55,8 @@ def prepare(paths: list[str], data_root: str, output_path: str, full_requested: 
     except FileNotFoundError as exc:
         raise DataError(f"{exc.filename}: file not found") from None
     except (OSError, pa.ArrowException) as exc:
+        for path in paths:  # the planner's own footer check names the bad file and what is wrong with it
+            file_info(path)
         raise DataError(f"cannot fingerprint a file of the group ({exc})") from None
     snapshot = None if full_requested else _link_previous(output_path)
     previous = read_state(snapshot) if snapshot else None
