@@ -111,10 +111,10 @@ def leaked_processes() -> list[str]:
 
 
 class ExternalCluster:
-    """``dask scheduler`` + ``n_workers`` x ``dask worker`` (1 thread, 1 GB), on loopback."""
+    """``dask scheduler`` + ``n_workers`` x ``dask worker`` (``nthreads`` threads, 1 GB by default), on loopback."""
 
     def __init__(self, log_dir: Path, n_workers: int = 2, memory_bytes: int = 1_000_000_000,
-                 declare_memory: bool = True):
+                 declare_memory: bool = True, nthreads: int = 1):
         self.log_dir = Path(log_dir)
         self.port = free_port()
         self.address = f"tcp://127.0.0.1:{self.port}"
@@ -124,7 +124,7 @@ class ExternalCluster:
                                 "--no-dashboard", "--dashboard-address", "127.0.0.1:0"],
                                self.log_dir / "scheduler.log"))
         for i in range(n_workers):
-            argv = ["dask", "worker", self.address, "--nthreads", "1", "--memory-limit", str(memory_bytes),
+            argv = ["dask", "worker", self.address, "--nthreads", str(nthreads), "--memory-limit", str(memory_bytes),
                     "--no-dashboard", "--name", f"w{i}"]
             if declare_memory:
                 argv += ["--resources", f"MEMORY={memory_bytes}"]
