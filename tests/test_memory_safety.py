@@ -26,12 +26,8 @@ and its measurements (benchmarks/README.md, calibrate_memory.py):
 from __future__ import annotations
 
 import os
-import threading
-import time
 
-import psutil
-
-from tests.daemon_helpers import Daemon, ExternalCluster, records, serve_args, wait_closed
+from tests.daemon_helpers import Daemon, ExternalCluster, RssSampler, records, serve_args, wait_closed
 from tests.datafiles import assert_matches_reference, write_sim
 from throttler.spool.queue import Spool
 
@@ -59,30 +55,6 @@ def _estate(tmp_path) -> dict[str, list[str]]:
             os.link(physical[i % 2], folder / f"f{i:03d}.parquet")
             out[group].append(str(folder / f"f{i:03d}.parquet"))
     return out
-
-
-class RssSampler:
-    """Samples every worker process's RSS (the nannies' children) every 20 ms; keeps the highest."""
-
-    def __init__(self, nanny_pids: list[int]):
-        self.nanny_pids, self.peak_bytes = nanny_pids, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.02):
-            for nanny in self.nanny_pids:
-                try:
-                    for child in psutil.Process(nanny).children():
-                        self.peak_bytes = max(self.peak_bytes, child.memory_info().rss)
-                except psutil.Error:
-                    continue
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join(5)
-        return self.peak_bytes
 
 
 def test_groupby_and_sum_on_workers_without_resources_never_pause_or_restart(tmp_path):
