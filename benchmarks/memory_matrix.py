@@ -199,7 +199,8 @@ def _cluster_counts(cell: Cell, client) -> None:
     cell.pause_events = sum(1 for topic, log in events.items() if topic.startswith("tcp://") for _, msg in log
                             if msg.get("action") == "worker-status-change" and msg.get("status") == "paused")
     cell.restart_events = len(client.get_events("worker-restart-memory"))
-    cell.removed = sum(1 for _, msg in events.get("all", []) if msg.get("action") == "remove-worker")
+    cell.removed = sum(1 for topic, log in events.items() if topic.startswith("tcp://") for _, msg in log
+                       if msg.get("action") == "remove-worker")  # per worker: "all" keeps only 1000 events
 
 
 def _record_counts(cell: Cell, cell_dir: Path, estate, refs: References) -> None:
