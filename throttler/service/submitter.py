@@ -94,6 +94,7 @@ class Submitter:
             return done
         snapshot = read_snapshot(self._client())  # outside the lock: the ledger covers its lag
         self._observe(snapshot)
+        now = self._clock()  # a job handed off during the read must not have waited less than 0 s
         with self._lock:
             self._admit(snapshot, now, done)
         if done.progressed:
