@@ -512,7 +512,8 @@ def run_worker_kill(h: Harness, outcome: Outcome) -> None:
         _wait_for_pid_gone_and_workers(h, pid)
     outcome.details["moments"] = dict(moments)
     outcome.details["memory_blamed"] = _daemon_log(h).count("its task killed worker")  # an operator's kill: 0
-    outcome.notes.append("worker killed while running: " + ", ".join(f"{k} {v}" for k, v in sorted(moments.items())))
+    outcome.notes.append("worker killed while running: " + ", ".join(f"{k} {v}" for k, v in sorted(moments.items()))
+                         + f"; memory kills blamed on a group: {outcome.details['memory_blamed']}")
 
 
 def _worker_writing_output(h: Harness) -> tuple[int, str] | None:

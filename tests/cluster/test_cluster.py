@@ -255,31 +255,3 @@ def test_package_probe_runs_where_throttler_cannot_be_imported(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "'error': 'ImportError: blocked for the test: throttler'" in done.stdout, done.stdout
 
-
-def test_a_no_worker_task_is_scheduled_once_a_worker_gets_its_resource(cluster_client):
-    """The scheduler does not look at no-worker tasks when a worker's resources change;
-    wake_unrunnable does (the case: every worker restarting at once, then sized by the plugin)."""
-    import asyncio
-
-    from throttler.cluster.scheduler import wake_unrunnable
-
-    _, client = cluster_client
-    future = client.submit(lambda: 42, resources={"throttler-test-late": 1}, pure=False)
-    deadline = time.monotonic() + 10
-    while client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.unrunnable)) != 1:
-        assert time.monotonic() < deadline, "the task never reached no-worker"
-        time.sleep(0.02)
-    address = sorted(client.scheduler_info()["workers"])[0]
-
-    async def give(dask_worker):
-        await dask_worker.set_resources(**{"throttler-test-late": 1})
-
-    client.run(lambda dask_worker: asyncio.ensure_future(give(dask_worker)) and None, workers=[address])
-    while not client.run_on_scheduler(
-            lambda dask_scheduler: dask_scheduler.workers[address].resources.get("throttler-test-late")):
-        assert time.monotonic() < deadline, "the resource never reached the scheduler"
-        time.sleep(0.02)
-    assert client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.unrunnable)) == 1  # still stuck
-    assert future.status == "pending"
-    assert wake_unrunnable(client) == 1
-    assert future.result(timeout=10) == 42

@@ -166,6 +166,22 @@ def test_a_task_alone_excludes_every_other_task_of_ours(cluster):
     assert all(stop <= a_start or start >= a_stop for _, start, stop in others), (a_start, a_stop, others)
 
 
+def test_a_task_waiting_while_no_worker_had_the_resources_runs_once_one_has(cluster):
+    """Every worker dies at once (as in chaos.py's worker-kill); a task of ours submitted meanwhile
+    is ``no-worker``. The restarted workers join before their plugin sets the resources, and Dask
+    looks at ``no-worker`` tasks only when a worker joins: resource_sizing must start it."""
+    client = cluster["client"]
+    wait_for(lambda: _sized(client, ["w0", "w1"]), 60)
+    old = set(client.scheduler_info()["workers"])
+    for name in ("w0", "w1"):
+        os.kill(_pid_of(client, name), signal.SIGKILL)
+    wait_for(lambda: not old & set(client.scheduler_info()["workers"]), 30)
+    future = client.submit(_holder(), 1, 0.0, resources=wm.task_resources(1, [_cap(2**20, 2**20)]), pure=False)
+    name, _, _ = future.result(timeout=90)
+    assert name in ("w0", "w1")
+    assert not old & set(client.scheduler_info()["workers"])  # it ran on a restarted worker
+
+
 # --------------------------------------------------------------------------- pure policy
 
 

@@ -7,6 +7,7 @@
 * :class:`Daemon` is ``python -m throttler serve`` with its log.
 * :func:`throttler_cli` runs another subcommand and returns its completed process.
 * :class:`NotifyListener` stands in for systemd's notification socket.
+* :class:`RssSampler` keeps the highest RSS of the workers (the nannies' children).
 * :func:`gate_workers` occupies every worker thread until a file appears, so
   groups stay submitted-but-unfinished for as long as a test needs.
 """
@@ -111,10 +112,10 @@ def leaked_processes() -> list[str]:
 
 
 class ExternalCluster:
-    """``dask scheduler`` + ``n_workers`` x ``dask worker`` (1 thread, 1 GB), on loopback."""
+    """``dask scheduler`` + ``n_workers`` x ``dask worker`` (``nthreads`` threads, 1 GB by default), on loopback."""
 
     def __init__(self, log_dir: Path, n_workers: int = 2, memory_bytes: int = 1_000_000_000,
-                 declare_memory: bool = True):
+                 declare_memory: bool = True, nthreads: int = 1, resources: str | None = None):
         self.log_dir = Path(log_dir)
         self.port = free_port()
         self.address = f"tcp://127.0.0.1:{self.port}"
@@ -124,9 +125,11 @@ class ExternalCluster:
                                 "--no-dashboard", "--dashboard-address", "127.0.0.1:0"],
                                self.log_dir / "scheduler.log"))
         for i in range(n_workers):
-            argv = ["dask", "worker", self.address, "--nthreads", "1", "--memory-limit", str(memory_bytes),
+            argv = ["dask", "worker", self.address, "--nthreads", str(nthreads), "--memory-limit", str(memory_bytes),
                     "--no-dashboard", "--name", f"w{i}"]
-            if declare_memory:
+            if resources is not None:  # the worker's own resources, as given (replaces MEMORY=memory_bytes)
+                argv += ["--resources", resources] if resources else []
+            elif declare_memory:
                 argv += ["--resources", f"MEMORY={memory_bytes}"]
             self.procs.append(Proc(argv, self.log_dir / f"worker{i}.log"))
 
@@ -157,6 +160,30 @@ class ExternalCluster:
                 pass
         for proc in reversed(self.procs):
             proc.kill_group()
+
+
+class RssSampler:
+    """Samples every worker process's RSS (the nannies' children) every 20 ms; keeps the highest."""
+
+    def __init__(self, nanny_pids: list[int]):
+        self.nanny_pids, self.peak_bytes = nanny_pids, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            for nanny in self.nanny_pids:
+                try:
+                    for child in psutil.Process(nanny).children():
+                        self.peak_bytes = max(self.peak_bytes, child.memory_info().rss)
+                except psutil.Error:
+                    continue
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join(5)
+        return self.peak_bytes
 
 
 def gate_workers(client, gate_file: Path) -> list:

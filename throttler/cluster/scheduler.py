@@ -67,30 +67,3 @@ def _scheduler_worker_records() -> Callable:
 
     return collect
 
-
-def wake_unrunnable(client: Any) -> int:
-    """Send ``no-worker`` tasks to the workers that can run them now; returns how many.
-
-    A worker gets the daemon's resources from its plugin just after it joins
-    (:mod:`throttler.cluster.worker_memory`). The scheduler reschedules
-    ``no-worker`` tasks when a worker joins or resumes, not when a worker's
-    resources change, so tasks that found no worker while every worker was
-    restarting would wait for ever. The service calls this once a second.
-    """
-    return client.run_on_scheduler(_scheduler_wake())
-
-
-def _scheduler_wake() -> Callable:
-    """Run on the scheduler; shipped by value like :func:`_scheduler_worker_records`."""
-
-    def wake(dask_scheduler) -> int:
-        if not dask_scheduler.unrunnable:
-            return 0
-        before = len(dask_scheduler.unrunnable)
-        for ws in list(dask_scheduler.running):
-            recommendations = dask_scheduler.bulk_schedule_unrunnable_after_adding_worker(ws)
-            if recommendations:
-                dask_scheduler.transitions(recommendations, stimulus_id=f"throttler-wake-{ws.address}")
-        return before - len(dask_scheduler.unrunnable)
-
-    return wake

@@ -214,5 +214,12 @@ def scheduler_capacity_records():
 
 
 def register(client, share: float = DEFAULT_SHARE, assumed_limit_bytes: int | None = None) -> None:
-    """Register the plugin on the client's cluster (present and future workers)."""
+    """Register the plugin on the client's cluster (present and future workers).
+
+    First the scheduler plugin that starts tasks waiting for these resources once
+    a worker has them (:mod:`throttler.cluster.resource_sizing`: Dask does not).
+    """
+    from throttler.cluster import resource_sizing
+
+    resource_sizing.register(client, EVENT_TOPIC)
     client.register_plugin(ThrottlerMemoryPlugin(share, assumed_limit_bytes))

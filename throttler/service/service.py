@@ -25,7 +25,7 @@ from distributed.scheduler import KilledWorker
 
 from throttler.admission import policy as admission
 from throttler.cluster import worker_deaths, worker_memory
-from throttler.cluster.scheduler import task_restriction, wake_unrunnable
+from throttler.cluster.scheduler import task_restriction
 from throttler.cluster.snapshot import WORKER_BASELINE_BYTES
 from throttler.config import Config
 from throttler.errors import NoWorkers
@@ -48,9 +48,6 @@ NO_WORKERS_RETRY_SECONDS = 1.0
 #: tasks estimated below this share of a worker's solo budget teach the estimator nothing
 LEARN_MIN_SHARE_OF_SOLO = 0.25
 
-#: how often no-worker tasks are looked at (see :func:`throttler.cluster.scheduler.wake_unrunnable`)
-WAKE_EVERY_SECONDS = 1.0
-
 #: how often "cannot read the scheduler" is logged while it stays away
 UNREACHABLE_WARNING_SECONDS = 10.0
 
@@ -64,7 +61,6 @@ class Service:
         self.client = client
         self.reconnect = reconnect  #: () -> new Client, for an external scheduler
         self._reconnect_at = 0.0
-        self._woken_at = float("-inf")
         self._unreachable_warned_at = float("-inf")
         self._reconnect_attempts = 0
         self.spool, self.catalog, self.estimator = spool, catalog, estimator
@@ -186,21 +182,6 @@ class Service:
             self._start_due()
             self.intake()
         self.status.refresh()
-        self._wake_unrunnable()
-
-    def _wake_unrunnable(self) -> None:
-        """At most once a second: tasks left in no-worker while workers restarted go to the workers now sized."""
-        now = self.clock()
-        if now - self._woken_at < WAKE_EVERY_SECONDS:
-            return
-        self._woken_at = now
-        try:
-            woken = wake_unrunnable(self.client)
-        except Exception as exc:  # noqa: BLE001 - the scheduler may be away; the next step tries again
-            log.debug("cannot wake no-worker tasks: %s", exc)
-            return
-        if woken:
-            log.info("%d task(s) waiting for a worker with the daemon's resources were scheduled", woken)
 
     def check_client(self) -> None:
         """Replace a client that gave up reconnecting (the scheduler was away too long).

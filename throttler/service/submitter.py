@@ -94,8 +94,8 @@ class Submitter:
             return done
         snapshot = read_snapshot(self._client())  # outside the lock: the ledger covers its lag
         self._observe(snapshot)
-        with self._lock:
-            self._admit(snapshot, self._clock(), done)  # now again: jobs may have joined since the read
+        with self._lock:  # the clock read again: a job handed off during the read must not wait less than 0 s
+            self._admit(snapshot, self._clock(), done)
         if done.progressed:
             self.notify()  # builders blocked on the hand-off bound
         return done
