@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from throttler import storage
 from throttler.errors import DataError
 from throttler.planning.plan import FileInfo
 from throttler.worker import pages
@@ -16,8 +16,8 @@ from throttler.worker import pages
 def file_info(path: str) -> FileInfo:
     """Read one file's footer: size on disk, rows, uncompressed bytes."""
     try:
-        size_bytes = os.stat(path).st_size
-        md = pq.read_metadata(path)
+        size_bytes = storage.size_bytes(path)
+        md = pq.read_metadata(storage.open_input(path))
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except (pa.ArrowInvalid, OSError) as exc:
@@ -37,6 +37,6 @@ def key_domain_info(path: str, md: pq.FileMetaData) -> dict:
     out = {}
     if all(s is not None and s.has_min_max for s in stats):
         out = {"path_min": min(int(s.min) for s in stats), "path_max": max(int(s.max) for s in stats)}
-    with contextlib.suppress(OSError, pa.ArrowException), pa.memory_map(path, "r") as source:
+    with contextlib.suppress(OSError, pa.ArrowException), storage.open_input(path) as source:
         out["date_count"] = pages.dictionary_size(md.row_group(0).column(names.index("Date")), source)
     return out
