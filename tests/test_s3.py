@@ -105,3 +105,52 @@ def test_a_failed_output_write_leaves_no_object_and_no_multipart_upload(estate):
     assert "Uploads" not in s3.list_multipart_uploads(Bucket=BUCKET)
     assert storage.list_files(f"s3://{BUCKET}/data/aligned", ".parquet") == [
         f"s3://{BUCKET}/data/aligned/f{i}.parquet" for i in range(3)]
+
+
+def test_a_manifest_on_an_s3_root_resolves_keys_and_refuses_entries_outside_it(estate, tmp_path):
+    from throttler.errors import CatalogError
+    from throttler.planning.catalog import Catalog
+
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("group_id,file\nok,aligned/f0.parquet\nok,./shuffled/../aligned/f1.parquet\n"
+                        "escape,../elsewhere/f0.parquet\nother,s3://other-bucket/data/f0.parquet\n")
+    catalog = Catalog(f"s3://{BUCKET}/data/", manifest)
+    assert catalog.files("ok") == [f"s3://{BUCKET}/data/aligned/f0.parquet", f"s3://{BUCKET}/data/aligned/f1.parquet"]
+    with pytest.raises(CatalogError, match=f"resolves to s3://{BUCKET}/elsewhere/f0.parquet, outside the data root"):
+        catalog.files("escape")
+    with pytest.raises(CatalogError, match="outside the data root"):
+        catalog.files("other")
+    assert Catalog(f"s3://{BUCKET}/data").groups() == ["aligned", "corrupt", "shuffled"]
+
+
+def test_plan_reads_s3_footers_and_reports_the_time(estate):
+    done = throttler_cli("plan", "aligned", "--data-root", f"s3://{BUCKET}/data", "--workers", "1",
+                         timeout_seconds=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    first = done.stdout.splitlines()[0]
+    assert first.startswith("group aligned: 3 files, ") and "; footers read in " in first, done.stdout
+
+
+def test_the_daemon_serves_s3_groups_to_s3_outputs_with_records_in_the_local_spool(estate, tmp_path):
+    from tests.daemon_helpers import Daemon, records, wait_closed
+    from tests.datafiles import assert_matches_reference
+
+    root, s3 = estate
+    spool = tmp_path / "spool"
+    daemon = Daemon(["--spool", str(spool), "--data-root", f"s3://{BUCKET}/data", "--output",
+                     f"s3://{BUCKET}/daemon-out", "--metrics-address", "127.0.0.1:0", "--poll-seconds", "0.05",
+                     "--rescan-seconds", "0.5"], tmp_path / "daemon.log")
+    try:
+        daemon.wait_ready()
+        assert f"data root s3://{BUCKET}/data; output s3://{BUCKET}/daemon-out; " in daemon.log()
+        assert throttler_cli("submit", "shuffled", "aligned", "--spool", str(spool)).returncode == 0
+        wait_closed(spool, 2, 120, daemon)
+    finally:
+        daemon.kill()
+    done = {r["group"]: r for r in records(spool, "done")}
+    assert sorted(done) == ["aligned", "shuffled"], daemon.log()
+    for group in done:
+        assert done[group]["output"] == f"s3://{BUCKET}/daemon-out/{group}.parquet"
+        local = tmp_path / f"{group}.parquet"
+        s3.download_file(BUCKET, f"daemon-out/{group}.parquet", str(local))
+        assert_matches_reference(local, sorted(str(p) for p in (root / group).iterdir()))

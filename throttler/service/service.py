@@ -32,7 +32,7 @@ from throttler.errors import NoWorkers
 from throttler.ops.progress import ProgressTracker
 from throttler.ops.status import StatusReporter
 from throttler.planning import planner
-from throttler.planning.footers import file_info
+from throttler.planning.footers import file_infos
 from throttler.service import outcome as retries
 from throttler.service.jobs import PLANNING, QUEUED, RUNNING, STATES, Job
 from throttler.service.records import done_record, failed_record
@@ -267,7 +267,7 @@ class Service:
             self._count_busy("builder", -1)
 
     def _plan(self, job: Job):
-        files = [file_info(path) for path in self.catalog.files(job.group)]
+        files = file_infos(self.catalog.files(job.group))
         plan = planner.make_plan(job.group, files, job.strategy, self.status.shape(), self.estimator,
                                  attempt=1 + job.memory_failures, memory_fraction=self.config.memory_fraction,
                                  measured_task_peak_bytes=job.measured_task_peak_bytes,
