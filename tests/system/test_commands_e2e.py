@@ -39,7 +39,10 @@ def _run(estate_root, out, group, *extra, timeout_seconds=300):
 
 
 def _progress(stderr: str, group: str) -> list[tuple[int, int]]:
-    return [(int(a), int(b)) for a, b in re.findall(rf"^progress {group}: (\d+)/(\d+) files, ", stderr, re.M)]
+    """(files read, files) of the last attempt's progress lines (a retry starts again from 0)."""
+    lines = re.findall(rf"^progress {group}: (\d+)/(\d+) files, .*?(?:, attempt (\d+))?\)$", stderr, re.M)
+    last = max((int(attempt or 1) for *_, attempt in lines), default=1)
+    return [(int(a), int(b)) for a, b, attempt in lines if int(attempt or 1) == last]
 
 
 @pytest.mark.parametrize("strategy, group", [("auto", "wide"), ("sum", "twelve"), ("groupby", "twelve")])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import pytest
 
@@ -184,9 +183,8 @@ def test_replans_cap_their_safety_factor_a_measured_peak_above_every_worker_does
         make_plan("g", files(10), "groupby", SMALL, e, measured_task_peak_bytes=SMALL.solo_task_budget_bytes() + 1)
 
 
-def test_planning_a_huge_group_on_a_big_cluster_is_fast():
+def test_planning_a_huge_group_on_a_big_cluster():
+    # how fast it plans is measured by benchmarks/daemon_costs.py, not asserted here
     shape = ClusterShape.uniform(500, 16 * GiB, nthreads=2)
-    started = time.perf_counter()
     p = make_plan("g", files(18_000), "aligned", shape, Estimator())
-    assert time.perf_counter() - started < 1.0
     assert p.n_leaf_tasks == 1000 and p.files_per_task == 18

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import os
 
+from throttler import storage
 from throttler.errors import RequestError, UsageError
 from throttler.groupid import validate_group
 
 
 def readable_directory(path: str, what: str) -> None:
+    if storage.is_url(path):
+        return reachable_url(path, what)
+    path = storage.local_path(path)
     if not os.path.isdir(path):
         raise UsageError(f"{what} {path} does not exist or is not a directory")
     if not os.access(path, os.R_OK | os.X_OK):
@@ -20,7 +24,14 @@ def readable_directory(path: str, what: str) -> None:
 
 
 def writable_directory(path: str, what: str, create: bool) -> None:
-    """``path`` is a writable directory; with ``create``, a missing one is made (its parent must exist)."""
+    """``path`` is a writable directory; with ``create``, a missing one is made (its parent must exist).
+
+    An object store URL is checked by listing it (its bucket must exist and answer):
+    whether this user may write there shows only when the first output is written.
+    """
+    if storage.is_url(path):
+        return reachable_url(path, what)
+    path = storage.local_path(path)
     if create and not os.path.exists(path):
         try:
             os.mkdir(path, 0o750)
@@ -35,6 +46,18 @@ def writable_directory(path: str, what: str, create: bool) -> None:
 def readable_file(path: str | None, what: str) -> None:
     if path is not None and not os.access(path, os.R_OK):
         raise UsageError(f"{what} {path} does not exist or is not readable")
+
+
+def reachable_url(url: str, what: str) -> None:
+    """``url`` is a well-formed object store URL whose bucket exists and can be listed."""
+    try:
+        storage.check_url(url)
+        storage.check_reachable(url)
+    except storage.StorageError as exc:
+        raise UsageError(f"{what}: {exc}") from None
+    except OSError as exc:
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise UsageError(f"{what} {url} cannot be listed: {detail}") from None
 
 
 def group_ids(groups: list[str]) -> None:

@@ -9,7 +9,7 @@ from throttler.cluster.scheduler import read_snapshot
 from throttler.planning import planner
 from throttler.planning.catalog import Catalog
 from throttler.planning.estimator import Estimator
-from throttler.planning.footers import file_info
+from throttler.planning.footers import file_infos
 from throttler.planning.memory_model import naive_group_bytes
 from throttler.units import format_bytes
 
@@ -17,7 +17,7 @@ from throttler.units import format_bytes
 def main(group: str, data_root: str, manifest: str | None, strategy: str, memory_fraction: float,
          client) -> int:
     started = time.monotonic()
-    files = [file_info(f) for f in Catalog(data_root, manifest).files(group)]
+    files = file_infos(Catalog(data_root, manifest).files(group))
     footers_seconds = time.monotonic() - started
     snapshot = read_snapshot(client)
     plan = planner.make_plan(group, files, strategy, snapshot.shape(), Estimator(),

@@ -30,7 +30,8 @@ def progress_line(group: dict) -> str:
     left = f", about {(total - done) / rate:.0f} s left" if rate > 0 else ""
     return (f"progress {group['group']}: {group['files_done']}/{group['files_total']} files, "
             f"{format_bytes(done)} of {format_bytes(total)}, {format_bytes(rate)}/s{left}, "
-            f"running {group['running_seconds']:.0f} s ({group['strategy']})")
+            f"running {group['running_seconds']:.0f} s ({group['strategy']}"
+            + (f", attempt {group['attempt']})" if group.get("attempt", 1) > 1 else ")"))
 
 
 class ProgressDisplay:

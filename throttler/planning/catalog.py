@@ -8,6 +8,10 @@ Two layouts are supported:
 
 Every resolved file must lie under the data root once symlinks are resolved;
 anything else is a :class:`~throttler.errors.CatalogError`.
+
+The data root may be an object store URL (``s3://bucket/estate``): a group is
+then the prefix ``<data_root>/<group_id>/``, listed (with pagination), and
+manifest entries are keys relative to it; confinement compares normalised keys.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from throttler import storage
 from throttler.errors import CatalogError
 from throttler.groupid import validate_group
 
@@ -28,7 +33,8 @@ class Catalog:
     """Resolves group IDs to absolute file paths under ``data_root``."""
 
     def __init__(self, data_root: str | os.PathLike, manifest: str | os.PathLike | None = None):
-        self.data_root = Path(data_root).resolve()
+        self.url_root = storage.normalise(str(data_root)) if storage.is_url(data_root) else None
+        self.data_root = Path(storage.local_path(data_root)).resolve() if self.url_root is None else self.url_root
         self.manifest = Path(manifest) if manifest else None
         self._lock = threading.Lock()
         self._manifest_mtime_ns: int | None = None
@@ -47,9 +53,13 @@ class Catalog:
         if self.manifest:
             self._load_manifest()
             return sorted(self._groups)
+        if self.url_root:
+            return storage.list_directories(self.url_root)
         return sorted(p.name for p in self.data_root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
     def _directory_files(self, group: str) -> list[str]:
+        if self.url_root:
+            return _prefix_files(self.url_root, group)
         directory = self.data_root / group
         if not directory.is_dir():
             raise CatalogError(f"unknown group {group!r}: no directory {directory}")
@@ -59,9 +69,13 @@ class Catalog:
         self._load_manifest()
         if group not in self._groups:
             raise CatalogError(f"unknown group {group!r}: not in manifest {self.manifest}")
+        if self.url_root:
+            return [rel if storage.is_url(rel) else storage.join(self.url_root, rel) for rel in self._groups[group]]
         return [str(self.data_root / rel) for rel in self._groups[group]]
 
     def _inside_root(self, name: str, group: str) -> str:
+        if self.url_root:
+            return _inside_url_root(self.url_root, name, group)
         resolved = Path(name).resolve()
         if not resolved.is_relative_to(self.data_root):
             raise CatalogError(f"group {group!r}: file {name} resolves to {resolved}, outside the data root")
@@ -96,3 +110,32 @@ def _read_manifest(manifest: Path) -> dict[str, list[str]]:
             continue
         groups.setdefault(str(group), []).append(str(rel))
     return groups
+
+
+def _prefix_files(url_root: str, group: str) -> list[str]:
+    """The ``.parquet`` objects under ``<url_root>/<group>/``; a missing bucket or prefix is a CatalogError."""
+    prefix = storage.join(url_root, group)
+    try:
+        files = storage.list_files(prefix, ".parquet")
+    except FileNotFoundError:
+        raise CatalogError(f"unknown group {group!r}: nothing under {prefix}/") from None
+    except OSError as exc:
+        raise CatalogError(f"group {group!r}: cannot list {prefix}/ ({_first_line(exc)})") from None
+    if not files:
+        raise CatalogError(f"unknown group {group!r}: no .parquet objects under {prefix}/")
+    return files
+
+
+def _inside_url_root(url_root: str, name: str, group: str) -> str:
+    try:
+        resolved = storage.normalise(name)
+        storage.check_url(resolved)
+    except storage.StorageError as exc:
+        raise CatalogError(f"group {group!r}: {exc}") from None
+    if not resolved.startswith(url_root.rstrip("/") + "/"):
+        raise CatalogError(f"group {group!r}: file {name} resolves to {resolved}, outside the data root")
+    return resolved
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]

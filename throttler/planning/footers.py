@@ -3,31 +3,46 @@
 from __future__ import annotations
 
 import contextlib
-import os
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from throttler import storage
 from throttler.errors import DataError
 from throttler.planning.plan import FileInfo
 from throttler.worker import pages
 
 
+#: Footers read at once for an object store group (each is a few ranged GETs of
+#: latency, not bandwidth: many in flight hide the round trips).
+OBJECT_FOOTER_THREADS = 32
+
+
+def file_infos(paths: list[str]) -> list[FileInfo]:
+    """:func:`file_info` of every path, in order; object store footers concurrently."""
+    if not paths or not storage.is_url(paths[0]):
+        return [file_info(path) for path in paths]
+    with ThreadPoolExecutor(min(OBJECT_FOOTER_THREADS, len(paths)), thread_name_prefix="footers") as pool:
+        return list(pool.map(file_info, paths))
+
+
 def file_info(path: str) -> FileInfo:
-    """Read one file's footer: size on disk, rows, uncompressed bytes."""
+    """Read one file's footer: size on disk, rows, uncompressed bytes (one open: ranged reads on a store)."""
     try:
-        size_bytes = os.stat(path).st_size
-        md = pq.read_metadata(path)
+        with storage.open_input(path) as source:
+            size_bytes = source.size()
+            md = pq.read_metadata(source)
+            domain = key_domain_info(path, md, source)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except (pa.ArrowInvalid, OSError) as exc:
         raise DataError(f"{path}: cannot read the Parquet footer ({exc})") from None
     decoded = sum(md.row_group(i).total_byte_size for i in range(md.num_row_groups))
-    return FileInfo(path=path, size_bytes=size_bytes, rows=md.num_rows, decoded_bytes=decoded,
-                    **key_domain_info(path, md))
+    return FileInfo(path=path, size_bytes=size_bytes, rows=md.num_rows, decoded_bytes=decoded, **domain)
 
 
-def key_domain_info(path: str, md: pq.FileMetaData) -> dict:
+def key_domain_info(path: str, md: pq.FileMetaData, source: pa.NativeFile | None = None) -> dict:
     """``path_min``/``path_max`` from the footer's statistics (None unless every row group has
     them) and ``date_count`` from the first row group's Date dictionary page header (0 if none)."""
     names = [md.schema.column(i).path for i in range(md.num_columns)]
@@ -37,6 +52,10 @@ def key_domain_info(path: str, md: pq.FileMetaData) -> dict:
     out = {}
     if all(s is not None and s.has_min_max for s in stats):
         out = {"path_min": min(int(s.min) for s in stats), "path_max": max(int(s.max) for s in stats)}
-    with contextlib.suppress(OSError, pa.ArrowException), pa.memory_map(path, "r") as source:
-        out["date_count"] = pages.dictionary_size(md.row_group(0).column(names.index("Date")), source)
+    with contextlib.suppress(OSError, pa.ArrowException):
+        if source is None:
+            with storage.open_input(path) as opened:
+                out["date_count"] = pages.dictionary_size(md.row_group(0).column(names.index("Date")), opened)
+        else:
+            out["date_count"] = pages.dictionary_size(md.row_group(0).column(names.index("Date")), source)
     return out

@@ -22,8 +22,9 @@ import pyarrow as pa
 
 from throttler import durable
 from throttler.errors import DataError
-from throttler.planning.footers import file_info
-from throttler.planning.incremental import RunDecision, decide
+from throttler import storage
+from throttler.planning.footers import file_info, file_infos
+from throttler.planning.incremental import FULL, RunDecision, decide
 from throttler.planning.plan import FileInfo
 from throttler.worker.state import (
     OutputState,
@@ -49,7 +50,15 @@ class PreparedRun:
 
 
 def prepare(paths: list[str], data_root: str, output_path: str, full_requested: bool) -> PreparedRun:
-    """Fingerprint ``paths`` (absolute, under ``data_root``), decide, and gather the footers to plan."""
+    """Fingerprint ``paths`` (absolute, under ``data_root``), decide, and gather the footers to plan.
+
+    On object storage every run is full for now (the previous output cannot be
+    pinned by a hard link there): the footers are read concurrently.
+    """
+    if storage.is_url(str(data_root)) or storage.is_url(str(output_path)):
+        decision = RunDecision(FULL, "object storage: incremental runs are not supported there yet",
+                               tuple(paths))
+        return PreparedRun(decision, tuple(file_infos(paths)), output_path, len(paths))
     try:
         current = fingerprint_files(paths, str(data_root))
     except FileNotFoundError as exc:

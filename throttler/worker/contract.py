@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from throttler import storage
 from throttler.errors import DataError
 
 KEY_COLUMNS = ("path", "Date")
@@ -52,7 +53,7 @@ def open_parquet(path: str) -> pq.ParquetFile:
     per 50 MB file).
     """
     try:
-        return pq.ParquetFile(pa.memory_map(path, "r"), page_checksum_verification=True)
+        return pq.ParquetFile(storage.open_input(path), page_checksum_verification=True)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
@@ -91,7 +92,7 @@ def key_chunks(pf: pq.ParquetFile, path: str, schema: FileSchema) -> list[bytes]
     names = [md.schema.column(i).path for i in range(md.num_columns)]
     key_idx = [names.index(c) for c in KEY_COLUMNS]
     parts = [f"{schema.path_type}|{schema.date_type}|".encode()]
-    with pa.memory_map(path, "r") as source:
+    with storage.open_input(path) as source:
         for rg in range(md.num_row_groups):
             row_group = md.row_group(rg)
             parts.append(row_group.num_rows.to_bytes(8, "little"))

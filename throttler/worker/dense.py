@@ -49,7 +49,6 @@ one row group, whatever the number of files.
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from dataclasses import dataclass
 
@@ -57,6 +56,7 @@ import numpy as np
 import pyarrow as pa
 from dask.sizeof import sizeof
 
+from throttler import storage
 from throttler.errors import DataError, MisalignedKeys
 from throttler.planning.memory_model import (
     DENSE_LEAF_BYTES_PER_CELL,
@@ -200,7 +200,7 @@ def _file_dates_ns(pf, path: str) -> np.ndarray:
     md, index = pf.metadata, _column_index(pf, "Date")
     stored = _stored_date_type(pf, index)
     found = []
-    with pa.memory_map(path, "r") as source:
+    with storage.open_input(path) as source:
         for rg in range(md.num_row_groups):
             try:
                 if stored is None:
@@ -358,7 +358,7 @@ class _Accumulator:
         else:
             self._add_scattered(pf, path, part)
         part.files += 1
-        part.bytes_read += os.path.getsize(path)
+        part.bytes_read += storage.size_bytes(path)
 
     def _add_aligned(self, pf, path: str, part: Partial) -> None:
         if self.reference_sums is None:
@@ -423,7 +423,7 @@ def dense_leaf(paths: list[str], reference_path: str) -> Partial:
         progress = FileProgress()
         for path in paths:
             acc.add_file(path, part)
-            progress.add(os.path.getsize(path))
+            progress.add(storage.size_bytes(path))
         progress.send()
         aligned_bytes = 0 if acc.reference_sums is None else acc.reference_sums.nbytes
         part.data = acc.finish()

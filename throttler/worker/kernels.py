@@ -12,7 +12,6 @@ counted; infinities are summed as IEEE arithmetic gives (inf + -inf = NaN).
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +21,7 @@ import pandas as pd
 import pyarrow as pa
 from dask.sizeof import sizeof
 
+from throttler import storage
 from throttler.errors import DataError, MisalignedKeys
 from throttler.worker import contract, prefetch
 from throttler.worker.output import (
@@ -142,7 +142,7 @@ def _aligned_pass(paths: list[str], reference_path: str, skip_nans: bool,
         extra = 0 if ref.same_key_bytes(pf, path, schema) else ref.verify_same_keys(pf, path)
         peak = max(peak, acc.nbytes + extra, acc.nbytes + _add_values(acc, pf, path, part, skip_nans))
         part.files += 1
-        size = os.path.getsize(path)
+        size = storage.size_bytes(path)
         part.bytes_read += size
         if progress is not None:
             progress.add(size)
@@ -312,7 +312,7 @@ def _read_frame(path: str, part: Partial, progress: FileProgress) -> tuple[np.nd
     values, nans = _skip_nans(values.astype(np.float64, copy=False))
     part.nan_count += nans
     part.files += 1
-    size = os.path.getsize(path)
+    size = storage.size_bytes(path)
     part.bytes_read += size
     progress.add(size)
     return paths, dates, values

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from throttler import durable
+from throttler import durable, storage
 from throttler.worker import contract, state
 
 TMP_SUFFIX = durable.TMP_SUFFIX
@@ -26,7 +26,9 @@ OUTPUT_SUFFIX = ".parquet"
 
 def output_path_for(output_root: str | os.PathLike, group: str) -> str:
     """The one output file of ``group`` (the group ID is validated upstream)."""
-    return str(Path(output_root) / f"{group}{OUTPUT_SUFFIX}")
+    if storage.is_url(output_root):
+        return storage.join(output_root, f"{group}{OUTPUT_SUFFIX}")
+    return str(Path(storage.local_path(output_root)) / f"{group}{OUTPUT_SUFFIX}")
 
 
 #: How outputs are encoded: sorted keys plain + zstd 1 (as small as a dictionary, half its CPU),
@@ -65,6 +67,8 @@ def write_table(output_path: str, table: pa.Table) -> int:
         table = table.replace_schema_metadata(state.state_metadata(output_path, _finite(table)))
     pq.write_table(table, encoded, **WRITE_OPTIONS)
     data = memoryview(encoded.getvalue())
+    if storage.is_url(output_path):
+        return storage.write_object(output_path, data)
     with durable.replacing(output_path, OUTPUT_MODE) as fh:
         while data:
             data = data[fh.write(data):]
@@ -81,8 +85,11 @@ def write_tables(output_path: str, schema: pa.Schema, tables) -> int:
     most the writer's default 1,048,576 rows, as :func:`write_table` writes).
 
     Each table is encoded and written straight to the temporary file as it
-    arrives, so the writes overlap the caller preparing the next one.
+    arrives, so the writes overlap the caller preparing the next one. An object
+    store output is encoded whole in memory, then written with one PUT.
     """
+    if storage.is_url(output_path):
+        return _write_tables_object(output_path, schema, tables)
     finite = True
     with durable.replacing(output_path, OUTPUT_MODE) as fh:
         with pq.ParquetWriter(pa.PythonFile(fh, mode="w"), schema, **WRITE_OPTIONS) as writer:
@@ -98,6 +105,15 @@ def write_tables(output_path: str, schema: pa.Schema, tables) -> int:
 def _finite(table: pa.Table) -> bool:
     """Every output value is finite (an output with NaN or inf is not extended incrementally)."""
     return pc.all(pc.is_finite(table.column("value"))).as_py() is not False
+
+
+def _write_tables_object(output_url: str, schema: pa.Schema, tables) -> int:
+    """An object store output: encoded whole in memory, then one PUT (it appears whole or not at all)."""
+    encoded = pa.BufferOutputStream()
+    with pq.ParquetWriter(encoded, schema, **WRITE_OPTIONS) as writer:
+        for table in tables:
+            writer.write_table(table)
+    return storage.write_object(output_url, memoryview(encoded.getvalue()))
 
 
 def start_writeback(fd: int) -> None:
@@ -120,7 +136,9 @@ def sweep_temporaries(output_root: str | os.PathLike, group: str | None = None) 
     pattern = re.compile(re.escape(f".{group}{OUTPUT_SUFFIX}.") + r"[0-9a-f]{12}" + re.escape(TMP_SUFFIX)) \
         if group else re.compile(r"\..*" + re.escape(TMP_SUFFIX))
     removed = []
-    for entry in os.scandir(output_root):
+    if storage.is_url(output_root):
+        return removed  # object outputs are single PUTs: no temporary ever exists
+    for entry in os.scandir(storage.local_path(output_root)):
         if pattern.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
             _unlink_quietly(entry.path)
             removed.append(entry.name)

@@ -1,0 +1,175 @@
+"""Where data and outputs live: a local path, ``file://`` or an object store URL.
+
+Every read of an input file and every write of an output goes through here, so
+the rest of the code handles ``s3://bucket/estate/G/f.parquet`` exactly like
+``/data/estate/G/f.parquet``.
+
+* Reads use pyarrow's file systems (``pyarrow.fs.FileSystem.from_uri``): local
+  files are memory-mapped; object store files are opened as random-access
+  files whose ``read_at`` is one ranged GET, so a footer or a key column costs
+  a few requests, not the whole object. pyarrow's S3 client takes credentials
+  from the standard AWS chain (environment, config files, instance or workload
+  identity) and ``AWS_ENDPOINT_URL`` for S3-compatible stores, and retries
+  throttling and 5xx answers itself (its standard retry strategy).
+* Writes of an S3 object are one ``PutObject`` of the fully encoded bytes
+  (boto3, the same credential chain): the object appears whole or not at all,
+  and no multipart upload exists to be orphaned. pyarrow's own output stream
+  is not used for this: it switches to a multipart upload past its part size,
+  and closing it (which its ``with`` block and its destructor both do, even on
+  an exception) completes the upload with whatever parts were sent.
+* A URL carrying credentials (``user:secret@host`` or a query string) is
+  refused: secrets come from the environment, never from a path that ends up
+  in records, logs and metric labels.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import threading
+from urllib.parse import urlsplit
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+#: Schemes read through pyarrow's file systems (besides plain paths and ``file://``).
+OBJECT_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss")
+#: Schemes outputs can be written to (atomic single PUT).
+WRITE_SCHEMES = ("s3",)
+
+_lock = threading.Lock()
+_filesystems: dict[tuple[str, str], pafs.FileSystem] = {}
+_s3_clients: dict[int, object] = {}
+
+
+class StorageError(ValueError):
+    """A URL this module refuses (credentials in it, unknown scheme)."""
+
+
+def is_url(path: str | os.PathLike) -> bool:
+    """True for an object store URL (``file://`` and plain paths are local)."""
+    return urlsplit(str(path)).scheme in OBJECT_SCHEMES
+
+
+def local_path(path: str | os.PathLike) -> str:
+    """A plain path for a local path or ``file://`` URL."""
+    text = str(path)
+    return urlsplit(text).path if text.startswith("file://") else text
+
+
+def check_url(url: str) -> None:
+    """Refuse a URL with credentials or options in it, or of a scheme not handled."""
+    parts = urlsplit(url)
+    if parts.scheme not in OBJECT_SCHEMES:
+        raise StorageError(f"{url}: unsupported scheme {parts.scheme!r} (use {', '.join(OBJECT_SCHEMES)})")
+    if "@" in parts.netloc or parts.query or parts.password or parts.username:
+        raise StorageError(f"{parts.scheme}://{parts.hostname or ''}/...: credentials or options in a URL are "
+                           "refused; give them through the environment or the cloud's credential chain")
+    if not parts.netloc:
+        raise StorageError(f"{url}: no bucket or container")
+
+
+def split(url: str) -> tuple[pafs.FileSystem, str]:
+    """The (file system, path inside it) of an object store URL; file systems are cached per bucket."""
+    check_url(url)
+    parts = urlsplit(url)
+    key = (parts.scheme, parts.netloc)
+    with _lock:
+        fs = _filesystems.get(key)
+    if fs is None:
+        fs = pafs.FileSystem.from_uri(f"{parts.scheme}://{parts.netloc}")[0]
+        with _lock:
+            fs = _filesystems.setdefault(key, fs)
+    return fs, posixpath.normpath(parts.netloc + "/" + parts.path.lstrip("/")).rstrip("/")
+
+
+def join(root: str | os.PathLike, *names: str) -> str:
+    """``root`` joined with ``names`` (``/`` for URLs, the OS's separator for paths)."""
+    root = str(root)
+    if is_url(root):
+        return "/".join([root.rstrip("/"), *(n.strip("/") for n in names)])
+    return os.path.join(local_path(root), *names)
+
+
+def normalise(path: str) -> str:
+    """A URL with ``.`` and ``..`` collapsed (scheme://bucket/key), or a resolved local path."""
+    if not is_url(path):
+        return os.path.realpath(local_path(path))
+    parts = urlsplit(path)
+    key = posixpath.normpath("/" + parts.path.lstrip("/"))
+    return f"{parts.scheme}://{parts.netloc}{key.rstrip('/') if key != '/' else ''}"
+
+
+def open_input(path: str) -> pa.NativeFile:
+    """A random-access file of ``path``: memory-mapped locally, ranged GETs on an object store."""
+    if not is_url(path):
+        return pa.memory_map(local_path(path), "r")
+    fs, inner = split(path)
+    return fs.open_input_file(inner)
+
+
+def size_bytes(path: str) -> int:
+    """The size of a file or object; FileNotFoundError if there is none."""
+    if not is_url(path):
+        return os.path.getsize(local_path(path))
+    fs, inner = split(path)
+    info = fs.get_file_info(inner)
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(2, "no such object", path)
+    return info.size
+
+
+def list_files(prefix: str, suffix: str) -> list[str]:
+    """URLs of the objects directly under ``prefix`` ending in ``suffix``, sorted.
+
+    pyarrow's selector follows the listing's continuation tokens (pagination).
+    FileNotFoundError when nothing is under the prefix; OSError for a missing
+    bucket or a refused listing.
+    """
+    fs, inner = split(prefix)
+    infos = fs.get_file_info(pafs.FileSelector(inner, recursive=False))
+    scheme_bucket = prefix[:len(prefix) - len(urlsplit(prefix).path)]
+    bucket = urlsplit(prefix).netloc
+    return sorted(f"{scheme_bucket}{info.path[len(bucket):]}" for info in infos
+                  if info.type == pafs.FileType.File and info.base_name.endswith(suffix))
+
+
+def list_directories(prefix: str) -> list[str]:
+    """Names of the 'directories' (common prefixes) directly under ``prefix``."""
+    fs, inner = split(prefix)
+    infos = fs.get_file_info(pafs.FileSelector(inner, recursive=False))
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory and not i.base_name.startswith("."))
+
+
+def check_reachable(url: str) -> None:
+    """Raise OSError (missing bucket, refused) unless ``url``'s bucket answers a listing of ``url``.
+
+    A prefix with nothing under it yet is fine (an output prefix starts empty).
+    """
+    fs, inner = split(url)
+    bucket = urlsplit(url).netloc
+    if fs.get_file_info(bucket).type != pafs.FileType.Directory:
+        raise FileNotFoundError(2, f"bucket {bucket!r} does not exist")
+    fs.get_file_info(pafs.FileSelector(inner, recursive=False, allow_not_found=True))
+
+
+def write_object(url: str, data: bytes | memoryview) -> int:
+    """Write ``data`` as the object ``url`` with one PUT (whole or nothing); returns its size."""
+    parts = urlsplit(url)
+    check_url(url)
+    if parts.scheme not in WRITE_SCHEMES:
+        raise StorageError(f"{url}: outputs can be written to {', '.join(WRITE_SCHEMES)} URLs or local paths")
+    _s3_client().put_object(Bucket=parts.netloc, Key=parts.path.lstrip("/"), Body=bytes(data))
+    return len(data)
+
+
+def _s3_client():
+    """One boto3 S3 client per process (boto3 is imported only when an S3 output is written)."""
+    pid = os.getpid()
+    with _lock:
+        client = _s3_clients.get(pid)
+        if client is None:
+            import boto3
+
+            client = _s3_clients[pid] = boto3.session.Session().client("s3")
+    return client
