@@ -19,6 +19,7 @@ Each figure is the median of ``--repeat`` runs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import tempfile
@@ -38,7 +39,7 @@ from throttler.worker import graphs
 
 GROUP_SIZES = (2, 10, 100, 1000, 18000)
 ENTRY_COUNTS = (1, 8, 32)
-SHAPE = ClusterShape.uniform(64, 32 * 2**30, 8, True)
+SHAPE = ClusterShape.uniform(64, 32 * 2**30, 8)
 
 
 def median_seconds(fn, repeat: int) -> float:
@@ -81,14 +82,14 @@ def footer_seconds(repeat: int) -> float:
 def round_costs(repeat: int) -> tuple[float, float]:
     """(seconds per admission round, per entry it considers)."""
     workers = tuple(WorkerView(f"w{i}", f"tcp://w{i}", "running", 8, 32 * 2**30, process_bytes=2**28,
-                               managed_bytes=0, unmanaged_old_bytes=2**27, memory_resource=0.7 * 32 * 2**30,
-                               used_memory_resource=0.0) for i in range(64))
+                               managed_bytes=0, unmanaged_old_bytes=2**27, memory_budget_bytes=int(0.6 * 32 * 2**30),
+                               solo_budget_bytes=int(0.75 * 32 * 2**30)) for i in range(64))
     snapshot = ClusterSnapshot(workers, 0.0)
     files = [FileInfo(f"/d/f{i}.parquet", 140_000_000, 6_000_000, 55_600_000) for i in range(5)]
     plan = planner.make_plan("g", files, "auto", SHAPE, Estimator())
     costs = []
     for n in ENTRY_COUNTS:
-        entries = [admission.QueueEntry(plan.with_changes(group=f"g{i}"), 0, 0.0, f"g{i}#1") for i in range(n)]
+        entries = [admission.QueueEntry(dataclasses.replace(plan, group=f"g{i}"), 0, 0.0, f"g{i}#1") for i in range(n)]
         costs.append(median_seconds(lambda: admission.choose(snapshot, [], entries, 1.0), repeat))
     return fit(ENTRY_COUNTS, costs)
 

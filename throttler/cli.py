@@ -68,7 +68,7 @@ def _serve_parser(sub) -> None:
                  "log-level"):
         p.add_argument(f"--{flag}", dest=flag.replace("-", "_"))
     for flag in ("builder-threads", "submitter-threads", "workers", "threads-per-worker",
-                 "worker-memory-bytes"):
+                 "worker-memory-bytes", "assumed-worker-memory-bytes"):
         p.add_argument(f"--{flag}", dest=flag.replace("-", "_"), type=int)
     for flag in ("memory-fraction", "drain-timeout-seconds", "rescan-seconds", "poll-seconds"):
         p.add_argument(f"--{flag}", dest=flag.replace("-", "_"), type=float)

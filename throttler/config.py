@@ -45,6 +45,9 @@ class Config:
     workers: int = 0  #: embedded cluster: worker processes (0: derived from the machine)
     threads_per_worker: int = 0  #: embedded cluster (0: derived)
     worker_memory_bytes: int = 0  #: embedded cluster: memory limit per worker (0: derived)
+    #: a worker started without a memory limit is sized as if it had this one (0: its host's memory
+    #: divided by the workers on that host)
+    assumed_worker_memory_bytes: int = 0
     log_level: str = "INFO"
 
 
@@ -74,7 +77,8 @@ def validate(config: Config) -> None:
         problems.append(f"strategy must be one of {STRATEGY_CHOICES}, not {config.strategy!r}")
     if not 0.05 <= config.memory_fraction <= 0.95:
         problems.append("memory_fraction must be within [0.05, 0.95]")
-    for name in ("builder_threads", "submitter_threads", "workers", "threads_per_worker", "worker_memory_bytes"):
+    for name in ("builder_threads", "submitter_threads", "workers", "threads_per_worker", "worker_memory_bytes",
+                 "assumed_worker_memory_bytes"):
         if getattr(config, name) < 0:
             problems.append(f"{name} must be >= 0")
     if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):

@@ -7,7 +7,7 @@ Dask graph by :mod:`throttler.worker.graphs`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 STRATEGIES = ("aligned", "sum", "groupby", "dense")
 STRATEGY_CHOICES = ("auto",) + STRATEGIES
@@ -61,11 +61,6 @@ class Plan:
     @property
     def n_leaf_tasks(self) -> int:
         return -(-self.n_files // max(1, self.files_per_task))
-
-    def with_changes(self, **changes) -> "Plan":
-        """Deprecated: ``dataclasses.replace``. Kept only for throttler/simulate.py while it
-        moves; delete once its one call uses ``dataclasses.replace``."""
-        return replace(self, **changes)
 
 
 

@@ -118,7 +118,8 @@ class Service:
     def _prepare_cluster(self, client) -> None:
         """Give every worker, present and future, the daemon's memory resources; record
         why workers die; receive the leaves' progress (again after a reconnect)."""
-        worker_memory.register(client, share=self.config.memory_fraction)
+        worker_memory.register(client, share=self.config.memory_fraction,
+                               assumed_limit_bytes=self.config.assumed_worker_memory_bytes or None)
         worker_deaths.register(client)
         self.progress.subscribe(client)
 

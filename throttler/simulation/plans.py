@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 
 from throttler.cluster.snapshot import ClusterShape
@@ -81,7 +83,7 @@ class PlanCache:
             self._plans[key] = plan
         if isinstance(plan, DoesNotFit):
             raise DoesNotFit(str(plan).replace("group :", f"group {group.name}:", 1))
-        return plan.with_changes(group=group.name)
+        return dataclasses.replace(plan, group=group.name)
 
 
 def plan_peaks(plan: Plan, estimator: Estimator) -> tuple[TaskPeaks, TaskPeaks]:

@@ -1,6 +1,6 @@
 """The queue directory ("spool"): how group requests arrive, are claimed and end.
 
-Layout under the spool root (Maildir-style, see FACTS.md "Queue directories")::
+Layout under the spool root (Maildir-style: write in tmp/, fsync, rename into place, fsync the directory)::
 
     tmp/       writers create files here (O_EXCL), then link/rename them into incoming/
     incoming/  one file per request: named after its group, or ``<anything>.json``
