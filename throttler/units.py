@@ -13,11 +13,12 @@ import re
 #: Byte units, decimal (powers of 1000) and binary (powers of 1024); case-insensitive.
 BYTE_UNITS = {
     "b": 1,
+    "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
     "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
 }
 #: Duration units in seconds; a plain number is seconds.
-DURATION_UNITS_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+DURATION_UNITS_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
 
 _QUANTITY = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Z]*)\s*")
 
@@ -44,6 +45,14 @@ def parse_bytes(text: str | int) -> int:
     if factor is None:
         raise ValueError(f"unknown size unit {unit!r} in {text!r} (use one of {', '.join(BYTE_UNITS)})")
     return int(round(number * factor))
+
+
+def parse_rate_bytes_per_second(text: str) -> float:
+    """``"12.5GB/s"``, ``"1.25GB"`` (per second implied) or ``"10Gbit/s"`` -> bytes per second."""
+    body = re.sub(r"/s$", "", str(text).strip(), flags=re.I)
+    if body.lower().endswith("bit"):
+        return parse_bytes(body[:-3]) / 8
+    return float(parse_bytes(body))
 
 
 def parse_duration_seconds(text: str | float) -> float:

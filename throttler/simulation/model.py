@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import heapq
 import math
-import re
 from dataclasses import dataclass
 
+from throttler import units
 from throttler.admission import policy as admission
 from throttler.cluster.snapshot import ClusterShape
 from throttler.planning import planner
@@ -27,34 +27,10 @@ POLICIES = ("all-at-once", "fixed-pool", "resources", "throttler")
 POLICY_LABELS = {"all-at-once": "(a) all at once", "fixed-pool": "(b) fixed pool",
                  "resources": "(c) resources only", "throttler": "(d) throttler"}
 
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-_DURATIONS = {"": 1, "s": 1, "m": 60, "min": 60, "h": 3600}
-
-
-def parse_bytes(text: str) -> int:
-    """``2.5GiB``, ``16GB``, ``140MB``, or plain bytes."""
-    m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"not a size: {text!r} (try 2.5GiB, 16GB or plain bytes)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
-
-def parse_rate(text: str) -> float:
-    """``12.5GB/s``, ``1.25GB`` (per second implied), ``10Gbit/s``; bytes per second."""
-    body = re.sub(r"/s$", "", str(text).strip(), flags=re.I)
-    if body.lower().endswith("bit"):
-        return parse_bytes(body[:-3]) / 8
-    return float(parse_bytes(body))
-
-
-def parse_duration(text: str) -> float:
-    """``30m``, ``2h``, ``90s``, ``5ms`` or plain seconds."""
-    m = re.fullmatch(r"\s*([0-9.]+)\s*(ms|s|m|min|h|)\s*", str(text))
-    if not m:
-        raise ValueError(f"not a duration: {text!r} (try 30m, 2h, 90s, 5ms)")
-    value = float(m.group(1))
-    return value / 1000 if m.group(2) == "ms" else value * _DURATIONS[m.group(2)]
+# the command's quantities are parsed by the one set of parsers (throttler.units)
+parse_bytes = units.parse_bytes
+parse_rate = units.parse_rate_bytes_per_second
+parse_duration = units.parse_duration_seconds
 
 
 #: What policy (c)'s workers declare as MEMORY, as a share of their limit (Dask's spill threshold).
