@@ -22,10 +22,11 @@ SEED_PATHS, SEED_DATES = 50_000, 120
 
 @pytest.fixture(scope="module")
 def estate(tmp_path_factory):
-    """'wide': 300 files (hard links of 2 seed-shaped files); 'twelve': 12 such files."""
+    """'wide': 500 files (hard links of 2 seed-shaped files); 'twelve': 12 and 'sixty': 60 such files
+    (sizes chosen so that each strategy's group outlasts the old 2 s wait on an idle machine too)."""
     root = tmp_path_factory.mktemp("estate")
     physical = [write_sim(root / f"p{i}.parquet", SEED_PATHS, SEED_DATES, seed=i) for i in range(2)]
-    groups = {"wide": 300, "twelve": 12}
+    groups = {"wide": 500, "twelve": 12, "sixty": 60}
     for group, n in groups.items():
         (root / group).mkdir()
         for i in range(n):
@@ -45,7 +46,7 @@ def _progress(stderr: str, group: str) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b, attempt in lines if int(attempt or 1) == last]
 
 
-@pytest.mark.parametrize("strategy, group", [("auto", "wide"), ("sum", "twelve"), ("groupby", "twelve")])
+@pytest.mark.parametrize("strategy, group", [("auto", "wide"), ("sum", "sixty"), ("groupby", "twelve")])
 def test_run_completes_long_groups_of_every_strategy_with_file_progress(estate, tmp_path, strategy, group):
     root, files = estate
     done = _run(root, tmp_path / "out", group, "--strategy", strategy, "--workers", "2",
