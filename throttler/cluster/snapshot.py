@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from throttler.cluster.worker_memory import DEFAULT_PAUSE_FRACTION, SOLO_MARGIN
 from throttler.config import DEFAULTS
 
 log = logging.getLogger(__name__)
@@ -29,6 +28,13 @@ SHAPE_STATUSES = ("running", "paused")
 #: leaves it out: on a 477 MiB worker, a task of 0.6 x the limit plus this
 #: baseline would reach the pause threshold (0.8).
 WORKER_BASELINE_BYTES = 144 * 2**20
+
+#: Below Dask's pause threshold, for one task alone: RSS read between two
+#: heartbeats and allocator pages the model does not see (docs/memory.md).
+SOLO_MARGIN = 0.05
+
+#: Dask's default pause threshold, used when the worker's is disabled.
+DEFAULT_PAUSE_FRACTION = 0.8
 
 
 @dataclass(frozen=True)

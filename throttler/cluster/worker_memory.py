@@ -40,6 +40,8 @@ from typing import Any, Iterable, Mapping
 
 from distributed import WorkerPlugin
 
+from throttler.cluster.snapshot import DEFAULT_PAUSE_FRACTION, SOLO_MARGIN
+
 log = logging.getLogger(__name__)
 
 MEMORY_BYTES = "throttler-memory-bytes"
@@ -54,12 +56,7 @@ SHARED_TOKEN = 2.0**-10
 #: Share of the limit that the tasks running at once on one worker may fill.
 DEFAULT_SHARE = 0.6
 
-#: Below Dask's pause threshold, for one task alone: RSS read between two
-#: heartbeats and allocator pages the model does not see (docs/memory.md).
-SOLO_MARGIN = 0.05
 
-#: Dask's default pause threshold, used when the worker's is disabled.
-DEFAULT_PAUSE_FRACTION = 0.8
 
 #: Event topic the plugin reports each worker's sizing on (read by :func:`read_capacities`).
 EVENT_TOPIC = "throttler-memory"
