@@ -22,6 +22,7 @@ with twice the estimate. ``ratio`` = measured / estimate: at most 1 is safe.
 
     python benchmarks/calibrate_memory.py                   # ~10 min on 2 cores
     python benchmarks/calibrate_memory.py --paths 2000 --dates 12   # smoke run
+    python benchmarks/calibrate_memory.py --strategies groupby --files A,B,A,B   # A, B: keys differ
 """
 
 from __future__ import annotations
@@ -147,8 +148,12 @@ def main(argv=None) -> int:
     p.add_argument("--inputs", type=int, default=2, help="partials per combine and final task")
     p.add_argument("--strategies", default=",".join(STRATEGIES))
     p.add_argument("--kinds", default=",".join(KINDS))
+    p.add_argument("--files", help="comma-separated seed-shaped files to use instead of generated ones, e.g. "
+                                   "two whose keys differ so that groupby merges regroup")
     args = p.parse_args(argv)
     files, tiny = _data(args)
+    if args.files:
+        files = args.files.split(",")
     largest = file_info(files[0])
     mib = 2**20
     print(f"{len(files)} files of {largest.rows:,} rows, {largest.size_bytes / mib:.1f} MiB each; "

@@ -182,6 +182,37 @@ def test_a_task_waiting_while_no_worker_had_the_resources_runs_once_one_has(clus
     assert not old & set(client.scheduler_info()["workers"])  # it ran on a restarted worker
 
 
+def _used_on_scheduler(client, name: str) -> dict:
+    def used(dask_scheduler, name=name):
+        ws = next(w for w in dask_scheduler.workers.values() if str(w.name) == name)
+        return dict(ws.used_resources)
+
+    return client.run_on_scheduler(used)
+
+
+def test_sizing_a_busy_worker_keeps_the_count_of_the_users_resources_in_use(cluster):
+    """Dask's set_resources handler zeroes every used count of the worker; a user's task holding
+    ``MEMORY`` is still running there. resource_sizing recounts them on the sizing event."""
+    client = cluster["client"]
+    wait_for(lambda: _sized(client, ["w1"]), 60)
+    w1 = _address_of(client, "w1")
+    holding = client.submit(_holder(), 1, 4.0, resources={"MEMORY": 1500}, workers=[w1], pure=False)
+    wait_for(lambda: _used_on_scheduler(client, "w1").get("MEMORY") == 1500, 30)
+    again = wm.ThrottlerMemoryPlugin()
+    again.name = "throttler-memory-sized-again"  # a second plugin: setup runs now, on the busy worker
+    sized_before = len(_reports_of(client, "w1"))
+    client.register_plugin(again)
+    wait_for(lambda: len(_reports_of(client, "w1")) > sized_before, 30)
+    assert _used_on_scheduler(client, "w1")["MEMORY"] == 1500
+    holding.result(timeout=30)
+    wait_for(lambda: _used_on_scheduler(client, "w1").get("MEMORY") == 0, 30)
+    client.unregister_worker_plugin(again.name)
+
+
+def _reports_of(client, name):
+    return [m for _, m in client.get_events(wm.EVENT_TOPIC) if m["name"] == name]
+
+
 # --------------------------------------------------------------------------- pure policy
 
 

@@ -23,7 +23,7 @@ from dask.sizeof import sizeof
 
 from throttler import storage
 from throttler.errors import DataError, MisalignedKeys
-from throttler.worker import contract, prefetch
+from throttler.worker import contract, prefetch, regroup
 from throttler.worker.output import (
     output_schema,
     output_table,
@@ -392,26 +392,33 @@ def _grouped(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def groupby_leaf(paths: list[str]) -> Partial:
-    """The seed's chunked group-by: concatenate a chunk of files, group and sum."""
+    """The seed's chunked group-by: a chunk of files, grouped and summed (:mod:`throttler.worker.regroup`)."""
     started = time.perf_counter()
     part, progress = Partial(None), FileProgress()
-    frames = []
+    parts = []
     for path in paths:
         p, d, v = _read_frame(path, part, progress)
         if not contract.keys_strictly_sorted(p, d):
             contract.sort_keys(p, d, path)  # raises on a duplicated key
-        frames.append(pd.DataFrame({"path": p, "Date": d, "value": v}))
+        parts.append((p, d, v))
     progress.send()
-    frame = pd.concat(frames, ignore_index=True)
-    part.data = _grouped(frame)
-    part.peak_bytes = int(frame.memory_usage(deep=False).sum() * 2 + part.data.memory_usage(deep=False).sum())
+    part.data = _regrouped(parts)
+    part.peak_bytes = sum(v.nbytes for _, _, v in parts) * regroup.HELD_PER_VALUE_BYTE + sizeof(part.data)
     part.task_seconds = time.perf_counter() - started
     return part
 
 
+def _regrouped(parts: list[regroup.Keys]) -> pd.DataFrame:
+    """Sum by key with one int64 code a row; pandas' hash group-by when the keys cannot be coded so."""
+    out = regroup.regroup(parts)
+    if out is not None:
+        return regroup.as_frame(*out)
+    return _grouped(pd.concat([regroup.as_frame(*p) for p in parts], ignore_index=True))
+
+
 def groupby_combine(partials: list[Partial]) -> Partial:
-    """Concatenate and regroup; partials with identical keys are added as arrays instead
-    (a fifth of the peak RSS: benchmarks/groupby_combine_peak.py)."""
+    """Regroup (:mod:`throttler.worker.regroup`); partials with identical keys are added as
+    arrays instead (half the regroup's peak RSS: benchmarks/groupby_combine_peak.py)."""
     started = time.perf_counter()
     out = Partial(None)
     for p in partials:
@@ -421,9 +428,11 @@ def groupby_combine(partials: list[Partial]) -> Partial:
         out.data = added
         out.peak_bytes = max(out.peak_bytes, int(added.memory_usage(deep=False).sum() * 2))
     else:
-        frame = pd.concat([p.data for p in partials], ignore_index=True)
-        out.data = _grouped(frame)
-        out.peak_bytes = max(out.peak_bytes, int(frame.memory_usage(deep=False).sum() * 2))
+        frames = [p.data for p in partials]
+        out.data = _regrouped([(f["path"].to_numpy(np.int64), f["Date"].to_numpy(np.int64),
+                                f[contract.VALUE_COLUMN].to_numpy(np.float64)) for f in frames])
+        held = sum(len(f) for f in frames) * 8 * regroup.HELD_PER_VALUE_BYTE
+        out.peak_bytes = max(out.peak_bytes, held + sizeof(out.data))
     out.task_seconds += time.perf_counter() - started
     return out
 
