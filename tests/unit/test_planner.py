@@ -7,8 +7,10 @@ import dataclasses
 import pytest
 
 from throttler.cluster.snapshot import ClusterShape
+from throttler.config import DEFAULTS
 from throttler.errors import CatalogError, DoesNotFit, NoWorkers, RequestError
 from throttler.planning.estimator import Estimator
+from throttler.planning.memory_model import raw_task_peaks
 from throttler.planning.plan import FileInfo
 from throttler.planning.planner import (
     ATTEMPT_SAFETY_FACTOR,
@@ -98,9 +100,12 @@ def test_the_daemon_budgets_limit_concurrency_and_so_the_group_peak():
 
 
 def test_groupby_shrinks_files_per_task_until_the_leaf_fits():
-    p = make_plan("g", files(10), "groupby", SMALL, Estimator())
-    assert p.files_per_task == 3  # 4 files per leaf would need about 2.8 GB, over 2.4 GB
-    assert p.n_leaf_tasks == 4
+    p = make_plan("g", files(40), "groupby", SMALL, Estimator())
+    budget = SMALL.task_budget_bytes(DEFAULTS.memory_fraction)
+    leaf = lambda n: raw_task_peaks("groupby", files(1)[0], n, p.fan_in, 2).leaf_bytes  # noqa: E731
+    assert leaf(p.files_per_task) <= budget < leaf(p.files_per_task + 1)
+    assert p.files_per_task == 6  # (24 + 6 x 52) B/row of 6M rows: 2.05 GB; 7 files: 2.36 GB, over 2.25 GB
+    assert p.n_leaf_tasks == 7
     assert p.fan_in < 8 and any("fan-in" in n for n in p.notes)
 
 

@@ -57,20 +57,22 @@ SUM_FINAL_BASE_BYTES_PER_ROW = 64
 GROUPBY_RESULT_BYTES_PER_ROW = 24
 
 
-#: Groupby leaf, fixed part (hash table, grouped result); plus :data:`GROUPBY_FILE_BYTES_PER_ROW` per file.
-GROUPBY_LEAF_BASE_BYTES_PER_ROW = 80
+#: Groupby leaf, fixed part (the regroup's codes, order and sums, the grouped result);
+#: plus :data:`GROUPBY_FILE_BYTES_PER_ROW` per file.
+GROUPBY_LEAF_BASE_BYTES_PER_ROW = 24
 
 
-#: Groupby leaf, per file: its table, key arrays, frame and the concat copy.
-GROUPBY_FILE_BYTES_PER_ROW = 96
+#: Groupby leaf, per file: its table and key arrays, and its rows in the regroup's arrays.
+GROUPBY_FILE_BYTES_PER_ROW = 52
 
 
-#: Groupby combine and final (sort and write stay below the concat peak), fixed part; plus one partial per input.
-GROUPBY_COMBINE_BASE_BYTES_PER_ROW = 88
+#: Groupby combine and final (sort and write stay below the regroup's peak), fixed part;
+#: plus one partial per input.
+GROUPBY_COMBINE_BASE_BYTES_PER_ROW = 36
 
 
-#: Groupby combine, per input concatenated and regrouped.
-GROUPBY_PARTIAL_BYTES_PER_ROW = 96
+#: Groupby combine, per input: the partial held and its rows in the regroup's arrays.
+GROUPBY_PARTIAL_BYTES_PER_ROW = 70
 
 #: Dense leaf, per grid cell: float64 sums and uint8 stamps. A dense partial:
 #: float64 sums and a bool presence mask.
