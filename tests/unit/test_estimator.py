@@ -102,9 +102,9 @@ MEASURED_BYTES_PER_ROW = {
     ("sum", "leaf", 8, 0): 122.3, ("sum", "combine", 1, 2): 101.0, ("sum", "combine", 1, 4): 155.7,
     ("sum", "combine", 1, 8): 187.0, ("sum", "final", 1, 2): 121.5, ("sum", "final", 1, 4): 174.2,
     # groupby with the int64-code regroup, on partials whose keys differ (the worst of 1t and 2t-solo)
-    ("groupby", "leaf", 1, 0): 75.8, ("groupby", "leaf", 2, 0): 126.0,
-    ("groupby", "combine", 1, 2): 173.7, ("groupby", "combine", 1, 4): 310.4,
-    ("groupby", "final", 1, 2): 174.0, ("groupby", "final", 1, 4): 307.8,
+    ("groupby", "leaf", 1, 0): 75.8, ("groupby", "leaf", 2, 0): 126.0, ("groupby", "leaf", 4, 0): 239.8,
+    ("groupby", "combine", 1, 2): 173.7, ("groupby", "combine", 1, 4): 310.4, ("groupby", "combine", 1, 8): 481.5,
+    ("groupby", "final", 1, 2): 174.0, ("groupby", "final", 1, 4): 307.8, ("groupby", "final", 1, 8): 506.1,
 }
 
 

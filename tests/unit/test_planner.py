@@ -104,7 +104,7 @@ def test_groupby_shrinks_files_per_task_until_the_leaf_fits():
     budget = SMALL.task_budget_bytes(DEFAULTS.memory_fraction)
     leaf = lambda n: raw_task_peaks("groupby", files(1)[0], n, p.fan_in, 2).leaf_bytes  # noqa: E731
     assert leaf(p.files_per_task) <= budget < leaf(p.files_per_task + 1)
-    assert p.files_per_task == 6  # (24 + 6 x 52) B/row of 6M rows: 2.05 GB; 7 files: 2.36 GB, over 2.25 GB
+    assert p.files_per_task == 6  # (24 + 6 x 56) B/row of 6M rows: 2.19 GB; 7 files: 2.53 GB, over 2.25 GB
     assert p.n_leaf_tasks == 7
     assert p.fan_in < 8 and any("fan-in" in n for n in p.notes)
 

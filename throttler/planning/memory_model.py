@@ -63,7 +63,7 @@ GROUPBY_LEAF_BASE_BYTES_PER_ROW = 24
 
 
 #: Groupby leaf, per file: its table and key arrays, and its rows in the regroup's arrays.
-GROUPBY_FILE_BYTES_PER_ROW = 52
+GROUPBY_FILE_BYTES_PER_ROW = 56
 
 
 #: Groupby combine and final (sort and write stay below the regroup's peak), fixed part;
