@@ -85,8 +85,10 @@ def ensure_layout(args, layout: str) -> list[str]:
         sources = aligned[:-2] + group_files(args, "shuffled")[-2:]
         for source in sources:
             link = mixed_dir / Path(source).name
+            if link.is_symlink() and not link.exists():  # a link made from another checkout, gone since
+                link.unlink()
             if not link.exists():
-                link.symlink_to(source)
+                link.symlink_to(os.path.relpath(source, mixed_dir.resolve()))  # relative: valid from any checkout
     return group_files(args, layout)
 
 

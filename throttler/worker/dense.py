@@ -62,7 +62,7 @@ from throttler.planning.memory_model import (
     DENSE_LEAF_BYTES_PER_CELL,
     DENSE_PARTIAL_BYTES_PER_CELL,
 )
-from throttler.worker import contract, kernels, pages, prefetch
+from throttler.worker import contract, kernels, pages, prefetch, scatter
 from throttler.worker.kernels import Partial
 from throttler.worker.output import output_schema, output_table, write_tables
 from throttler.worker.progress import FileProgress
@@ -267,10 +267,12 @@ class _DateCoder:
         gaps = np.diff(self.values)
         self.step = 1 if direct or not len(gaps) else int(np.gcd.reduce(gaps))
         span = (int(self.values[-1]) - self.lo) // self.step + 1 if len(self.values) else 0
-        self.table = None
+        self.table = self.codes = None
         if span <= MAX_DATE_TABLE_ENTRIES:
             self.table = np.full(max(span, 1), self.ABSENT, np.int64)
             self.table[(self.values - self.lo) // self.step] = parts
+            self.codes = np.full(max(span, 1), -1, np.int64)  #: the compiled loop's table: codes, -1 absent
+            self.codes[(self.values - self.lo) // self.step] = np.flatnonzero(exact)
 
     def __call__(self, dates: pa.ChunkedArray) -> np.ndarray:
         """Each row's date part of its cell; a date outside the grid is a DataError."""
@@ -313,17 +315,51 @@ def _cells(paths: pa.ChunkedArray, parts: np.ndarray, grid: Grid, path: str) -> 
 
 
 class _Coders:
-    """One date coder per Date type met in a task (a group may mix representations)."""
+    """One date coder per Date type met in a task (a group may mix representations).
+
+    Cells come from the compiled loop (:mod:`throttler.worker.scatter`) into one
+    buffer reused from row group to row group (a result is valid until the next
+    call); numpy computes them when the dates are too spread out for a table.
+    """
 
     def __init__(self, grid: Grid):
         self.grid, self._by_type = grid, {}
+        self._buffer = np.empty(0, np.int64)
 
     def cells(self, table: pa.Table, path: str) -> np.ndarray:
         paths, dates = contract.key_columns(table, path)
         coder = self._by_type.get(dates.type)
         if coder is None:
             coder = self._by_type[dates.type] = _DateCoder(self.grid, dates.type, path)
-        return _cells(paths, coder(dates), self.grid, path)
+        if coder.codes is None:
+            return _cells(paths, coder(dates), self.grid, path)
+        return self._compiled_cells(_one_array(paths), _one_array(dates, contract.date_order_view), coder, path)
+
+    def _compiled_cells(self, paths: np.ndarray, dates: np.ndarray, coder: _DateCoder, path: str) -> np.ndarray:
+        if len(self._buffer) < len(paths):
+            self._buffer = np.empty(len(paths), np.int64)
+        out, grid = self._buffer[:len(paths)], self.grid
+        bad = scatter.grid_cells(paths, dates, coder.codes, coder.lo, coder.step, grid.path_min,
+                                 grid.path_max - grid.path_min + 1, grid.n_dates, out)
+        if bad != scatter.ALL_ROWS_IN_GRID:
+            raise DataError(f"{path}: a key outside the group's key domain (path {paths[bad]}: footer statistics"
+                            " wrong, a dictionary page not listing every date, or the file changed)")
+        return out
+
+
+def _one_array(column: pa.ChunkedArray, view=None) -> np.ndarray:
+    """A contiguous numpy array of a column of one row group (zero-copy when it has one chunk)."""
+    view = view or (lambda chunk: chunk.to_numpy())
+    return view(column.chunk(0)) if column.num_chunks == 1 else np.concatenate([view(c) for c in column.chunks])
+
+
+def _scatter(sums: np.ndarray, cells: np.ndarray, column: pa.ChunkedArray | np.ndarray) -> int:
+    """Add one row group's values into ``sums`` at ``cells`` (NaN and nulls skipped); returns their count."""
+    if isinstance(column, pa.ChunkedArray):
+        values = column.to_numpy() if column.null_count == 0 else column.to_numpy(zero_copy_only=False)
+    else:
+        values = column
+    return int(scatter.scatter_add(cells, np.ascontiguousarray(values, np.float64), sums))
 
 
 def _values(column: pa.ChunkedArray, part: Partial) -> np.ndarray:
@@ -379,8 +415,8 @@ class _Accumulator:
         for rg in range(pf.metadata.num_row_groups):
             table = _read_row_group(pf, rg, list(contract.REQUIRED_COLUMNS), path)
             cells = self.coders.cells(table, path)
-            np.add.at(self.values, cells, _values(table.column(contract.VALUE_COLUMN), part))
-            self.stamps[cells] = stamp
+            part.nan_count += _scatter(self.values, cells, table.column(contract.VALUE_COLUMN))
+            scatter.stamp_cells(cells, self.stamps, stamp)
             self.largest_chunk_bytes = max(self.largest_chunk_bytes, table.nbytes + 2 * cells.nbytes)
         self._check_unique(pf, path, stamp)
 
@@ -397,8 +433,8 @@ class _Accumulator:
             pf, offset = contract.open_parquet(ref.path), 0
             for rg in range(pf.metadata.num_row_groups):
                 cells = self.coders.cells(_read_row_group(pf, rg, list(contract.KEY_COLUMNS), ref.path), ref.path)
-                np.add.at(self.values, cells, self.reference_sums[offset:offset + len(cells)])
-                self.stamps[cells] = REFERENCE_STAMP
+                _scatter(self.values, cells, self.reference_sums[offset:offset + len(cells)])
+                scatter.stamp_cells(cells, self.stamps, REFERENCE_STAMP)
                 offset += len(cells)
             self.reference_sums = None
             self._check_unique(pf, ref.path, REFERENCE_STAMP)
