@@ -363,12 +363,9 @@ def _one_array(column: pa.ChunkedArray, view=None) -> np.ndarray:
     return view(column.chunk(0)) if column.num_chunks == 1 else np.concatenate([view(c) for c in column.chunks])
 
 
-def _scatter(sums: np.ndarray, cells: np.ndarray, column: pa.ChunkedArray | np.ndarray) -> int:
+def _scatter(sums: np.ndarray, cells: np.ndarray, column: pa.ChunkedArray) -> int:
     """Add one row group's values into ``sums`` at ``cells`` (NaN and nulls skipped); returns their count."""
-    if isinstance(column, pa.ChunkedArray):
-        values = column.to_numpy() if column.null_count == 0 else column.to_numpy(zero_copy_only=False)
-    else:
-        values = column
+    values = column.to_numpy() if column.null_count == 0 else column.to_numpy(zero_copy_only=False)
     return int(_compiled().scatter_add(cells, np.ascontiguousarray(values, np.float64), sums))
 
 
@@ -443,7 +440,8 @@ class _Accumulator:
             pf, offset = contract.open_parquet(ref.path), 0
             for rg in range(pf.metadata.num_row_groups):
                 cells = self.coders.cells(_read_row_group(pf, rg, list(contract.KEY_COLUMNS), ref.path), ref.path)
-                _scatter(self.values, cells, self.reference_sums[offset:offset + len(cells)])
+                # sums, not inputs: a NaN here is an inf + -inf, which the output must keep
+                _compiled().add_at(cells, self.reference_sums[offset:offset + len(cells)], self.values)
                 _compiled().stamp_cells(cells, self.stamps, REFERENCE_STAMP)
                 offset += len(cells)
             self.reference_sums = None

@@ -61,11 +61,18 @@ def scatter_add(cells, values, sums):
     nans = 0
     for i in range(cells.shape[0]):
         v = values[i]
-        if v != v:
+        if np.isnan(v):
             nans += 1
         else:
             sums[cells[i]] += v
     return nans
+
+
+@numba.njit(cache=True, nogil=True)
+def add_at(cells, values, sums):
+    """``sums[cells[i]] += values[i]``, every value (sums already holding NaN from ``inf + -inf``)."""
+    for i in range(cells.shape[0]):
+        sums[cells[i]] += values[i]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -88,6 +95,7 @@ def _load_common_signatures() -> None:
         for dates in ints:
             grid_cells.compile((paths, dates, numba.int64[::1], i64, i64, i64, i64, i64, numba.int64[::1]))
     scatter_add.compile((numba.int64[::1], numba.float64[::1], numba.float64[::1]))
+    add_at.compile((numba.int64[::1], numba.float64[::1], numba.float64[::1]))
     stamp_cells.compile((numba.int64[::1], numba.uint8[::1], i64))
 
 
