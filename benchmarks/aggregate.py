@@ -85,8 +85,10 @@ def ensure_layout(args, layout: str) -> list[str]:
         sources = aligned[:-2] + group_files(args, "shuffled")[-2:]
         for source in sources:
             link = mixed_dir / Path(source).name
+            if link.is_symlink() and not link.exists():  # a link made from another checkout, gone since
+                link.unlink()
             if not link.exists():
-                link.symlink_to(source)
+                link.symlink_to(os.path.relpath(source, mixed_dir.resolve()))  # relative: valid from any checkout
     return group_files(args, layout)
 
 
@@ -258,9 +260,10 @@ def workers_peak_rss_bytes(client) -> int:
 
 
 def throttler_plan(files: list[str], strategy: str):
-    from throttler.planning.plan import FileInfo, Plan
+    from throttler.planning.footers import file_info
+    from throttler.planning.plan import Plan
 
-    infos = tuple(FileInfo(path, os.path.getsize(path)) for path in files)
+    infos = tuple(file_info(path) for path in files)  # the footers, as the planner reads them
     return Plan("bench", strategy, infos, files_per_task=FILES_PER_TASK, fan_in=FAN_IN,
                 task_peak_bytes=TASK_MEMORY_BYTES, group_peak_bytes=N_WORKERS * TASK_MEMORY_BYTES,
                 expansion=1.0, requested_strategy=strategy)
@@ -271,7 +274,7 @@ def run_throttler_cluster(files: list[str], work: str, strategy: str = "aligned"
 
     out = os.path.join(work, f"{strategy}-cluster.parquet")
     with local_cluster() as client:
-        warm_workers(client, "throttler.worker.kernels")
+        warm_workers(client, "throttler.worker.kernels", "throttler.worker.dense", "throttler.worker.scatter")
         graph = graphs.build(throttler_plan(files, strategy), out)
         timing, summary = timed_on_cluster(client, lambda: client.compute(
             graph.final, resources={"MEMORY": TASK_MEMORY_BYTES}).result())

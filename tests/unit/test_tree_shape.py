@@ -46,3 +46,16 @@ def test_the_graph_has_the_tree_the_model_counts(n_files, files_per_task, fan_in
     n_leaves = plan.n_leaf_tasks
     expected = 1 if n_leaves == 1 else n_leaves + merge_task_count(n_leaves, fan_in)
     assert graph.n_tasks == len(keys) == expected
+
+
+@pytest.mark.parametrize("rows, sizes, chunks", [
+    # 8 files like the first, 2 with other row counts (the last two): one of those per leaf
+    ([10] * 8 + [11, 12], [5, 5], [[8, 0, 2, 4, 6], [9, 1, 3, 5, 7]]),
+    ([10] * 7, [3, 3, 1], [[0, 3, 5], [1, 4, 6], [2]]),  # all alike: dealt in turn, full leaves passed over
+    ([0] * 4, [2, 2], [[0, 2], [1, 3]]),  # row counts unknown: every file counts as not aligned
+    ([10, 20, 30, 10], [3, 1], [[1, 0, 3], [2]]),  # the two unlike the first go to different leaves
+])
+def test_dense_leaves_share_the_files_that_cannot_be_aligned(rows, sizes, chunks):
+    files = tuple(FileInfo(f"/data/f{i}.parquet", size_bytes=1000, rows=r) for i, r in enumerate(rows))
+    plan = Plan("g", "dense", files, max(sizes), 8, task_peak_bytes=1, group_peak_bytes=1, expansion=1.0)
+    assert graphs.dense_chunks(plan, sizes) == [[f"/data/f{i}.parquet" for i in chunk] for chunk in chunks]
