@@ -54,7 +54,7 @@ def report(root: Path, show_all: bool) -> bool:
     long = sorted((f for f in funcs if f[2] > LONG_FUNCTION_LINES), key=lambda f: -f[2])
     share = len(long) / len(funcs) if funcs else 0.0
     largest = max(modules.items(), key=lambda kv: kv[1])
-    print(f"| measure | value | limit | ok |\n|---|---|---|---|")
+    print("| measure | value | limit | ok |\n|---|---|---|---|")
     print(f"| modules | {len(modules)} | | |")
     print(f"| largest module | {largest[1]} lines ({largest[0].relative_to(base)}) | {MODULE_LIMIT_LINES} | "
           f"{'yes' if not big_modules else 'NO'} |")

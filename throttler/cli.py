@@ -11,7 +11,7 @@ from throttler import __version__
 from throttler.config import DEFAULTS, ConfigError, load
 from throttler.errors import ThrottlerError
 from throttler.planning.plan import STRATEGY_CHOICES
-from throttler.simulation import command as simulate_command
+from throttler.simulation import arguments as simulate_arguments
 
 log = logging.getLogger("throttler")
 
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     _run_parser(sub)
     _generate_parser(sub)
     _demo_parser(sub)
-    simulate_command.add_parser(sub)
+    simulate_arguments.add_parser(sub)
     return parser
 
 

@@ -1,13 +1,15 @@
 """The estate simulation: the real planner and admission on a modelled cluster and storage (small, fast)."""
 
 import argparse
+import subprocess
+import sys
 import json
 from dataclasses import replace
 
 import pytest
 
 from throttler.planning.estimator import Estimator
-from throttler.simulation import command
+from throttler.simulation import arguments
 from throttler.simulation.bounds import lower_bounds
 from throttler.simulation.calibration import GIB, Calibration
 from throttler.simulation.deadline import smallest_cluster
@@ -138,11 +140,20 @@ def test_the_deadline_search_finds_the_smallest_cluster():
     assert starved.workers is None and starved.simulations == 0
 
 
+def test_the_flags_offer_the_models_policies_without_importing_the_simulator():
+    assert arguments.POLICIES == POLICIES
+    code = ("import sys, throttler.cli; throttler.cli.build_parser(); "
+            "print(sorted(m for m in ('throttler.planning.planner', 'throttler.worker.kernels', 'pandas') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_the_command_writes_its_json(tmp_path, capsys):
     manifest = tmp_path / "m.csv"
     manifest.write_text("group_id,file,bytes\n" + "".join(f"g{i % 3},f{i}.parquet,100000000\n" for i in range(12)))
     parser = argparse.ArgumentParser()
-    command.add_parser(parser.add_subparsers())
+    arguments.add_parser(parser.add_subparsers())
     out = tmp_path / "r.json"
     args = parser.parse_args(["simulate", "--manifest", str(manifest), "--workers", "2", "--threads", "2",
                               "--worker-memory", "4GiB", "--storage-bandwidth", "0.1GB/s", "--json", str(out),

@@ -188,7 +188,7 @@ def test_plain_named_request(spool):
 
 
 def test_scan_order(spool):
-    a, b, c = spool.submit("A"), spool.submit("B", priority=5), spool.submit("C")
+    a, _, c = spool.submit("A"), spool.submit("B", priority=5), spool.submit("C")
     os.utime(a, ns=(1_000, 1_000))
     os.utime(c, ns=(2_000, 2_000))
     assert [r.group for r in spool.scan()] == ["B", "A", "C"]

@@ -64,7 +64,7 @@ from throttler.spool.requests import (
     validate_group,
 )
 
-__all__ = ["BadRequest", "Claim", "Request", "Spool", "SpoolWatcher", "validate_group"]
+__all__ = ["BadRequest", "Claim", "Request", "Spool", "validate_group"]
 
 log = logging.getLogger(__name__)
 
