@@ -181,7 +181,8 @@ def test_workers_started_with_defaults_get_the_daemons_own_memory_resources(tmp_
         plain.close()
 
 
-def test_a_worker_with_another_dask_throttler_is_reported_and_the_daemon_serves_on(tmp_path, daemons):
+def test_an_incompatible_worker_and_one_without_a_memory_limit_are_reported_and_the_daemon_serves_on(
+        tmp_path, daemons):
     """A worker whose installed dask-throttler is not the daemon's: an error in the log naming
     it, the gauge, the status file and ``throttler status``; groups are still served."""
     from tests.helpers.daemon import Proc, child_env
@@ -197,8 +198,11 @@ def test_a_worker_with_another_dask_throttler_is_reported_and_the_daemon_serves_
     mixed.procs.append(Proc(["dask", "worker", mixed.address, "--nthreads", "1", "--memory-limit", "1GB",
                              "--resources", "MEMORY=1000000000", "--no-dashboard", "--name", "old"],
                             tmp_path / "mixed" / "old-worker.log", env))
+    mixed.procs.append(Proc(["dask", "worker", mixed.address, "--nthreads", "1", "--memory-limit", "0",
+                             "--no-dashboard", "--name", "unlimited"], tmp_path / "mixed" / "unlimited.log"))
     try:
-        client = mixed.connect(2)
+        client = mixed.connect(3)
+        unlimited = next(a for a, w in client.scheduler_info()["workers"].items() if w["name"] == "unlimited")
         old = next(a for a, w in client.scheduler_info()["workers"].items() if w["name"] == "old")
         estate = make_estate(tmp_path / "data", {"mixed": 3})
         daemon = daemons(serve_args(tmp_path, mixed.address))
@@ -218,8 +222,10 @@ def test_a_worker_with_another_dask_throttler_is_reported_and_the_daemon_serves_
         wait_for(lambda: "throttler_workers_incompatible 1.0" in scrape(), 10)  # published once a second
         wait_for(lambda: json.loads(throttler_cli("status", "--spool", str(tmp_path / "spool"), "--json").stdout)
                  ["daemon"]["workers_incompatible"].get(old, "").startswith("dask-throttler 0.0.1"))
+        wait_for(lambda: "throttler_workers_without_memory_limit 1.0" in scrape(), 10)
         human = throttler_cli("status", "--spool", str(tmp_path / "spool")).stdout
         assert f"INCOMPATIBLE worker {old}: dask-throttler 0.0.1 is installed there" in human, human
+        assert f"worker {unlimited} has no memory limit: sized from an assumed limit" in human, human
         code, _ = daemon.stop(20)
         assert code == 0
     finally:

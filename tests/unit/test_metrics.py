@@ -109,6 +109,8 @@ def test_worker_peak_fraction(m):
     assert value(m, "throttler_worker_peak_fraction_bucket", strategy="groupby", le="0.85") == 2
     m.set_workers_incompatible(2)
     assert value(m, "throttler_workers_incompatible") == 2
+    m.set_workers_without_memory_limit(3)
+    assert value(m, "throttler_workers_without_memory_limit") == 3
 
 
 def test_workers_and_losses(m):
@@ -179,6 +181,7 @@ GARBAGE_CALLS = [
     ("set_cluster_memory", ("a", "b", "c")),
     ("set_workers", ([1, 2],)),
     ("set_workers_incompatible", ("some",)),
+    ("set_workers_without_memory_limit", (None,)),
     ("worker_peak", ("aligned", None)),
     ("worker_peak", ("aligned", -0.5)),
     ("estimate_observed", ("sum", "big", 1)),

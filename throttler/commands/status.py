@@ -59,6 +59,9 @@ def _daemon_lines(daemon: dict, label: str) -> list[str]:
              f"{format_bytes(mem['reserved_bytes'])}"]
     for address, problem in sorted(daemon.get("workers_incompatible", {}).items()):
         lines.append(f"  {label}INCOMPATIBLE worker {address}: {problem}")
+    for address in daemon.get("workers_without_memory_limit", []):
+        lines.append(f"  {label}worker {address} has no memory limit: sized from an assumed limit "
+                     f"(assumed_worker_memory_bytes, or its host's memory shared by its workers)")
     for r in daemon["running"]:
         progress = ""
         if "files_total" in r:

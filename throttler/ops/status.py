@@ -130,6 +130,11 @@ class StatusReporter:
         return {"limit_bytes": budget.capacity_bytes, "used_bytes": used,
                 "free_bytes": budget.capacity_bytes - used, "reserved_bytes": svc.ledger.total_bytes()}
 
+    def workers_without_memory_limit(self) -> list[str]:
+        """Running workers with no memory limit: the daemon sized them from an assumed one (docs/memory.md)."""
+        running = self._snapshot.running_workers if self._snapshot else ()
+        return sorted(w.address for w in running if not w.memory_limit_bytes)
+
     def workers_by_status(self) -> dict[str, int]:
         counts = dict.fromkeys(KNOWN_STATUSES + ("other",), 0)
         for w in (self._snapshot.workers if self._snapshot else ()):
@@ -149,6 +154,7 @@ class StatusReporter:
             "workers": self.workers_by_status(),
             "workers_lost": self.workers_lost,
             "workers_incompatible": self.incompatible_workers(),
+            "workers_without_memory_limit": self.workers_without_memory_limit(),
             "pools": {k: {"busy": b, "size": s} for k, (b, s) in svc.busy().items()},
             "estimator": svc.estimator.accuracy(),
         }
@@ -163,6 +169,7 @@ class StatusReporter:
         metrics.set_cluster_memory(memory["limit_bytes"], memory["used_bytes"], memory["free_bytes"])
         metrics.set_workers(doc["workers"])
         metrics.set_workers_incompatible(len(doc["workers_incompatible"]))
+        metrics.set_workers_without_memory_limit(len(doc["workers_without_memory_limit"]))
         for pool, figures in doc["pools"].items():
             metrics.set_pool(pool, figures["busy"], figures["size"])
         try:
