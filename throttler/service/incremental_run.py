@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from throttler import durable
 from throttler.errors import DataError
@@ -42,10 +43,11 @@ class PreparedRun:
     files: tuple[FileInfo, ...]  #: to plan: the files to read, then the previous output (incremental)
     target: StatefulOutput  #: the output path, carrying the state to store with it
     group_files: int  #: files of the group (what the output sums)
+    previous_rows: int | None = None  #: rows of the previous output (known when it is reused)
 
     def record_fields(self) -> dict:
         """The done record's fields about the kind of run."""
-        return {"run": self.decision.kind, "run_reason": self.decision.reason,
+        return {"run_kind": self.decision.kind, "run_reason": self.decision.reason,
                 "files_read": len(self.decision.read), "files": self.group_files}
 
 
@@ -71,13 +73,20 @@ def prepare(paths: list[str], data_root: str, output_path: str, full_requested: 
     previous = read_state(snapshot) if snapshot else None
     decision = decide(previous, current.by_relative, full_requested=full_requested,
                       output_exists=snapshot is not None)
+    rows = _rows(snapshot) if decision.unchanged else None
     if not decision.incremental and snapshot:
         _unlink_quietly(snapshot)
     files = [file_info(current.absolute[rel]) for rel in decision.read]
     if decision.incremental:
         files.append(file_info(snapshot))
     target = StatefulOutput(output_path, OutputState(files=current.by_relative))
-    return PreparedRun(decision, tuple(files), target, len(paths))
+    return PreparedRun(decision, tuple(files), target, len(paths), rows)
+
+
+def _rows(output_path: str) -> int:
+    """Rows of an output, from its footer."""
+    with storage.open_input(output_path) as source:
+        return pq.read_metadata(source).num_rows
 
 
 def _link_previous(output_path: str) -> str | None:
