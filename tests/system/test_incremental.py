@@ -18,7 +18,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.helpers.daemon import Daemon, make_estate, records, serve_args, throttler_cli, wait_closed
+from tests.helpers.daemon import (
+    Daemon,
+    make_estate,
+    records,
+    serve_args,
+    throttler_cli,
+    wait_closed,
+)
 from tests.helpers.datafiles import assert_matches_reference, read_output, write_sim
 from throttler.errors import MisalignedKeys
 from throttler.planning import planner
