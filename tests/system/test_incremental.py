@@ -267,3 +267,46 @@ def test_the_daemon_records_a_request_with_nothing_new_as_unchanged_and_leaves_t
     after = os.stat(out / "g.parquet")
     assert (after.st_ino, after.st_mtime_ns) == (written.st_ino, written.st_mtime_ns)
     assert (out / "g.parquet").read_bytes() == before and os.listdir(out) == ["g.parquet"]
+
+
+# ------------------------------------------------------------------ serve --watch
+
+
+def _land(*paths: Path, seed: int) -> None:
+    """Files written under dot-names, then renamed into place (as a writer for --watch should)."""
+    hidden = [path.with_name(f".{path.name}.tmp") for path in paths]
+    for i, path in enumerate(hidden):
+        write_sim(path, 500, 10, seed=seed + i)
+    for path, final in zip(hidden, paths):
+        os.rename(path, final)
+
+
+def test_serve_watch_queues_a_group_when_its_files_change_and_reads_only_the_new_file(tmp_path):
+    root, out, spool = tmp_path / "data", tmp_path / "out", tmp_path / "spool"
+    (root / "g").mkdir(parents=True)
+    daemon = Daemon(serve_args(tmp_path, None, "--watch", "--watch-debounce-seconds", "0.3"), tmp_path / "daemon.log")
+    try:
+        daemon.wait_ready()
+        _land(root / "g" / "f0.parquet", root / "g" / "f1.parquet", seed=0)
+        wait_closed(spool, 1, 120, daemon)
+        [first] = records(spool, "done")
+        _land(root / "g" / "f2.parquet", seed=2)
+        wait_closed(spool, 2, 120, daemon)
+    finally:
+        daemon.kill()
+    [second] = [r for r in records(spool, "done") if r != first]
+    assert (first["group"], first["run_kind"], first["files_read"], first["files"]) == ("g", "full", 2, 2), first
+    assert (second["group"], second["run_kind"], second["files_read"], second["files"]) == ("g", "incremental", 1, 3)
+    assert records(spool, "failed") == []
+    assert_matches_reference(out / "g.parquet", sorted(str(p) for p in (root / "g").iterdir()), rtol=RTOL)
+    assert "g: files changed; queued" in daemon.log()
+
+
+def test_serve_watch_is_refused_with_a_manifest(tmp_path):
+    (tmp_path / "data" / "g").mkdir(parents=True)
+    write_sim(tmp_path / "data" / "g" / "f.parquet", 10, 2)
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("group_id,file\ng,g/f.parquet\n")
+    done = throttler_cli("serve", *serve_args(tmp_path), "--manifest", str(manifest), "--watch")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "throttler: --watch needs a local data root whose groups are directories" in done.stderr

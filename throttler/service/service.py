@@ -520,6 +520,11 @@ class Service:
         with self._jobs_lock:
             return len(self._jobs)
 
+    def is_live(self, group: str) -> bool:
+        """True while ``group`` has a run in the daemon (claimed, planning, waiting, running or retrying)."""
+        with self._jobs_lock:
+            return group in self._jobs
+
     def running_count(self) -> int:
         with self._jobs_lock:
             return sum(1 for j in self._jobs.values() if j.state == RUNNING)
