@@ -17,7 +17,7 @@ from tests.helpers.datafiles import assert_matches_reference, write_sim
 from throttler.worker.state import fingerprint
 
 BUCKET = "incremental-bucket"
-GROUPS = {"aligned": dict(shuffle=False), "shuffled": dict(shuffle=True)}
+GROUPS = {"aligned": {"shuffle": False}, "shuffled": {"shuffle": True}}
 RTOL = 1e-12
 
 
@@ -66,7 +66,7 @@ def _check(estate, stdout: str, note: str) -> None:
 
 
 def test_s3_runs_read_only_new_objects_and_equal_the_full_sum_as_files_come_and_go(estate):
-    root, s3 = estate
+    _, s3 = estate
     for group in GROUPS:
         for i in range(3):
             _put(estate, group, f"f{i}.parquet", seed=i)
