@@ -31,8 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tests.helpers.datafiles import write_sim  # noqa: E402
-from tests.helpers.s3_server import S3Server  # noqa: E402
+from tests.helpers.datafiles import write_sim
+from tests.helpers.s3_server import S3Server
 
 INCREMENTAL = Path(__file__).resolve().parent / "incremental.py"
 _REQUEST = re.compile(r'"(?:\x1b\[[0-9;]*m)*(GET|HEAD|PUT|POST|DELETE) (\S+) HTTP')  #: colour codes too
@@ -42,7 +42,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--files", type=int, default=100)
     opts = p.parse_args()
-    log = tempfile.NamedTemporaryFile(prefix="moto-", suffix=".log", delete=False)
+    log = tempfile.NamedTemporaryFile(prefix="moto-", suffix=".log", delete=False)  # noqa: SIM115 - the server writes it
     server = S3Server()
     server.proc.kill()  # restart it with its access log kept, to count requests
     server.proc.wait()
