@@ -13,6 +13,8 @@ planning, the run and the write), taken after the cluster started. The cases,
 each prepared by the parent on disk:
 
 * ``full N``: the first run of the N-file group (no previous output);
+* ``unchanged N``: the same group run again with nothing new (fingerprints
+  only: no plan, no cluster work, the output untouched);
 * ``incremental N+1``: the same group after one new file landed, its previous
   output in place (restored before each run);
 * ``full 2``: a 2-file group's first run, the floor the incremental run is
@@ -91,7 +93,7 @@ def run_child(root: str, out: str, group: str) -> None:
     cluster.close()
     if kind != "done":
         raise SystemExit(record["reason"])
-    print(json.dumps({k: record[k] for k in ("total_seconds", "seconds", "run", "run_reason", "files_read",
+    print(json.dumps({k: record[k] for k in ("total_seconds", "seconds", "run_kind", "run_reason", "files_read",
                                              "files", "strategy", "bytes")}))
 
 
@@ -103,6 +105,10 @@ def _cases(args, physical: list[Path]) -> list[tuple[str, list[dict]]]:
     for stale in out.glob("*.parquet"):
         stale.unlink()
     full_n = [_child(root, out, "big")]
+    written_ns = (out / "big.parquet").stat().st_mtime_ns
+    unchanged = [_child(root, out, "big") for _ in range(args.runs)]
+    if (out / "big.parquet").stat().st_mtime_ns != written_ns:
+        raise SystemExit("an unchanged run rewrote the output")
     saved = Path(args.data) / "big-after-full.parquet"
     shutil.copy2(out / "big.parquet", saved)
     os.link(physical[2], group / f"f{n:05d}.parquet")  # one new file lands
@@ -123,7 +129,8 @@ def _cases(args, physical: list[Path]) -> list[tuple[str, list[dict]]]:
     rewrite = [_child(root, out, "big")]
     victim.unlink()
     os.link(physical[0], victim)
-    return [(f"full, {n} files (first run)", full_n), (f"incremental, {n + 1} files (1 new)", incremental),
+    return [(f"full, {n} files (first run)", full_n), (f"unchanged, {n} files (nothing new)", unchanged),
+            (f"incremental, {n + 1} files (1 new)", incremental),
             ("full, 2 files (the floor)", floor), (f"rewrite 1 of {n + 1} files (full)", rewrite)]
 
 
@@ -139,7 +146,7 @@ def main(argv=None) -> None:
     if args.child:
         return run_child(args.root, args.out, args.child)
     cases = _cases(args, _physical(Path(args.data)))
-    floor = statistics.median(r["total_seconds"] for r in cases[2][1])
+    floor = statistics.median(r["total_seconds"] for r in cases[3][1])
     print(f"{args.files} hard-linked seed-sized files (6,000,000 rows each), 2 workers x 1 thread; "
           f"medians of the runs; time = claim to done record")
     print("| case | run | files read | MiB read | seconds (median) | runs | x full 2-file run |")
@@ -147,7 +154,7 @@ def main(argv=None) -> None:
     for name, records in cases:
         secs = statistics.median(r["total_seconds"] for r in records)
         r = records[0]
-        print(f"| {name} | {r['run']} ({r['strategy']}) | {r['files_read']} | {r['bytes'] / 2**20:,.0f} | "
+        print(f"| {name} | {r['run_kind']} ({r['strategy']}) | {r['files_read']} | {r['bytes'] / 2**20:,.0f} | "
               f"{secs:.2f} | {len(records)} | {secs / floor:.2f} |")
 
 

@@ -70,8 +70,11 @@ def _serve_parser(sub) -> None:
     for flag in ("builder-threads", "submitter-threads", "workers", "threads-per-worker",
                  "worker-memory-bytes", "assumed-worker-memory-bytes"):
         p.add_argument(f"--{flag}", dest=flag.replace("-", "_"), type=int)
-    for flag in ("memory-fraction", "drain-timeout-seconds", "rescan-seconds", "poll-seconds"):
+    for flag in ("memory-fraction", "drain-timeout-seconds", "rescan-seconds", "poll-seconds",
+                 "watch-debounce-seconds"):
         p.add_argument(f"--{flag}", dest=flag.replace("-", "_"), type=float)
+    p.add_argument("--watch", action="store_const", const=True,
+                   help="queue a group when the files of its directory change (local data root, no manifest)")
     p.set_defaults(func=cmd_serve)
 
 

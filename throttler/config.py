@@ -49,6 +49,8 @@ class Config:
     #: divided by the workers on that host)
     assumed_worker_memory_bytes: int = 0
     log_level: str = "INFO"
+    watch: bool = False  #: serve: queue a group when the files of its directory change (local data roots)
+    watch_debounce_seconds: float = 2.0  #: serve --watch: a group is queued once its files are this quiet
 
 
 DEFAULTS = Config()
@@ -87,7 +89,7 @@ def validate(config: Config) -> None:
         problems.append("fan_in must be >= 2")
     if config.max_attempts < 1 or config.max_transient_attempts < 1:
         problems.append("max_attempts and max_transient_attempts must be >= 1")
-    for name in ("poll_seconds", "rescan_seconds", "drain_timeout_seconds"):
+    for name in ("poll_seconds", "rescan_seconds", "drain_timeout_seconds", "watch_debounce_seconds"):
         if getattr(config, name) <= 0:
             problems.append(f"{name} must be > 0")
     if problems:
@@ -115,6 +117,8 @@ def _coerce(name: str, value: Any) -> Any:
     if value in ("", None) and "None" in kind:
         return None
     try:
+        if kind.startswith("bool"):
+            return _boolean(value)
         if kind.startswith("int"):
             return int(value)
         if kind.startswith("float"):
@@ -125,3 +129,15 @@ def _coerce(name: str, value: Any) -> Any:
         return str(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{name}: cannot read {value!r} as {kind}") from None
+
+
+def _boolean(value: Any) -> bool:
+    """A bool, or its spelling in the environment or a file (true/false, 1/0, yes/no, on/off)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(value)

@@ -173,3 +173,35 @@ def _s3_client():
 
             client = _s3_clients[pid] = boto3.session.Session().client("s3")
     return client
+
+
+def copy_object(source_url: str, target_url: str) -> None:
+    """Copy an object inside its store, server-side (S3: one ``CopyObject``).
+
+    The copy is one whole version of the source as it was when the copy ran,
+    however often the source is replaced afterwards. FileNotFoundError if the
+    source is gone.
+    """
+    fs, source = split(source_url)
+    target_fs, target = split(target_url)
+    if target_fs is not fs:
+        raise StorageError(f"{target_url}: a copy stays in the bucket of {source_url}")
+    if fs.get_file_info(source).type != pafs.FileType.File:
+        raise FileNotFoundError(2, "no such object", source_url)
+    fs.copy_file(source, target)
+
+
+def list_prefixed(url_prefix: str) -> list[str]:
+    """URLs of the S3 objects whose key starts with ``url_prefix``'s key (any characters after it)."""
+    check_url(url_prefix)
+    parts = urlsplit(url_prefix)
+    pages = _s3_client().get_paginator("list_objects_v2").paginate(Bucket=parts.netloc,
+                                                                    Prefix=parts.path.lstrip("/"))
+    return [f"{parts.scheme}://{parts.netloc}/{item['Key']}" for page in pages for item in page.get("Contents", [])]
+
+
+def delete_object(url: str) -> None:
+    """Delete an S3 object (no error if it is already gone)."""
+    check_url(url)
+    parts = urlsplit(url)
+    _s3_client().delete_object(Bucket=parts.netloc, Key=parts.path.lstrip("/"))

@@ -18,12 +18,19 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.helpers.daemon import throttler_cli
+from tests.helpers.daemon import (
+    Daemon,
+    make_estate,
+    records,
+    serve_args,
+    throttler_cli,
+    wait_closed,
+)
 from tests.helpers.datafiles import assert_matches_reference, read_output, write_sim
 from throttler.errors import MisalignedKeys
 from throttler.planning import planner
 from throttler.planning.catalog import Catalog
-from throttler.planning.incremental import FULL, INCREMENTAL, decide
+from throttler.planning.incremental import FULL, INCREMENTAL, UNCHANGED, decide
 from throttler.planning.plan import Plan
 from throttler.service import incremental_run
 from throttler.spool.requests import BadRequest, parse_request_json
@@ -41,6 +48,13 @@ def test_decide_extends_when_every_previous_file_is_unchanged():
     previous = OutputState(files={"g/a": "1:x", "g/b": "2:y"})
     got = decide(previous, {"g/a": "1:x", "g/b": "2:y", "g/c": "3:z"})
     assert (got.kind, got.read) == (INCREMENTAL, ("g/c",))
+
+
+def test_decide_finds_nothing_to_do_when_no_file_is_new_or_changed():
+    previous = OutputState(files={"g/a": "1:x", "g/b": "2:y"})
+    got = decide(previous, {"g/b": "2:y", "g/a": "1:x"})
+    assert (got.kind, got.reason, got.read) == (UNCHANGED, "no file new or changed since the previous output", ())
+    assert decide(previous, {"g/a": "1:x", "g/b": "2:y"}, full_requested=True).kind == FULL
 
 
 @pytest.mark.parametrize("previous, current, full, reason", [
@@ -73,6 +87,8 @@ def test_a_request_may_ask_for_a_full_run():
 def run_group(client, root: Path, out: Path, group: str, strategy: str, full: bool = False):
     """One run as the service makes it: prepare, plan (small chunks: a real tree), fall back, write."""
     prepared = incremental_run.prepare(Catalog(root).files(group), str(root), output_path_for(out, group), full)
+    if prepared.decision.unchanged:
+        return prepared.decision
     files = list(prepared.files)
     resolved, _ = planner.resolve_strategy(strategy, files)
     while True:
@@ -216,3 +232,81 @@ def test_throttler_run_again_after_a_file_lands_reads_only_that_file(tmp_path):
     assert_matches_reference(out / "g.parquet", sorted(str(p) for p in (root / "g").iterdir()), rtol=RTOL)
     forced = throttler_cli("run", "g", "--full", *args, timeout_seconds=120)
     assert "full (full run requested): 4 files read" in forced.stdout, forced.stdout + forced.stderr
+    before, written = (out / "g.parquet").read_bytes(), os.stat(out / "g.parquet")
+    again = throttler_cli("run", "g", *args, timeout_seconds=120)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert (f"ok     g: 60,000 rows from 4 files (unchanged: no file new or changed, 0 files read, output "
+            f"untouched) -> {out / 'g.parquet'}") in again.stdout, again.stdout
+    after = os.stat(out / "g.parquet")
+    assert (after.st_ino, after.st_mtime_ns) == (written.st_ino, written.st_mtime_ns)
+    assert (out / "g.parquet").read_bytes() == before and os.listdir(out) == ["g.parquet"]
+
+
+def test_the_daemon_records_a_request_with_nothing_new_as_unchanged_and_leaves_the_output(tmp_path):
+    root, out, spool = tmp_path / "data", tmp_path / "out", tmp_path / "spool"
+    make_estate(root, {"g": 2}, n_paths=500, n_dates=10)
+    daemon = Daemon(serve_args(tmp_path), tmp_path / "daemon.log")
+    try:
+        daemon.wait_ready()
+        assert throttler_cli("submit", "g", "--spool", str(spool)).returncode == 0
+        wait_closed(spool, 1, 120, daemon)
+        [first] = records(spool, "done")
+        written = os.stat(out / "g.parquet")
+        before = (out / "g.parquet").read_bytes()
+        assert throttler_cli("submit", "g", "--spool", str(spool)).returncode == 0
+        wait_closed(spool, 2, 120, daemon)
+    finally:
+        daemon.kill()
+    [second] = [r for r in records(spool, "done") if r != first]
+    assert (first["run_kind"], first["files_read"]) == ("full", 2), first
+    assert {k: second[k] for k in ("group", "output", "rows", "files", "bytes", "bytes_written", "run_kind",
+                                   "run_reason", "files_read", "strategy")} == {
+        "group": "g", "output": str(out / "g.parquet"), "rows": 5_000, "files": 2, "bytes": 0, "bytes_written": 0,
+        "run_kind": "unchanged", "run_reason": "no file new or changed since the previous output", "files_read": 0,
+        "strategy": "none"}
+    after = os.stat(out / "g.parquet")
+    assert (after.st_ino, after.st_mtime_ns) == (written.st_ino, written.st_mtime_ns)
+    assert (out / "g.parquet").read_bytes() == before and os.listdir(out) == ["g.parquet"]
+
+
+# ------------------------------------------------------------------ serve --watch
+
+
+def _land(*paths: Path, seed: int) -> None:
+    """Files written under dot-names, then renamed into place (as a writer for --watch should)."""
+    hidden = [path.with_name(f".{path.name}.tmp") for path in paths]
+    for i, path in enumerate(hidden):
+        write_sim(path, 500, 10, seed=seed + i)
+    for path, final in zip(hidden, paths):
+        os.rename(path, final)
+
+
+def test_serve_watch_queues_a_group_when_its_files_change_and_reads_only_the_new_file(tmp_path):
+    root, out, spool = tmp_path / "data", tmp_path / "out", tmp_path / "spool"
+    (root / "g").mkdir(parents=True)
+    daemon = Daemon(serve_args(tmp_path, None, "--watch", "--watch-debounce-seconds", "0.3"), tmp_path / "daemon.log")
+    try:
+        daemon.wait_ready()
+        _land(root / "g" / "f0.parquet", root / "g" / "f1.parquet", seed=0)
+        wait_closed(spool, 1, 120, daemon)
+        [first] = records(spool, "done")
+        _land(root / "g" / "f2.parquet", seed=2)
+        wait_closed(spool, 2, 120, daemon)
+    finally:
+        daemon.kill()
+    [second] = [r for r in records(spool, "done") if r != first]
+    assert (first["group"], first["run_kind"], first["files_read"], first["files"]) == ("g", "full", 2, 2), first
+    assert (second["group"], second["run_kind"], second["files_read"], second["files"]) == ("g", "incremental", 1, 3)
+    assert records(spool, "failed") == []
+    assert_matches_reference(out / "g.parquet", sorted(str(p) for p in (root / "g").iterdir()), rtol=RTOL)
+    assert "g: files changed; queued" in daemon.log()
+
+
+def test_serve_watch_is_refused_with_a_manifest(tmp_path):
+    (tmp_path / "data" / "g").mkdir(parents=True)
+    write_sim(tmp_path / "data" / "g" / "f.parquet", 10, 2)
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("group_id,file\ng,g/f.parquet\n")
+    done = throttler_cli("serve", *serve_args(tmp_path), "--manifest", str(manifest), "--watch")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "throttler: --watch needs a local data root whose groups are directories" in done.stderr

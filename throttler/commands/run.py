@@ -54,6 +54,9 @@ def result_line(kind: str, record: dict) -> str:
     """One line per group, as ``throttler run`` prints it."""
     if kind != "done":
         return f"FAILED {record['group']}: {record['reason']}"
+    if record.get("run_kind") == "unchanged":
+        return (f"ok     {record['group']}: {record['rows']:,} rows from {record['files']} files (unchanged: "
+                f"no file new or changed, 0 files read, output untouched) -> {record['output']}")
     fraction = record.get("worker_peak_fraction")
     peak = "" if fraction is None else f", worker peak {fraction:.0%} of its limit"
     strategy = record["strategy"]
@@ -66,11 +69,11 @@ def result_line(kind: str, record: dict) -> str:
 
 def run_note(record: dict) -> str:
     """``incremental: 1 file read`` or ``full (why): N files read``."""
-    if "run" not in record:
+    if "run_kind" not in record:
         return f"{record['files']} files read"
-    why = "" if record["run"] == "incremental" else f" ({record['run_reason']})"
+    why = "" if record["run_kind"] == "incremental" else f" ({record['run_reason']})"
     read = record["files_read"]
-    return f"{record['run']}{why}: {read} file{'' if read == 1 else 's'} read"
+    return f"{record['run_kind']}{why}: {read} file{'' if read == 1 else 's'} read"
 
 
 def run_groups(cfg: Config, client, groups: list[str], strategy: str, display: ProgressDisplay,

@@ -18,6 +18,7 @@ import time
 import tenacity
 
 from throttler import config as config_mod
+from throttler import storage
 from throttler.cluster.embedded import start_embedded_cluster
 from throttler.commands import checks
 from throttler.ops import sdnotify
@@ -26,6 +27,7 @@ from throttler.planning.catalog import Catalog
 from throttler.planning.estimator import Estimator
 from throttler.service import outcome as retries
 from throttler.service.service import Service
+from throttler.spool.group_watch import GroupWatcher
 from throttler.spool.queue import Spool
 from throttler.spool.watcher import SpoolWatcher
 from throttler.worker.output import sweep_temporaries
@@ -127,10 +129,14 @@ def serve(cfg: config_mod.Config, config_path: str | None = None, overrides: dic
                       estimator=Estimator(str(spool.state_dir / "estimator.json")), metrics=metrics,
                       notifier=sdnotify, reconnect=_reconnector(cfg))
     watcher = SpoolWatcher(spool, signals.wake, cfg.rescan_seconds)
+    groups = GroupWatcher(str(cfg.data_root), spool.submit, service.is_live, cfg.watch_debounce_seconds) \
+        if cfg.watch else None
     try:
         service.on_capacity = signals.wake.set
         service.start()
         watcher.start()
+        if groups is not None:
+            groups.start()
         metrics.set_up({"version": _version()})
         sdnotify.ready(service.status.summary_line())
         log.info("serving spool %s; data root %s%s; output %s; %s; metrics %s", cfg.spool, cfg.data_root,
@@ -140,6 +146,8 @@ def serve(cfg: config_mod.Config, config_path: str | None = None, overrides: dic
         sdnotify.stopping()
         service.drain(service.config.drain_timeout_seconds)
     finally:
+        if groups is not None:
+            groups.stop()
         watcher.stop()
         _close(service.client, cluster, metrics_server)
     log.info("stopped")
@@ -214,6 +222,9 @@ def log_level_number(name: str) -> int:
 def check_paths(cfg: config_mod.Config) -> None:
     """Refuse, before anything starts, a data root, manifest or output the daemon cannot use."""
     checks.data_inputs(cfg.data_root, cfg.manifest)
+    if cfg.watch and (cfg.manifest or storage.is_url(cfg.data_root)):
+        raise config_mod.ConfigError("--watch needs a local data root whose groups are directories (no manifest, "
+                                     "no object store: neither sends change events)")
     checks.writable_directory(cfg.output, "output", create=False)
     parent = os.path.dirname(os.path.abspath(cfg.spool))
     if not os.path.isdir(cfg.spool):

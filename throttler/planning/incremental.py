@@ -6,7 +6,9 @@ with the same fingerprint, the new output is that sum plus the sum over the
 files added since: the previous output is read as one more input (its keys
 ``path``/``Date``/``value`` satisfy the input contract), so every strategy
 works unchanged, including a group whose key set grows with the new file
-(the strategies sum over the union of keys). Otherwise the run is full.
+(the strategies sum over the union of keys). When no file is new either, the
+previous output already is the answer: the run is UNCHANGED (nothing read,
+nothing written, the output keeps its bytes and mtime). Otherwise the run is full.
 
 Only the order of the additions differs from a full run, so results agree to
 rounding (the property tests check 1e-12 relative).
@@ -18,20 +20,24 @@ from dataclasses import dataclass
 
 from throttler.worker.state import AGGREGATE, STATE_VERSION, OutputState
 
-INCREMENTAL, FULL = "incremental", "full"
+INCREMENTAL, FULL, UNCHANGED = "incremental", "full", "unchanged"
 
 
 @dataclass(frozen=True)
 class RunDecision:
     """What kind of run, why, and which of the group's files to read (relative paths)."""
 
-    kind: str  #: INCREMENTAL or FULL
+    kind: str  #: INCREMENTAL, FULL or UNCHANGED
     reason: str
     read: tuple[str, ...]  #: the group's files to read (the previous output comes on top when incremental)
 
     @property
     def incremental(self) -> bool:
         return self.kind == INCREMENTAL
+
+    @property
+    def unchanged(self) -> bool:
+        return self.kind == UNCHANGED
 
 
 def decide(previous: OutputState | None, current: dict[str, str], *, full_requested: bool = False,
@@ -46,6 +52,8 @@ def decide(previous: OutputState | None, current: dict[str, str], *, full_reques
     if reason is not None:
         return RunDecision(FULL, reason, everything)
     new = tuple(rel for rel in current if rel not in previous.files)
+    if not new:
+        return RunDecision(UNCHANGED, "no file new or changed since the previous output", ())
     return RunDecision(INCREMENTAL, f"{len(new)} new file(s) since the previous output", new)
 
 

@@ -45,6 +45,28 @@ def done_record(job: Job, summary: dict) -> dict:
     }
 
 
+def unchanged_record(job: Job) -> dict:
+    """The ``done/`` record of a run that found nothing new or changed: nothing read, nothing
+    written, the previous output (``output``) is the sum over the group's files as they are."""
+    return {
+        "group": job.group,
+        "output": str(job.run.target),
+        "rows": job.run.previous_rows,
+        "files": job.run.group_files,
+        "bytes": 0,
+        "bytes_written": 0,
+        "nan_count": 0,  # no value read
+        "strategy": "none",
+        "requested_strategy": job.requested_strategy,
+        "fell_back": False,
+        "seconds": 0.0,
+        "total_seconds": round(time.monotonic() - job.claimed_at_seconds, 6),
+        "attempts": job.attempt,
+        "history": job.history,
+        **job.run.record_fields(),
+    }
+
+
 def failed_record(job: Job, reason: str, error_class: str) -> dict:
     """The ``failed/`` record: the group, the request(s) and a clear reason."""
     plan = job.plan

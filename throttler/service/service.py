@@ -35,7 +35,7 @@ from throttler.planning import planner
 from throttler.service import incremental_run
 from throttler.service import outcome as retries
 from throttler.service.jobs import PLANNING, QUEUED, RUNNING, STATES, Job
-from throttler.service.records import done_record, failed_record
+from throttler.service.records import done_record, failed_record, unchanged_record
 from throttler.service.submitter import Submitter
 from throttler.worker import graphs
 from throttler.worker.output import output_path_for, sweep_temporaries
@@ -235,6 +235,10 @@ class Service:
         try:
             job.state = PLANNING
             try:
+                job.run = incremental_run.prepare(self.catalog.files(job.group), self.catalog.data_root,
+                                                  output_path_for(self.config.output, job.group), job.full)
+                if job.run.decision.unchanged:  # the previous output is the answer: nothing to run
+                    return self._on_unchanged(job)
                 job.plan = self._plan(job)
                 job.graph = graphs.build(job.plan, job.run.target)
             except NoWorkers as exc:  # not the group's fault: no attempt used, plan again soon
@@ -249,8 +253,6 @@ class Service:
             self._count_busy("builder", -1)
 
     def _plan(self, job: Job):
-        job.run = incremental_run.prepare(self.catalog.files(job.group), self.catalog.data_root,
-                                          output_path_for(self.config.output, job.group), job.full)
         plan = planner.make_plan(job.group, list(job.run.files), job.strategy, self.status.shape(), self.estimator,
                                  attempt=1 + job.memory_failures, memory_fraction=self.config.memory_fraction,
                                  measured_task_peak_bytes=job.measured_task_peak_bytes,
@@ -361,6 +363,15 @@ class Service:
                                     summary["bytes_read"], summary["rows"])
         log.info("done %s: %d rows from %d files in %.2f s (%s, attempt %d)", job.group, summary["rows"],
                  summary["files"], job.run_seconds, plan.strategy, job.attempt)
+
+    def _on_unchanged(self, job: Job) -> None:
+        """Record a run that found nothing new or changed: done, 0 files read, the output untouched."""
+        record = unchanged_record(job)
+        self.spool.finish(job.claim, "done", record)
+        self._forget(job)
+        self._finished("done", record)
+        self.metrics.group_finished("done", "other", 0.0, 0, 0, record["rows"])
+        log.info("unchanged %s: no file new or changed since its output (%d files)", job.group, record["files"])
 
     def _observed_task_bytes(self, plan, summary: dict) -> int:
         """What the group's heaviest task held, learned only where it ran alone on its worker.
@@ -508,6 +519,11 @@ class Service:
     def live_count(self) -> int:
         with self._jobs_lock:
             return len(self._jobs)
+
+    def is_live(self, group: str) -> bool:
+        """True while ``group`` has a run in the daemon (claimed, planning, waiting, running or retrying)."""
+        with self._jobs_lock:
+            return group in self._jobs
 
     def running_count(self) -> int:
         with self._jobs_lock:

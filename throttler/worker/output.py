@@ -109,10 +109,13 @@ def _finite(table: pa.Table) -> bool:
 
 def _write_tables_object(output_url: str, schema: pa.Schema, tables) -> int:
     """An object store output: encoded whole in memory, then one PUT (it appears whole or not at all)."""
-    encoded = pa.BufferOutputStream()
+    encoded, finite = pa.BufferOutputStream(), True
     with pq.ParquetWriter(encoded, schema, **WRITE_OPTIONS) as writer:
         for table in tables:
             writer.write_table(table)
+            finite = finite and (state.state_of(output_url) is None or _finite(table))
+        if state.state_of(output_url) is not None:  # the inputs' state goes into the same object's footer
+            writer.add_key_value_metadata(state.state_metadata(output_url, finite))
     return storage.write_object(output_url, memoryview(encoded.getvalue()))
 
 
@@ -136,12 +139,24 @@ def sweep_temporaries(output_root: str | os.PathLike, group: str | None = None) 
     pattern = re.compile(re.escape(f".{group}{OUTPUT_SUFFIX}.") + r"[0-9a-f]{12}" + re.escape(TMP_SUFFIX)) \
         if group else re.compile(r"\..*" + re.escape(TMP_SUFFIX))
     removed = []
-    if storage.is_url(output_root):
-        return removed  # object outputs are single PUTs: no temporary ever exists
+    if storage.is_url(output_root):  # outputs are single PUTs; the temporaries are incremental runs'
+        return _sweep_objects(str(output_root), group, pattern)  # private copies of previous outputs
     for entry in os.scandir(storage.local_path(output_root)):
         if pattern.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
             _unlink_quietly(entry.path)
             removed.append(entry.name)
+    return removed
+
+
+def _sweep_objects(output_root: str, group: str | None, pattern: re.Pattern) -> list[str]:
+    """:func:`sweep_temporaries` on object storage: one listing of the names starting
+    with ``.<group>.parquet.`` (or ``.``) in the output prefix, then one delete each."""
+    removed = []
+    for url in storage.list_prefixed(storage.join(output_root, f".{group}{OUTPUT_SUFFIX}." if group else ".")):
+        name = url.rsplit("/", 1)[-1]
+        if pattern.fullmatch(name):
+            storage.delete_object(url)
+            removed.append(name)
     return removed
 
 

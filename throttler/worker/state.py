@@ -38,10 +38,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from throttler import storage
 
 #: The key of the state in the output's Parquet key-value metadata.
 STATE_KEY = b"throttler.state"
@@ -55,6 +58,12 @@ AGGREGATE = "sum-by-path-date"
 
 #: Bytes read at the start of each value column chunk: its first page header (and CRC) and more.
 CHUNK_HEAD_BYTES = 256
+
+#: Bytes of an object's end read at once when fingerprinting it (a seed file's footer is about 10 KiB).
+OBJECT_TAIL_BYTES = 64 * 1024
+
+#: Objects fingerprinted at once (each is a few ranged GETs of latency, not bandwidth).
+OBJECT_FINGERPRINT_THREADS = 32
 
 _TAIL_BYTES = 8  #: a Parquet file ends with the footer's length (4 bytes) and b"PAR1"
 
@@ -126,7 +135,8 @@ def state_metadata(output_path, finite: bool) -> dict[bytes, bytes]:
 def read_state(output_path: str) -> OutputState | None:
     """The state stored in an output's footer (footer only); None if absent, unreadable or invalid."""
     try:
-        metadata = pq.read_metadata(output_path).metadata or {}
+        with storage.open_input(output_path) as source:
+            metadata = pq.read_metadata(source).metadata or {}
     except (OSError, pa.ArrowException):
         return None
     data = metadata.get(STATE_KEY)
@@ -138,6 +148,8 @@ def fingerprint(path: str) -> str:
 
     Raises FileNotFoundError if the file is gone, OSError/ArrowException if unreadable.
     """
+    if storage.is_url(path):
+        return _fingerprint_object(path)
     with open(path, "rb", buffering=0) as fh:
         size = os.fstat(fh.fileno()).st_size
         if size < 2 * _TAIL_BYTES:
@@ -154,6 +166,28 @@ def fingerprint(path: str) -> str:
         for offset, length in _value_chunk_heads(pq.read_metadata(pa.py_buffer(footer_with_tail(footer, tail)))):
             fh.seek(offset)
             digest.update(fh.read(length))
+    return f"{size}:{digest.hexdigest()}"
+
+
+def _fingerprint_object(url: str) -> str:
+    """:func:`fingerprint` of an object: the same bytes hashed, read by ranged GETs (the
+    last :data:`OBJECT_TAIL_BYTES` in one, which usually hold the whole footer, then one
+    per value chunk head)."""
+    with storage.open_input(url) as source:
+        size = source.size()
+        if size < 2 * _TAIL_BYTES:
+            raise OSError(f"{url}: too short for a Parquet file")
+        last = source.read_at(min(size, OBJECT_TAIL_BYTES), size - min(size, OBJECT_TAIL_BYTES))
+        tail = last[-_TAIL_BYTES:]
+        footer_bytes = int.from_bytes(tail[:4], "little")
+        start = size - _TAIL_BYTES - footer_bytes
+        if tail[4:] != b"PAR1" or start < 4:
+            raise OSError(f"{url}: not a Parquet file")
+        within = len(last) - _TAIL_BYTES - footer_bytes
+        footer = last[within:-_TAIL_BYTES] if within >= 0 else source.read_at(footer_bytes, start)
+        digest = hashlib.sha256(tail + footer)
+        for offset, length in _value_chunk_heads(pq.read_metadata(pa.py_buffer(footer_with_tail(footer, tail)))):
+            digest.update(source.read_at(length, offset))
     return f"{size}:{digest.hexdigest()}"
 
 
@@ -188,8 +222,23 @@ class Fingerprints:
 def fingerprint_files(paths: list[str], data_root: str) -> Fingerprints:
     """Fingerprint every file of a group (paths absolute, under ``data_root``)."""
     by_relative, absolute = {}, {}
-    for path in paths:
-        rel = os.path.relpath(path, data_root)
-        by_relative[rel] = fingerprint(path)
+    if paths and storage.is_url(paths[0]):  # each is a few ranged GETs of latency: many in flight
+        with ThreadPoolExecutor(min(OBJECT_FINGERPRINT_THREADS, len(paths)), thread_name_prefix="fingerprints") as pool:
+            prints = list(pool.map(fingerprint, paths))
+    else:
+        prints = [fingerprint(path) for path in paths]
+    for path, printed in zip(paths, prints):
+        rel = relative_to_root(path, data_root)
+        by_relative[rel] = printed
         absolute[rel] = path
     return Fingerprints(by_relative, absolute)
+
+
+def relative_to_root(path: str, data_root: str) -> str:
+    """``path`` relative to the data root (``/``-separated after the root's prefix for URLs)."""
+    if not storage.is_url(path):
+        return os.path.relpath(path, data_root)
+    root = str(data_root).rstrip("/") + "/"
+    if not path.startswith(root):
+        raise ValueError(f"{path} is not under the data root {data_root}")
+    return path[len(root):]
