@@ -107,6 +107,24 @@ def test_groups_end_to_end_with_records_and_reference(tmp_path, client):
     assert sorted(os.listdir(tmp_path / "out")) == ["alpha.parquet", "beta.parquet", "gamma.parquet"]
 
 
+def test_a_finishing_group_shows_all_its_files_read_until_it_leaves_running(tmp_path, client):
+    """What ``status`` and ``run``'s progress read while the result is recorded: never back to zero."""
+    make_estate(tmp_path / "data", {"delta": 4})
+    service, spool, _ = make_service(tmp_path, client)
+    seen = []
+    finish = spool.finish
+
+    def finish_and_look(claim, kind, record):
+        seen.extend((g["group"], g["files_done"], g["files_total"]) for g in service.running_groups())
+        return finish(claim, kind, record)
+
+    spool.finish = finish_and_look
+    drop_request(spool.root, "delta")
+    run_service_until_settled(service, spool, 1)
+    assert [r["group"] for r in records(spool.root, "done")] == ["delta"]
+    assert seen == [("delta", 4, 4)]
+
+
 def test_bad_groups_fail_clearly_and_others_are_served(tmp_path, client):
     estate = make_estate(tmp_path / "data", {"good": 2, "badcol": 2})
     pq.write_table(pq.read_table(estate["badcol"][1]).drop_columns(["value"]), estate["badcol"][1])

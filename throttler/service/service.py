@@ -333,8 +333,14 @@ class Service:
         if future is None or job.state != RUNNING:
             return  # released during shutdown
         self.submitter.release(job)
-        self.progress.forget(job.graph.token)
         job.run_seconds = self.clock() - job.submitted_at_seconds
+        token = job.graph.token
+        try:
+            self._record_outcome(job, future)
+        finally:  # only now: until the job leaves RUNNING, status shows its progress, not zero
+            self.progress.forget(token)
+
+    def _record_outcome(self, job: Job, future) -> None:
         try:
             summary = future.result()
         except BaseException as exc:  # noqa: BLE001 - classified
