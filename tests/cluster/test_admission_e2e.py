@@ -113,7 +113,7 @@ def record_admission_rounds(monkeypatch) -> list[tuple[set[str], list[str]]]:
 def test_queue_larger_than_cluster_completes_without_pauses_or_kills(tmp_path, small_cluster, monkeypatch):
     client = small_cluster
     groups = {f"sum{i}": 20 for i in range(6)}
-    groups.update({f"gb{i}": 10 for i in range(3)})
+    groups.update({f"gb{i}": 30 for i in range(4)})
     groups["huge"] = 520
     (tmp_path / "data").mkdir()
     estate = hardlinked_estate(tmp_path / "data", groups)
