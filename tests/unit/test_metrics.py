@@ -179,6 +179,7 @@ GARBAGE_CALLS = [
     ("set_cluster_memory", ("a", "b", "c")),
     ("set_workers", ([1, 2],)),
     ("set_workers_incompatible", ("some",)),
+    ("set_workers_without_data_access", ("some",)),
     ("worker_peak", ("aligned", None)),
     ("worker_peak", ("aligned", -0.5)),
     ("estimate_observed", ("sum", "big", 1)),

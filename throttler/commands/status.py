@@ -59,6 +59,8 @@ def _daemon_lines(daemon: dict, label: str) -> list[str]:
              f"{format_bytes(mem['reserved_bytes'])}"]
     for address, problem in sorted(daemon.get("workers_incompatible", {}).items()):
         lines.append(f"  {label}INCOMPATIBLE worker {address}: {problem}")
+    for address, problem in sorted(daemon.get("workers_without_data_access", {}).items()):
+        lines.append(f"  {label}NO DATA ACCESS worker {address}: {problem}")
     for r in daemon["running"]:
         progress = ""
         if "files_total" in r:
