@@ -182,3 +182,49 @@ def test_a_worker_killed_mid_upload_leaves_no_partial_object_and_the_group_compl
                          "--workers", "1", "--quiet", timeout_seconds=120)
     assert want.returncode == 0, want.stdout + want.stderr
     assert _object_table(s3, "killed/big.parquet").equals(pq.read_table(tmp_path / "local" / "big.parquet"))
+
+
+def test_the_clients_retry_503s_themselves_but_not_on_a_short_ranged_get(estate, proxy, monkeypatch):
+    """What the S3 clients' own retries cover, over real HTTP, and how what is left is classified.
+
+    A 503 to a ranged GET shorter than the error's XML body is not retried by
+    pyarrow's client (aws-sdk-cpp writes the error body into the caller's buffer,
+    overflows it and loses the status): it surfaces as INTERNAL_FAILURE, which
+    :func:`storage.store_failure` reads as an outage.
+    """
+    from throttler import storage
+    from throttler.storage import TRANSIENT, ObjectAccessError
+
+    attempts = 3  # fewer than the default, to keep botocore's backoff (up to 20 s a retry) short here
+    monkeypatch.setattr(storage, "S3_REQUEST_MAX_ATTEMPTS", attempts)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    monkeypatch.setattr(storage, "_filesystems", {})
+    monkeypatch.setattr(storage, "_s3_clients", {})
+    fs, key = storage.split(f"{DATA}/aligned/f0.parquet")
+    proxy.fail_next(attempts - 1)
+    size = fs.get_file_info(key).size
+    assert proxy.injected["503"] == attempts - 1 and proxy.requests["HEAD"] == attempts
+    source = fs.open_input_file(key)
+    proxy.fail_next(1)
+    assert len(source.read_at(size, 0)) == size  # the error body fits the buffer: retried by the client
+    proxy.fail_next(1)
+    with pytest.raises(OSError, match="AWS Error INTERNAL_FAILURE during GetObject operation") as short:
+        source.read_at(8, 0)
+    assert storage.store_failure(short.value) == TRANSIENT
+
+    url = f"s3://{BUCKET}/retried/o.bin"
+    proxy.fail_next(attempts - 1)
+    assert storage.write_object(url, b"x" * 1000) == 1000
+    assert proxy.requests["PUT"] == attempts
+    proxy.fail_next(attempts)
+    with pytest.raises(OSError, match=f"^{url}: object store unavailable after {attempts} attempts"):
+        storage.write_object(url, b"y")
+    proxy.reset()
+    proxy.deny(f"{BUCKET}/retried/denied.bin")
+    with pytest.raises(ObjectAccessError, match=f"^s3://{BUCKET}/retried/denied.bin: access denied by the object"):
+        storage.write_object(f"s3://{BUCKET}/retried/denied.bin", b"z")
+    with pytest.raises(ObjectAccessError, match="^s3://no-such-bucket/o.bin: no such object or bucket"):
+        storage.write_object("s3://no-such-bucket/o.bin", b"z")
+    assert proxy.requests["PUT"] == 2  # neither refusal was retried
+    s3 = estate[1]
+    assert s3.get_object(Bucket=BUCKET, Key="retried/o.bin")["Body"].read() == b"x" * 1000
