@@ -71,7 +71,7 @@ def check_url(url: str) -> None:
     parts = urlsplit(url)
     if parts.scheme not in OBJECT_SCHEMES:
         raise StorageError(f"{url}: unsupported scheme {parts.scheme!r} (use {', '.join(OBJECT_SCHEMES)})")
-    if "@" in parts.netloc or parts.query or parts.password or parts.username:
+    if parts.query or parts.password or ("@" in parts.netloc and not is_azure_container(parts)):
         raise StorageError(f"{parts.scheme}://{parts.hostname or ''}/...: credentials or options in a URL are "
                            "refused; give them through the environment or the cloud's credential chain")
     if not parts.netloc:
@@ -89,7 +89,7 @@ def split(url: str) -> tuple[pafs.FileSystem, str]:
         fs = _new_filesystem(parts.scheme, parts.netloc)
         with _lock:
             fs = _filesystems.setdefault(key, fs)
-    return fs, posixpath.normpath(parts.netloc + "/" + parts.path.lstrip("/")).rstrip("/")
+    return fs, posixpath.normpath(bucket_of(parts) + "/" + parts.path.lstrip("/")).rstrip("/")
 
 
 def join(root: str | os.PathLike, *names: str) -> str:
@@ -138,7 +138,7 @@ def list_files(prefix: str, suffix: str) -> list[str]:
     fs, inner = split(prefix)
     infos = fs.get_file_info(pafs.FileSelector(inner, recursive=False))
     scheme_bucket = prefix[:len(prefix) - len(urlsplit(prefix).path)]
-    bucket = urlsplit(prefix).netloc
+    bucket = bucket_of(urlsplit(prefix))
     return sorted(f"{scheme_bucket}{info.path[len(bucket):]}" for info in infos
                   if info.type == pafs.FileType.File and info.base_name.endswith(suffix))
 
@@ -156,7 +156,7 @@ def check_reachable(url: str) -> None:
     A prefix with nothing under it yet is fine (an output prefix starts empty).
     """
     fs, inner = split(url)
-    bucket = urlsplit(url).netloc
+    bucket = bucket_of(urlsplit(url))
     if fs.get_file_info(bucket).type != pafs.FileType.Directory:
         raise FileNotFoundError(2, f"bucket {bucket!r} does not exist")
     fs.get_file_info(pafs.FileSelector(inner, recursive=False, allow_not_found=True))
@@ -201,7 +201,14 @@ S3_REQUEST_MAX_ATTEMPTS = 6
 def _new_filesystem(scheme: str, netloc: str) -> pafs.FileSystem:
     """The file system of one bucket: pyarrow's own URI resolution (region, ``AWS_ENDPOINT_URL``),
     then, for S3, the same options with :data:`S3_REQUEST_MAX_ATTEMPTS` as its retry strategy."""
-    fs = pafs.FileSystem.from_uri(f"{scheme}://{netloc}")[0]
+    try:
+        fs = pafs.FileSystem.from_uri(f"{scheme}://{netloc}")[0]
+    except pa.ArrowNotImplementedError as exc:  # a pyarrow built without this file system
+        raise StorageError(f"{scheme}:// URLs need pyarrow built with that file system; this pyarrow "
+                           f"{pa.__version__} has none ({exc})") from None
+    except pa.ArrowInvalid as exc:
+        raise StorageError(f"{scheme}://{netloc}: {exc} (Azure: abfs://<container>@<account>.dfs.core.windows.net/"
+                           "...)") from None
     if isinstance(fs, pafs.S3FileSystem):
         options = fs.__reduce__()[1][0]  # the resolved options, as pickling ships them to workers
         fs = pafs.S3FileSystem(**options, retry_strategy=pafs.AwsStandardS3RetryStrategy(
@@ -278,3 +285,14 @@ def store_error(exc: BaseException, url: str) -> Exception | None:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:300] if text else type(exc).__name__
+
+
+def is_azure_container(parts) -> bool:
+    """True for ``abfs[s]://<container>@<account>.dfs.core.windows.net``: the part before ``@`` names
+    the container (no password), not a credential."""
+    return parts.scheme in ("abfs", "abfss") and bool(parts.username) and parts.password is None
+
+
+def bucket_of(parts) -> str:
+    """The first component of a path inside the URL's file system: the bucket (the container on Azure)."""
+    return parts.username if is_azure_container(parts) else parts.netloc

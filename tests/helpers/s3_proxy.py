@@ -12,7 +12,7 @@ forwards every request to moto unchanged, except that it can:
   a writer can be killed while its upload is in flight; the held request is
   dropped when its client goes away, or forwarded once released.
 
-It counts requests per method. It runs as threads of the test process; the
+It counts requests per method and the bytes of GET bodies it sent. It runs as threads of the test process; the
 throttler subprocesses and their Dask workers reach it over real TCP.
 """
 
@@ -44,6 +44,7 @@ class S3Proxy:
         self.put_held = threading.Event()  #: set while a PUT is held half received
         self.put_released = threading.Event()
         self.puts_dropped = 0  #: held PUTs whose client went away
+        self.get_body_bytes = 0  #: bytes of GET response bodies sent to clients
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self.server.daemon_threads = True
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -77,6 +78,7 @@ class S3Proxy:
             self._denied.clear()
             self.requests.clear()
             self.injected.clear()
+            self.get_body_bytes = 0
 
     def environ(self, base: dict[str, str]) -> dict[str, str]:
         """``base`` (the S3 server's environment) pointed at this proxy."""
@@ -148,6 +150,9 @@ def _handler(proxy: S3Proxy):
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(body)
+            if self.command == "GET":
+                with proxy._lock:
+                    proxy.get_body_bytes += len(body)
 
         def _forward(self) -> None:
             try:

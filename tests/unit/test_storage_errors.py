@@ -59,3 +59,33 @@ def test_refusals_are_permanent_data_errors_and_outages_are_transient_for_the_re
     assert str(outage).startswith(f"{url}: object store unavailable after {storage.S3_REQUEST_MAX_ATTEMPTS} attempts")
     assert storage.store_error(FileNotFoundError(2, "gone"), "/local/f.parquet") is None  # local: the caller's rule
     assert storage.store_error(ValueError("x"), url) is None
+
+
+def test_gs_and_abfs_urls_go_to_pyarrows_own_file_systems_without_a_request():
+    import pyarrow.fs as pafs
+
+    fs, inner = storage.split("gs://estate/data/G/f.parquet")
+    assert isinstance(fs, pafs.GcsFileSystem) and inner == "estate/data/G/f.parquet"
+    fs, inner = storage.split("abfss://estate@account.dfs.core.windows.net/data/G/f.parquet")
+    assert isinstance(fs, pafs.AzureFileSystem) and inner == "estate/data/G/f.parquet"
+    assert storage.join("abfs://estate@account.dfs.core.windows.net/data", "G") == \
+        "abfs://estate@account.dfs.core.windows.net/data/G"
+
+
+@pytest.mark.parametrize("url, message", [
+    ("abfs://estate/data", "abfs://estate: AzureOptions doesn't contain a valid account name (Azure: "
+                           "abfs://<container>@<account>.dfs.core.windows.net/...)"),
+    ("abfs://estate:key@account.dfs.core.windows.net/data", "credentials or options in a URL are refused"),
+    ("s3://user@bucket/data", "credentials or options in a URL are refused"),
+    ("gs://bucket/data?access_token=x", "credentials or options in a URL are refused"),
+])
+def test_unusable_object_store_urls_are_clear_storage_errors(url, message):
+    with pytest.raises(storage.StorageError) as refused:
+        storage.split(url)
+    assert message in str(refused.value)
+    assert ":key@" not in str(refused.value) and "access_token" not in str(refused.value)
+
+
+def test_outputs_to_gs_or_abfs_are_refused_clearly():
+    with pytest.raises(storage.StorageError, match=r"^gs://b/o.parquet: outputs can be written to s3 URLs"):
+        storage.write_object("gs://b/o.parquet", b"x")
