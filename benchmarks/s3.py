@@ -1,6 +1,6 @@
 """Object storage on a loopback S3 server (moto_server) beside local disk.
 
-    python benchmarks/s3.py --part aggregate [--runs 3]   # the aggregate table's groups, local vs s3
+    python benchmarks/s3.py --part aggregate [--runs 3] [--layouts g00000,shuffled] [--bytes-layouts g00000]
     python benchmarks/s3.py --part plan [--files 2000]    # throttler plan of a many-file group
     python benchmarks/s3.py --part footers [--files 2000] # footers.file_infos, concurrent vs one by one
 
@@ -59,6 +59,8 @@ def main() -> None:
     args.add_argument("--part", choices=("aggregate", "plan", "footers"), default="aggregate")
     args.add_argument("--files", type=int, default=2000)
     args.add_argument("--runs", type=int, default=3)
+    args.add_argument("--layouts", default="g00000,shuffled", help="aggregate: the groups timed")
+    args.add_argument("--bytes-layouts", default="g00000", help="aggregate: the groups whose bytes are counted")
     opts = args.parse_args()
     log = tempfile.NamedTemporaryFile(prefix="moto-", suffix=".log", delete=False)
     server = S3Server()
@@ -80,25 +82,31 @@ def main() -> None:
 def aggregate(server, opts, log_path: str) -> None:
     s3 = server.client()
     s3.create_bucket(Bucket="bench")
-    for layout in LAYOUTS:
+    for layout in set(opts.layouts.split(",")) | set(filter(None, opts.bytes_layouts.split(","))):
         for path in sorted((AGGREGATE / layout).glob("*.parquet")):
             s3.upload_file(str(path), "bench", f"agg/{layout}/{path.name}")
     print(f"moto_server RSS after uploading both groups: {_rss_gib(server):.2f} GiB; median of {opts.runs} runs; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    print("| group | strategy | local disk s | s3 (loopback) s | s3 / local |")
-    print("|---|---|---:|---:|---:|")
+    print("| group | strategy | local disk s | s3 (loopback) s | s3 / local | s3 requests / file |")
+    print("|---|---|---:|---:|---:|---:|")
     out = tempfile.mkdtemp(prefix="s3bench-out-")
-    for layout, label in LAYOUTS.items():
+    for layout in opts.layouts.split(","):
         times = {"local": [], "s3": []}
-        strategy = ""
+        strategy, requests = "", 0
+        n_files = len(list((AGGREGATE / layout).glob("*.parquet")))
         for _ in range(opts.runs):
             for where, root in (("local", str(AGGREGATE)), ("s3", "s3://bench/agg")):
+                before = _requests(log_path)
                 seconds, strategy = _run_group(layout, root, os.path.join(out, where), os.environ)
+                requests = _requests(log_path) - before
                 times[where].append(seconds)
+                print(f"  {layout} {where}: {seconds:.2f} s", file=sys.stderr, flush=True)
         local, remote = statistics.median(times["local"]), statistics.median(times["s3"])
-        print(f"| {layout} ({label}) | {strategy} | {local:.2f} | {remote:.2f} | {remote / local:.2f} |")
+        print(f"| {layout} ({LAYOUTS[layout]}) | {strategy} | {local:.2f} | {remote:.2f} | {remote / local:.2f} "
+              f"| {requests / n_files:.0f} |", flush=True)
     print()
-    _bytes_table(server, out)
+    if opts.bytes_layouts:
+        _bytes_table(server, out, opts.bytes_layouts.split(","))
 
 
 def _run_group(group: str, root: str, out: str, env) -> tuple[float, str]:
@@ -111,14 +119,15 @@ def _run_group(group: str, root: str, out: str, env) -> tuple[float, str]:
     return float(match.group(4)), match.group(5)
 
 
-def _bytes_table(server, out: str) -> None:
+def _bytes_table(server, out: str, layouts: list[str]) -> None:
     proxy = S3Proxy(server.endpoint)
     env = {**os.environ, "AWS_ENDPOINT_URL": proxy.endpoint}
     print("| group | strategy | GET requests / file | bytes read / file | value column / file | read / value | "
           "read / file size |")
     print("|---|---|---:|---:|---:|---:|---:|")
     try:
-        for layout, label in LAYOUTS.items():
+        for layout in layouts:
+            label = LAYOUTS[layout]
             files = sorted((AGGREGATE / layout).glob("*.parquet"))
             value = sum(_value_bytes(f) for f in files) / len(files)
             size = sum(f.stat().st_size for f in files) / len(files)

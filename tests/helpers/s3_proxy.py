@@ -38,6 +38,7 @@ class S3Proxy:
         self._lock = threading.Lock()
         self._fail_left = 0
         self._denied: set[str] = set()
+        self._deny_all = False
         self._hold_next_put = False
         self.requests: Counter = Counter()
         self.injected: Counter = Counter()
@@ -60,6 +61,11 @@ class S3Proxy:
         """Answer 403 AccessDenied to every request for these ``bucket/key`` names."""
         with self._lock:
             self._denied.update(keys)
+
+    def deny_all(self) -> None:
+        """Answer 403 AccessDenied to every request (a client whose credentials the store refuses)."""
+        with self._lock:
+            self._deny_all = True
 
     def hold_next_upload(self) -> None:
         """Receive half of the next PUT's body, then wait for :meth:`release_upload`."""
@@ -93,7 +99,7 @@ class S3Proxy:
         name = unquote(urlsplit(target).path).lstrip("/")
         with self._lock:
             self.requests[method] += 1
-            if name in self._denied:
+            if self._deny_all or name in self._denied:
                 self.injected["403"] += 1
                 return 403, "AccessDenied", "Access Denied"
             if self._fail_left > 0:

@@ -25,7 +25,6 @@ from tests.helpers.daemon import (
     ExternalCluster,
     Proc,
     child_env,
-    free_port,
     records,
     throttler_cli,
     wait_closed,
@@ -101,12 +100,15 @@ def test_a_503_burst_is_survived_a_403_object_fails_its_group_alone_and_the_daem
     assert proxy.injected["403"] >= 1
 
 
-def test_a_worker_that_cannot_reach_the_data_root_is_reported_by_the_worker_check(estate, proxy, tmp_path):
-    dead_endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens: connection refused
+def test_a_worker_that_cannot_reach_the_data_root_is_reported_by_the_worker_check(estate, proxy, s3_server,
+                                                                                  tmp_path):
+    """One worker of two reaches the store through an endpoint that refuses its credentials (403)."""
+    refusing = S3Proxy(s3_server.endpoint)
+    refusing.deny_all()
     cluster = ExternalCluster(tmp_path, n_workers=1)
     cluster.procs.append(Proc(["dask", "worker", cluster.address, "--nthreads", "1", "--memory-limit", "1GB",
                                "--no-dashboard", "--name", "blind"], tmp_path / "blind-worker.log",
-                              child_env({"AWS_ENDPOINT_URL": dead_endpoint})))
+                              child_env({"AWS_ENDPOINT_URL": refusing.endpoint})))
     try:
         client = cluster.connect(2)
         blind = next(a for a, w in client.scheduler_info()["workers"].items() if w["name"] == "blind")
@@ -115,7 +117,7 @@ def test_a_worker_that_cannot_reach_the_data_root_is_reported_by_the_worker_chec
             daemon.wait_for_log(f"worker {blind} cannot read the data root {DATA} (OSError: ")
             log = daemon.log()
             assert log.count("cannot read the data root") == 1, log
-            assert "AWS Error NETWORK_CONNECTION" in log, log
+            assert "AWS Error ACCESS_DENIED" in log, log
 
             def scrape() -> str:
                 return urllib.request.urlopen(daemon.metrics_url(), timeout=10).read().decode()
@@ -129,6 +131,7 @@ def test_a_worker_that_cannot_reach_the_data_root_is_reported_by_the_worker_chec
             daemon.kill()
     finally:
         cluster.close()
+        refusing.stop()
 
 
 def test_the_data_root_probe_reports_a_local_root_the_worker_cannot_see(tmp_path):
