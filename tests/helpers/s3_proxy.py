@@ -152,7 +152,7 @@ def _handler(proxy: S3Proxy):
                 if name.lower() not in _HOP_BY_HOP:
                     self.send_header(name, value)
             self.send_header("Content-Length", str(len(body)) if self.command != "HEAD" else
-                             dict((k.lower(), v) for k, v in headers).get("content-length", "0"))
+                             {k.lower(): v for k, v in headers}.get("content-length", "0"))
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(body)

@@ -14,8 +14,8 @@ KEY = "When reading information for key 'data/g/f.parquet' in bucket 'b': "
 
 @pytest.mark.parametrize("message, kind", [
     (KEY + "AWS Error ACCESS_DENIED during HeadObject operation: No response body.", storage.DENIED),
-    ("When listing objects under key 'x/' in bucket 'nob': AWS Error NO_SUCH_BUCKET during ListObjectsV2 "
-     "operation: The specified bucket does not exist", storage.MISSING),
+    (("When listing objects under key 'x/' in bucket 'nob': AWS Error NO_SUCH_BUCKET during ListObjectsV2 "
+      "operation: The specified bucket does not exist"), storage.MISSING),
     (KEY + "AWS Error UNKNOWN (HTTP status 403) during HeadObject operation: No response body.", storage.DENIED),
     (KEY + "AWS Error UNKNOWN (HTTP status 503) during HeadObject operation: No response body.", storage.TRANSIENT),
     ("AWS Error SERVICE_UNAVAILABLE during GetObject operation: ", storage.TRANSIENT),
@@ -73,8 +73,8 @@ def test_gs_and_abfs_urls_go_to_pyarrows_own_file_systems_without_a_request():
 
 
 @pytest.mark.parametrize("url, message", [
-    ("abfs://estate/data", "abfs://estate: AzureOptions doesn't contain a valid account name (Azure: "
-                           "abfs://<container>@<account>.dfs.core.windows.net/...)"),
+    ("abfs://estate/data", ("abfs://estate: AzureOptions doesn't contain a valid account name (Azure: "
+                            "abfs://<container>@<account>.dfs.core.windows.net/...)")),
     ("abfs://estate:key@account.dfs.core.windows.net/data", "credentials or options in a URL are refused"),
     ("s3://user@bucket/data", "credentials or options in a URL are refused"),
     ("gs://bucket/data?access_token=x", "credentials or options in a URL are refused"),
