@@ -10,7 +10,13 @@ the rest of the code handles ``s3://bucket/estate/G/f.parquet`` exactly like
   a few requests, not the whole object. pyarrow's S3 client takes credentials
   from the standard AWS chain (environment, config files, instance or workload
   identity) and ``AWS_ENDPOINT_URL`` for S3-compatible stores, and retries
-  throttling and 5xx answers itself (its standard retry strategy).
+  throttling, 5xx answers and dropped connections itself (its standard retry
+  strategy, :data:`S3_REQUEST_MAX_ATTEMPTS` attempts a request). What is left is
+  classified by :func:`store_failure`: refusals and missing objects become
+  :class:`ObjectAccessError` (permanent, per group), outages stay OSErrors
+  (retried by the group's retry policy). ``gs://`` and ``abfs[s]://`` go to
+  pyarrow's own GCS and Azure file systems (an Azure URL names its container
+  before the ``@``: :func:`bucket_of`).
 * Writes of an S3 object are one ``PutObject`` of the fully encoded bytes
   (boto3, the same credential chain): the object appears whole or not at all,
   and no multipart upload exists to be orphaned. pyarrow's own output stream
