@@ -1,36 +1,66 @@
-"""Footers of a many-file group on a loopback S3 server (moto_server) beside local disk.
+"""Object storage on a loopback S3 server (moto_server) beside local disk.
 
-    python benchmarks/s3.py [--files 2000] [--repeats 3]
+    python benchmarks/s3.py --part aggregate [--runs 3] [--layouts g00000,shuffled] [--bytes-layouts g00000]
+    python benchmarks/s3.py --part plan [--files 2000]    # throttler plan of a many-file group
+    python benchmarks/s3.py --part footers [--files 2000] # footers.file_infos, concurrent vs one by one
 
-Prints, per storage and method, the median seconds to read every footer
-(``footers.file_infos``: concurrent on a store; ``file_info`` one by one for
-comparison) and the HTTP requests the server logged per file. What a loopback
-server cannot tell: real round-trip latency (tens of ms to a cloud store, under
-1 ms here), throttling (503 SlowDown), per-request cost and link bandwidth; the
-request count per file and the concurrency's ratio to the serial read carry
-over, the seconds do not.
+``aggregate``: the 10-file groups of benchmarks/aggregate.py (``bench-data/aggregate/10x50000x120``:
+``g00000`` aligned, ``shuffled`` not aligned), uploaded to the server; each is summed by
+``throttler run`` (embedded cluster, 2 workers), every run in its own process, from
+local disk and from s3:// in turn; the table gives the median seconds the run reports.
+One more run of each group from s3:// goes through the fault proxy
+(tests/helpers/s3_proxy.py), which counts the GET requests and body bytes: the
+bytes read per file against the file's ``value`` column chunks (what any method
+must read) show what the key checks cost on a store.
+
+``plan`` and ``footers``: a group of ``--files`` objects with the footer shape of a
+real 6M-row file (6 row groups; the same columns, encodings and statistics) but few
+rows: server-side copies of one small object, because moto keeps every object in
+memory (2,000 x 50 MB would not fit). The server's RSS is printed. ``plan`` runs
+``throttler plan`` (its own process) and reports the footer time it prints and the
+requests the server logged.
+
+What a loopback server cannot tell: round-trip latency (tens of ms to a cloud store,
+well under 1 ms here), link bandwidth (the loopback moves GB/s; a pod's link is
+often 1-10 Gbit/s, shared), throttling and per-prefix request limits, per-request
+cost, and the store's own variance. What carries over: requests per file, bytes per
+file, and ratios within one storage (concurrent vs serial footers). Seconds on S3
+here are moto's (Python) serving speed, a lower bound on nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import psutil  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
 from tests.helpers.datafiles import write_sim  # noqa: E402
+from tests.helpers.s3_proxy import S3Proxy  # noqa: E402
 from tests.helpers.s3_server import S3Server  # noqa: E402
+
+AGGREGATE = Path(__file__).resolve().parent.parent / "bench-data" / "aggregate" / "10x50000x120"
+LAYOUTS = {"g00000": "aligned", "shuffled": "not aligned"}
+RUN_LINE = re.compile(r"^ok +(\S+): ([\d,]+) rows from (\d+) files in ([\d.]+) s \(([^,]+)")
 
 
 def main() -> None:
     args = argparse.ArgumentParser()
+    args.add_argument("--part", choices=("aggregate", "plan", "footers"), default="aggregate")
     args.add_argument("--files", type=int, default=2000)
-    args.add_argument("--repeats", type=int, default=3)
+    args.add_argument("--runs", type=int, default=3)
+    args.add_argument("--layouts", default="g00000,shuffled", help="aggregate: the groups timed")
+    args.add_argument("--bytes-layouts", default="g00000", help="aggregate: the groups whose bytes are counted")
     opts = args.parse_args()
     log = tempfile.NamedTemporaryFile(prefix="moto-", suffix=".log", delete=False)
     server = S3Server()
@@ -41,46 +71,160 @@ def main() -> None:
     server._wait_ready()
     os.environ.update(server.environ())
     try:
-        run(server, opts, log.name)
+        {"aggregate": aggregate, "plan": plan, "footers": footers}[opts.part](server, opts, log.name)
     finally:
         server.stop()
 
 
-def run(server, opts, log_path: str) -> None:
-    from throttler.planning import footers
+# --------------------------------------------------------------------------- aggregate
 
+
+def aggregate(server, opts, log_path: str) -> None:
+    s3 = server.client()
+    s3.create_bucket(Bucket="bench")
+    for layout in set(opts.layouts.split(",")) | set(filter(None, opts.bytes_layouts.split(","))):
+        for path in sorted((AGGREGATE / layout).glob("*.parquet")):
+            s3.upload_file(str(path), "bench", f"agg/{layout}/{path.name}")
+    print(f"moto_server RSS after uploading both groups: {_rss_gib(server):.2f} GiB; median of {opts.runs} runs; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print("| group | strategy | local disk s | s3 (loopback) s | s3 / local | s3 requests / file |")
+    print("|---|---|---:|---:|---:|---:|")
+    out = tempfile.mkdtemp(prefix="s3bench-out-")
+    for layout in opts.layouts.split(","):
+        times = {"local": [], "s3": []}
+        strategy, requests = "", 0
+        n_files = len(list((AGGREGATE / layout).glob("*.parquet")))
+        for _ in range(opts.runs):
+            for where, root in (("local", str(AGGREGATE)), ("s3", "s3://bench/agg")):
+                before = _requests(log_path)
+                seconds, strategy = _run_group(layout, root, os.path.join(out, where), os.environ)
+                requests = _requests(log_path) - before
+                times[where].append(seconds)
+                print(f"  {layout} {where}: {seconds:.2f} s", file=sys.stderr, flush=True)
+        local, remote = statistics.median(times["local"]), statistics.median(times["s3"])
+        print(f"| {layout} ({LAYOUTS[layout]}) | {strategy} | {local:.2f} | {remote:.2f} | {remote / local:.2f} "
+              f"| {requests / n_files:.0f} |", flush=True)
+    print()
+    if opts.bytes_layouts:
+        _bytes_table(server, out, opts.bytes_layouts.split(","))
+
+
+def _run_group(group: str, root: str, out: str, env) -> tuple[float, str]:
+    done = subprocess.run([sys.executable, "-m", "throttler", "run", group, "--data-root", root, "--output",
+                           out if not root.startswith("s3://") else "s3://bench/out", "--workers", "2", "--quiet"],
+                          capture_output=True, text=True, env=env, timeout=900)
+    match = RUN_LINE.match(done.stdout)
+    if done.returncode != 0 or not match:
+        raise SystemExit(f"throttler run {group} from {root} failed:\n{done.stdout}\n{done.stderr[-3000:]}")
+    return float(match.group(4)), match.group(5)
+
+
+def _bytes_table(server, out: str, layouts: list[str]) -> None:
+    proxy = S3Proxy(server.endpoint)
+    env = {**os.environ, "AWS_ENDPOINT_URL": proxy.endpoint}
+    print("| group | strategy | GET requests / file | bytes read / file | value column / file | read / value | "
+          "read / file size |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    try:
+        for layout in layouts:
+            label = LAYOUTS[layout]
+            files = sorted((AGGREGATE / layout).glob("*.parquet"))
+            value = sum(_value_bytes(f) for f in files) / len(files)
+            size = sum(f.stat().st_size for f in files) / len(files)
+            proxy.reset()
+            _, strategy = _run_group(layout, "s3://bench/agg", out, env)
+            gets, read = proxy.requests["GET"], proxy.get_body_bytes
+            print(f"| {layout} ({label}) | {strategy} | {gets / len(files):.1f} | {read / len(files) / 1e6:.2f} MB "
+                  f"| {value / 1e6:.2f} MB | {read / len(files) / value:.4f} | {read / len(files) / size:.4f} |")
+    finally:
+        proxy.stop()
+
+
+def _value_bytes(path: Path) -> int:
+    md = pq.read_metadata(path)
+    names = [md.schema.column(i).path for i in range(md.num_columns)]
+    return sum(md.row_group(i).column(names.index("value")).total_compressed_size for i in range(md.num_row_groups))
+
+
+# --------------------------------------------------------------------------- many-file groups
+
+
+def _many_file_group(server, n_files: int, prefix: str) -> tuple[list[str], str]:
+    """``n_files`` local hard links and server-side copies of one file shaped like a real one."""
     s3 = server.client()
     s3.create_bucket(Bucket="bench")
     local = tempfile.mkdtemp(prefix="s3bench-")
-    source = write_sim(os.path.join(local, "f.parquet"), 50_000, 12, seed=0)
+    os.mkdir(os.path.join(local, "g"))
+    # 6 row groups of 1,000 rows: a real 6M-row file's footer (6 row groups of <= 1,048,576 rows)
+    source = write_sim(os.path.join(local, "f.parquet"), 600, 10, seed=0, row_group_size=1000)
     paths = []
-    for i in range(opts.files):
-        dst = os.path.join(local, f"f{i:05d}.parquet")
+    for i in range(n_files):
+        dst = os.path.join(local, "g", f"f{i:05d}.parquet")
         os.link(source, dst)
         paths.append(dst)
-    s3.upload_file(source, "bench", "g/f00000.parquet")
-    for i in range(1, opts.files):
-        s3.copy_object(Bucket="bench", Key=f"g/f{i:05d}.parquet", CopySource={"Bucket": "bench", "Key": "g/f00000.parquet"})
-    urls = [f"s3://bench/g/f{i:05d}.parquet" for i in range(opts.files)]
-    print(f"{opts.files} files of {os.path.getsize(source):,} bytes; median of {opts.repeats}")
-    print(f"{'storage':8} {'method':22} {'seconds':>8} {'requests/file':>14}")
-    for storage, group in (("local", paths), ("s3", urls)):
-        for method, fn in (("file_infos (concurrent)", footers.file_infos),
-                           ("file_info one by one", lambda ps: [footers.file_info(p) for p in ps])):
+    s3.upload_file(source, "bench", f"{prefix}/g/f00000.parquet")
+    for i in range(1, n_files):
+        s3.copy_object(Bucket="bench", Key=f"{prefix}/g/f{i:05d}.parquet",
+                       CopySource={"Bucket": "bench", "Key": f"{prefix}/g/f00000.parquet"})
+    md = pq.read_metadata(source)
+    print(f"{n_files} files of {os.path.getsize(source):,} bytes ({md.num_row_groups} row groups, footer "
+          f"{md.serialized_size:,} bytes); moto_server RSS {_rss_gib(server):.2f} GiB; load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    return paths, local
+
+
+def plan(server, opts, log_path: str) -> None:
+    _paths, local = _many_file_group(server, opts.files, "plan")
+    print(f"median of {opts.runs}")
+    print("| storage | footers read in s (as `throttler plan` prints) | plan command s | requests / file |")
+    print("|---|---:|---:|---:|")
+    for where, root in (("local", local), ("s3", "s3://bench/plan")):
+        footer_s, wall_s, per_file = [], [], 0.0
+        for _ in range(opts.runs):
+            before = _requests(log_path)
+            started = time.perf_counter()
+            done = subprocess.run([sys.executable, "-m", "throttler", "plan", "g", "--data-root", root,
+                                   "--workers", "1"], capture_output=True, text=True, timeout=900)
+            wall_s.append(time.perf_counter() - started)
+            match = re.search(r"footers read in ([\d.]+) s", done.stdout)
+            if done.returncode != 0 or not match:
+                raise SystemExit(f"throttler plan failed:\n{done.stdout}\n{done.stderr[-3000:]}")
+            footer_s.append(float(match.group(1)))
+            per_file = (_requests(log_path) - before) / opts.files
+        shown = f"{per_file:.2f}" if where == "s3" else "-"
+        print(f"| {where} | {statistics.median(footer_s):.2f} | {statistics.median(wall_s):.2f} | {shown} |")
+
+
+def footers(server, opts, log_path: str) -> None:
+    from throttler.planning import footers as footer_reads
+
+    paths, _ = _many_file_group(server, opts.files, "footers")
+    urls = [f"s3://bench/footers/g/f{i:05d}.parquet" for i in range(opts.files)]
+    print(f"median of {opts.runs}")
+    print("| storage | method | seconds | requests / file |")
+    print("|---|---|---:|---:|")
+    for where, group in (("local", paths), ("s3", urls)):
+        for method, fn in (("file_infos (concurrent)", footer_reads.file_infos),
+                           ("file_info one by one", lambda ps: [footer_reads.file_info(p) for p in ps])):
             times, requests = [], 0
-            for _ in range(opts.repeats):
+            for _ in range(opts.runs):
                 before = _requests(log_path)
                 started = time.perf_counter()
                 fn(group)
                 times.append(time.perf_counter() - started)
                 requests = _requests(log_path) - before
-            per_file = requests / len(group) if storage == "s3" else float("nan")
-            print(f"{storage:8} {method:22} {statistics.median(times):8.2f} {per_file:14.1f}")
+            shown = f"{requests / len(group):.2f}" if where == "s3" else "-"
+            print(f"| {where} | {method} | {statistics.median(times):.2f} | {shown} |")
 
 
 def _requests(log_path: str) -> int:
     with open(log_path, errors="replace") as fh:
         return sum(1 for line in fh if "GET /" in line or "HEAD /" in line)
+
+
+def _rss_gib(server) -> float:
+    proc = psutil.Process(server.proc.pid)
+    return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)]) / 2**30
 
 
 if __name__ == "__main__":

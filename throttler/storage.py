@@ -10,7 +10,13 @@ the rest of the code handles ``s3://bucket/estate/G/f.parquet`` exactly like
   a few requests, not the whole object. pyarrow's S3 client takes credentials
   from the standard AWS chain (environment, config files, instance or workload
   identity) and ``AWS_ENDPOINT_URL`` for S3-compatible stores, and retries
-  throttling and 5xx answers itself (its standard retry strategy).
+  throttling, 5xx answers and dropped connections itself (its standard retry
+  strategy, :data:`S3_REQUEST_MAX_ATTEMPTS` attempts a request). What is left is
+  classified by :func:`store_failure`: refusals and missing objects become
+  :class:`ObjectAccessError` (permanent, per group), outages stay OSErrors
+  (retried by the group's retry policy). ``gs://`` and ``abfs[s]://`` go to
+  pyarrow's own GCS and Azure file systems (an Azure URL names its container
+  before the ``@``: :func:`bucket_of`).
 * Writes of an S3 object are one ``PutObject`` of the fully encoded bytes
   (boto3, the same credential chain): the object appears whole or not at all,
   and no multipart upload exists to be orphaned. pyarrow's own output stream
@@ -32,6 +38,8 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from throttler.errors import DataError
+
 #: Schemes read through pyarrow's file systems (besides plain paths and ``file://``).
 OBJECT_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss")
 #: Schemes outputs can be written to (atomic single PUT).
@@ -44,6 +52,13 @@ _s3_clients: dict[int, object] = {}
 
 class StorageError(ValueError):
     """A URL this module refuses (credentials in it, unknown scheme)."""
+
+
+class ObjectAccessError(DataError):
+    """Permanent: the store refused an object or bucket (403), or it does not exist (404, no bucket).
+
+    A per-group error: the failed record names the object; never retried as an outage.
+    """
 
 
 def is_url(path: str | os.PathLike) -> bool:
@@ -62,7 +77,7 @@ def check_url(url: str) -> None:
     parts = urlsplit(url)
     if parts.scheme not in OBJECT_SCHEMES:
         raise StorageError(f"{url}: unsupported scheme {parts.scheme!r} (use {', '.join(OBJECT_SCHEMES)})")
-    if "@" in parts.netloc or parts.query or parts.password or parts.username:
+    if parts.query or parts.password or ("@" in parts.netloc and not is_azure_container(parts)):
         raise StorageError(f"{parts.scheme}://{parts.hostname or ''}/...: credentials or options in a URL are "
                            "refused; give them through the environment or the cloud's credential chain")
     if not parts.netloc:
@@ -77,10 +92,10 @@ def split(url: str) -> tuple[pafs.FileSystem, str]:
     with _lock:
         fs = _filesystems.get(key)
     if fs is None:
-        fs = pafs.FileSystem.from_uri(f"{parts.scheme}://{parts.netloc}")[0]
+        fs = _new_filesystem(parts.scheme, parts.netloc)
         with _lock:
             fs = _filesystems.setdefault(key, fs)
-    return fs, posixpath.normpath(parts.netloc + "/" + parts.path.lstrip("/")).rstrip("/")
+    return fs, posixpath.normpath(bucket_of(parts) + "/" + parts.path.lstrip("/")).rstrip("/")
 
 
 def join(root: str | os.PathLike, *names: str) -> str:
@@ -129,7 +144,7 @@ def list_files(prefix: str, suffix: str) -> list[str]:
     fs, inner = split(prefix)
     infos = fs.get_file_info(pafs.FileSelector(inner, recursive=False))
     scheme_bucket = prefix[:len(prefix) - len(urlsplit(prefix).path)]
-    bucket = urlsplit(prefix).netloc
+    bucket = bucket_of(urlsplit(prefix))
     return sorted(f"{scheme_bucket}{info.path[len(bucket):]}" for info in infos
                   if info.type == pafs.FileType.File and info.base_name.endswith(suffix))
 
@@ -147,7 +162,7 @@ def check_reachable(url: str) -> None:
     A prefix with nothing under it yet is fine (an output prefix starts empty).
     """
     fs, inner = split(url)
-    bucket = urlsplit(url).netloc
+    bucket = bucket_of(urlsplit(url))
     if fs.get_file_info(bucket).type != pafs.FileType.Directory:
         raise FileNotFoundError(2, f"bucket {bucket!r} does not exist")
     fs.get_file_info(pafs.FileSelector(inner, recursive=False, allow_not_found=True))
@@ -159,7 +174,10 @@ def write_object(url: str, data: bytes | memoryview) -> int:
     check_url(url)
     if parts.scheme not in WRITE_SCHEMES:
         raise StorageError(f"{url}: outputs can be written to {', '.join(WRITE_SCHEMES)} URLs or local paths")
-    _s3_client().put_object(Bucket=parts.netloc, Key=parts.path.lstrip("/"), Body=bytes(data))
+    try:
+        _s3_client().put_object(Bucket=parts.netloc, Key=parts.path.lstrip("/"), Body=bytes(data))
+    except Exception as exc:  # noqa: BLE001 - botocore's errors are classified, others re-raised
+        raise (store_error(exc, url) or exc) from None
     return len(data)
 
 
@@ -170,8 +188,10 @@ def _s3_client():
         client = _s3_clients.get(pid)
         if client is None:
             import boto3
+            from botocore.config import Config
 
-            client = _s3_clients[pid] = boto3.session.Session().client("s3")
+            retries = {"mode": "standard", "total_max_attempts": S3_REQUEST_MAX_ATTEMPTS}
+            client = _s3_clients[pid] = boto3.session.Session().client("s3", config=Config(retries=retries))
     return client
 
 
@@ -205,3 +225,110 @@ def delete_object(url: str) -> None:
     check_url(url)
     parts = urlsplit(url)
     _s3_client().delete_object(Bucket=parts.netloc, Key=parts.path.lstrip("/"))
+# --------------------------------------------------------------------------- retries and store errors
+
+#: Attempts per request (the first one included) of the S3 clients' own retry
+#: logic, pyarrow's (AWS standard strategy: exponential backoff with jitter on
+#: throttling, 5xx and dropped connections) and botocore's ("standard" mode).
+#: Failures left after these are retried as outages by the group's retry policy.
+S3_REQUEST_MAX_ATTEMPTS = 6
+
+
+def _new_filesystem(scheme: str, netloc: str) -> pafs.FileSystem:
+    """The file system of one bucket: pyarrow's own URI resolution (region, ``AWS_ENDPOINT_URL``),
+    then, for S3, the same options with :data:`S3_REQUEST_MAX_ATTEMPTS` as its retry strategy."""
+    try:
+        fs = pafs.FileSystem.from_uri(f"{scheme}://{netloc}")[0]
+    except pa.ArrowNotImplementedError as exc:  # a pyarrow built without this file system
+        raise StorageError(f"{scheme}:// URLs need pyarrow built with that file system; this pyarrow "
+                           f"{pa.__version__} has none ({exc})") from None
+    except pa.ArrowInvalid as exc:
+        raise StorageError(f"{scheme}://{netloc}: {exc} (Azure: abfs://<container>@<account>.dfs.core.windows.net/"
+                           "...)") from None
+    if isinstance(fs, pafs.S3FileSystem):
+        options = fs.__reduce__()[1][0]  # the resolved options, as pickling ships them to workers
+        fs = pafs.S3FileSystem(**options, retry_strategy=pafs.AwsStandardS3RetryStrategy(
+            max_attempts=S3_REQUEST_MAX_ATTEMPTS))
+    return fs
+
+
+DENIED, MISSING, TRANSIENT = "denied", "missing", "transient"
+
+#: aws-sdk-cpp error names (as pyarrow's messages carry them: ``AWS Error <NAME> during ...``).
+_AWS_DENIED = ("ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "MISSING_AUTHENTICATION_TOKEN",
+               "INVALID_CLIENT_TOKEN_ID", "UNRECOGNIZED_CLIENT", "HTTP status 401", "HTTP status 403")
+_AWS_MISSING = ("NO_SUCH_BUCKET", "NO_SUCH_KEY", "RESOURCE_NOT_FOUND", "HTTP status 404")
+_AWS_TRANSIENT = ("SLOW_DOWN", "THROTTLING", "SERVICE_UNAVAILABLE", "REQUEST_TIMEOUT", "NETWORK_CONNECTION",
+                  "REQUEST_LIMIT_EXCEEDED", "INTERNAL_FAILURE", "HTTP status 429", "HTTP status 5")
+#: botocore error codes.
+_BOTO_DENIED = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled", "403", "401")
+_BOTO_MISSING = ("NoSuchBucket", "NoSuchKey", "404")
+
+
+def store_failure(exc: BaseException) -> str | None:
+    """DENIED, MISSING, TRANSIENT for a failed object store request, None for anything else.
+
+    TRANSIENT includes aws-sdk-cpp's INTERNAL_FAILURE "Failed to flush response
+    stream": a throttled (429/503) answer to a ranged GET shorter than the error's
+    XML body overflows the caller's buffer, the status is lost, and the SDK does not
+    retry it; it is an overload, not a fault of the data.
+    """
+    if isinstance(exc, FileNotFoundError):
+        return MISSING
+    if isinstance(exc, OSError) and exc.errno is None and "AWS Error " in str(exc):
+        return _aws_kind(str(exc))
+    return _boto_kind(exc)
+
+
+def _aws_kind(message: str) -> str | None:
+    for kind, names in ((DENIED, _AWS_DENIED), (MISSING, _AWS_MISSING), (TRANSIENT, _AWS_TRANSIENT)):
+        if any(f"AWS Error {name}" in message or f"({name}" in message for name in names):
+            return kind
+    return None
+
+
+def _boto_kind(exc: BaseException) -> str | None:
+    module = type(exc).__module__ or ""
+    if not module.startswith("botocore"):
+        return None
+    response = getattr(exc, "response", None)
+    if not isinstance(response, dict):  # connection errors, timeouts: no answer at all
+        return TRANSIENT
+    code = str(response.get("Error", {}).get("Code", ""))
+    status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+    if code in _BOTO_DENIED or status in (401, 403):
+        return DENIED
+    if code in _BOTO_MISSING or status == 404:
+        return MISSING
+    return TRANSIENT if status == 429 or status >= 500 or code in ("SlowDown", "Throttling") else None
+
+
+def store_error(exc: BaseException, url: str) -> Exception | None:
+    """What to raise for ``exc``, a failed request about ``url``: an :class:`ObjectAccessError`
+    naming it (refused, missing), an OSError naming it (an outage: the group is retried), or None
+    when ``exc`` is not an object store failure (the caller's own handling applies)."""
+    kind = store_failure(exc)
+    if kind is None or (kind == MISSING and not is_url(url)):
+        return None
+    detail = _first_line(exc)
+    if kind == DENIED:
+        return ObjectAccessError(f"{url}: access denied by the object store ({detail})")
+    if kind == MISSING:
+        return ObjectAccessError(f"{url}: no such object or bucket ({detail})")
+    return OSError(f"{url}: object store unavailable after {S3_REQUEST_MAX_ATTEMPTS} attempts ({detail})")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
+def is_azure_container(parts) -> bool:
+    """True for ``abfs[s]://<container>@<account>.dfs.core.windows.net``: the part before ``@`` names
+    the container (no password), not a credential."""
+    return parts.scheme in ("abfs", "abfss") and bool(parts.username) and parts.password is None
+
+
+def bucket_of(parts) -> str:
+    """The first component of a path inside the URL's file system: the bucket (the container on Azure)."""
+    return parts.username if is_azure_container(parts) else parts.netloc

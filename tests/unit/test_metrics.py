@@ -182,6 +182,7 @@ GARBAGE_CALLS = [
     ("set_workers", ([1, 2],)),
     ("set_workers_incompatible", ("some",)),
     ("set_workers_without_memory_limit", (None,)),
+    ("set_workers_without_data_access", ("some",)),
     ("worker_peak", ("aligned", None)),
     ("worker_peak", ("aligned", -0.5)),
     ("estimate_observed", ("sum", "big", 1)),

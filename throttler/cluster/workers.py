@@ -52,3 +52,47 @@ def package_problem(expected_version: str, report: object) -> str | None:
     if version != expected_version:
         return f"{DISTRIBUTION} {version} is installed there; this daemon runs {expected_version}"
     return None
+
+
+def data_root_probe(data_root: str) -> Callable:
+    """The function run on each worker: ``{"error"}``, None when the worker can list ``data_root``.
+
+    It reads the root the way the worker's tasks will, in the worker's own
+    process and environment: a local directory must be listable; an object store
+    root must answer a listing with the credentials and endpoint the worker has
+    (``throttler.storage.check_reachable``). Shipped by value, like the package probe.
+    """
+
+    def probe() -> dict:
+        import os
+
+        try:
+            from throttler import storage
+
+            if storage.is_url(data_root):
+                storage.check_reachable(data_root)
+            else:
+                os.listdir(storage.local_path(data_root))
+        except Exception as exc:  # noqa: BLE001 - reported, not raised
+            lines = str(exc).strip().splitlines()
+            return {"error": f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"}
+        return {"error": None}
+
+    return probe
+
+
+def data_root_reports(client: Any, addresses, data_root: str) -> dict[str, object]:
+    """Run the data root probe on ``addresses``: a report dict per worker, or the exception it raised."""
+    return client.run(data_root_probe(str(data_root)), workers=list(addresses), on_error="return")
+
+
+def data_root_problem(data_root: str, report: object) -> str | None:
+    """Why a worker cannot read ``data_root``, or None when it can."""
+    if isinstance(report, BaseException):
+        return f"the data root check failed there: {type(report).__name__}: {report}"
+    if not isinstance(report, dict):
+        return f"the data root check returned {report!r}"
+    if report.get("error"):
+        return (f"cannot read the data root {data_root} ({report['error']}); its tasks will fail: give it the "
+                "same mount, endpoint and credentials as the daemon")
+    return None

@@ -62,6 +62,8 @@ def _daemon_lines(daemon: dict, label: str) -> list[str]:
     for address in daemon.get("workers_without_memory_limit", []):
         lines.append(f"  {label}worker {address} has no memory limit: sized from an assumed limit "
                      f"(assumed_worker_memory_bytes, or its host's memory shared by its workers)")
+    for address, problem in sorted(daemon.get("workers_without_data_access", {}).items()):
+        lines.append(f"  {label}NO DATA ACCESS worker {address}: {problem}")
     for r in daemon["running"]:
         progress = ""
         if "files_total" in r:

@@ -142,6 +142,10 @@ class Metrics:
         self._unlimited = Gauge(
             "throttler_workers_without_memory_limit",
             "Running workers with no memory limit, sized from an assumed one.", registry=r)
+        self._no_data_access = Gauge(
+            "throttler_workers_without_data_access",
+            "Workers that cannot list the data root (mount, endpoint or credentials; the log says why).",
+            registry=r)
         self._pool_busy = Gauge("throttler_pool_busy_threads", "Busy threads, by pool.", ["pool"], registry=r)
         self._pool_size = Gauge("throttler_pool_threads", "Threads, by pool.", ["pool"], registry=r)
         self._build = Gauge(
@@ -320,6 +324,10 @@ class Metrics:
     @_never_raises
     def set_workers_without_memory_limit(self, n: int) -> None:
         self._unlimited.set(_count(n))
+
+    @_never_raises
+    def set_workers_without_data_access(self, n: int) -> None:
+        self._no_data_access.set(_count(n))
 
     @_never_raises
     def set_pool(self, pool: str, busy: int, size: int) -> None:

@@ -5,7 +5,9 @@ fresh scheduler snapshot at most once a second (submitters also feed it theirs),
 publishes gauges, counts lost workers, and writes ``state/status.json``
 atomically for ``throttler status``. Each worker that joins is checked once, off
 the main loop, for the daemon's version of dask-throttler
-(:func:`throttler.cluster.workers.package_problem`); a problem is logged as an error,
+(:func:`throttler.cluster.workers.package_problem`) and for access to the data
+root with the worker's own mount, endpoint and credentials
+(:func:`throttler.cluster.workers.data_root_problem`); a problem is logged as an error,
 counted in a gauge and listed in the status file.
 """
 
@@ -21,7 +23,7 @@ from throttler import __version__
 from throttler.admission.policy import Budget, Tally
 from throttler.cluster.scheduler import read_snapshot
 from throttler.cluster.snapshot import ClusterShape, ClusterSnapshot
-from throttler.cluster.workers import package_problem, worker_package_reports
+from throttler.cluster.workers import data_root_problem, data_root_reports, package_problem, worker_package_reports
 from throttler.durable import write_json_atomic
 from throttler.ops.liveness import own_start_ticks
 
@@ -42,6 +44,7 @@ class StatusReporter:
         self.workers_lost = 0
         self._checked: set[str] = set()  #: workers whose packages were checked
         self.worker_problems: dict[str, str] = {}  #: address -> why it cannot run our tasks
+        self.data_problems: dict[str, str] = {}  #: address -> why it cannot read the data root
         self._check_thread: threading.Thread | None = None
         self._check_after = 0.0
         self._start_ticks = own_start_ticks()
@@ -69,6 +72,7 @@ class StatusReporter:
             self._checked -= lost  # a worker back at the same address is checked again
             for address in lost:
                 self.worker_problems.pop(address, None)
+                self.data_problems.pop(address, None)
         for address in lost:
             self.workers_lost += 1
             log.warning("worker %s left the cluster", address)
@@ -115,6 +119,32 @@ class StatusReporter:
                     self.worker_problems[address] = problem
             if problem:
                 log.error("worker %s cannot run this daemon's tasks as expected: %s", address, problem)
+        incompatible = self.incompatible_workers()
+        self.check_data_access([a for a in addresses if a not in incompatible])
+
+    def check_data_access(self, addresses: list[str]) -> None:
+        """Run the data root probe on ``addresses`` (workers with the right package) and record refusals."""
+        root = str(self.service.config.data_root)
+        if not addresses:
+            return
+        try:
+            reports = data_root_reports(self.service.client, addresses, root)
+        except Exception as exc:  # noqa: BLE001 - the package check ran; tasks will say the rest
+            log.warning("cannot check the workers' access to the data root: %s", exc)
+            return
+        for address, report in sorted(reports.items()):
+            problem = data_root_problem(root, report)
+            with self._lock:
+                if address not in self._addresses:
+                    continue
+                if problem:
+                    self.data_problems[address] = problem
+            if problem:
+                log.error("worker %s %s", address, problem)
+
+    def workers_without_data_access(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self.data_problems)
 
     def incompatible_workers(self) -> dict[str, str]:
         with self._lock:  # the check thread adds to it
@@ -155,6 +185,7 @@ class StatusReporter:
             "workers_lost": self.workers_lost,
             "workers_incompatible": self.incompatible_workers(),
             "workers_without_memory_limit": self.workers_without_memory_limit(),
+            "workers_without_data_access": self.workers_without_data_access(),
             "pools": {k: {"busy": b, "size": s} for k, (b, s) in svc.busy().items()},
             "estimator": svc.estimator.accuracy(),
         }
@@ -170,6 +201,7 @@ class StatusReporter:
         metrics.set_workers(doc["workers"])
         metrics.set_workers_incompatible(len(doc["workers_incompatible"]))
         metrics.set_workers_without_memory_limit(len(doc["workers_without_memory_limit"]))
+        metrics.set_workers_without_data_access(len(doc["workers_without_data_access"]))
         for pool, figures in doc["pools"].items():
             metrics.set_pool(pool, figures["busy"], figures["size"])
         try:

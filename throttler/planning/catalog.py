@@ -120,6 +120,8 @@ def _prefix_files(url_root: str, group: str) -> list[str]:
     except FileNotFoundError:
         raise CatalogError(f"unknown group {group!r}: nothing under {prefix}/") from None
     except OSError as exc:
+        if storage.store_failure(exc) == storage.TRANSIENT:
+            raise OSError(f"group {group!r}: cannot list {prefix}/ ({_first_line(exc)})") from None
         raise CatalogError(f"group {group!r}: cannot list {prefix}/ ({_first_line(exc)})") from None
     if not files:
         raise CatalogError(f"unknown group {group!r}: no .parquet objects under {prefix}/")

@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import tenacity
 
 from throttler import storage
 from throttler.errors import DataError
@@ -18,13 +19,26 @@ from throttler.worker import pages
 #: latency, not bandwidth: many in flight hide the round trips).
 OBJECT_FOOTER_THREADS = 32
 
+#: A footer the store would not serve (throttled, 5xx, dropped) after its client's own
+#: retries is read again a few times before the planning attempt fails as an outage:
+#: the S3 client cannot retry a throttled ranged GET shorter than the error's body
+#: (see :func:`throttler.storage.store_failure`), and one footer must not cost a group's attempt.
+FOOTER_RETRY = dict(wait=tenacity.wait_exponential_jitter(initial=0.2, max=5.0, jitter=0.2),
+                    stop=tenacity.stop_after_attempt(storage.S3_REQUEST_MAX_ATTEMPTS),
+                    retry=tenacity.retry_if_exception_type(OSError), reraise=True)
+
 
 def file_infos(paths: list[str]) -> list[FileInfo]:
     """:func:`file_info` of every path, in order; object store footers concurrently."""
     if not paths or not storage.is_url(paths[0]):
         return [file_info(path) for path in paths]
     with ThreadPoolExecutor(min(OBJECT_FOOTER_THREADS, len(paths)), thread_name_prefix="footers") as pool:
-        return list(pool.map(file_info, paths))
+        return list(pool.map(object_file_info, paths))
+
+
+def object_file_info(url: str) -> FileInfo:
+    """:func:`file_info` of an object, read again on an outage (:data:`FOOTER_RETRY`)."""
+    return tenacity.Retrying(**FOOTER_RETRY)(file_info, url)
 
 
 def file_info(path: str) -> FileInfo:
@@ -37,7 +51,7 @@ def file_info(path: str) -> FileInfo:
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except (pa.ArrowInvalid, OSError) as exc:
-        raise DataError(f"{path}: cannot read the Parquet footer ({exc})") from None
+        raise storage.store_error(exc, path) or DataError(f"{path}: cannot read the Parquet footer ({exc})") from None
     decoded = sum(md.row_group(i).total_byte_size for i in range(md.num_row_groups))
     return FileInfo(path=path, size_bytes=size_bytes, rows=md.num_rows, decoded_bytes=decoded, **domain)
 

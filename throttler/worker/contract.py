@@ -57,7 +57,7 @@ def open_parquet(path: str) -> pq.ParquetFile:
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
-        raise DataError(f"{path}: not a readable Parquet file ({_short(exc)})") from None
+        raise storage.store_error(exc, path) or DataError(f"{path}: not a readable Parquet file ({_short(exc)})") from None
 
 
 def check_schema(pf: pq.ParquetFile, path: str) -> FileSchema:
@@ -154,6 +154,9 @@ def decode_error(exc: BaseException, path: str, what: str) -> Exception:
     """
     if isinstance(exc, OSError) and exc.errno is not None:
         return exc
+    store = storage.store_error(exc, path)  # refused or missing: permanent; unavailable: retried
+    if store is not None:
+        return store
     return DataError(f"{path}: {what} ({_short(exc)})")
 
 
