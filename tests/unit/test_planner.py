@@ -99,14 +99,18 @@ def test_the_daemon_budgets_limit_concurrency_and_so_the_group_peak():
     assert a.running_bytes < b.running_bytes and not a.run_alone and not b.run_alone
 
 
-def test_groupby_shrinks_files_per_task_until_the_leaf_fits():
+def test_groupby_shrinks_files_per_task_until_the_leaf_and_its_waiting_partials_fit():
     p = make_plan("g", files(40), "groupby", SMALL, Estimator())
     budget = SMALL.task_budget_bytes(DEFAULTS.memory_fraction)
-    leaf = lambda n: raw_task_peaks("groupby", files(1)[0], n, p.fan_in, 2).leaf_bytes  # noqa: E731
-    assert leaf(p.files_per_task) <= budget < leaf(p.files_per_task + 1)
-    assert p.files_per_task == 6  # (24 + 6 x 56) B/row of 6M rows: 2.19 GB; 7 files: 2.53 GB, over 2.25 GB
-    assert p.n_leaf_tasks == 7
-    assert p.fan_in < 8 and any("fan-in" in n for n in p.notes)
+
+    def leaf_and_waiting(n):
+        peaks = raw_task_peaks("groupby", files(1)[0], n, p.fan_in, 2)
+        return peaks.leaf_bytes + p.fan_in * peaks.result_bytes
+
+    assert leaf_and_waiting(p.files_per_task) <= budget < leaf_and_waiting(p.files_per_task + 1)
+    # (24 + 4 x 56) B/row of 6M rows + 32 MiB, and 4 partials of 24 B/row: 2.10 GB; 5 files: 2.43 GB
+    assert (p.files_per_task, p.fan_in, p.n_leaf_tasks) == (4, 4, 10)
+    assert any("fan-in 8 -> 4" in n for n in p.notes)
 
 
 def test_max_files_per_task_is_honoured():

@@ -228,17 +228,25 @@ def _files_per_task_limit(pricing: _Pricing, budget: int, fan_in: int, attempt: 
                           max_files_per_task: int | None, threads: int) -> int:
     """Most files one leaf may read: any number when streaming, else what fits.
 
-    A groupby re-plan halves, per attempt, what the first attempt would read.
+    A groupby leaf grows with its files; it must fit the budget together with the
+    ``fan_in`` finished partials that may wait on its worker for their merge (no
+    resource holds them: docs/memory.md). A groupby re-plan halves, per attempt,
+    what the first attempt would read.
     """
     n = pricing.n_files
     limit = n if max_files_per_task is None else max(1, min(n, max_files_per_task))
     if pricing.strategy != "groupby":
         return limit
     fitting = 1
-    while fitting < limit and pricing.peaks(fitting + 1, fan_in, 2).leaf_bytes <= budget:
+    while fitting < limit and _leaf_with_waiting_bytes(pricing, fitting + 1, fan_in) <= budget:
         fitting += 1
     first_attempt = min(fitting, math.ceil(n / min(n, max(1, threads))))
     return max(1, first_attempt >> (attempt - 1))
+
+
+def _leaf_with_waiting_bytes(pricing: _Pricing, files_per_task: int, fan_in: int) -> int:
+    peaks = pricing.peaks(files_per_task, fan_in, 2)
+    return peaks.leaf_bytes + fan_in * peaks.result_bytes
 
 
 def _choose_layout(group: str, pricing: _Pricing, shape: ClusterShape, memory_fraction: float,
