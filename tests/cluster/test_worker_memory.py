@@ -93,7 +93,13 @@ def test_a_worker_restarted_by_its_nanny_gets_them_again(cluster):
     wait_for(lambda: _sized(client, ["w0"]), 30)
     old_address = _address_of(client, "w0")
     os.kill(_pid_of(client, "w0"), signal.SIGKILL)  # the nanny starts a new worker process
-    wait_for(lambda: _address_of(client, "w0") not in (None, old_address) and _sized(client, ["w0"]), 60)
+    try:
+        wait_for(lambda: _address_of(client, "w0") not in (None, old_address) and _sized(client, ["w0"]), 60)
+    except AssertionError:  # seen once in CI, not reproduced: say what the nanny and the scheduler did
+        scheduler, w0 = cluster["procs"][0], cluster["procs"][1]
+        raise AssertionError(f"w0 not back and sized: workers {sorted(client.scheduler_info()['workers'])}\n"
+                             f"--- w0 (nanny) log\n{w0.log()[-4000:]}\n--- scheduler log\n"
+                             f"{scheduler.log()[-3000:]}") from None
     assert _sized(client, ["w0"])["w0"].memory_bytes == int(LIMIT_BYTES * wm.DEFAULT_SHARE) - \
         _reports(client)["w0"]["idle_rss_bytes"]
 
