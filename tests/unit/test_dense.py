@@ -33,6 +33,31 @@ def test_domain_reads_dictionary_pages_and_footer_statistics(tmp_path):
         assert [len(pages.dictionary_values(md.row_group(i).column(1), source)) for i in range(4)] == [6, 6, 6, 6]
 
 
+class _CountingSource:
+    """A real file's ``read_at``, counting the reads (each one is a request on an object store)."""
+
+    def __init__(self, source):
+        self.source, self.reads = source, 0
+
+    def read_at(self, nbytes, offset):
+        self.reads += 1
+        return self.source.read_at(nbytes, offset)
+
+
+def test_a_whole_chunk_read_gives_the_same_dictionary_in_one_request(tmp_path):
+    path = str(tmp_path / "pages.parquet")
+    table = pq.read_table(write_sim(tmp_path / "src.parquet", n_paths=3000, n_dates=6, shuffle=True))
+    pq.write_table(table, path, data_page_size=1024)  # many small data pages in the chunk
+    col = pq.ParquetFile(path).metadata.row_group(0).column(1)
+    with pa.memory_map(path) as mapped:
+        page_by_page, whole = _CountingSource(mapped), _CountingSource(mapped)
+        expected = pages.dictionary_values(col, page_by_page)
+        np.testing.assert_array_equal(pages.dictionary_values(col, whole, whole_chunk=True), expected)
+    assert len(expected) == 6
+    assert page_by_page.reads > 3  # a header read per data page, plus the dictionary's
+    assert whole.reads == 1
+
+
 def test_domain_without_statistics_or_dictionary_reads_the_data(tmp_path):
     path = str(tmp_path / "plain.parquet")
     table = pq.read_table(write_sim(tmp_path / "src.parquet", n_paths=12, n_dates=4, shuffle=True))

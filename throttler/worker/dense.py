@@ -207,7 +207,8 @@ def _file_dates_ns(pf, path: str) -> np.ndarray:
             try:
                 if stored is None:
                     raise pages.NotReadable("no plain date or timestamp logical type")
-                raw = pages.dictionary_values(md.row_group(rg).column(index), source)
+                raw = pages.dictionary_values(md.row_group(rg).column(index), source,
+                                              whole_chunk=storage.is_url(path))
                 found.append(contract.date_to_ns(pa.chunked_array([pa.array(raw).view(stored)]), path))
             except pages.NotReadable:
                 dates = _read_row_group(pf, rg, ["Date"], path).column(0)

@@ -111,9 +111,23 @@ def _page_header(buf: bytes) -> tuple[dict, int]:
     return out, r.pos
 
 
-def dictionary_values(col: pq.ColumnChunkMetaData, source: pa.NativeFile) -> np.ndarray:
+class _ChunkBytes:
+    """A column chunk read whole, answering ``read_at`` like the file it came from."""
+
+    def __init__(self, source: pa.NativeFile, start: int, end: int):
+        self.start, self.data = start, source.read_at(end - start, start)
+
+    def read_at(self, nbytes: int, offset: int) -> bytes:
+        begin = offset - self.start
+        return self.data[begin:begin + nbytes]
+
+
+def dictionary_values(col: pq.ColumnChunkMetaData, source: pa.NativeFile, whole_chunk: bool = False) -> np.ndarray:
     """The chunk's distinct values, as stored (int32 or int64), from its dictionary page.
 
+    ``whole_chunk``: read the chunk in one request and walk its page headers in
+    memory, for object stores, where each small read is a round trip (a 1M-row
+    chunk has about 50 pages); on a local file each header is a cheap read.
     Raises NotReadable when the chunk has no dictionary page, a data page is
     not dictionary-encoded, or the header or codec is not one handled here.
     """
@@ -123,6 +137,8 @@ def dictionary_values(col: pq.ColumnChunkMetaData, source: pa.NativeFile) -> np.
     if dtype is None:
         raise NotReadable(f"physical type {col.physical_type}")
     start, end = col.dictionary_page_offset, col.dictionary_page_offset + col.total_compressed_size
+    if whole_chunk:
+        source = _ChunkBytes(source, start, end)
     head, length = _page_header(source.read_at(min(HEADER_READ_BYTES, end - start), start))
     if head.get("type") != DICTIONARY_PAGE:
         raise NotReadable("the chunk does not start with a dictionary page")
@@ -146,7 +162,7 @@ def dictionary_size(col: pq.ColumnChunkMetaData, source: pa.NativeFile) -> int:
     return head.get("num_values", 0) if head.get("type") == DICTIONARY_PAGE else 0
 
 
-def _check_data_pages(source: pa.NativeFile, pos: int, end: int) -> None:
+def _check_data_pages(source, pos: int, end: int) -> None:
     """Walk the data page headers from ``pos`` to ``end``: all must be dictionary-encoded."""
     while pos < end:
         head, length = _page_header(source.read_at(min(HEADER_READ_BYTES, end - pos), pos))
