@@ -285,7 +285,9 @@ class Harness:
         return list(sizes)
 
     def submit(self, group: str, strategy: str = "auto") -> str:
-        name = self.spool.submit(group, strategy=strategy).name
+        """Queue a full run: a group asked again with no file changed would otherwise be an
+        ``unchanged`` run that reads and writes nothing, and the faults need work in flight."""
+        name = self.spool.submit(group, strategy=strategy, full=True).name
         self.submitted.append(name)
         return name
 
