@@ -281,7 +281,8 @@ def soak_phase(work: Path, daemon: Child, groups: list[str], args) -> dict:
         due = int((time.monotonic() - started) * args.rate)
         while i < due:
             name = f"soak-{i:06d}.json"
-            drop(spool, name, json.dumps({"group": groups[i % len(groups)]}).encode())
+            # full: a group asked again with nothing new would be an ``unchanged`` run (no work)
+            drop(spool, name, json.dumps({"group": groups[i % len(groups)], "full": True}).encode())
             names.append(name)
             sent_at[name] = time.time()
             i += 1

@@ -111,7 +111,8 @@ def aggregate(server, opts, log_path: str) -> None:
 
 def _run_group(group: str, root: str, out: str, env) -> tuple[float, str]:
     done = subprocess.run([sys.executable, "-m", "throttler", "run", group, "--data-root", root, "--output",
-                           out if not root.startswith("s3://") else "s3://bench/out", "--workers", "2", "--quiet"],
+                           out if not root.startswith("s3://") else "s3://bench/out", "--workers", "2", "--quiet",
+                           "--full"],  # a rerun with nothing new would otherwise be unchanged: nothing read
                           capture_output=True, text=True, env=env, timeout=900)
     match = RUN_LINE.match(done.stdout)
     if done.returncode != 0 or not match:
