@@ -20,10 +20,8 @@ over, the seconds do not. The one moto process is itself the bottleneck.
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -32,23 +30,18 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tests.helpers.datafiles import write_sim
-from tests.helpers.s3_server import S3Server
+from tests.helpers.s3_server import S3Server, count_requests
 
 INCREMENTAL = Path(__file__).resolve().parent / "incremental.py"
-_REQUEST = re.compile(r'"(?:\x1b\[[0-9;]*m)*(GET|HEAD|PUT|POST|DELETE) (\S+) HTTP')  #: colour codes too
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--files", type=int, default=100)
     opts = p.parse_args()
-    log = tempfile.NamedTemporaryFile(prefix="moto-", suffix=".log", delete=False)  # noqa: SIM115 - the server writes it
-    server = S3Server()
-    server.proc.kill()  # restart it with its access log kept, to count requests
-    server.proc.wait()
-    server.proc = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(server.port)],
-                                   stdout=log, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    server._wait_ready()
+    log = tempfile.NamedTemporaryFile(prefix="moto-", suffix=".log", delete=False)  # noqa: SIM115
+    log.close()
+    server = S3Server(log_path=log.name)  # its access log counts the requests
     os.environ.update(server.environ())
     try:
         run(server, opts.files, log.name)
@@ -78,9 +71,9 @@ def run(server, n: int, log_path: str) -> None:
     for name, group, change in cases:
         if change is not None:
             change()
-        before = _requests(log_path)
+        before = count_requests(log_path)
         record = _child(group)
-        counts = _requests(log_path) - before
+        counts = count_requests(log_path) - before
         other = sum(counts.values()) - sum(counts[k] for k in ("GET", "HEAD", "PUT", "DELETE"))
         print(f"| {name} | {record['run_kind']} | {record['files']} | {record['files_read']} | "
               f"{record['total_seconds']:.2f} | {counts['GET']} | {counts['HEAD']} | {counts['PUT']} | "
@@ -94,11 +87,6 @@ def _child(group: str) -> dict:
     if done.returncode:
         raise SystemExit(f"child failed: {done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def _requests(log_path: str) -> collections.Counter:
-    with open(log_path, errors="replace") as fh:
-        return collections.Counter(m.group(1) for m in map(_REQUEST.search, fh) if m)
 
 
 if __name__ == "__main__":

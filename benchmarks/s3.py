@@ -47,7 +47,7 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from tests.helpers.datafiles import write_sim  # noqa: E402
 from tests.helpers.s3_proxy import S3Proxy  # noqa: E402
-from tests.helpers.s3_server import S3Server  # noqa: E402
+from tests.helpers.s3_server import S3Server, count_requests  # noqa: E402
 
 AGGREGATE = Path(__file__).resolve().parent.parent / "bench-data" / "aggregate" / "10x50000x120"
 LAYOUTS = {"g00000": "aligned", "shuffled": "not aligned"}
@@ -62,13 +62,9 @@ def main() -> None:
     args.add_argument("--layouts", default="g00000,shuffled", help="aggregate: the groups timed")
     args.add_argument("--bytes-layouts", default="g00000", help="aggregate: the groups whose bytes are counted")
     opts = args.parse_args()
-    log = tempfile.NamedTemporaryFile(prefix="moto-", suffix=".log", delete=False)
-    server = S3Server()
-    server.proc.kill()  # restart it with its access log kept, to count requests
-    server.proc.wait()
-    server.proc = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(server.port)],
-                                   stdout=log, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    server._wait_ready()
+    log = tempfile.NamedTemporaryFile(prefix="moto-", suffix=".log", delete=False)  # noqa: SIM115
+    log.close()
+    server = S3Server(log_path=log.name)  # its access log counts the requests
     os.environ.update(server.environ())
     try:
         {"aggregate": aggregate, "plan": plan, "footers": footers}[opts.part](server, opts, log.name)
@@ -219,8 +215,9 @@ def footers(server, opts, log_path: str) -> None:
 
 
 def _requests(log_path: str) -> int:
-    with open(log_path, errors="replace") as fh:
-        return sum(1 for line in fh if "GET /" in line or "HEAD /" in line)
+    """GET and HEAD requests so far: the reads."""
+    counts = count_requests(log_path)
+    return counts["GET"] + counts["HEAD"]
 
 
 def _rss_gib(server) -> float:

@@ -126,14 +126,14 @@ def test_snapshot_sees_a_paused_worker(cluster_client):
     wait_for(client, lambda s: all(w.is_running for w in s.workers))
 
 
-def test_the_scheduler_function_ships_by_value(tmp_path):
-    """A remote scheduler need not have throttler installed: the function unpickles and runs where
-    throttler cannot be imported."""
+def _call_where_throttler_cannot_be_imported(tmp_path, function, call: str):
+    """Pickle ``function`` (by value), then, in a fresh interpreter that refuses every
+    ``throttler`` import, unpickle it as ``f`` and print ``eval(call)``; the finished process."""
     import subprocess
     import sys
 
-    blob = tmp_path / "collect.pickle"
-    blob.write_bytes(cloudpickle.dumps(_scheduler_worker_records()))
+    blob = tmp_path / "function.pickle"
+    blob.write_bytes(cloudpickle.dumps(function))
     script = (
         "import sys, pickle, types\n"
         "class Block:\n"
@@ -141,10 +141,17 @@ def test_the_scheduler_function_ships_by_value(tmp_path):
         "        if name.split('.')[0] == 'throttler':\n"
         "            raise ImportError('blocked for the test: ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        f"collect = pickle.loads(open({str(blob)!r}, 'rb').read())\n"
-        "print(collect(types.SimpleNamespace(workers={})))\n"
+        f"f = pickle.loads(open({str(blob)!r}, 'rb').read())\n"
+        f"print({call})\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+
+
+def test_the_scheduler_function_ships_by_value(tmp_path):
+    """A remote scheduler need not have throttler installed: the function unpickles and runs where
+    throttler cannot be imported."""
+    done = _call_where_throttler_cannot_be_imported(tmp_path, _scheduler_worker_records(),
+                                                    "f(types.SimpleNamespace(workers={}))")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
 
@@ -234,24 +241,9 @@ def test_package_probe_runs_on_real_workers_and_reports_this_version(cluster_cli
 
 def test_package_probe_runs_where_throttler_cannot_be_imported(tmp_path):
     """Shipped by value, the probe runs in a process that cannot import throttler and says why."""
-    import subprocess
-    import sys
-
     from throttler.cluster.workers import worker_package_probe
 
-    blob = tmp_path / "probe.pickle"
-    blob.write_bytes(cloudpickle.dumps(worker_package_probe()))
-    script = (
-        "import sys, pickle\n"
-        "class Block:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] == 'throttler':\n"
-        "            raise ImportError('blocked for the test: ' + name)\n"
-        "sys.meta_path.insert(0, Block())\n"
-        f"probe = pickle.loads(open({str(blob)!r}, 'rb').read())\n"
-        "print(probe())\n"
-    )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    done = _call_where_throttler_cannot_be_imported(tmp_path, worker_package_probe(), "f()")
     assert done.returncode == 0, done.stderr
     assert "'error': 'ImportError: blocked for the test: throttler'" in done.stdout, done.stdout
 

@@ -8,7 +8,9 @@ subprocesses and their Dask workers inherit it). Credentials are dummies.
 
 from __future__ import annotations
 
+import collections
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -18,16 +20,26 @@ from tests.helpers.daemon import free_port
 
 ENV_KEYS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
 
+#: one request line of moto's access log (colour codes allowed)
+_REQUEST = re.compile(r'"(?:\x1b\[[0-9;]*m)*(GET|HEAD|PUT|POST|DELETE) (\S+) HTTP')
+
 
 class S3Server:
     """``moto_server`` on a free loopback port; :meth:`client` gives a boto3 client for it."""
 
-    def __init__(self):
+    def __init__(self, log_path: str | None = None):
+        """``log_path``: keep the server's access log there (one line a request: :func:`count_requests`)."""
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
         exe = shutil.which("moto_server") or os.path.join(os.path.dirname(os.sys.executable), "moto_server")
-        self.proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 - the server writes it
+        try:
+            self.proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(self.port)], stdout=log, stderr=log,
+                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        finally:
+            if log_path:
+                log.close()
         self._wait_ready()
 
     def _wait_ready(self, timeout_seconds: float = 30.0) -> None:
@@ -54,3 +66,21 @@ class S3Server:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(10)
+
+
+def count_requests(log_path: str) -> collections.Counter:
+    """Requests in a server's access log so far, by HTTP method."""
+    with open(log_path, errors="replace") as fh:
+        return collections.Counter(m.group(1) for m in map(_REQUEST.search, fh) if m)
+
+
+def upload_estate(s3, bucket: str, root, shuffled: dict[str, bool], n_files: int = 3) -> None:
+    """Small groups of ``n_files`` each, written under ``root/<group>/`` and uploaded to
+    ``s3://<bucket>/data/<group>/``: the same files on local disk and in the store."""
+    from tests.helpers.datafiles import write_sim
+
+    for group, shuffle in shuffled.items():
+        (root / group).mkdir()
+        for i in range(n_files):
+            path = write_sim(root / group / f"f{i}.parquet", 40, 5, seed=i, shuffle=shuffle)
+            s3.upload_file(path, bucket, f"data/{group}/f{i}.parquet")

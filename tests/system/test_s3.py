@@ -13,12 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.helpers.daemon import throttler_cli
-from tests.helpers.datafiles import write_sim
+from tests.helpers.s3_server import upload_estate
 from throttler import storage
 from throttler.worker import output
 
 BUCKET = "estate-bucket"
-GROUPS = {"aligned": dict(shuffle=False), "shuffled": dict(shuffle=True)}
+GROUPS = {"aligned": False, "shuffled": True}  #: group -> rows shuffled
 
 
 @pytest.fixture(scope="module")
@@ -27,11 +27,7 @@ def estate(s3_server, tmp_path_factory):
     root = tmp_path_factory.mktemp("s3estate")
     s3 = s3_server.client()
     s3.create_bucket(Bucket=BUCKET)
-    for group, shape in GROUPS.items():
-        (root / group).mkdir()
-        for i in range(3):
-            path = write_sim(root / group / f"f{i}.parquet", 40, 5, seed=i, **shape)
-            s3.upload_file(path, BUCKET, f"data/{group}/f{i}.parquet")
+    upload_estate(s3, BUCKET, root, GROUPS)
     s3.put_object(Bucket=BUCKET, Key="data/corrupt/f0.parquet", Body=b"PAR1 this is not parquet PAR1")
     return root, s3
 

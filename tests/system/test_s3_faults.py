@@ -31,10 +31,11 @@ from tests.helpers.daemon import (
 )
 from tests.helpers.datafiles import write_sim
 from tests.helpers.s3_proxy import S3Proxy
+from tests.helpers.s3_server import upload_estate
 
 BUCKET = "faults-bucket"
 DATA = f"s3://{BUCKET}/data"
-GROUPS = {"aligned": False, "shuffled": True, "denied": False}
+GROUPS = {"aligned": False, "shuffled": True, "denied": False}  #: group -> rows shuffled
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +44,7 @@ def estate(s3_server, tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
     s3 = s3_server.client()
     s3.create_bucket(Bucket=BUCKET)
-    for group, shuffle in GROUPS.items():
-        (root / group).mkdir()
-        for i in range(3):
-            path = write_sim(root / group / f"f{i}.parquet", 40, 5, seed=i, shuffle=shuffle)
-            s3.upload_file(path, BUCKET, f"data/{group}/f{i}.parquet")
+    upload_estate(s3, BUCKET, root, GROUPS)
     return root, s3
 
 

@@ -8,10 +8,8 @@ command runs.
 from __future__ import annotations
 
 from throttler.simulation.calibration import DAEMON_COSTS
+from throttler.simulation.policy_names import POLICIES
 from throttler.units import parse_bytes, parse_duration_seconds, parse_rate_bytes_per_second
-
-#: the simulation's policies (throttler.simulation.model.POLICIES, checked by a test)
-POLICIES = ("all-at-once", "fixed-pool", "resources", "throttler")
 
 COST_FLAGS = ("group_seconds", "file_seconds", "task_seconds", "round_seconds", "entry_seconds",
               "scheduler_seconds_per_task")

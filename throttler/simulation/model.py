@@ -22,10 +22,7 @@ from throttler import units
 from throttler.admission import policy as admission
 from throttler.cluster.snapshot import ClusterShape
 from throttler.planning import planner
-
-POLICIES = ("all-at-once", "fixed-pool", "resources", "throttler")
-POLICY_LABELS = {"all-at-once": "(a) all at once", "fixed-pool": "(b) fixed pool",
-                 "resources": "(c) resources only", "throttler": "(d) throttler"}
+from throttler.simulation.policy_names import POLICIES, POLICY_LABELS  # noqa: F401 - part of the model's names
 
 # the command's quantities are parsed by the one set of parsers (throttler.units)
 parse_bytes = units.parse_bytes

@@ -35,6 +35,7 @@ from watchdog.events import FileSystemEventHandler
 from watchdog.observers import Observer
 
 from throttler.spool.requests import is_group
+from throttler.spool.watcher import stop_threads
 
 log = logging.getLogger(__name__)
 
@@ -131,10 +132,5 @@ class GroupWatcher:
 
     def stop(self, timeout_seconds: float = 5.0) -> None:
         self._stop.set()
-        if self._observer is not None:
-            self._observer.stop()
-            self._observer.join(timeout_seconds)
-            self._observer = None
-        if self._ticker is not None:
-            self._ticker.join(timeout_seconds)
-            self._ticker = None
+        stop_threads(self._observer, self._ticker, timeout_seconds)
+        self._observer = self._ticker = None

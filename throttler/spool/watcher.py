@@ -84,10 +84,14 @@ class SpoolWatcher:
 
     def stop(self, timeout_seconds: float = 5.0) -> None:
         self._stop.set()
-        if self._observer is not None:
-            self._observer.stop()
-            self._observer.join(timeout_seconds)
-            self._observer = None
-        if self._ticker is not None:
-            self._ticker.join(timeout_seconds)
-            self._ticker = None
+        stop_threads(self._observer, self._ticker, timeout_seconds)
+        self._observer = self._ticker = None
+
+
+def stop_threads(observer, ticker: threading.Thread | None, timeout_seconds: float) -> None:
+    """Stop a watchdog observer and join it and a ticker thread (either may be None)."""
+    if observer is not None:
+        observer.stop()
+        observer.join(timeout_seconds)
+    if ticker is not None:
+        ticker.join(timeout_seconds)
