@@ -39,3 +39,10 @@ class RequestError(ThrottlerError):
 
 class UsageError(ThrottlerError):
     """A command was given inputs it cannot work with (a missing directory, a bad name): exit 2."""
+
+
+def first_line(exc: BaseException, max_chars: int = 300) -> str:
+    """The first line of an exception's message, cut to ``max_chars`` (its class name if it has none):
+    libraries' messages can span pages (pyarrow, the AWS SDK), records and logs want one line."""
+    lines = str(exc).strip().splitlines()
+    return lines[0][:max_chars] if lines else type(exc).__name__

@@ -38,7 +38,7 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from throttler.errors import DataError
+from throttler.errors import DataError, first_line
 
 #: Schemes read through pyarrow's file systems (besides plain paths and ``file://``).
 OBJECT_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss")
@@ -225,6 +225,8 @@ def delete_object(url: str) -> None:
     check_url(url)
     parts = urlsplit(url)
     _s3_client().delete_object(Bucket=parts.netloc, Key=parts.path.lstrip("/"))
+
+
 # --------------------------------------------------------------------------- retries and store errors
 
 #: Attempts per request (the first one included) of the S3 clients' own retry
@@ -310,17 +312,12 @@ def store_error(exc: BaseException, url: str) -> Exception | None:
     kind = store_failure(exc)
     if kind is None or (kind == MISSING and not is_url(url)):
         return None
-    detail = _first_line(exc)
+    detail = first_line(exc)
     if kind == DENIED:
         return ObjectAccessError(f"{url}: access denied by the object store ({detail})")
     if kind == MISSING:
         return ObjectAccessError(f"{url}: no such object or bucket ({detail})")
     return OSError(f"{url}: object store unavailable after {S3_REQUEST_MAX_ATTEMPTS} attempts ({detail})")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
 
 
 def is_azure_container(parts) -> bool:

@@ -25,7 +25,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from throttler import storage
-from throttler.errors import CatalogError
+from throttler.errors import CatalogError, first_line
 from throttler.groupid import validate_group
 
 
@@ -121,8 +121,8 @@ def _prefix_files(url_root: str, group: str) -> list[str]:
         raise CatalogError(f"unknown group {group!r}: nothing under {prefix}/") from None
     except OSError as exc:
         if storage.store_failure(exc) == storage.TRANSIENT:
-            raise OSError(f"group {group!r}: cannot list {prefix}/ ({_first_line(exc)})") from None
-        raise CatalogError(f"group {group!r}: cannot list {prefix}/ ({_first_line(exc)})") from None
+            raise OSError(f"group {group!r}: cannot list {prefix}/ ({first_line(exc, 200)})") from None
+        raise CatalogError(f"group {group!r}: cannot list {prefix}/ ({first_line(exc, 200)})") from None
     if not files:
         raise CatalogError(f"unknown group {group!r}: no .parquet objects under {prefix}/")
     return files
@@ -139,5 +139,3 @@ def _inside_url_root(url_root: str, name: str, group: str) -> str:
     return resolved
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]

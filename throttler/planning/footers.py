@@ -23,7 +23,7 @@ OBJECT_FOOTER_THREADS = 32
 #: retries is read again a few times before the planning attempt fails as an outage:
 #: the S3 client cannot retry a throttled ranged GET shorter than the error's body
 #: (see :func:`throttler.storage.store_failure`), and one footer must not cost a group's attempt.
-FOOTER_RETRY = dict(wait=tenacity.wait_exponential_jitter(initial=0.2, max=5.0, jitter=0.2),
+FOOTER_RETRY = dict(wait=tenacity.wait_exponential_jitter(multiplier=0.2, max=5.0, jitter=0.2),
                     stop=tenacity.stop_after_attempt(storage.S3_REQUEST_MAX_ATTEMPTS),
                     retry=tenacity.retry_if_exception_type(OSError), reraise=True)
 

@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from throttler import storage
-from throttler.errors import DataError
+from throttler.errors import DataError, first_line
 
 KEY_COLUMNS = ("path", "Date")
 VALUE_COLUMN = "value"
@@ -57,7 +57,7 @@ def open_parquet(path: str) -> pq.ParquetFile:
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
-        raise storage.store_error(exc, path) or DataError(f"{path}: not a readable Parquet file ({_short(exc)})") from None
+        raise storage.store_error(exc, path) or DataError(f"{path}: not a readable Parquet file ({first_line(exc, 200)})") from None
 
 
 def check_schema(pf: pq.ParquetFile, path: str) -> FileSchema:
@@ -157,7 +157,7 @@ def decode_error(exc: BaseException, path: str, what: str) -> Exception:
     store = storage.store_error(exc, path)  # refused or missing: permanent; unavailable: retried
     if store is not None:
         return store
-    return DataError(f"{path}: {what} ({_short(exc)})")
+    return DataError(f"{path}: {what} ({first_line(exc, 200)})")
 
 
 def key_columns(table: pa.Table, path: str) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
@@ -183,7 +183,7 @@ def date_to_ns(dates: pa.ChunkedArray, path: str) -> pa.ChunkedArray:
             dates = dates.cast(pa.timestamp(dates.type.unit))
         return pc.cast(dates, DATE_NS)
     except pa.ArrowInvalid as exc:
-        raise DataError(f"{path}: 'Date' out of range for nanosecond timestamps ({_short(exc)})") from None
+        raise DataError(f"{path}: 'Date' out of range for nanosecond timestamps ({first_line(exc, 200)})") from None
 
 
 def ns_to_date_type(date_ns: np.ndarray, date_type: pa.DataType) -> pa.Array:
@@ -264,6 +264,3 @@ def sort_keys(paths: np.ndarray, dates: np.ndarray, path: str) -> np.ndarray | N
     return order
 
 
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text[:200]
