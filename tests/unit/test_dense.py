@@ -44,18 +44,36 @@ class _CountingSource:
         return self.source.read_at(nbytes, offset)
 
 
-def test_a_whole_chunk_read_gives_the_same_dictionary_in_one_request(tmp_path):
+def test_a_dictionary_page_is_read_in_one_request_whatever_the_number_of_data_pages(tmp_path):
     path = str(tmp_path / "pages.parquet")
     table = pq.read_table(write_sim(tmp_path / "src.parquet", n_paths=3000, n_dates=6, shuffle=True))
     pq.write_table(table, path, data_page_size=1024)  # many small data pages in the chunk
     col = pq.ParquetFile(path).metadata.row_group(0).column(1)
     with pa.memory_map(path) as mapped:
-        page_by_page, whole = _CountingSource(mapped), _CountingSource(mapped)
-        expected = pages.dictionary_values(col, page_by_page)
-        np.testing.assert_array_equal(pages.dictionary_values(col, whole, whole_chunk=True), expected)
-    assert len(expected) == 6
-    assert page_by_page.reads > 3  # a header read per data page, plus the dictionary's
-    assert whole.reads == 1
+        counted = _CountingSource(mapped)
+        values = pages.dictionary_values(col, counted)
+    assert counted.reads == 1
+    want = np.unique(table.column("Date").cast(pa.int32()).to_numpy())
+    np.testing.assert_array_equal(np.sort(values), want)
+
+
+def _fallen_back_dates_file(tmp_path) -> str:
+    """A shuffled file whose Date chunk outgrew its dictionary: later pages are plain, with dates the
+    dictionary page does not list."""
+    path = str(tmp_path / "fallback.parquet")
+    table = pq.read_table(write_sim(tmp_path / "src.parquet", n_paths=200, n_dates=60, shuffle=True))
+    table = table.sort_by("Date")  # the dates the dictionary holds come first, the others after it is full
+    pq.write_table(table, path, dictionary_pagesize_limit=64, data_page_size=256)
+    return path
+
+
+def test_dates_a_writer_wrote_past_its_dictionary_restart_the_leaf_on_decoded_dates(tmp_path):
+    path = _fallen_back_dates_file(tmp_path)
+    assert dense.domain([path]).n_dates < 60  # what the dictionary page lists: not every date
+    assert dense.domain([path], decoded=True).n_dates == 60
+    other = write_sim(tmp_path / "b.parquet", n_paths=200, n_dates=60, seed=1, shuffle=True)
+    run_dense([path, other], tmp_path / "out.parquet")
+    assert_matches_reference(tmp_path / "out.parquet", [path, other])
 
 
 def test_domain_without_statistics_or_dictionary_reads_the_data(tmp_path):

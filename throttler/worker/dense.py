@@ -18,10 +18,14 @@ Key domain (measured on a 6M-row, 6-row-group file with 120 dates):
 
 * ``path``: the footer's row-group statistics (min/max), free; the column is
   read only where a row group has none;
-* ``Date``: each row group's dictionary page, read straight from the file with
-  its data page headers checked (:mod:`throttler.pages`): 2.8 ms a file,
-  against 28 ms to decode the column and take ``pc.unique``; a chunk without a
-  usable dictionary is decoded instead.
+* ``Date``: each row group's dictionary page, read straight from the file in
+  one read (:mod:`throttler.worker.pages`), against 28 ms a file to decode the
+  column and take ``pc.unique``; a chunk without a usable dictionary is decoded
+  instead. The data pages are not walked to prove the dictionary complete (12 ms
+  a file in Python): every row's key is checked against the grid as the leaf
+  reads it, and a key outside it (a writer that fell back to plain encoding
+  after its dictionary filled up) starts the leaf again on dates decoded from
+  the data (:class:`DomainMissed`; a wrong domain is never a wrong sum).
 
 Date codes: a lookup table indexed by ``(date - lo) / step`` (step: the gcd of
 the gaps between the file's distinct dates; one day for dates) maps 1M dates in
@@ -29,8 +33,9 @@ the gaps between the file's distinct dates; one day for dates) maps 1M dates in
 codes are checked by mapping them back (a wrong domain is an error, never a
 wrong sum). Cells, scatter-add and stamps are compiled loops
 (:mod:`throttler.worker.scatter`, numba): on a shuffled 6M-row file, cells
-about 4 ms against 25 ms in numpy, the scatter-add about 37 ms against 83 ms
-for ``np.add.at`` (itself faster than fancy-index ``+=`` and ``np.bincount``);
+about 4 ms against 25 ms in numpy, the scatter-add about 14 ms with software
+prefetch (37 ms without, 83 ms for ``np.add.at``, itself faster than
+fancy-index ``+=`` and ``np.bincount``);
 like IEEE addition it gives NaN for ``inf + -inf``. numpy computes the cells
 only where the dates are too spread out for a lookup table.
 
@@ -90,6 +95,11 @@ class GridTooLarge(MisalignedKeys):
     """The group's key grid exceeds MAX_GRID_CELLS: sum it with the hash-based strategy."""
 
 
+class DomainMissed(DataError):
+    """A row's key is outside the leaf's grid: with a grid from dictionary pages, the leaf starts
+    again on the decoded dates; with decoded dates, the file changed (a DataError naming it)."""
+
+
 @dataclass(frozen=True)
 class Grid:
     """The group's key domain: paths path_min..path_max, the sorted distinct dates (ns)."""
@@ -144,10 +154,14 @@ def _sizeof_cells(cells: Cells) -> int:
 # --------------------------------------------------------------------------- domain
 
 
-def domain(paths: list[str], date_type: pa.DataType | None = None) -> Grid:
+def domain(paths: list[str], date_type: pa.DataType | None = None, decoded: bool = False) -> Grid:
     """The union of the files' key domains, from footers and dictionary pages where possible.
 
     The grid's Date type is ``date_type`` (the group's first file's), else the first file's.
+    The dates come from each chunk's dictionary page alone, unchecked against its
+    data pages (a writer that fell back to plain encoding may have written other
+    dates there): the leaf finds such a date as it reads (:class:`DomainMissed`)
+    and starts again with ``decoded=True``, the dates decoded from the data.
     """
     lo, hi, dates = None, None, []
     for path in paths:
@@ -158,7 +172,7 @@ def domain(paths: list[str], date_type: pa.DataType | None = None) -> Grid:
             continue
         p_lo, p_hi = _path_range(pf, path)
         lo, hi = (p_lo, p_hi) if lo is None else (min(lo, p_lo), max(hi, p_hi))
-        dates.append(_file_dates_ns(pf, path))
+        dates.append(_decoded_dates_ns(pf, path) if decoded else _file_dates_ns(pf, path))
     if lo is None:
         return Grid(0, -1, np.empty(0, np.int64), date_type)
     return _checked(Grid(int(lo), int(hi), np.unique(np.concatenate(dates)), date_type), paths[0])
@@ -198,7 +212,7 @@ def _path_range(pf, path: str) -> tuple[int, int]:
 
 
 def _file_dates_ns(pf, path: str) -> np.ndarray:
-    """A file's distinct dates as ns: its chunks' dictionary pages, else its decoded chunks."""
+    """A file's distinct dates as ns: its chunks' dictionary pages (one small read each), else decoded."""
     md, index = pf.metadata, _column_index(pf, "Date")
     stored = _stored_date_type(pf, index)
     found = []
@@ -207,12 +221,24 @@ def _file_dates_ns(pf, path: str) -> np.ndarray:
             try:
                 if stored is None:
                     raise pages.NotReadable("no plain date or timestamp logical type")
-                raw = pages.dictionary_values(md.row_group(rg).column(index), source,
-                                              whole_chunk=storage.is_url(path))
+                raw = pages.dictionary_values(md.row_group(rg).column(index), source)
                 found.append(contract.date_to_ns(pa.chunked_array([pa.array(raw).view(stored)]), path))
             except pages.NotReadable:
-                dates = _read_row_group(pf, rg, ["Date"], path).column(0)
-                found.append(contract.date_to_ns(dates.unique() if len(dates) else dates, path))
+                found.append(_row_group_dates_ns(pf, rg, path))
+    return _distinct_ns(found)
+
+
+def _decoded_dates_ns(pf, path: str) -> np.ndarray:
+    """A file's distinct dates as ns, decoded from its data (every row group's Date column)."""
+    return _distinct_ns([_row_group_dates_ns(pf, rg, path) for rg in range(pf.metadata.num_row_groups)])
+
+
+def _row_group_dates_ns(pf, rg: int, path: str) -> pa.ChunkedArray:
+    dates = _read_row_group(pf, rg, ["Date"], path).column(0)
+    return contract.date_to_ns(dates.unique() if len(dates) else dates, path)
+
+
+def _distinct_ns(found: list[pa.ChunkedArray]) -> np.ndarray:
     return np.unique(np.concatenate([c.to_numpy().view(np.int64) for c in found if len(c)] or
                                     [np.empty(0, np.int64)]))
 
@@ -301,7 +327,7 @@ class _DateCoder:
         return parts
 
     def _outside(self) -> DataError:
-        return DataError(f"{self.path}: a Date outside the group's key domain (its dictionary page"
+        return DomainMissed(f"{self.path}: a Date outside the group's key domain (its dictionary page"
                          " does not list every date its pages hold, or the file changed)")
 
 
@@ -312,7 +338,7 @@ def _cells(paths: pa.ChunkedArray, parts: np.ndarray, grid: Grid, path: str) -> 
     cells *= grid.n_dates
     cells += parts
     if len(cells) and (cells.min() < 0 or cells.max() >= grid.cells):
-        raise DataError(f"{path}: a path outside the group's key domain (footer statistics wrong, or the"
+        raise DomainMissed(f"{path}: a path outside the group's key domain (footer statistics wrong, or the"
                         " file changed)")
     return cells
 
@@ -332,23 +358,96 @@ class _Coders:
 
     def cells(self, table: pa.Table, path: str) -> np.ndarray:
         paths, dates = contract.key_columns(table, path)
-        coder = self._by_type.get(dates.type)
-        if coder is None:
-            coder = self._by_type[dates.type] = _DateCoder(self.grid, dates.type, path)
+        coder = self._coder(dates.type, path)
         if coder.codes is None:
             return _cells(paths, coder(dates), self.grid, path)
         return self._compiled_cells(_one_array(paths), _one_array(dates, contract.date_order_view), coder, path)
 
+    def _coder(self, date_type: pa.DataType, path: str) -> _DateCoder:
+        coder = self._by_type.get(date_type)
+        if coder is None:
+            coder = self._by_type[date_type] = _DateCoder(self.grid, date_type, path)
+        return coder
+
+    def _out(self, rows: int) -> np.ndarray:
+        if len(self._buffer) < rows:
+            self._buffer = np.empty(rows, np.int64)
+        return self._buffer[:rows]
+
     def _compiled_cells(self, paths: np.ndarray, dates: np.ndarray, coder: _DateCoder, path: str) -> np.ndarray:
-        if len(self._buffer) < len(paths):
-            self._buffer = np.empty(len(paths), np.int64)
-        out, grid = self._buffer[:len(paths)], self.grid
+        out, grid = self._out(len(paths)), self.grid
         bad = _compiled().grid_cells(paths, dates, coder.codes, coder.lo, coder.step, grid.path_min,
-                                 grid.path_max - grid.path_min + 1, grid.n_dates, out)
+                                     grid.path_max - grid.path_min + 1, grid.n_dates, out)
         if bad != _compiled().ALL_ROWS_IN_GRID:
-            raise DataError(f"{path}: a key outside the group's key domain (path {paths[bad]}: footer statistics"
-                            " wrong, a dictionary page not listing every date, or the file changed)")
+            raise _missed(path, paths[bad])
         return out
+
+
+def _missed(path: str, path_key) -> DomainMissed:
+    return DomainMissed(f"{path}: a key outside the group's key domain (path {path_key}: footer statistics"
+                        " wrong, a dictionary page not listing every date, or the file changed)")
+
+
+def _cells(paths: pa.ChunkedArray, parts: np.ndarray, grid: Grid, path: str) -> np.ndarray:
+    """Grid cells of one row group's keys: path x n_dates + the date's part; checked in range."""
+    p = paths.to_numpy() if paths.num_chunks == 1 else np.concatenate([c.to_numpy() for c in paths.chunks])
+    cells = p.astype(np.int64)
+    cells *= grid.n_dates
+    cells += parts
+    if len(cells) and (cells.min() < 0 or cells.max() >= grid.cells):
+        raise DomainMissed(f"{path}: a path outside the group's key domain (footer statistics wrong, or the"
+                        " file changed)")
+    return cells
+
+
+class _Coders:
+    """One date coder per Date type met in a task (a group may mix representations).
+
+    Cells come from the compiled loop (:mod:`throttler.worker.scatter`) into one
+    buffer reused from row group to row group (a result is valid until the next
+    call); numpy computes them when the dates are too spread out for a table.
+    """
+
+    def __init__(self, grid: Grid):
+        self.grid, self._by_type = grid, {}
+        self._buffer = np.empty(0, np.int64)
+        _compiled()  # numba's import and cache load: once per process, not where graphs are built
+
+    def cells(self, table: pa.Table, path: str) -> np.ndarray:
+        paths, dates = contract.key_columns(table, path)
+        coder = self._coder(dates.type, path)
+        if coder.codes is None:
+            return _cells(paths, coder(dates), self.grid, path)
+        return self._compiled_cells(_one_array(paths), _one_array(dates, contract.date_order_view), coder, path)
+
+    def _coder(self, date_type: pa.DataType, path: str) -> _DateCoder:
+        coder = self._by_type.get(date_type)
+        if coder is None:
+            coder = self._by_type[date_type] = _DateCoder(self.grid, date_type, path)
+        return coder
+
+    def _out(self, rows: int) -> np.ndarray:
+        if len(self._buffer) < rows:
+            self._buffer = np.empty(rows, np.int64)
+        return self._buffer[:rows]
+
+    def _compiled_cells(self, paths: np.ndarray, dates: np.ndarray, coder: _DateCoder, path: str) -> np.ndarray:
+        out, grid = self._out(len(paths)), self.grid
+        bad = _compiled().grid_cells(paths, dates, coder.codes, coder.lo, coder.step, grid.path_min,
+                                     grid.path_max - grid.path_min + 1, grid.n_dates, out)
+        if bad != _compiled().ALL_ROWS_IN_GRID:
+            raise _missed(path, paths[bad])
+        return out
+
+
+def _missed(path: str, path_key) -> DomainMissed:
+    return DomainMissed(f"{path}: a key outside the group's key domain (path {path_key}: footer statistics"
+                        " wrong, a dictionary page not listing every date, or the file changed)")
+
+
+def _indices(chunk: pa.DictionaryArray) -> np.ndarray:
+    indices = chunk.indices.to_numpy()
+    return indices if indices.dtype == np.int32 else indices.astype(np.int32)
 
 
 def _compiled():
@@ -384,9 +483,9 @@ def _values(column: pa.ChunkedArray, part: Partial) -> np.ndarray:
 class _Accumulator:
     """The grid's sums and stamps, plus the reference-rows sums of byte-identical files."""
 
-    def __init__(self, paths: list[str], reference_path: str):
+    def __init__(self, paths: list[str], reference_path: str, decoded: bool = False):
         self.reference = kernels._Reference(reference_path)
-        self.grid = grid = domain(paths, self.reference.schema.date_type)
+        self.grid = grid = domain(paths, self.reference.schema.date_type, decoded)
         self.values = np.zeros(grid.cells, np.float64)
         self.stamps = np.zeros(grid.cells, np.uint8)
         self.reference_sums: np.ndarray | None = None  #: allocated when a file matches the reference
@@ -458,11 +557,22 @@ def dense_leaf(paths: list[str], reference_path: str) -> Partial:
     The grid is the leaf's own files' (footers and dictionary pages: milliseconds a
     file); merges add grids into their union. No task computes the group's grid
     ahead: leaves depending on one would all be placed on the worker holding it.
+    A key outside a grid taken from dictionary pages starts the leaf again on the
+    dates decoded from the data (a writer's fallback to plain encoding).
     """
     started = time.perf_counter()
+    try:
+        part = _leaf(paths, reference_path, decoded=False)
+    except DomainMissed:
+        part = _leaf(paths, reference_path, decoded=True)
+    part.task_seconds = time.perf_counter() - started
+    return part
+
+
+def _leaf(paths: list[str], reference_path: str, decoded: bool) -> Partial:
     part = Partial(None)
     with np.errstate(invalid="ignore"):  # inf + -inf is NaN, as the contract says: no warning
-        acc = _Accumulator(paths, reference_path)
+        acc = _Accumulator(paths, reference_path, decoded)
         grid = acc.grid
         part.date_type = grid.date_type
         progress = FileProgress()
@@ -473,7 +583,6 @@ def dense_leaf(paths: list[str], reference_path: str) -> Partial:
         aligned_bytes = 0 if acc.reference_sums is None else acc.reference_sums.nbytes
         part.data = acc.finish()
     part.peak_bytes = grid.cells * DENSE_LEAF_BYTES_PER_CELL + aligned_bytes + acc.largest_chunk_bytes
-    part.task_seconds = time.perf_counter() - started
     return part
 
 

@@ -12,6 +12,15 @@ fused loop's random writes into the grid no longer overlap (each waits on its
 cache miss), while a loop whose cell indices are already in an array keeps many
 misses in flight.
 
+The write loops go one step further: each asks for the cache line of the cell
+it will write :data:`PREFETCH_ROWS_AHEAD` rows later (``llvm.prefetch``, a
+hint that never faults), so far more misses are in flight than the processor
+finds by itself. Measured on 1M shuffled cells of a 6.3M-cell grid (an AMD
+EPYC, 2 MiB L2, 32 MiB L3): 6.5 ms without, 3.3 / 2.6 / 2.3 / 2.3 / 2.6 ms
+prefetching 64 / 96 / 128 / 256 / 512 rows ahead; a 6M-row file's scatter-add
+went from about 39 to 14 ms inside a leaf. Partitioning the rows by cell range
+first (a radix pass, so each part's writes stay in L2) was slower: 11-14 ms.
+
 Compiled on the first call per argument types (int32 or int64 paths, date32 or
 timestamp dates) and cached on disk (``cache=True``): a fresh process loads the
 machine code instead of compiling (see the README's dependency section for
@@ -22,9 +31,43 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 #: returned by :func:`grid_cells` when every row's key is in the grid
 ALL_ROWS_IN_GRID = -1
+
+#: How many rows ahead the scatter loops prefetch the cell they will write. A
+#: shuffled row group's writes land anywhere in a grid far larger than the
+#: caches (48 MiB of sums for 50,000 paths x 120 dates): each is a cache miss,
+#: and the processor alone keeps only about ten in flight. Asking for the line
+#: this far ahead keeps many more in flight (see the module docstring).
+PREFETCH_ROWS_AHEAD = 128
+
+
+@intrinsic
+def _prefetch_for_write(typingctx, array, index):
+    """LLVM's ``llvm.prefetch`` of ``array[index]``'s cache line, for a write, kept in all cache levels.
+
+    A hint: it never faults, whatever the address, and does nothing where the
+    processor has no prefetch instruction.
+    """
+    def codegen(context, builder, signature, args):
+        array_type = signature.args[0]
+        view = context.make_array(array_type)(context, builder, args[0])
+        pointer = cgutils.get_item_pointer(context, builder, array_type, view, [args[1]], wraparound=False)
+        byte_pointer = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        function = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer, i32, i32, i32]), "llvm.prefetch.p0")
+        # (address, 1 = write, 3 = keep in every cache level, 1 = data cache)
+        builder.call(function, [builder.bitcast(pointer, byte_pointer), ir.Constant(i32, 1), ir.Constant(i32, 3),
+                                ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(array, index), codegen
 
 
 @numba.njit(cache=True, nogil=True)
@@ -58,8 +101,10 @@ def scatter_add(cells, values, sums):
 
     IEEE addition, as numpy's: ``inf + -inf`` gives NaN in the sum.
     """
-    nans = 0
-    for i in range(cells.shape[0]):
+    nans, n = 0, cells.shape[0]
+    for i in range(n):
+        if i + PREFETCH_ROWS_AHEAD < n:
+            _prefetch_for_write(sums, cells[i + PREFETCH_ROWS_AHEAD])
         v = values[i]
         if np.isnan(v):
             nans += 1
@@ -71,14 +116,20 @@ def scatter_add(cells, values, sums):
 @numba.njit(cache=True, nogil=True)
 def add_at(cells, values, sums):
     """``sums[cells[i]] += values[i]``, every value (sums already holding NaN from ``inf + -inf``)."""
-    for i in range(cells.shape[0]):
+    n = cells.shape[0]
+    for i in range(n):
+        if i + PREFETCH_ROWS_AHEAD < n:
+            _prefetch_for_write(sums, cells[i + PREFETCH_ROWS_AHEAD])
         sums[cells[i]] += values[i]
 
 
 @numba.njit(cache=True, nogil=True)
 def stamp_cells(cells, stamps, stamp):
     """``stamps[cells] = stamp``: which file last had each cell."""
-    for i in range(cells.shape[0]):
+    n = cells.shape[0]
+    for i in range(n):
+        if i + PREFETCH_ROWS_AHEAD < n:
+            _prefetch_for_write(stamps, cells[i + PREFETCH_ROWS_AHEAD])
         stamps[cells[i]] = stamp
 
 
