@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -154,3 +156,24 @@ def test_planner_picks_sum_for_sparse_keys_and_dense_for_dense_ones():
     assert fallback_strategy("aligned", shuffled) == "dense"
     assert fallback_strategy("aligned", spread) == "sum"
     assert fallback_strategy("dense", shuffled) == "sum"
+
+
+def test_footers_tell_a_shuffled_file_from_a_copy_of_the_reference_and_auto_takes_dense(tmp_path):
+    """Equal row counts, key chunks of other sizes: ``auto`` goes to dense without an aligned attempt,
+    and ``dense`` leaves share out the files that must scatter."""
+    sorted_file = write_sim(tmp_path / "a.parquet", n_paths=300, n_dates=12)
+    copy = tmp_path / "copy.parquet"
+    copy.write_bytes(open(sorted_file, "rb").read())
+    shuffled = write_sim(tmp_path / "s.parquet", n_paths=300, n_dates=12, seed=3, shuffle=True)
+    a, c, s = (file_info(str(p)) for p in (sorted_file, copy, shuffled))
+    assert a.rows == c.rows == s.rows == 3600
+    assert a.key_layout == c.key_layout and len(a.key_layout) == 3
+    assert a.key_layout != s.key_layout
+    assert (a.may_share_key_bytes(c), a.may_share_key_bytes(s)) == (True, False)
+    assert resolve_strategy("auto", [a, c])[0] == "aligned"
+    assert resolve_strategy("auto", [a, c, s]) == ("dense", ["auto -> dense: 3,600 grid cells for 10,800 rows"])
+    files = [a, c, c, c, s, s]
+    plan = plan_for("g", [f.path for f in files], "dense", files_per_task=3)
+    plan = dataclasses.replace(plan, files=tuple(files))
+    chunks = graphs.dense_chunks(plan, [3, 3])
+    assert [chunk.count(str(shuffled)) for chunk in chunks] == [1, 1]

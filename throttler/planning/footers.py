@@ -53,7 +53,27 @@ def file_info(path: str) -> FileInfo:
     except (pa.ArrowInvalid, OSError) as exc:
         raise storage.store_error(exc, path) or DataError(f"{path}: cannot read the Parquet footer ({exc})") from None
     decoded = sum(md.row_group(i).total_byte_size for i in range(md.num_row_groups))
-    return FileInfo(path=path, size_bytes=size_bytes, rows=md.num_rows, decoded_bytes=decoded, **domain)
+    return FileInfo(path=path, size_bytes=size_bytes, rows=md.num_rows, decoded_bytes=decoded,
+                    key_layout=key_layout(md), **domain)
+
+
+def key_layout(md: pq.FileMetaData) -> tuple[int, ...]:
+    """Each row group's rows and its ``path`` and ``Date`` chunks' encoded sizes (() without them).
+
+    Files whose key chunks are byte-identical have equal layouts; a file whose
+    layout differs from the reference's cannot take ``aligned``'s byte-equal
+    path (a shuffled file's key chunks do not even compress to the same size).
+    """
+    names = [md.schema.column(i).path for i in range(md.num_columns)]
+    if "path" not in names or "Date" not in names:
+        return ()
+    index = (names.index("path"), names.index("Date"))
+    layout: list[int] = []
+    for rg in range(md.num_row_groups):
+        row_group = md.row_group(rg)
+        layout.append(row_group.num_rows)
+        layout.extend(row_group.column(i).total_compressed_size for i in index)
+    return tuple(layout)
 
 
 def key_domain_info(path: str, md: pq.FileMetaData, source: pa.NativeFile | None = None) -> dict:

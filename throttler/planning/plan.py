@@ -24,6 +24,15 @@ class FileInfo:
     path_min: int | None = None  #: smallest ``path`` from the footer's statistics (None when unknown)
     path_max: int | None = None  #: largest ``path`` from the footer's statistics (None when unknown)
     date_count: int = 0  #: distinct dates of the first row group (its dictionary page's size; 0 unknown)
+    #: each row group's rows and encoded ``path`` and ``Date`` chunk sizes, from the footer (() unknown)
+    key_layout: tuple[int, ...] = ()
+
+    def may_share_key_bytes(self, other: "FileInfo") -> bool:
+        """False when the footers prove the two files' key chunks differ (row counts or chunk sizes),
+        so ``aligned``'s byte comparison cannot match; True says only that it may."""
+        if self.rows != other.rows or not self.rows:
+            return False
+        return not (self.key_layout and other.key_layout) or self.key_layout == other.key_layout
 
 
 @dataclass(frozen=True)
