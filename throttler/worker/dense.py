@@ -142,8 +142,7 @@ class Cells:
             into_present |= mine_present
         else:
             columns = np.searchsorted(target.dates_ns, grid.dates_ns)
-            into_values[:, columns] += mine_values
-            into_present[:, columns] |= mine_present
+            _compiled().add_columns(into_values, into_present, columns, mine_values, mine_present)
 
 
 @sizeof.register(Cells)

@@ -133,6 +133,20 @@ def stamp_cells(cells, stamps, stamp):
         stamps[cells[i]] = stamp
 
 
+@numba.njit(cache=True, nogil=True)
+def add_columns(into_values, into_present, columns, values, present):
+    """``into[:, columns] += values`` and ``into_present[:, columns] |= present``, row by row.
+
+    For adding a grid into a wider one whose dates include its own: numpy's
+    fancy-indexed ``+=`` builds a gathered copy and scatters it back (70 ms for
+    6M cells; this loop about 10 ms).
+    """
+    for r in range(values.shape[0]):
+        for c in range(values.shape[1]):
+            into_values[r, columns[c]] += values[r, c]
+            into_present[r, columns[c]] |= present[r, c]
+
+
 def _load_common_signatures() -> None:
     """Compile (or load from the disk cache) the signatures every run meets, at import.
 
@@ -148,6 +162,8 @@ def _load_common_signatures() -> None:
     scatter_add.compile((numba.int64[::1], numba.float64[::1], numba.float64[::1]))
     add_at.compile((numba.int64[::1], numba.float64[::1], numba.float64[::1]))
     stamp_cells.compile((numba.int64[::1], numba.uint8[::1], i64))
+    add_columns.compile((numba.float64[:, ::1], numba.bool_[:, ::1], numba.int64[::1], numba.float64[:, ::1],
+                         numba.bool_[:, ::1]))
 
 
 _load_common_signatures()
