@@ -7,6 +7,7 @@ import os
 import shutil
 import time
 
+import numpy as np
 import pyarrow.parquet as pq
 
 from tests.conftest import wait_for
@@ -141,9 +142,22 @@ def test_bad_groups_fail_clearly_and_others_are_served(tmp_path, client):
     assert metrics.registry.get_sample_value("throttler_group_failures_total", {"reason": "catalog"}) == 1
 
 
+def _swap_two_keys_keeping_the_layout(directory) -> None:
+    """Every file rewritten uncompressed, only Date dictionary-encoded; f002's keys become f000's with two rows swapped:
+    the footers show equal key chunk sizes, so only the aligned attempt can find the keys differ."""
+    for f in sorted(directory.iterdir()):
+        table = pq.read_table(f)
+        if f.name == "f002.parquet":
+            order = np.arange(table.num_rows)
+            order[[3, 40]] = order[[40, 3]]
+            keys = pq.read_table(directory / "f000.parquet", columns=["path", "Date"]).take(order)
+            table = table.set_column(0, "path", keys.column("path")).set_column(1, "Date", keys.column("Date"))
+        pq.write_table(table, f, use_dictionary=["Date"], compression="none")
+
+
 def test_misaligned_group_falls_back_to_dense_under_auto_and_fails_under_aligned(tmp_path, client):
     estate = make_estate(tmp_path / "data", {"mixed": 3})
-    write_sim(tmp_path / "data" / "mixed" / "f002.parquet", seed=9, shuffle=True)
+    _swap_two_keys_keeping_the_layout(tmp_path / "data" / "mixed")
     shutil.copytree(tmp_path / "data" / "mixed", tmp_path / "data" / "strict")
     service, spool, _ = make_service(tmp_path, client)
     drop_request(spool.root, "mixed")

@@ -14,7 +14,7 @@ from throttler.errors import DataError
 from throttler.planning.footers import file_info
 from throttler.planning.plan import FileInfo
 from throttler.planning.planner import dense_suits, fallback_strategy, resolve_strategy
-from throttler.worker import dense, graphs, pages
+from throttler.worker import dense, dense_merge, graphs, pages
 
 
 def run_dense(paths, out, files_per_task=2, fan_in=2) -> dict:
@@ -158,22 +158,66 @@ def test_planner_picks_sum_for_sparse_keys_and_dense_for_dense_ones():
     assert fallback_strategy("dense", shuffled) == "sum"
 
 
-def test_footers_tell_a_shuffled_file_from_a_copy_of_the_reference_and_auto_takes_dense(tmp_path):
-    """Equal row counts, key chunks of other sizes: ``auto`` goes to dense without an aligned attempt,
-    and ``dense`` leaves share out the files that must scatter."""
-    sorted_file = write_sim(tmp_path / "a.parquet", n_paths=300, n_dates=12)
-    copy = tmp_path / "copy.parquet"
-    copy.write_bytes(open(sorted_file, "rb").read())
-    shuffled = write_sim(tmp_path / "s.parquet", n_paths=300, n_dates=12, seed=3, shuffle=True)
-    a, c, s = (file_info(str(p)) for p in (sorted_file, copy, shuffled))
-    assert a.rows == c.rows == s.rows == 3600
-    assert a.key_layout == c.key_layout and len(a.key_layout) == 3
-    assert a.key_layout != s.key_layout
-    assert (a.may_share_key_bytes(c), a.may_share_key_bytes(s)) == (True, False)
-    assert resolve_strategy("auto", [a, c])[0] == "aligned"
-    assert resolve_strategy("auto", [a, c, s]) == ("dense", ["auto -> dense: 3,600 grid cells for 10,800 rows"])
-    files = [a, c, c, c, s, s]
-    plan = plan_for("g", [f.path for f in files], "dense", files_per_task=3)
-    plan = dataclasses.replace(plan, files=tuple(files))
+def test_footers_tell_a_shuffled_file_from_a_reencoded_one_and_auto_takes_dense(tmp_path):
+    """Equal row counts, row groups with other path ranges: ``auto`` goes to dense without an aligned
+    attempt, and ``dense`` leaves share out the files that must scatter. The same keys re-encoded
+    (another codec, ``path`` not dictionary-encoded) keep ``aligned``."""
+    sorted_file = write_sim(tmp_path / "a.parquet", n_paths=300, n_dates=12, row_group_size=1000)
+    recoded = str(tmp_path / "recoded.parquet")
+    pq.write_table(pq.read_table(sorted_file), recoded, row_group_size=1000, compression="zstd",
+                   use_dictionary=["Date"])
+    shuffled = write_sim(tmp_path / "s.parquet", n_paths=300, n_dates=12, seed=3, shuffle=True, row_group_size=1000)
+    a, r, s = (file_info(p) for p in (sorted_file, recoded, shuffled))
+    assert a.rows == r.rows == s.rows == 3600
+    assert a.key_layout == r.key_layout == ((1000, 0, 83), (1000, 83, 166), (1000, 166, 249), (600, 250, 299))
+    assert [g[1:] for g in s.key_layout] == [(0, 299)] * 4
+    assert (a.may_share_keys(r), a.may_share_keys(s)) == (True, False)
+    assert resolve_strategy("auto", [a, r])[0] == "aligned"
+    assert resolve_strategy("auto", [a, r, s]) == ("dense", ["auto -> dense: 3,600 grid cells for 10,800 rows"])
+    files = [a, r, r, r, s, s]
+    plan = dataclasses.replace(plan_for("g", [f.path for f in files], "dense", files_per_task=3), files=tuple(files))
     chunks = graphs.dense_chunks(plan, [3, 3])
     assert [chunk.count(str(shuffled)) for chunk in chunks] == [1, 1]
+
+
+def _copy(source: str, target) -> str:
+    target.write_bytes(open(source, "rb").read())
+    return str(target)
+
+
+def test_a_leaf_whose_files_all_match_the_reference_makes_no_grid(tmp_path):
+    ref = write_sim(tmp_path / "ref.parquet", n_paths=40, n_dates=5, nan_frac=0.1)
+    paths = [ref, _copy(ref, tmp_path / "b.parquet"), _copy(ref, tmp_path / "c.parquet")]
+    leaf = dense.dense_leaf(paths, ref)
+    assert isinstance(leaf.data, dense.ReferenceRows) and len(leaf.data.values) == 200
+    summary = run_dense(paths, tmp_path / "out.parquet", files_per_task=2)  # 2 leaves of reference rows
+    assert_matches_reference(tmp_path / "out.parquet", paths)
+    nans = int(np.isnan(pq.read_table(ref).column("value").to_numpy()).sum())
+    assert (summary["strategy"], summary["rows"], summary["files"], summary["nan_count"]) == (
+        "dense", 200, 3, 3 * nans)
+
+
+def test_reference_rows_meet_a_narrower_grid_in_the_merge(tmp_path):
+    """Reference rows merged with the grid of a leaf whose shuffled file lacks paths and dates the
+    reference has: the merge's grid must hold the reference's keys too."""
+    ref = write_sim(tmp_path / "ref.parquet", n_paths=40, n_dates=6)
+    shuffled = write_sim(tmp_path / "s.parquet", n_paths=30, n_dates=4, seed=2, shuffle=True, drop_paths=(0, 1))
+    paths = [ref, _copy(ref, tmp_path / "b.parquet"), shuffled]
+    rows, grid = dense.dense_leaf(paths[:2], ref), dense.dense_leaf(paths[2:], ref)
+    assert isinstance(rows.data, dense.ReferenceRows)
+    assert (grid.data.grid.path_min, grid.data.grid.cells) == (2, 28 * 4)
+    for partials in ([rows, grid], [grid, rows]):
+        dense_merge.dense_final(partials, ref, str(tmp_path / "out.parquet"))
+        assert_matches_reference(tmp_path / "out.parquet", paths)
+
+
+def test_a_duplicated_key_in_a_reference_no_file_scattered_against_is_still_an_error(tmp_path):
+    table = pq.read_table(write_sim(tmp_path / "src.parquet", n_paths=5, n_dates=3))
+    ref = str(tmp_path / "dup.parquet")
+    pq.write_table(pa.concat_tables([table.slice(0, 5), table.slice(4, 11)]), ref)  # row 4 twice, in order
+    shuffled = write_sim(tmp_path / "s.parquet", n_paths=5, n_dates=3, seed=1, shuffle=True)
+    with pytest.raises(DataError, match=r"dup\.parquet: duplicated"):
+        run_dense([ref, _copy(ref, tmp_path / "b.parquet")], tmp_path / "out.parquet", files_per_task=1)
+    with pytest.raises(DataError, match=r"dup\.parquet: duplicated"):
+        run_dense([ref, _copy(ref, tmp_path / "c.parquet"), shuffled], tmp_path / "out2.parquet",
+                  files_per_task=2)

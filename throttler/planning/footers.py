@@ -57,22 +57,22 @@ def file_info(path: str) -> FileInfo:
                     key_layout=key_layout(md), **domain)
 
 
-def key_layout(md: pq.FileMetaData) -> tuple[int, ...]:
-    """Each row group's rows and its ``path`` and ``Date`` chunks' encoded sizes (() without them).
+def key_layout(md: pq.FileMetaData) -> tuple[tuple[int, int, int], ...]:
+    """Each row group's (rows, smallest ``path``, largest ``path``) from its statistics; () without them.
 
-    Files whose key chunks are byte-identical have equal layouts; a file whose
-    layout differs from the reference's cannot take ``aligned``'s byte-equal
-    path (a shuffled file's key chunks do not even compress to the same size).
+    See :meth:`FileInfo.may_share_keys`: equal row groups with other path
+    ranges prove the keys are not the reference's, whatever the encoding.
     """
     names = [md.schema.column(i).path for i in range(md.num_columns)]
-    if "path" not in names or "Date" not in names:
+    if "path" not in names:
         return ()
-    index = (names.index("path"), names.index("Date"))
-    layout: list[int] = []
+    index, layout = names.index("path"), []
     for rg in range(md.num_row_groups):
         row_group = md.row_group(rg)
-        layout.append(row_group.num_rows)
-        layout.extend(row_group.column(i).total_compressed_size for i in index)
+        stats = row_group.column(index).statistics
+        if stats is None or not stats.has_min_max:
+            return ()
+        layout.append((row_group.num_rows, int(stats.min), int(stats.max)))
     return tuple(layout)
 
 

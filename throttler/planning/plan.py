@@ -24,15 +24,24 @@ class FileInfo:
     path_min: int | None = None  #: smallest ``path`` from the footer's statistics (None when unknown)
     path_max: int | None = None  #: largest ``path`` from the footer's statistics (None when unknown)
     date_count: int = 0  #: distinct dates of the first row group (its dictionary page's size; 0 unknown)
-    #: each row group's rows and encoded ``path`` and ``Date`` chunk sizes, from the footer (() unknown)
-    key_layout: tuple[int, ...] = ()
+    #: each row group's (rows, smallest ``path``, largest ``path``), from the footer (() unknown)
+    key_layout: tuple[tuple[int, int, int], ...] = ()
 
-    def may_share_key_bytes(self, other: "FileInfo") -> bool:
-        """False when the footers prove the two files' key chunks differ (row counts or chunk sizes),
-        so ``aligned``'s byte comparison cannot match; True says only that it may."""
+    def may_share_keys(self, other: "FileInfo") -> bool:
+        """False when the footers prove the two files' keys differ in content or order; True says
+        only that they may be the same.
+
+        Proof: other row counts, or row groups of the same sizes whose ``path`` ranges differ (the
+        same keys in the same order would give the same ranges; a shuffled file's row groups each
+        span the whole path range, a sorted one's a slice of it). Row groups of other sizes (another
+        writer, an output rewritten) prove nothing.
+        """
         if self.rows != other.rows or not self.rows:
             return False
-        return not (self.key_layout and other.key_layout) or self.key_layout == other.key_layout
+        mine, theirs = self.key_layout, other.key_layout
+        if not (mine and theirs) or [g[0] for g in mine] != [g[0] for g in theirs]:
+            return True
+        return mine == theirs
 
 
 @dataclass(frozen=True)

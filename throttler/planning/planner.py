@@ -165,20 +165,20 @@ def replan_after_oom(plan: Plan, shape: ClusterShape, estimator: Estimator, *,
 def resolve_strategy(strategy: str, files: list[FileInfo]) -> tuple[str, list[str]]:
     """Turn ``auto`` into a concrete strategy; returns it with a note saying why.
 
-    ``auto`` picks ``aligned`` when every footer reports the row count and key
-    chunk sizes of the first file's (with :data:`AUTO_PREFERS_ALIGNED`; the
-    runtime still checks the keys and falls back on MisalignedKeys, see
-    :func:`fallback_strategy`), else ``dense`` when the footers show a dense
-    enough key grid, else ``sum``. A file whose key chunks differ in size
-    from the first's cannot be byte-identical to it, and such files are
-    nearly always in another order (a shuffled 6M-row file's key chunks
-    compress to 12 MB, a sorted one's to 0.7 MB): going to ``dense`` at once
-    saves the ``aligned`` attempt that would fail on them.
+    ``auto`` picks ``aligned`` when no footer proves a file's keys differ from
+    the first file's (:meth:`FileInfo.may_share_keys`: the row count, and the
+    row groups' path ranges where their sizes match; with
+    :data:`AUTO_PREFERS_ALIGNED`; the runtime still checks the keys and falls
+    back on MisalignedKeys, see :func:`fallback_strategy`), else ``dense``
+    when the footers show a dense enough key grid, else ``sum``. Going to
+    ``dense`` at once for a shuffled file whose row count matches saves the
+    ``aligned`` attempt that would fail on it; a file re-encoded with the same
+    keys (the previous output of an incremental run) keeps ``aligned``.
     """
     if strategy != "auto":
         return strategy, []
-    if AUTO_PREFERS_ALIGNED and files and all(f.may_share_key_bytes(files[0]) for f in files):
-        return "aligned", ["auto -> aligned: every footer reports the first file's row count and key chunk sizes"]
+    if AUTO_PREFERS_ALIGNED and files and all(f.may_share_keys(files[0]) for f in files):
+        return "aligned", ["auto -> aligned: no footer shows keys other than the first file's"]
     suits, why = dense_suits(files)
     return ("dense", [f"auto -> dense: {why}"]) if suits else ("sum", [f"auto -> sum: {why}"])
 

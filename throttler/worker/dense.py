@@ -55,7 +55,6 @@ one row group, whatever the number of files.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 
@@ -67,11 +66,9 @@ from throttler import storage
 from throttler.errors import DataError, MisalignedKeys
 from throttler.planning.memory_model import (
     DENSE_LEAF_BYTES_PER_CELL,
-    DENSE_PARTIAL_BYTES_PER_CELL,
 )
-from throttler.worker import contract, kernels, pages, prefetch
+from throttler.worker import contract, kernels, pages
 from throttler.worker.kernels import Partial
-from throttler.worker.output import output_schema, output_table, write_tables
 from throttler.worker.progress import FileProgress
 
 #: The most cells a grid may have, whatever the planner estimated: 2**27 cells is
@@ -148,6 +145,24 @@ class Cells:
 @sizeof.register(Cells)
 def _sizeof_cells(cells: Cells) -> int:
     return cells.values.nbytes + cells.present.nbytes + cells.grid.dates_ns.nbytes
+
+
+@dataclass
+class ReferenceRows:
+    """A partial result of files whose keys are the reference's bytes: sums in the reference's row order.
+
+    A leaf none of whose files scattered returns this instead of a grid (no
+    grid allocated, no reference keys read); merges add it like ``aligned``
+    accumulators, and scatter it into a grid only if some other leaf made one.
+    """
+
+    values: np.ndarray  #: float64, one per reference row
+    reference_path: str
+
+
+@sizeof.register(ReferenceRows)
+def _sizeof_reference_rows(rows: ReferenceRows) -> int:
+    return rows.values.nbytes
 
 
 # --------------------------------------------------------------------------- domain
@@ -342,7 +357,7 @@ def _cells(paths: pa.ChunkedArray, parts: np.ndarray, grid: Grid, path: str) -> 
     return cells
 
 
-class _Coders:
+class CellCoders:
     """One date coder per Date type met in a task (a group may mix representations).
 
     Cells come from the compiled loop (:mod:`throttler.worker.scatter`) into one
@@ -385,68 +400,6 @@ class _Coders:
 def _missed(path: str, path_key) -> DomainMissed:
     return DomainMissed(f"{path}: a key outside the group's key domain (path {path_key}: footer statistics"
                         " wrong, a dictionary page not listing every date, or the file changed)")
-
-
-def _cells(paths: pa.ChunkedArray, parts: np.ndarray, grid: Grid, path: str) -> np.ndarray:
-    """Grid cells of one row group's keys: path x n_dates + the date's part; checked in range."""
-    p = paths.to_numpy() if paths.num_chunks == 1 else np.concatenate([c.to_numpy() for c in paths.chunks])
-    cells = p.astype(np.int64)
-    cells *= grid.n_dates
-    cells += parts
-    if len(cells) and (cells.min() < 0 or cells.max() >= grid.cells):
-        raise DomainMissed(f"{path}: a path outside the group's key domain (footer statistics wrong, or the"
-                        " file changed)")
-    return cells
-
-
-class _Coders:
-    """One date coder per Date type met in a task (a group may mix representations).
-
-    Cells come from the compiled loop (:mod:`throttler.worker.scatter`) into one
-    buffer reused from row group to row group (a result is valid until the next
-    call); numpy computes them when the dates are too spread out for a table.
-    """
-
-    def __init__(self, grid: Grid):
-        self.grid, self._by_type = grid, {}
-        self._buffer = np.empty(0, np.int64)
-        _compiled()  # numba's import and cache load: once per process, not where graphs are built
-
-    def cells(self, table: pa.Table, path: str) -> np.ndarray:
-        paths, dates = contract.key_columns(table, path)
-        coder = self._coder(dates.type, path)
-        if coder.codes is None:
-            return _cells(paths, coder(dates), self.grid, path)
-        return self._compiled_cells(_one_array(paths), _one_array(dates, contract.date_order_view), coder, path)
-
-    def _coder(self, date_type: pa.DataType, path: str) -> _DateCoder:
-        coder = self._by_type.get(date_type)
-        if coder is None:
-            coder = self._by_type[date_type] = _DateCoder(self.grid, date_type, path)
-        return coder
-
-    def _out(self, rows: int) -> np.ndarray:
-        if len(self._buffer) < rows:
-            self._buffer = np.empty(rows, np.int64)
-        return self._buffer[:rows]
-
-    def _compiled_cells(self, paths: np.ndarray, dates: np.ndarray, coder: _DateCoder, path: str) -> np.ndarray:
-        out, grid = self._out(len(paths)), self.grid
-        bad = _compiled().grid_cells(paths, dates, coder.codes, coder.lo, coder.step, grid.path_min,
-                                     grid.path_max - grid.path_min + 1, grid.n_dates, out)
-        if bad != _compiled().ALL_ROWS_IN_GRID:
-            raise _missed(path, paths[bad])
-        return out
-
-
-def _missed(path: str, path_key) -> DomainMissed:
-    return DomainMissed(f"{path}: a key outside the group's key domain (path {path_key}: footer statistics"
-                        " wrong, a dictionary page not listing every date, or the file changed)")
-
-
-def _indices(chunk: pa.DictionaryArray) -> np.ndarray:
-    indices = chunk.indices.to_numpy()
-    return indices if indices.dtype == np.int32 else indices.astype(np.int32)
 
 
 def _compiled():
@@ -480,17 +433,26 @@ def _values(column: pa.ChunkedArray, part: Partial) -> np.ndarray:
 
 
 class _Accumulator:
-    """The grid's sums and stamps, plus the reference-rows sums of byte-identical files."""
+    """The grid's sums and stamps, plus the reference-rows sums of byte-identical files.
+
+    The grid is made when the first file that must scatter comes: a leaf whose
+    files all match the reference never makes one.
+    """
 
     def __init__(self, paths: list[str], reference_path: str, decoded: bool = False):
+        self.paths, self.decoded = paths, decoded
         self.reference = kernels._Reference(reference_path)
-        self.grid = grid = domain(paths, self.reference.schema.date_type, decoded)
-        self.values = np.zeros(grid.cells, np.float64)
-        self.stamps = np.zeros(grid.cells, np.uint8)
+        self.grid: Grid | None = None
+        self.values = self.stamps = self.coders = None
         self.reference_sums: np.ndarray | None = None  #: allocated when a file matches the reference
-        self.coders = _Coders(grid)
         self.next_stamp = FIRST_STAMP
         self.largest_chunk_bytes = 0
+
+    def _make_grid(self) -> None:
+        self.grid = grid = domain(self.paths, self.reference.schema.date_type, self.decoded)
+        self.values = np.zeros(grid.cells, np.float64)
+        self.stamps = np.zeros(grid.cells, np.uint8)
+        self.coders = CellCoders(grid)
 
     def add_file(self, path: str, part: Partial) -> None:
         pf = contract.open_parquet(path)
@@ -514,6 +476,8 @@ class _Accumulator:
             self.largest_chunk_bytes = max(self.largest_chunk_bytes, values.nbytes)
 
     def _add_scattered(self, pf, path: str, part: Partial) -> None:
+        if self.grid is None:
+            self._make_grid()
         if self.next_stamp > LAST_STAMP:  # every stamp used: older files' cells become "seen"
             self.stamps[(self.stamps >= FIRST_STAMP) & (self.stamps <= LAST_STAMP)] = SEEN_STAMP
             self.next_stamp = FIRST_STAMP
@@ -524,30 +488,42 @@ class _Accumulator:
             part.nan_count += _scatter(self.values, cells, table.column(contract.VALUE_COLUMN))
             _compiled().stamp_cells(cells, self.stamps, stamp)
             self.largest_chunk_bytes = max(self.largest_chunk_bytes, table.nbytes + 2 * cells.nbytes)
-        self._check_unique(pf, path, stamp)
+        check_unique(self.stamps, stamp, pf, path)
 
-    def _check_unique(self, pf, path: str, stamp: int) -> None:
-        """Every row stamped a cell of its own, or the file repeats a key (a DataError naming it)."""
-        if np.count_nonzero(self.stamps == stamp) != pf.metadata.num_rows:
-            contract.sort_keys(*contract.read_keys(pf, path), path)  # raises with the duplicated key
-            raise DataError(f"{path}: duplicated (path, Date) key")
-
-    def finish(self) -> Cells:
-        """Scatter the reference-rows sums into the grid; the grid's sums and presence."""
+    def finish(self) -> Cells | ReferenceRows:
+        """The grid's sums and presence, the reference-rows sums scattered in; or those sums alone."""
+        if self.grid is None:
+            return ReferenceRows(self.reference_sums, self.reference.path)
         if self.reference_sums is not None:
-            ref = self.reference
-            pf, offset = contract.open_parquet(ref.path), 0
-            for rg in range(pf.metadata.num_row_groups):
-                cells = self.coders.cells(_read_row_group(pf, rg, list(contract.KEY_COLUMNS), ref.path), ref.path)
-                # sums, not inputs: a NaN here is an inf + -inf, which the output must keep
-                _compiled().add_at(cells, self.reference_sums[offset:offset + len(cells)], self.values)
-                _compiled().stamp_cells(cells, self.stamps, REFERENCE_STAMP)
-                offset += len(cells)
+            scatter_reference_rows(self.reference_sums, self.reference.path, self.values, self.stamps,
+                                   self.coders)
             self.reference_sums = None
-            self._check_unique(pf, ref.path, REFERENCE_STAMP)
         present = self.stamps != 0
         self.stamps = None
         return Cells(self.grid, self.values, present)
+
+
+def scatter_reference_rows(sums: np.ndarray, reference_path: str, values: np.ndarray, stamps: np.ndarray,
+                           coders: CellCoders) -> None:
+    """Add sums in the reference's row order into a grid at the reference's cells, stamping them.
+
+    The reference's keys are read (one row group at a time) and checked unique.
+    """
+    pf, offset = contract.open_parquet(reference_path), 0
+    for rg in range(pf.metadata.num_row_groups):
+        cells = coders.cells(_read_row_group(pf, rg, list(contract.KEY_COLUMNS), reference_path), reference_path)
+        # sums, not inputs: a NaN here is an inf + -inf, which the output must keep
+        _compiled().add_at(cells, sums[offset:offset + len(cells)], values)
+        _compiled().stamp_cells(cells, stamps, REFERENCE_STAMP)
+        offset += len(cells)
+    check_unique(stamps, REFERENCE_STAMP, pf, reference_path)
+
+
+def check_unique(stamps: np.ndarray, stamp: int, pf, path: str) -> None:
+    """Every row of the file stamped a cell of its own, or it repeats a key (a DataError naming it)."""
+    if np.count_nonzero(stamps == stamp) != pf.metadata.num_rows:
+        contract.sort_keys(*contract.read_keys(pf, path), path)  # raises with the duplicated key
+        raise DataError(f"{path}: duplicated (path, Date) key")
 
 
 def dense_leaf(paths: list[str], reference_path: str) -> Partial:
@@ -572,77 +548,14 @@ def _leaf(paths: list[str], reference_path: str, decoded: bool) -> Partial:
     part = Partial(None)
     with np.errstate(invalid="ignore"):  # inf + -inf is NaN, as the contract says: no warning
         acc = _Accumulator(paths, reference_path, decoded)
-        grid = acc.grid
-        part.date_type = grid.date_type
+        part.date_type = acc.reference.schema.date_type
         progress = FileProgress()
         for path in paths:
             acc.add_file(path, part)
             progress.add(storage.size_bytes(path))
         progress.send()
         aligned_bytes = 0 if acc.reference_sums is None else acc.reference_sums.nbytes
+        grid_bytes = acc.grid.cells * DENSE_LEAF_BYTES_PER_CELL if acc.grid is not None else 0
         part.data = acc.finish()
-    part.peak_bytes = grid.cells * DENSE_LEAF_BYTES_PER_CELL + aligned_bytes + acc.largest_chunk_bytes
+    part.peak_bytes = grid_bytes + aligned_bytes + acc.largest_chunk_bytes
     return part
-
-
-# --------------------------------------------------------------------------- combine and final
-
-
-def dense_combine(partials: list[Partial]) -> Partial:
-    """Add grids over their union (into fresh arrays: inputs may be reused on a retry)."""
-    started = time.perf_counter()
-    grids = [p.data.grid for p in partials]
-    target = union(grids, "dense combine")
-    if all(_same_grid(g, target) for g in grids):  # the common case: leaves of one domain
-        values = kernels._sum_arrays([p.data.values for p in partials])
-        present = partials[0].data.present.copy()
-        for p in partials[1:]:
-            present |= p.data.present
-    else:
-        values, present = np.zeros(target.cells, np.float64), np.zeros(target.cells, bool)
-        with np.errstate(invalid="ignore"):  # inf + -inf is NaN, as the contract says
-            for p in partials:
-                p.data.add_into(values, present, target)
-    out = Partial(Cells(target, values, present))
-    for p in partials:
-        out.absorb_stats(p)
-    out.peak_bytes = max(out.peak_bytes, (len(partials) + 1) * len(values) * DENSE_PARTIAL_BYTES_PER_CELL)
-    out.task_seconds += time.perf_counter() - started
-    return out
-
-
-def _same_grid(a: Grid, b: Grid) -> bool:
-    return (a.path_min, a.path_max, a.n_dates) == (b.path_min, b.path_max, b.n_dates) and bool(
-        np.array_equal(a.dates_ns, b.dates_ns))
-
-
-def dense_final(partials: list[Partial], reference_path: str, output_path: str) -> dict:
-    """Add the last grids and write the present cells, sorted by (path, Date) by construction."""
-    started = time.perf_counter()
-    kernels.check_not_empty(partials)
-    if len(partials) == 1:
-        total = Partial(partials[0].data)
-        total.absorb_stats(partials[0])
-    else:
-        total = dense_combine(partials)
-    grid = total.data.grid
-    schema = output_schema(grid.date_type)
-    dates = contract.ns_to_date_type(grid.dates_ns, grid.date_type) if grid.n_dates else pa.array([], grid.date_type)
-    rows = int(np.count_nonzero(total.data.present))
-    with contextlib.closing(prefetch.ahead(_output_blocks(total.data, grid, dates))) as tables:
-        written = write_tables(output_path, schema, tables)
-    block_bytes = min(OUTPUT_BLOCK_CELLS, grid.cells) * 3 * 24
-    peak = max(total.peak_bytes, grid.cells * DENSE_PARTIAL_BYTES_PER_CELL + block_bytes)
-    return kernels._summary(total, written, rows, peak, started, output_path, "dense")
-
-
-def _output_blocks(cells: Cells, grid: Grid, dates: pa.Array):
-    """Output tables of the present cells, OUTPUT_BLOCK_CELLS cells of the grid at a time."""
-    for start in range(0, grid.cells, OUTPUT_BLOCK_CELLS):
-        index = np.flatnonzero(cells.present[start:start + OUTPUT_BLOCK_CELLS])
-        if not len(index):
-            continue
-        index += start
-        path_offsets, codes = np.divmod(index, grid.n_dates)
-        path_offsets += grid.path_min
-        yield output_table(pa.array(path_offsets), dates.take(pa.array(codes)), cells.values[index])

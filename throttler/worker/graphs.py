@@ -25,7 +25,7 @@ import dask
 from dask.delayed import Delayed
 
 from throttler.planning.plan import Plan, merge_tree
-from throttler.worker import dense, kernels
+from throttler.worker import dense, dense_merge, kernels
 from throttler.worker.peakrss import Measured
 
 
@@ -67,14 +67,14 @@ def build(plan: Plan, output_path: str, token: str | None = None) -> GroupGraph:
 def dense_chunks(plan: Plan, sizes: list[int]) -> list[list[str]]:
     """The files of ``dense`` leaves (of ``sizes`` files each), the likely-scattered ones spread evenly.
 
-    A file whose footer row count or key chunk sizes differ from the first
-    file's cannot have its key bytes, so it takes the scatter-add (about 2.5x
+    A file whose footer proves its keys differ from the first file's (row
+    count, row groups' path ranges) takes the scatter-add (about 2.5x
     the cost of an aligned file's add). Dealt out first, one leaf at a time,
     such files are shared among the leaves instead of all landing in the last:
     with 8 aligned files and 2 that are not, each of 2 leaves gets one (a
     leaf's time is the group's time).
     """
-    likely_aligned = [f.may_share_key_bytes(plan.files[0]) for f in plan.files]
+    likely_aligned = [f.may_share_keys(plan.files[0]) for f in plan.files]
     ordered = [f.path for f, a in zip(plan.files, likely_aligned) if not a]
     ordered += [f.path for f, a in zip(plan.files, likely_aligned) if a]
     chunks: list[list[str]] = [[] for _ in sizes]
@@ -98,7 +98,7 @@ def _combine_level(combine_fn, prefix: str, below: list[Delayed], inputs: list[i
 
 def _functions(strategy: str, files: list[str]):
     if strategy == "dense":
-        return dense.dense_leaf, dense.dense_combine, dense.dense_final, (files[0],)
+        return dense.dense_leaf, dense_merge.dense_combine, dense_merge.dense_final, (files[0],)
     if strategy == "aligned":
         return kernels.aligned_leaf, kernels.aligned_combine, kernels.aligned_final, (files[0],)
     if strategy == "sum":

@@ -1,0 +1,133 @@
+"""Merges of the ``dense`` strategy: combine and final tasks over grids and reference rows.
+
+A leaf's partial is a grid (:class:`~throttler.worker.dense.Cells`: sums and
+presence over the leaf's key domain) or, when none of its files had to
+scatter, the sums in the reference file's row order
+(:class:`~throttler.worker.dense.ReferenceRows`, no grid made). Merges add
+reference rows like ``aligned`` accumulators and grids over the union of their
+domains; reference rows meet a grid only where some leaf made one, scattered
+into it once at the reference's cells. A final that ends with reference rows
+alone writes them exactly as ``aligned`` does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from throttler.planning.memory_model import DENSE_PARTIAL_BYTES_PER_CELL
+from throttler.worker import contract, kernels, prefetch
+from throttler.worker.dense import (
+    OUTPUT_BLOCK_CELLS,
+    Cells,
+    Grid,
+    ReferenceRows,
+    CellCoders,
+    domain,
+    scatter_reference_rows,
+    union,
+)
+from throttler.worker.kernels import Partial
+from throttler.worker.output import output_schema, output_table, write_tables
+
+
+def dense_combine(partials: list[Partial]) -> Partial:
+    """Add partials into fresh arrays (inputs may be reused on a retry): grids over their union."""
+    started = time.perf_counter()
+    with np.errstate(invalid="ignore"):  # inf + -inf is NaN, as the contract says
+        out = Partial(_merged([p.data for p in partials]))
+    for p in partials:
+        out.absorb_stats(p)
+    out.peak_bytes = max(out.peak_bytes, (len(partials) + 1) * _held_bytes(out.data))
+    out.task_seconds += time.perf_counter() - started
+    return out
+
+
+def _held_bytes(data: Cells | ReferenceRows) -> int:
+    if isinstance(data, ReferenceRows):
+        return data.values.nbytes
+    return data.grid.cells * DENSE_PARTIAL_BYTES_PER_CELL
+
+
+def _merged(parts: list) -> Cells | ReferenceRows:
+    rows = [d for d in parts if isinstance(d, ReferenceRows)]
+    grids = [d for d in parts if isinstance(d, Cells)]
+    reference = ReferenceRows(kernels._sum_arrays([r.values for r in rows]), rows[0].reference_path) \
+        if rows else None
+    if not grids:
+        return reference
+    cells = _added_grids(grids, domain([reference.reference_path]) if reference is not None else None)
+    if reference is not None:
+        stamps = np.zeros(cells.grid.cells, np.uint8)
+        scatter_reference_rows(reference.values, reference.reference_path, cells.values, stamps,
+                               CellCoders(cells.grid))
+        cells.present |= stamps != 0
+    return cells
+
+
+def _added_grids(grids: list[Cells], reference_grid: Grid | None) -> Cells:
+    """The grids added over their union (and the reference's domain, when reference rows join them)."""
+    target = union([c.grid for c in grids] + ([reference_grid] if reference_grid is not None else []),
+                   "dense combine")
+    if all(_same_grid(c.grid, target) for c in grids):  # the common case: leaves of one domain
+        values = kernels._sum_arrays([c.values for c in grids])
+        present = grids[0].present.copy()
+        for c in grids[1:]:
+            present |= c.present
+        return Cells(target, values, present)
+    values, present = np.zeros(target.cells, np.float64), np.zeros(target.cells, bool)
+    for c in grids:
+        c.add_into(values, present, target)
+    return Cells(target, values, present)
+
+
+def _same_grid(a: Grid, b: Grid) -> bool:
+    return (a.path_min, a.path_max, a.n_dates) == (b.path_min, b.path_max, b.n_dates) and bool(
+        np.array_equal(a.dates_ns, b.dates_ns))
+
+
+def dense_final(partials: list[Partial], reference_path: str, output_path: str) -> dict:
+    """Add the last partials and write the present cells, sorted by (path, Date) by construction."""
+    started = time.perf_counter()
+    kernels.check_not_empty(partials)
+    if len(partials) == 1:
+        total = Partial(partials[0].data)
+        total.absorb_stats(partials[0])
+    else:
+        total = dense_combine(partials)
+    if isinstance(total.data, ReferenceRows):
+        return _write_reference_rows(total, reference_path, output_path, started)
+    grid = total.data.grid
+    schema = output_schema(grid.date_type)
+    dates = contract.ns_to_date_type(grid.dates_ns, grid.date_type) if grid.n_dates else pa.array([], grid.date_type)
+    rows = int(np.count_nonzero(total.data.present))
+    with contextlib.closing(prefetch.ahead(_output_blocks(total.data, grid, dates))) as tables:
+        written = write_tables(output_path, schema, tables)
+    block_bytes = min(OUTPUT_BLOCK_CELLS, grid.cells) * 3 * 24
+    peak = max(total.peak_bytes, grid.cells * DENSE_PARTIAL_BYTES_PER_CELL + block_bytes)
+    return kernels._summary(total, written, rows, peak, started, output_path, "dense")
+
+
+def _write_reference_rows(total: Partial, reference_path: str, output_path: str, started: float) -> dict:
+    """Every file matched the reference: the output is ``aligned``'s (its keys checked sorted, unique)."""
+    sums = Partial(total.data.values)
+    sums.absorb_stats(total)
+    sums.task_seconds += time.perf_counter() - started
+    summary = kernels.aligned_final([sums], reference_path, output_path)
+    summary["strategy"] = "dense"
+    return summary
+
+
+def _output_blocks(cells: Cells, grid: Grid, dates: pa.Array):
+    """Output tables of the present cells, OUTPUT_BLOCK_CELLS cells of the grid at a time."""
+    for start in range(0, grid.cells, OUTPUT_BLOCK_CELLS):
+        index = np.flatnonzero(cells.present[start:start + OUTPUT_BLOCK_CELLS])
+        if not len(index):
+            continue
+        index += start
+        path_offsets, codes = np.divmod(index, grid.n_dates)
+        path_offsets += grid.path_min
+        yield output_table(pa.array(path_offsets), dates.take(pa.array(codes)), cells.values[index])
