@@ -88,13 +88,21 @@ def _address_of(client, name) -> str | None:
     return next((a for a, w in client.scheduler_info()["workers"].items() if w["name"] == name), None)
 
 
+def _new_pid(client, name, old_pid) -> bool:
+    """A worker of that name is connected and runs in another process than ``old_pid``."""
+    try:
+        return _address_of(client, name) is not None and _pid_of(client, name) != old_pid
+    except Exception:  # noqa: BLE001 - gone between the lookup and the call: not back yet
+        return False
+
+
 def test_a_worker_restarted_by_its_nanny_gets_them_again(cluster):
     client = cluster["client"]
     wait_for(lambda: _sized(client, ["w0"]), 30)
-    old_address = _address_of(client, "w0")
-    os.kill(_pid_of(client, "w0"), signal.SIGKILL)  # the nanny starts a new worker process
-    try:
-        wait_for(lambda: _address_of(client, "w0") not in (None, old_address) and _sized(client, ["w0"]), 60)
+    old_pid = _pid_of(client, "w0")
+    os.kill(old_pid, signal.SIGKILL)  # the nanny starts a new worker process
+    try:  # by its pid: the new process may well bind the port the old one had
+        wait_for(lambda: _new_pid(client, "w0", old_pid) and _sized(client, ["w0"]), 60)
     except AssertionError:  # seen once in CI, not reproduced: say what the nanny and the scheduler did
         scheduler, w0 = cluster["procs"][0], cluster["procs"][1]
         raise AssertionError(f"w0 not back and sized: workers {sorted(client.scheduler_info()['workers'])}\n"
