@@ -415,10 +415,17 @@ def _one_array(column: pa.ChunkedArray, view=None) -> np.ndarray:
     return view(column.chunk(0)) if column.num_chunks == 1 else np.concatenate([view(c) for c in column.chunks])
 
 
-def _scatter(sums: np.ndarray, cells: np.ndarray, column: pa.ChunkedArray) -> int:
-    """Add one row group's values into ``sums`` at ``cells`` (NaN and nulls skipped); returns their count."""
+def _scatter(sums: np.ndarray, stamps: np.ndarray, stamp: int, cells: np.ndarray, column: pa.ChunkedArray,
+             pf, path: str) -> int:
+    """Add one row group's values into ``sums`` at ``cells``, stamping them (NaN and nulls skipped);
+    returns their count. A cell the file already stamped is a duplicated key: a DataError naming it."""
     values = column.to_numpy() if column.null_count == 0 else column.to_numpy(zero_copy_only=False)
-    return int(_compiled().scatter_add(cells, np.ascontiguousarray(values, np.float64), sums))
+    nans, duplicate = _compiled().scatter_add_stamping(cells, np.ascontiguousarray(values, np.float64), sums,
+                                                       stamps, stamp)
+    if duplicate != _compiled().NO_DUPLICATE:
+        contract.sort_keys(*contract.read_keys(pf, path), path)  # raises with the duplicated key
+        raise DataError(f"{path}: duplicated (path, Date) key")
+    return int(nans)
 
 
 def _values(column: pa.ChunkedArray, part: Partial) -> np.ndarray:
@@ -485,10 +492,9 @@ class _Accumulator:
         for rg in range(pf.metadata.num_row_groups):
             table = _read_row_group(pf, rg, list(contract.REQUIRED_COLUMNS), path)
             cells = self.coders.cells(table, path)
-            part.nan_count += _scatter(self.values, cells, table.column(contract.VALUE_COLUMN))
-            _compiled().stamp_cells(cells, self.stamps, stamp)
+            part.nan_count += _scatter(self.values, self.stamps, stamp, cells,
+                                       table.column(contract.VALUE_COLUMN), pf, path)
             self.largest_chunk_bytes = max(self.largest_chunk_bytes, table.nbytes + 2 * cells.nbytes)
-        check_unique(self.stamps, stamp, pf, path)
 
     def finish(self) -> Cells | ReferenceRows:
         """The grid's sums and presence, the reference-rows sums scattered in; or those sums alone."""
