@@ -211,6 +211,23 @@ def test_reference_rows_meet_a_narrower_grid_in_the_merge(tmp_path):
         assert_matches_reference(tmp_path / "out.parquet", paths)
 
 
+def test_reference_rows_of_a_reference_whose_dictionary_misses_dates_merge_on_decoded_dates(tmp_path):
+    """The reference wrote dates past its dictionary; the other leaf's grid has only the listed ones:
+    the merge's grid from the reference's dictionary pages misses dates, and is made again decoded."""
+    ref = _fallen_back_dates_file(tmp_path)
+    listed = dense.domain([ref]).dates_ns
+    table = pq.read_table(ref)
+    listed_rows = np.isin(table.column("Date").cast(pa.timestamp("ns")).to_numpy().view(np.int64), listed)
+    shuffled = str(tmp_path / "s.parquet")
+    subset = table.filter(pa.array(listed_rows))
+    pq.write_table(subset.take(np.random.default_rng(5).permutation(subset.num_rows)), shuffled)
+    paths = [ref, _copy(ref, tmp_path / "b.parquet"), shuffled]
+    rows, grid = dense.dense_leaf(paths[:2], ref), dense.dense_leaf(paths[2:], ref)
+    assert isinstance(rows.data, dense.ReferenceRows) and grid.data.grid.n_dates == len(listed) < 60
+    dense_merge.dense_final([rows, grid], ref, str(tmp_path / "out.parquet"))
+    assert_matches_reference(tmp_path / "out.parquet", paths)
+
+
 def test_a_duplicated_key_in_a_reference_no_file_scattered_against_is_still_an_error(tmp_path):
     table = pq.read_table(write_sim(tmp_path / "src.parquet", n_paths=5, n_dates=3))
     ref = str(tmp_path / "dup.parquet")

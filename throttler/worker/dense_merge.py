@@ -22,10 +22,11 @@ from throttler.planning.memory_model import DENSE_PARTIAL_BYTES_PER_CELL
 from throttler.worker import contract, kernels, prefetch
 from throttler.worker.dense import (
     OUTPUT_BLOCK_CELLS,
+    CellCoders,
     Cells,
+    DomainMissed,
     Grid,
     ReferenceRows,
-    CellCoders,
     domain,
     scatter_reference_rows,
     union,
@@ -59,12 +60,21 @@ def _merged(parts: list) -> Cells | ReferenceRows:
         if rows else None
     if not grids:
         return reference
-    cells = _added_grids(grids, domain([reference.reference_path]) if reference is not None else None)
-    if reference is not None:
-        stamps = np.zeros(cells.grid.cells, np.uint8)
-        scatter_reference_rows(reference.values, reference.reference_path, cells.values, stamps,
-                               CellCoders(cells.grid))
-        cells.present |= stamps != 0
+    if reference is None:
+        return _added_grids(grids, None)
+    try:
+        return _with_reference_rows(grids, reference, decoded=False)
+    except DomainMissed:  # the reference's dictionary pages do not list all its dates (a writer's fallback)
+        return _with_reference_rows(grids, reference, decoded=True)
+
+
+def _with_reference_rows(grids: list[Cells], reference: ReferenceRows, decoded: bool) -> Cells:
+    """The grids added over their union with the reference's domain, the reference rows scattered in."""
+    cells = _added_grids(grids, domain([reference.reference_path], decoded=decoded))
+    stamps = np.zeros(cells.grid.cells, np.uint8)
+    scatter_reference_rows(reference.values, reference.reference_path, cells.values, stamps,
+                           CellCoders(cells.grid))
+    cells.present |= stamps != 0
     return cells
 
 
