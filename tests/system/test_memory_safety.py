@@ -104,5 +104,6 @@ def test_groupby_and_sum_on_workers_without_resources_never_pause_or_restart(tmp
     fractions = {g: r["worker_peak_fraction"] for g, r in done.items()}
     print(f"worker peak fractions {fractions}; sampled peak {sampled_peak_bytes / LIMIT_BYTES:.3f}")
     assert all(f is not None and f <= 0.75 for f in fractions.values()), fractions
-    assert done["gb-a"]["worker_peak_fraction"] > 0.5  # the heavy tasks did run (about 1 GiB each)
+    # the heavy tasks did run: about 1 GiB each, read 0.48 to 0.58 of the limit (an idle worker is under 0.1)
+    assert done["gb-a"]["worker_peak_fraction"] > 0.4
     assert sampled_peak_bytes < 0.8 * LIMIT_BYTES, (sampled_peak_bytes, fractions)  # never at pause
