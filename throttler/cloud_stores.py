@@ -58,6 +58,13 @@ AZURE_CONNECTION_ENV = "AZURE_STORAGE_CONNECTION_STRING"
 #: connections; google-cloud-cpp's default is 15 minutes). What is left is an
 #: outage, retried by the group's retry policy, as on S3.
 GCS_RETRY_LIMIT_SECONDS = 60.0
+#: GCS resumable upload chunk (a multiple of 256 KiB; the SDK's default is 100 MiB).
+#: Objects up to 8 MiB go in one multipart request instead.
+GCS_CHUNK_BYTES = 64 * 2**20
+#: Azure: blobs up to this size are one Put Blob (the SDK's default); larger ones are
+#: staged in blocks of :data:`AZURE_BLOCK_BYTES`, then committed by one Put Block List.
+AZURE_SINGLE_PUT_BYTES = 64 * 2**20
+AZURE_BLOCK_BYTES = 8 * 2**20
 #: Azurite's well-known development account (public, in Microsoft's docs): what
 #: ``UseDevelopmentStorage=true`` means.
 AZURITE_ACCOUNT = "devstoreaccount1"
@@ -143,8 +150,12 @@ def _blob_endpoint(fields: dict[str, str], account: str) -> tuple[str, str]:
 
 def write_gcs(bucket: str, key: str, data: bytes | memoryview) -> None:
     """One object from the whole of ``data`` (google-cloud-storage; see the module's doc)."""
-    blob = _gcs_client().bucket(bucket).blob(key)
-    blob.upload_from_string(bytes(data), content_type="application/octet-stream")
+    blob = _gcs_client().bucket(bucket).blob(key, chunk_size=GCS_CHUNK_BYTES)
+    from google.cloud.storage.retry import DEFAULT_RETRY
+
+    # Retried on throttling, 5xx and dropped connections (the SDK retries uploads only when asked:
+    # sending the same whole bytes again is safe, the object is replaced by the same content).
+    blob.upload_from_string(bytes(data), content_type="application/octet-stream", retry=DEFAULT_RETRY)
 
 
 def write_azure(netloc: str, container: str, key: str, data: bytes | memoryview) -> None:
@@ -187,7 +198,7 @@ def _gcs_client():
 def _azure_client(netloc: str):
     """One service client per process and account: the connection string, else DefaultAzureCredential."""
     text = os.environ.get(AZURE_CONNECTION_ENV)
-    key = ("abfs", os.getpid(), netloc, text)
+    key = ("abfs", os.getpid(), netloc, text, AZURE_SINGLE_PUT_BYTES, AZURE_BLOCK_BYTES)
     with _lock:
         client = _clients.get(key)
         if client is None:
@@ -198,16 +209,18 @@ def _azure_client(netloc: str):
 def _new_azure_client(netloc: str, text: str | None):
     from azure.storage.blob import BlobServiceClient
 
+    sizes = {"max_single_put_size": AZURE_SINGLE_PUT_BYTES, "max_block_size": AZURE_BLOCK_BYTES}
     if text:
         azure_options(netloc)  # refuses a URL naming another account than the connection string
-        return BlobServiceClient.from_connection_string(text)
+        return BlobServiceClient.from_connection_string(text, **sizes)
     account = url_account(netloc)
     if account is None:
         raise CloudConfigError("an Azure URL without an account (<container>@<account>.dfs.core.windows.net) "
                                f"needs {AZURE_CONNECTION_ENV}")
     from azure.identity import DefaultAzureCredential
 
-    return BlobServiceClient(f"https://{account}.blob.core.windows.net", credential=DefaultAzureCredential())
+    return BlobServiceClient(f"https://{account}.blob.core.windows.net", credential=DefaultAzureCredential(),
+                             **sizes)
 
 
 # --------------------------------------------------------------------------- errors

@@ -127,3 +127,28 @@ def with_environ(server):
             else:
                 os.environ[key] = value
         server.stop()
+
+
+def upload_request_hook(store: str, on_request, after: int) -> None:
+    """Call ``on_request()`` as this process's ``after``-th upload request of a chunked upload is sent:
+    a GCS resumable upload chunk (PUT) or an Azure Put Block (``comp=block``).
+
+    The hook sits in the SDKs' HTTP transports (requests), so everything before it reached the
+    server for real: raising an exception there fails the upload mid-way, sleeping there holds it
+    half done (for a kill).
+    """
+    import requests
+
+    seen = [0]
+    original = requests.Session.request
+
+    def request(self, method, url, *args, **kwargs):
+        chunk = method == "PUT" and ("upload_id=" in url if store == "gcs" else "comp=block" in url
+                                     and "comp=blocklist" not in url)
+        if chunk:
+            seen[0] += 1
+            if seen[0] == after:
+                on_request()
+        return original(self, method, url, *args, **kwargs)
+
+    requests.Session.request = request

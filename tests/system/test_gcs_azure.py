@@ -173,3 +173,74 @@ def test_the_worker_probe_reports_a_data_root_it_cannot_read(store):
     assert data_root_probe(store.url(BUCKET, "data"))() == {"error": None}
     report = data_root_probe(store.url("no-such-bucket", "data"))()
     assert report == {"error": "FileNotFoundError: [Errno 2] bucket 'no-such-bucket' does not exist"}
+
+
+def _chunked(monkeypatch):
+    """Uploads in 256 KiB pieces, so a 9 MiB output is 36 requests and can fail between them."""
+    from throttler import cloud_stores
+
+    monkeypatch.setattr(cloud_stores, "GCS_CHUNK_BYTES", 256 * 1024)
+    monkeypatch.setattr(cloud_stores, "AZURE_SINGLE_PUT_BYTES", 256 * 1024)
+    monkeypatch.setattr(cloud_stores, "AZURE_BLOCK_BYTES", 256 * 1024)
+
+
+_PAYLOAD = bytes(range(256)) * (36 * 1024)  #: 9 MiB: past the 8 MiB GCS sends in one request
+
+
+def test_an_upload_failing_mid_way_leaves_the_previous_object_whole_or_none(store, monkeypatch):
+    import requests
+
+    from tests.helpers.cloud_servers import upload_request_hook
+
+    _chunked(monkeypatch)
+    monkeypatch.setattr(requests.Session, "request", requests.Session.request)  # undone after the test
+
+    def fail():
+        raise RuntimeError("connection lost mid-upload")
+
+    upload_request_hook(store.name, fail, after=4)  # 3 chunks sent and accepted by the server first
+    store.put(BUCKET, "atomic/old.parquet", b"the previous output")
+    for key in ("atomic/new.parquet", "atomic/old.parquet"):
+        with pytest.raises(RuntimeError, match="mid-upload"):
+            storage.write_object(store.url(BUCKET, key), _PAYLOAD)
+        upload_request_hook(store.name, fail, after=4)
+    assert store.names(BUCKET, "atomic/") == ["atomic/old.parquet"]
+    assert store.get(BUCKET, "atomic/old.parquet") == b"the previous output"
+    monkeypatch.undo()
+    assert storage.write_object(store.url(BUCKET, "atomic/new.parquet"), _PAYLOAD) == len(_PAYLOAD)
+    assert store.get(BUCKET, "atomic/new.parquet") == _PAYLOAD
+
+
+_KILLED_WRITER = """
+import sys, time
+from tests.helpers.cloud_servers import upload_request_hook
+from throttler import cloud_stores, storage
+for name in ("GCS_CHUNK_BYTES", "AZURE_SINGLE_PUT_BYTES", "AZURE_BLOCK_BYTES"):
+    setattr(cloud_stores, name, 256 * 1024)
+def hold():
+    print("mid-upload", flush=True)
+    time.sleep(120)
+upload_request_hook(sys.argv[1], hold, after=4)
+storage.write_object(sys.argv[2], bytes(range(256)) * (36 * 1024))
+"""
+
+
+def test_a_writer_killed_mid_upload_leaves_no_object(store):
+    import subprocess
+    import sys
+
+    url = store.url(BUCKET, "killed/g.parquet")
+    writer = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, store.name, url], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert writer.stdout.readline() == "mid-upload\n"  # three chunks are on the server
+    finally:
+        writer.kill()
+        writer.wait(10)
+    assert store.names(BUCKET, "killed/") == []
+    with pytest.raises(FileNotFoundError):
+        storage.size_bytes(url)
+    if store.name == "azure":  # the blocks did reach the server: staged, in no committed block list
+        listed = store.client.get_container_client(BUCKET).list_blobs(name_starts_with="killed/",
+                                                                       include=["uncommittedblobs"])
+        assert [b.name for b in listed] == ["killed/g.parquet"]
