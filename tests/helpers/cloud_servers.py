@@ -110,7 +110,8 @@ class AzureServer(_Server):
         return {AZURE_CONNECTION_ENV: self.connection_string()}
 
     def stop(self) -> None:
-        super().stop()
+        self.proc.kill()  # in memory, nothing to keep; on SIGTERM it waits out its clients' keep-alive (10 s)
+        self.proc.wait(10)
         shutil.rmtree(self._workdir, ignore_errors=True)
 
 

@@ -17,7 +17,7 @@ import pytest
 from tests.helpers.daemon import throttler_cli
 from tests.helpers.datafiles import write_sim
 from throttler import storage
-from throttler.cloud_stores import AZURE_CONNECTION_ENV, AZURITE_ACCOUNT
+from throttler.cloud_stores import AZURE_CONNECTION_ENV, AZURITE_ACCOUNT, AZURITE_KEY
 
 BUCKET = "estate-bucket"
 GROUPS = {"aligned": False, "shuffled": True}  #: group -> rows shuffled
@@ -117,6 +117,31 @@ def test_run_on_the_store_equals_the_local_run_and_leaves_only_the_outputs(store
     assert store.names(BUCKET, "results/") == ["results/aligned.parquet", "results/shuffled.parquet"]
 
 
+def test_a_run_with_a_new_object_extends_the_previous_output_from_a_server_side_copy(store, local_estate, tmp_path):
+    """An incremental run: the previous output pinned by a copy (``storage.copy_object``), only the new file
+    read, the result equal to the sum over all four files, the private copy swept (``list_prefixed``, delete)."""
+    import re
+
+    from tests.helpers.datafiles import assert_matches_reference
+
+    root, local_out = local_estate
+    for group, shuffle in GROUPS.items():  # the estate's three files and their output, then a fourth file
+        for i in range(3):
+            storage.copy_object(store.url(BUCKET, f"data/{group}/f{i}.parquet"),
+                                store.url(BUCKET, f"more/{group}/f{i}.parquet"))
+        store.put(BUCKET, f"more-out/{group}.parquet", (local_out / f"{group}.parquet").read_bytes())
+        write_sim(tmp_path / f"{group}-f3.parquet", 44, 5, seed=4, shuffle=shuffle)  # keys no file had
+        store.put(BUCKET, f"more/{group}/f3.parquet", (tmp_path / f"{group}-f3.parquet").read_bytes())
+    done = _run(store.url(BUCKET, "more"), store.url(BUCKET, "more-out"), *GROUPS)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for group in GROUPS:
+        assert re.search(rf"^ok     {group}: .*incremental: 1 file read", done.stdout, re.MULTILINE), done.stdout
+        (tmp_path / f"{group}.out.parquet").write_bytes(store.get(BUCKET, f"more-out/{group}.parquet"))
+        inputs = [str(root / group / f"f{i}.parquet") for i in range(3)] + [str(tmp_path / f"{group}-f3.parquet")]
+        assert_matches_reference(tmp_path / f"{group}.out.parquet", inputs, rtol=1e-12)
+    assert store.names(BUCKET, "more-out/") == ["more-out/aligned.parquet", "more-out/shuffled.parquet"]
+
+
 def test_missing_group_object_and_corrupt_object_are_per_group_failures(store, tmp_path):
     manifest = tmp_path / "manifest.csv"
     manifest.write_text("group_id,file\nok,aligned/f0.parquet\ngone,aligned/f9.parquet\nbad,corrupt/f0.parquet\n")
@@ -128,6 +153,7 @@ def test_missing_group_object_and_corrupt_object_are_per_group_failures(store, t
     assert lines[1] == f"FAILED gone: DataError: {store.url(BUCKET, 'data/aligned/f9.parquet')}: file not found", lines
     assert lines[2].startswith("ok     ok: 200 rows from 1 files"), lines
     assert store.names(BUCKET, "bad-results/") == ["bad-results/ok.parquet"]
+    assert "AccountKey" not in done.stdout + done.stderr and AZURITE_KEY not in done.stdout + done.stderr
 
 
 def test_a_missing_bucket_or_container_is_refused_before_start(store):
