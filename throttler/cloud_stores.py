@@ -5,9 +5,9 @@
 * **Where to connect.** pyarrow's own URI resolution knows each cloud's real
   endpoints and default credential chains, but honours no emulator or
   connection variable (tried with pyarrow 26: with ``STORAGE_EMULATOR_HOST`` or
-  ``CLOUD_STORAGE_EMULATOR_ENDPOINT`` set, ``FileSystem.from_uri("gs://b")``
-  still goes for Google's servers and default credentials). So the two standard
-  variables the clouds' own tools use are mapped here:
+  ``CLOUD_STORAGE_EMULATOR_ENDPOINT`` pointing at a running emulator, reading an
+  object on it through ``FileSystem.from_uri("gs://b")`` had not returned after
+  20 s). So the two standard variables the clouds' own tools use are mapped here:
 
   - ``STORAGE_EMULATOR_HOST`` (``http://host:port``; google-cloud-storage, gcsfs
     and the Go client honour it): GCS at that endpoint, anonymously;
