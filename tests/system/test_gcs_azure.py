@@ -270,3 +270,33 @@ def test_a_writer_killed_mid_upload_leaves_no_object(store):
         listed = store.client.get_container_client(BUCKET).list_blobs(name_starts_with="killed/",
                                                                        include=["uncommittedblobs"])
         assert [b.name for b in listed] == ["killed/g.parquet"]
+
+
+def test_a_wrong_azure_key_is_refused_as_access_denied_everywhere(azure_server, monkeypatch):
+    """Azurite checks shared-key signatures: a connection string with the wrong key gets real 403s, which
+    every read, the output write and the worker probe report as a refusal (not an outage), key unshown."""
+    from throttler.cluster.workers import data_root_probe
+
+    azure = Azure()
+    azure.create("denied")
+    azure.put("denied", "data/g/f0.parquet", b"PAR1 x PAR1")
+    wrong = "d3Jvbmcta2V5LXdyb25nLWtleS13cm9uZy1rZXk="
+    monkeypatch.setenv(AZURE_CONNECTION_ENV, azure_server.connection_string().replace(AZURITE_KEY, wrong))
+    monkeypatch.setattr(storage, "_filesystems", {})
+    url = azure.url("denied", "data/g/f0.parquet")
+    for read in (lambda: storage.size_bytes(url), lambda: storage.open_input(url),
+                 lambda: storage.list_files(azure.url("denied", "data/g"), ".parquet")):
+        with pytest.raises(OSError) as refused:
+            read()
+        assert storage.store_failure(refused.value) == storage.DENIED
+        assert "Azure Error: [AuthorizationFailure] 403" in str(refused.value)
+    with pytest.raises(storage.ObjectAccessError, match=r"^abfs://denied@devstoreaccount1\.dfs\.core\.windows\.net/"
+                       r"data/g/out\.parquet: access denied by the object store \(Server failed to authenticate"):
+        storage.write_object(azure.url("denied", "data/g/out.parquet"), b"output")
+    report = data_root_probe(azure.url("denied", "data"))()
+    assert report["error"].startswith("OSError: GetProperties for 'http://127.0.0.1:") and "403" in report["error"]
+    done = _run(azure.url("denied", "data"), azure.url("denied", "out"), "g")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"data root {azure.url('denied', 'data')} cannot be listed: " in done.stderr and "403" in done.stderr
+    assert wrong not in done.stderr + done.stdout + str(report) and AZURITE_KEY not in done.stderr
+    assert azure.names("denied", "") == ["data/g/f0.parquet"]
