@@ -169,11 +169,18 @@ def test_a_missing_bucket_or_container_is_refused_before_start(store):
 
 
 def test_catalog_lists_groups_and_files_under_the_root(store):
+    from throttler.errors import CatalogError
     from throttler.planning.catalog import Catalog
 
     catalog = Catalog(store.url(BUCKET, "data"))
     assert catalog.groups() == ["aligned", "corrupt", "shuffled"]
     assert catalog.files("aligned") == [store.url(BUCKET, f"data/aligned/f{i}.parquet") for i in range(3)]
+    with pytest.raises(CatalogError) as unknown:  # a per-group error (GCS's listing words it differently)
+        catalog.files("nosuch")
+    assert str(unknown.value) == {
+        "gcs": f"group 'nosuch': cannot list {store.url(BUCKET, 'data/nosuch')}/ (No such file or directory "
+               f"'{BUCKET}/data/nosuch')",
+        "azure": f"unknown group 'nosuch': nothing under {store.url(BUCKET, 'data/nosuch')}/"}[store.name]
 
 
 def test_copy_list_and_delete_pin_and_sweep_a_previous_output(store):
