@@ -56,3 +56,19 @@ def s3_server():
         else:
             os.environ[key] = value
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    """A real GCS API server on loopback (fake-gcs-server); STORAGE_EMULATOR_HOST points at it meanwhile."""
+    from tests.helpers.cloud_servers import GcsServer, with_environ
+
+    yield from with_environ(GcsServer())
+
+
+@pytest.fixture(scope="session")
+def azure_server():
+    """A real Azure Blob API server on loopback (Azurite); AZURE_STORAGE_CONNECTION_STRING points at it meanwhile."""
+    from tests.helpers.cloud_servers import AzureServer, with_environ
+
+    yield from with_environ(AzureServer())

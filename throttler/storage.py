@@ -23,6 +23,9 @@ the rest of the code handles ``s3://bucket/estate/G/f.parquet`` exactly like
   is not used for this: it switches to a multipart upload past its part size,
   and closing it (which its ``with`` block and its destructor both do, even on
   an exception) completes the upload with whatever parts were sent.
+* Writes to GCS and Azure go through the clouds' own SDKs, whole or not at all
+  too (:mod:`throttler.cloud_stores`, which also maps ``STORAGE_EMULATOR_HOST``
+  and ``AZURE_STORAGE_CONNECTION_STRING``).
 * A URL carrying credentials (``user:secret@host`` or a query string) is
   refused: secrets come from the environment, never from a path that ends up
   in records, logs and metric labels.
@@ -38,12 +41,14 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from throttler import cloud_stores
 from throttler.errors import DataError, first_line
 
 #: Schemes read through pyarrow's file systems (besides plain paths and ``file://``).
 OBJECT_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss")
-#: Schemes outputs can be written to (atomic single PUT).
-WRITE_SCHEMES = ("s3",)
+#: Schemes outputs can be written to, whole or not at all (S3: one PUT; GCS and
+#: Azure: their SDKs' uploads, :mod:`throttler.cloud_stores`).
+WRITE_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss")
 
 _lock = threading.Lock()
 _filesystems: dict[tuple[str, str], pafs.FileSystem] = {}
@@ -120,7 +125,10 @@ def open_input(path: str) -> pa.NativeFile:
     if not is_url(path):
         return pa.memory_map(local_path(path), "r")
     fs, inner = split(path)
-    return fs.open_input_file(inner)
+    try:
+        return fs.open_input_file(inner)
+    except FileNotFoundError as exc:  # GCS's and Azure's do not name the object
+        raise exc if exc.filename else FileNotFoundError(2, "no such object", path) from None
 
 
 def size_bytes(path: str) -> int:
@@ -152,6 +160,9 @@ def list_files(prefix: str, suffix: str) -> list[str]:
 def list_directories(prefix: str) -> list[str]:
     """Names of the 'directories' (common prefixes) directly under ``prefix``."""
     fs, inner = split(prefix)
+    if urlsplit(prefix).scheme in ("gs", "gcs"):  # pyarrow's GCS listing drops common prefixes
+        bucket, _, key = inner.partition("/")
+        return cloud_stores.gcs_directories(bucket, key)
     infos = fs.get_file_info(pafs.FileSelector(inner, recursive=False))
     return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory and not i.base_name.startswith("."))
 
@@ -175,7 +186,14 @@ def write_object(url: str, data: bytes | memoryview) -> int:
     if parts.scheme not in WRITE_SCHEMES:
         raise StorageError(f"{url}: outputs can be written to {', '.join(WRITE_SCHEMES)} URLs or local paths")
     try:
-        _s3_client().put_object(Bucket=parts.netloc, Key=parts.path.lstrip("/"), Body=bytes(data))
+        if parts.scheme in ("gs", "gcs"):
+            cloud_stores.write_gcs(parts.netloc, parts.path.lstrip("/"), data)
+        elif parts.scheme in ("abfs", "abfss"):
+            cloud_stores.write_azure(parts.netloc, bucket_of(parts), parts.path.lstrip("/"), data)
+        else:
+            _s3_client().put_object(Bucket=parts.netloc, Key=parts.path.lstrip("/"), Body=bytes(data))
+    except cloud_stores.CloudConfigError as exc:
+        raise StorageError(f"{parts.scheme}://{parts.netloc}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - botocore's errors are classified, others re-raised
         raise (store_error(exc, url) or exc) from None
     return len(data)
@@ -212,18 +230,34 @@ def copy_object(source_url: str, target_url: str) -> None:
 
 
 def list_prefixed(url_prefix: str) -> list[str]:
-    """URLs of the S3 objects whose key starts with ``url_prefix``'s key (any characters after it)."""
+    """URLs of the objects whose key starts with ``url_prefix``'s key (any characters after it)."""
     check_url(url_prefix)
     parts = urlsplit(url_prefix)
+    if parts.scheme != "s3":  # GCS, Azure: the prefix's 'directory', its names filtered
+        directory, _, start = url_prefix.rpartition("/")
+        fs, inner = split(directory)
+        infos = fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True))
+        return [f"{directory}/{info.base_name}" for info in infos
+                if info.type == pafs.FileType.File and info.base_name.startswith(start)]
     pages = _s3_client().get_paginator("list_objects_v2").paginate(Bucket=parts.netloc,
                                                                     Prefix=parts.path.lstrip("/"))
     return [f"{parts.scheme}://{parts.netloc}/{item['Key']}" for page in pages for item in page.get("Contents", [])]
 
 
 def delete_object(url: str) -> None:
-    """Delete an S3 object (no error if it is already gone)."""
+    """Delete an object (no error if it is already gone)."""
     check_url(url)
     parts = urlsplit(url)
+    if parts.scheme in ("abfs", "abfss"):  # pyarrow's would leave a marker blob for the 'directory'
+        cloud_stores.delete_azure(parts.netloc, bucket_of(parts), parts.path.lstrip("/"))
+        return
+    if parts.scheme != "s3":
+        fs, inner = split(url)
+        try:
+            fs.delete_file(inner)
+        except FileNotFoundError:
+            pass
+        return
     _s3_client().delete_object(Bucket=parts.netloc, Key=parts.path.lstrip("/"))
 
 
@@ -238,9 +272,15 @@ S3_REQUEST_MAX_ATTEMPTS = 6
 
 def _new_filesystem(scheme: str, netloc: str) -> pafs.FileSystem:
     """The file system of one bucket: pyarrow's own URI resolution (region, ``AWS_ENDPOINT_URL``),
-    then, for S3, the same options with :data:`S3_REQUEST_MAX_ATTEMPTS` as its retry strategy."""
+    then, for S3, the same options with :data:`S3_REQUEST_MAX_ATTEMPTS` as its retry strategy.
+    GCS and Azure read the clouds' emulator and connection variables (:mod:`throttler.cloud_stores`)."""
     try:
-        fs = pafs.FileSystem.from_uri(f"{scheme}://{netloc}")[0]
+        if scheme in ("gs", "gcs"):
+            return cloud_stores.gcs_filesystem()
+        azure = cloud_stores.azure_options(netloc) if scheme in ("abfs", "abfss") else None
+        fs = pafs.AzureFileSystem(**azure) if azure else pafs.FileSystem.from_uri(f"{scheme}://{netloc}")[0]
+    except cloud_stores.CloudConfigError as exc:
+        raise StorageError(f"{scheme}://{netloc}: {exc}") from None
     except pa.ArrowNotImplementedError as exc:  # a pyarrow built without this file system
         raise StorageError(f"{scheme}:// URLs need pyarrow built with that file system; this pyarrow "
                            f"{pa.__version__} has none ({exc})") from None
@@ -279,7 +319,7 @@ def store_failure(exc: BaseException) -> str | None:
         return MISSING
     if isinstance(exc, OSError) and exc.errno is None and "AWS Error " in str(exc):
         return _aws_kind(str(exc))
-    return _boto_kind(exc)
+    return _boto_kind(exc) or cloud_stores.failure_kind(exc)
 
 
 def _aws_kind(message: str) -> str | None:
