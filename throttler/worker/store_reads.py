@@ -1,0 +1,110 @@
+"""Overlapped reads of a file on an object store: the aligned leaf's key and value chunks.
+
+On an object store every ``read_at`` is one ranged GET, and a GET costs a
+round trip (tens of ms to a cloud store) before its first byte. Read one at a
+time, as pyarrow's ``read_row_group`` does (its pre-buffering fetches only the
+chunks of the row group asked for), a seed file's 6 key ranges and 6 value
+chunks cost 12 round trips in sequence, and a single GET stream rarely fills a
+pod's link. Here the ranges of one file are fetched by a small thread pool,
+:data:`~throttler.config.Config.object_store_reads_in_flight` GETs at a time
+(pyarrow's S3 ``read_at`` is thread-safe and releases the GIL; each value read
+decodes through its own ``ParquetFile`` over the shared source, given the
+already-read footer, so no footer is read again).
+
+Local files never come here: they stay memory-mapped and read in sequence,
+which is as fast as the page cache and the disk allow.
+
+Memory: value reads are submitted one file at a time and never ahead of the
+file being summed, so a leaf holds at most that file's row groups at once
+(their encoded chunks while they arrive, their decoded arrays until they are
+added): within the memory model's aligned leaf bound, which already counts a
+whole file's on-disk bytes plus its decoded bytes (the memory-mapped case).
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from typing import Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from throttler import config
+from throttler.worker import contract
+
+#: Ranges closer than this are fetched as one GET (the key columns of a row group are adjacent).
+COALESCE_HOLE_BYTES = 8 * 1024
+
+
+def reads_in_flight() -> int:
+    """The worker's setting: ``THROTTLER_OBJECT_STORE_READS_IN_FLIGHT`` in its environment, else the default.
+
+    Workers do not see the daemon's configuration file (they may run anywhere);
+    like their credentials, this comes from their own environment.
+    """
+    name = "object_store_reads_in_flight"
+    value = os.environ.get(f"THROTTLER_{name.upper()}")
+    if value is None:
+        return getattr(config.DEFAULTS, name)
+    return max(1, int(config.load(overrides={name: value}, environ={}).object_store_reads_in_flight))
+
+
+def coalesce(ranges: list[tuple[int, int]], hole_bytes: int = COALESCE_HOLE_BYTES) -> list[tuple[int, int]]:
+    """(offset, length) ranges merged where the gap between neighbours is at most ``hole_bytes``."""
+    merged: list[list[int]] = []
+    for offset, length in sorted(ranges):
+        if merged and offset - (merged[-1][0] + merged[-1][1]) <= hole_bytes:
+            merged[-1][1] = max(merged[-1][1], offset + length - merged[-1][0])
+        else:
+            merged.append([offset, length])
+    return [(o, n) for o, n in merged]
+
+
+class StoreReads:
+    """A leaf's pool of GETs; :meth:`open` gives one file's source and footer, read once."""
+
+    def __init__(self, in_flight: int | None = None):
+        self.in_flight = in_flight or reads_in_flight()
+        self._pool = ThreadPoolExecutor(self.in_flight, thread_name_prefix="throttler-store-read")
+
+    def close(self) -> None:
+        """Stop: reads not started are dropped, running ones are waited for."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> "StoreReads":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def ranges_reader(self, source: pa.NativeFile) -> Callable[[list[tuple[int, int]]], list[bytes]]:
+        """A function reading ``(offset, length)`` ranges of ``source``, coalesced and concurrently."""
+        def read(ranges: list[tuple[int, int]]) -> list[bytes]:
+            fetches = coalesce(ranges)
+            blobs = dict(zip(fetches, self._pool.map(lambda r: source.read_at(r[1], r[0]), fetches)))
+            out = []
+            for offset, length in ranges:
+                start, blob = next((s, b) for (s, n), b in blobs.items() if s <= offset and offset + length <= s + n)
+                out.append(blob[offset - start:offset - start + length])
+            return out
+        return read
+
+    def value_arrays(self, pf: pq.ParquetFile, source: pa.NativeFile, path: str) -> Iterator[np.ndarray]:
+        """Each row group's ``value`` array, in order; all of the file's row groups are requested at
+        once, :attr:`in_flight` at a time. Stopping early drops the reads not started."""
+        metadata = pf.metadata
+
+        def one(row_group: int) -> np.ndarray:
+            reader = pq.ParquetFile(source, metadata=metadata, pre_buffer=False, page_checksum_verification=True)
+            return contract.read_values(reader, row_group, path)
+
+        futures: list[Future] = [self._pool.submit(one, rg) for rg in range(metadata.num_row_groups)]
+        try:
+            for future in futures:
+                yield future.result()
+        finally:  # stopped early (an error): drop the rest, let running reads end before the source closes
+            for future in futures:
+                future.cancel()
+            wait(futures)
