@@ -48,7 +48,7 @@ def reads_in_flight() -> int:
     value = os.environ.get(f"THROTTLER_{name.upper()}")
     if value is None:
         return getattr(config.DEFAULTS, name)
-    return max(1, int(config.load(overrides={name: value}, environ={}).object_store_reads_in_flight))
+    return config.load(overrides={name: value}, environ={}).object_store_reads_in_flight
 
 
 def coalesce(ranges: list[tuple[int, int]], hole_bytes: int = COALESCE_HOLE_BYTES) -> list[tuple[int, int]]:
