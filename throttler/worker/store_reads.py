@@ -24,8 +24,8 @@ whole file's on-disk bytes plus its decoded bytes (the memory-mapped case).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -72,12 +72,6 @@ class StoreReads:
     def close(self) -> None:
         """Stop: reads not started are dropped, running ones are waited for."""
         self._pool.shutdown(wait=True, cancel_futures=True)
-
-    def __enter__(self) -> "StoreReads":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def ranges_reader(self, source: pa.NativeFile) -> Callable[[list[tuple[int, int]]], list[bytes]]:
         """A function reading ``(offset, length)`` ranges of ``source``, coalesced and concurrently."""
