@@ -16,7 +16,8 @@ forwards every request to moto unchanged, except that it can:
 
 It counts requests per method, the bytes of GET bodies it sent, and the most GET
 requests it had in flight at once (:attr:`S3Proxy.max_gets_in_flight`: whether a
-client overlaps its reads). It runs as threads of the test process; the
+client overlaps its reads), and keeps each GET's (start, end, body bytes) in
+:attr:`S3Proxy.gets` (:func:`most_in_flight` of a subset, e.g. the large ones). It runs as threads of the test process; the
 throttler subprocesses and their Dask workers reach it over real TCP.
 """
 
@@ -54,6 +55,7 @@ class S3Proxy:
         self.latency_seconds = 0.0  #: waited before forwarding each request
         self.gets_in_flight = 0
         self.max_gets_in_flight = 0  #: the most GETs received and not yet answered at one time
+        self.gets: list[tuple[float, float, int]] = []  #: (monotonic start, end, body bytes) of each GET answered
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self.server.daemon_threads = True
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -99,6 +101,7 @@ class S3Proxy:
             self.injected.clear()
             self.get_body_bytes = 0
             self.max_gets_in_flight = self.gets_in_flight
+            self.gets = []
 
     def environ(self, base: dict[str, str]) -> dict[str, str]:
         """``base`` (the S3 server's environment) pointed at this proxy."""
@@ -121,6 +124,17 @@ class S3Proxy:
                 self.injected["503"] += 1
                 return 503, "SlowDown", "Please reduce your request rate."
         return None
+
+
+def most_in_flight(gets: list[tuple[float, float, int]], min_bytes: int = 0) -> int:
+    """The most of ``gets`` (:attr:`S3Proxy.gets`) of at least ``min_bytes`` that were in flight at one time."""
+    events = sorted([(start, 1) for start, _, n in gets if n >= min_bytes] +
+                    [(end, -1) for _, end, n in gets if n >= min_bytes], key=lambda e: (e[0], e[1]))
+    most = current = 0
+    for _, step in events:
+        current += step
+        most = max(most, current)
+    return most
 
 
 def _handler(proxy: S3Proxy):
@@ -169,6 +183,7 @@ def _handler(proxy: S3Proxy):
                              {k.lower(): v for k, v in headers}.get("content-length", "0"))
             self.end_headers()
             if self.command == "GET":  # counted before sending: a client may be done before the write returns
+                self.body_bytes = len(body)
                 with proxy._lock:
                     proxy.get_body_bytes += len(body)
             if self.command != "HEAD":
@@ -181,11 +196,13 @@ def _handler(proxy: S3Proxy):
             with proxy._lock:
                 proxy.gets_in_flight += 1
                 proxy.max_gets_in_flight = max(proxy.max_gets_in_flight, proxy.gets_in_flight)
+            started, self.body_bytes = time.monotonic(), 0
             try:
                 self._forward_one()
             finally:
                 with proxy._lock:
                     proxy.gets_in_flight -= 1
+                    proxy.gets.append((started, time.monotonic(), self.body_bytes))
 
         def _forward_one(self) -> None:
             try:
