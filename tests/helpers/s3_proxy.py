@@ -126,10 +126,10 @@ class S3Proxy:
         return None
 
 
-def most_in_flight(gets: list[tuple[float, float, int]], min_bytes: int = 0) -> int:
-    """The most of ``gets`` (:attr:`S3Proxy.gets`) of at least ``min_bytes`` that were in flight at one time."""
-    events = sorted([(start, 1) for start, _, n in gets if n >= min_bytes] +
-                    [(end, -1) for _, end, n in gets if n >= min_bytes], key=lambda e: (e[0], e[1]))
+def most_in_flight(gets: list[tuple[float, float, int]], min_bytes: int = 0, max_bytes: float = float("inf")) -> int:
+    """The most of ``gets`` (:attr:`S3Proxy.gets`) of ``min_bytes`` to ``max_bytes`` that were in flight at one time."""
+    chosen = [(start, end) for start, end, n in gets if min_bytes <= n <= max_bytes]
+    events = sorted([(start, 1) for start, _ in chosen] + [(end, -1) for _, end in chosen])
     most = current = 0
     for _, step in events:
         current += step

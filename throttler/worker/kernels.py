@@ -146,8 +146,7 @@ def _aligned_pass(paths: list[str], reference_path: str, skip_nans: bool,
         acc = np.zeros(ref.schema.num_rows, dtype=np.float64)
         part = Partial(acc, date_type=ref.schema.date_type)
         peak = acc.nbytes
-        for path in paths:
-            held, size = _add_file(acc, ref, path, part, skip_nans, reads)
+        for held, size in _added_files(acc, ref, paths, part, skip_nans, reads):
             peak = max(peak, acc.nbytes + held)
             part.files += 1
             part.bytes_read += size
@@ -160,27 +159,29 @@ def _aligned_pass(paths: list[str], reference_path: str, skip_nans: bool,
     return part
 
 
-def _add_file(acc: np.ndarray, ref: _Reference, path: str, part: Partial, skip_nans: bool,
-              reads: store_reads.StoreReads | None) -> tuple[int, int]:
-    """Verify one file's keys and add its values into ``acc``; returns (bytes held at most, file size).
+def _added_files(acc: np.ndarray, ref: _Reference, paths: list[str], part: Partial, skip_nans: bool,
+                 reads: store_reads.StoreReads | None):
+    """Verify each file's keys and add its values into ``acc``; yields (bytes held at most, file size) a file.
 
-    A local file is memory-mapped and read in turn. An object store file is
-    opened once (one HEAD, one footer GET); its key ranges, then all its value
-    chunks, are fetched ``reads.in_flight`` GETs at a time while the values are added.
+    Local files are memory-mapped and read in turn. On an object store, each
+    file is opened (one HEAD, one footer GET) and its key bytes compared one
+    file ahead, while the file before has its value chunks fetched
+    ``reads.in_flight`` GETs at a time and added (:mod:`throttler.worker.store_reads`).
     """
-    if reads is None or not storage.is_url(path):
-        pf = contract.open_parquet(path)
-        schema = contract.check_schema(pf, path)
-        extra = 0 if ref.same_key_bytes(pf, path, schema) else ref.verify_same_keys(pf, path)
-        return max(extra, _add_values(acc, pf, path, part, skip_nans)), storage.size_bytes(path)
-    with contract.open_source(path) as source:
-        pf = contract.open_parquet(path, source)
-        schema = contract.check_schema(pf, path)
-        same = ref.same_key_bytes(pf, path, schema, reads.ranges_reader(source))
-        extra = 0 if same else ref.verify_same_keys(pf, path)
-        largest = _add_values(acc, pf, path, part, skip_nans, reads.value_arrays(pf, source, path))
-        held_arrays = min(reads.in_flight + 1, schema.num_row_groups)  # decoded, waiting, plus the one added
-        return max(extra, largest * held_arrays), source.size()
+    if reads is None:
+        for path in paths:
+            pf = contract.open_parquet(path)
+            schema = contract.check_schema(pf, path)
+            extra = 0 if ref.same_key_bytes(pf, path, schema) else ref.verify_same_keys(pf, path)
+            yield max(extra, _add_values(acc, pf, path, part, skip_nans)), storage.size_bytes(path)
+        return
+    with contextlib.closing(reads.opened_ahead(paths, ref.same_key_bytes)) as files:
+        for f in files:
+            with f.source:
+                extra = 0 if f.same_key_bytes else ref.verify_same_keys(f.pf, f.path)
+                largest = _add_values(acc, f.pf, f.path, part, skip_nans, reads.value_arrays(f.pf, f.source, f.path))
+                held_arrays = min(reads.in_flight + 1, f.schema.num_row_groups)  # decoded, waiting, the one added
+                yield max(extra, largest * held_arrays + f.key_bytes), f.source.size()
 
 
 def _add_values(acc: np.ndarray, pf, path: str, part: Partial, skip_nans: bool, arrays=None) -> int:
