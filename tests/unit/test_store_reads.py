@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pyarrow as pa
 import pytest
 
 from throttler import config
@@ -29,3 +30,26 @@ def test_reads_in_flight_comes_from_the_workers_environment_else_the_default(mon
     monkeypatch.setenv("THROTTLER_OBJECT_STORE_READS_IN_FLIGHT", "0")
     with pytest.raises(config.ConfigError, match="object_store_reads_in_flight must be >= 1"):
         store_reads.reads_in_flight()
+
+
+def test_key_bytes_are_read_only_when_the_footer_layout_could_match(tmp_path):
+    from tests.helpers.datafiles import write_sim
+    from throttler.worker import contract, kernels
+
+    ref = kernels._Reference(write_sim(tmp_path / "ref.parquet", 40, 20, seed=0, row_group_size=100))
+    reads: list[int] = []
+
+    def same(path):
+        pf = contract.open_parquet(path)
+
+        def read_ranges(ranges):
+            reads.append(len(ranges))
+            return contract._read_in_turn(path, ranges)
+        return ref.same_key_bytes(pf, path, contract.check_schema(pf, path), read_ranges)
+
+    assert same(write_sim(tmp_path / "aligned.parquet", 40, 20, seed=1, row_group_size=100)) is True
+    assert reads == [16]  # 8 row groups x (path, Date)
+    assert same(write_sim(tmp_path / "shuffled.parquet", 40, 20, seed=2, shuffle=True, row_group_size=100)) is False
+    assert same(write_sim(tmp_path / "wider.parquet", 40, 20, seed=3, row_group_size=100,
+                          path_type=pa.int32())) is False
+    assert reads == [16]  # the layouts differ (chunk sizes, types): no key bytes read

@@ -106,10 +106,31 @@ def key_chunks(pf: pq.ParquetFile, path: str, schema: FileSchema, read_ranges=No
     by default they are read in turn from a new handle of ``path``. Either way
     the list holds the same bytes.
     """
-    md = pf.metadata
+    type_header, layout, ranges = _key_plan(pf.metadata, schema)
+    parts = [type_header]
+    chunks = iter(_read_in_turn(path, ranges) if read_ranges is None else read_ranges(ranges))
+    for rows, *headers in layout:
+        parts.append(rows)
+        for header in headers:
+            parts.extend((header, next(chunks)))
+    return parts
+
+
+def key_layout(pf: pq.ParquetFile, schema: FileSchema) -> tuple:
+    """What :func:`key_chunks` holds besides the bytes, with each chunk's size, from the footer alone.
+
+    Different layouts mean different :func:`key_chunks` lists (the lists hold
+    the layout and bytes of these lengths), so a file whose layout differs from
+    the reference's need not have its key bytes read to know they differ.
+    """
+    type_header, layout, ranges = _key_plan(pf.metadata, schema)
+    return type_header, tuple(map(tuple, layout)), tuple(length for _, length in ranges)
+
+
+def _key_plan(md: pq.FileMetaData, schema: FileSchema) -> tuple[bytes, list[list[bytes]], list[tuple[int, int]]]:
+    """(type header, per row group [rows, chunk headers...], the key chunks' (offset, length))."""
     names = [md.schema.column(i).path for i in range(md.num_columns)]
     key_idx = [names.index(c) for c in KEY_COLUMNS]
-    parts = [f"{schema.path_type}|{schema.date_type}|".encode()]
     layout, ranges = [], []
     for rg in range(md.num_row_groups):
         row_group = md.row_group(rg)
@@ -118,12 +139,7 @@ def key_chunks(pf: pq.ParquetFile, path: str, schema: FileSchema, read_ranges=No
             header, chunk_range = _chunk_range(row_group.column(ci))
             layout[-1].append(header)
             ranges.append(chunk_range)
-    chunks = iter(_read_in_turn(path, ranges) if read_ranges is None else read_ranges(ranges))
-    for rows, *headers in layout:
-        parts.append(rows)
-        for header in headers:
-            parts.extend((header, next(chunks)))
-    return parts
+    return f"{schema.path_type}|{schema.date_type}|".encode(), layout, ranges
 
 
 def _chunk_range(col: pq.ColumnChunkMetaData) -> tuple[bytes, tuple[int, int]]:

@@ -88,14 +88,19 @@ class _Reference:
                 pf = contract.open_parquet(path, source)
                 self.schema = contract.check_schema(pf, path)
                 self.key_chunks = contract.key_chunks(pf, path, self.schema, reads.ranges_reader(source))
+        self.key_layout = contract.key_layout(pf, self.schema)
         self._keys: tuple[np.ndarray, np.ndarray] | None = None
 
     def same_key_bytes(self, pf, path: str, schema: contract.FileSchema, read_ranges=None) -> bool:
-        """True when ``path``'s key chunks are byte-identical to the reference's (so are its keys)."""
+        """True when ``path``'s key chunks are byte-identical to the reference's (so are its keys).
+
+        A file whose chunk layout (row groups, encodings, sizes: its footer) differs
+        cannot match: its key bytes are not read.
+        """
         if path == self.path:
             return True
-        return schema.num_rows == self.schema.num_rows and \
-            contract.key_chunks(pf, path, schema, read_ranges) == self.key_chunks
+        return schema.num_rows == self.schema.num_rows and contract.key_layout(pf, schema) == self.key_layout \
+            and contract.key_chunks(pf, path, schema, read_ranges) == self.key_chunks
 
     def keys(self) -> tuple[np.ndarray, np.ndarray]:
         if self._keys is None:
