@@ -188,8 +188,36 @@ def reads(server, opts, log_path: str) -> None:
             counts = (f"{proxy.requests['GET'] / n:.1f} | {proxy.requests['HEAD'] / n:.1f} | "
                       f"{most_in_flight(proxy.gets, VALUE_GET_MIN_BYTES)} | {proxy.get_body_bytes / n / 1e6:.2f}") if in_flight else "- | - | - | -"
             print(f"| {where} | {in_flight or '-'} | {statistics.median(seconds):.2f} | {counts} |", flush=True)
+        print()
+        _leaf_reads(proxy, files, layout, opts.runs)
     finally:
         proxy.stop()
+
+
+def _leaf_reads(proxy, files: list[Path], layout: str, runs: int) -> None:
+    """One aligned leaf over the group's first 5 files, in this process (no cluster, no planner)."""
+    from throttler.config import DEFAULTS
+    from throttler.worker import kernels
+
+    os.environ["AWS_ENDPOINT_URL"] = proxy.endpoint  # before this process makes its file system of the bucket
+    local = [str(f) for f in files[:5]]
+    urls = [f"s3://bench/agg/{layout}/{f.name}" for f in files[:5]]
+    print(f"one aligned leaf of {len(urls)} files in this process; median of {runs}")
+    print("| storage | reads in flight | leaf s | GET / file | most value GETs in flight |")
+    print("|---|---:|---:|---:|---:|")
+    for where, paths, in_flight in (("local disk", local, None), ("s3 via proxy", urls, 1),
+                                    ("s3 via proxy", urls, DEFAULTS.object_store_reads_in_flight)):
+        os.environ["THROTTLER_OBJECT_STORE_READS_IN_FLIGHT"] = str(in_flight or 1)
+        seconds = []
+        for _ in range(runs):
+            proxy.reset()
+            started = time.perf_counter()
+            kernels.aligned_leaf(paths, paths[0])
+            seconds.append(time.perf_counter() - started)
+        counts = (f"{proxy.requests['GET'] / len(paths):.1f} | {most_in_flight(proxy.gets, VALUE_GET_MIN_BYTES)}"
+                  if in_flight else "- | -")
+        print(f"| {where} | {in_flight or '-'} | {statistics.median(seconds):.2f} | {counts} |", flush=True)
+    os.environ.pop("THROTTLER_OBJECT_STORE_READS_IN_FLIGHT")
 
 
 # --------------------------------------------------------------------------- many-file groups
