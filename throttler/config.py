@@ -52,8 +52,9 @@ class Config:
     watch: bool = False  #: serve: queue a group when the files of its directory change (local data roots)
     watch_debounce_seconds: float = 2.0  #: serve --watch: a group is queued once its files are this quiet
     #: ranged GETs an aligned leaf keeps in flight for one object store file (its key ranges, then its
-    #: row groups' value chunks; never ahead of the file summed). Read by each worker from its own
-    #: environment (THROTTLER_OBJECT_STORE_READS_IN_FLIGHT); local files are read in sequence.
+    #: row groups' value chunks; never ahead of the file summed); local files are read in sequence.
+    #: Given to the workers by a plugin (throttler/cluster/worker_settings.py); a worker's own
+    #: THROTTLER_OBJECT_STORE_READS_IN_FLIGHT wins.
     object_store_reads_in_flight: int = 8
 
 

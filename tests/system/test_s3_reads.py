@@ -85,3 +85,26 @@ def test_a_misaligned_s3_file_fails_the_leaf_and_its_reads_stop(files, proxy):
     with pytest.raises(MisalignedKeys, match="f3.parquet: keys differ"):
         kernels.aligned_leaf([urls[0], urls[3]], urls[0])
     assert [t.name for t in threading.enumerate() if t.name.startswith("throttler-store-read")] == []
+
+
+def test_the_daemons_setting_reaches_every_worker_unless_the_worker_has_its_own(client):
+    from throttler.cluster import worker_settings
+    from throttler.config import load
+    from throttler.worker import store_reads
+
+    name = worker_settings.environ_name("object_store_reads_in_flight")
+    workers = sorted(client.scheduler_info()["workers"])
+    client.run(_set_environ, name, "5", workers=workers[:1])  # this worker's own setting
+    try:
+        worker_settings.register(client, load(overrides={"object_store_reads_in_flight": 3}, environ={}))
+        assert client.run(store_reads.reads_in_flight) == {workers[0]: 5, **{w: 3 for w in workers[1:]}}
+    finally:
+        client.unregister_worker_plugin(worker_settings.WorkerSettingsPlugin.name)
+        client.run(_set_environ, name, None)
+
+
+def _set_environ(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value

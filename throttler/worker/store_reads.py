@@ -47,8 +47,9 @@ COALESCE_HOLE_BYTES = 8 * 1024
 def reads_in_flight() -> int:
     """The worker's setting: ``THROTTLER_OBJECT_STORE_READS_IN_FLIGHT`` in its environment, else the default.
 
-    Workers do not see the daemon's configuration file (they may run anywhere);
-    like their credentials, this comes from their own environment.
+    Workers do not read the daemon's configuration file (they may run anywhere):
+    the daemon's value reaches them as this variable, set by its worker plugin
+    (:mod:`throttler.cluster.worker_settings`) unless the worker's own environment has it.
     """
     name = "object_store_reads_in_flight"
     value = os.environ.get(f"THROTTLER_{name.upper()}")
