@@ -169,8 +169,8 @@ def _added_files(acc: np.ndarray, ref: _Reference, paths: list[str], part: Parti
     """Verify each file's keys and add its values into ``acc``; yields (bytes held at most, file size) a file.
 
     Local files are memory-mapped and read in turn. On an object store, each
-    file is opened (one HEAD, one footer GET) and its key bytes compared one
-    file ahead, while the file before has its value chunks fetched
+    file is opened (one HEAD, one footer GET) and its key bytes compared up to
+    two files ahead, while the current file has its value chunks fetched
     ``reads.in_flight`` GETs at a time and added (:mod:`throttler.worker.store_reads`).
     """
     if reads is None:

@@ -82,7 +82,7 @@ class OpenedFile:
 
 
 class StoreReads:
-    """A leaf's pool of GETs; :meth:`open` gives one file's source and footer, read once."""
+    """A leaf's pool of ``in_flight`` threads doing its object store reads; :meth:`close` it when done."""
 
     def __init__(self, in_flight: int | None = None):
         self.in_flight = in_flight or reads_in_flight()
