@@ -96,11 +96,15 @@ def test_the_daemons_setting_reaches_every_worker_unless_the_worker_has_its_own(
     workers = sorted(client.scheduler_info()["workers"])
     client.run(_set_environ, name, "5", workers=workers[:1])  # this worker's own setting
     try:
-        worker_settings.register(client, load(overrides={"object_store_reads_in_flight": 3}, environ={}))
-        assert client.run(store_reads.reads_in_flight) == {workers[0]: 5, **{w: 3 for w in workers[1:]}}
+        for daemon_value in (3, 4):  # a later daemon's value replaces an earlier one's
+            worker_settings.register(client, load(overrides={"object_store_reads_in_flight": daemon_value},
+                                                  environ={}))
+            assert client.run(store_reads.reads_in_flight) == {workers[0]: 5,
+                                                               **{w: daemon_value for w in workers[1:]}}
     finally:
         client.unregister_worker_plugin(worker_settings.WorkerSettingsPlugin.name)
         client.run(_set_environ, name, None)
+        client.run(_forget_daemon_settings)
 
 
 def _set_environ(name: str, value: str | None) -> None:
@@ -108,3 +112,9 @@ def _set_environ(name: str, value: str | None) -> None:
         os.environ.pop(name, None)
     else:
         os.environ[name] = value
+
+
+def _forget_daemon_settings() -> None:
+    from throttler.cluster import worker_settings
+
+    worker_settings._from_daemon.clear()

@@ -28,7 +28,6 @@ file, 1.5% of it), inside the model's per-task slack.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from throttler import config
+from throttler.cluster import worker_settings
 from throttler.worker import contract, prefetch
 
 #: Ranges closer than this are fetched as one GET (the key columns of a row group are adjacent).
@@ -45,14 +45,13 @@ COALESCE_HOLE_BYTES = 8 * 1024
 
 
 def reads_in_flight() -> int:
-    """The worker's setting: ``THROTTLER_OBJECT_STORE_READS_IN_FLIGHT`` in its environment, else the default.
+    """The worker's setting: its own ``THROTTLER_OBJECT_STORE_READS_IN_FLIGHT``, else the daemon's
+    value (given by its worker plugin, :mod:`throttler.cluster.worker_settings`), else the default.
 
-    Workers do not read the daemon's configuration file (they may run anywhere):
-    the daemon's value reaches them as this variable, set by its worker plugin
-    (:mod:`throttler.cluster.worker_settings`) unless the worker's own environment has it.
+    Workers do not read the daemon's configuration file (they may run anywhere).
     """
     name = "object_store_reads_in_flight"
-    value = os.environ.get(f"THROTTLER_{name.upper()}")
+    value = worker_settings.worker_setting(name)
     if value is None:
         return getattr(config.DEFAULTS, name)
     return config.load(overrides={name: value}, environ={}).object_store_reads_in_flight
