@@ -3,6 +3,7 @@
     python benchmarks/s3.py --part aggregate [--runs 3] [--layouts g00000,shuffled] [--bytes-layouts g00000]
     python benchmarks/s3.py --part plan [--files 2000]    # throttler plan of a many-file group
     python benchmarks/s3.py --part footers [--files 2000] # footers.file_infos, concurrent vs one by one
+    python benchmarks/s3.py --part reads --latency-ms 20 [--runs 3] [--layouts g00000]  # value reads overlapped
 
 ``aggregate``: the 10-file groups of benchmarks/aggregate.py (``bench-data/aggregate/10x50000x120``:
 ``g00000`` aligned, ``shuffled`` not aligned), uploaded to the server; each is summed by
@@ -12,6 +13,12 @@ One more run of each group from s3:// goes through the fault proxy
 (tests/helpers/s3_proxy.py), which counts the GET requests and body bytes: the
 bytes read per file against the file's ``value`` column chunks (what any method
 must read) show what the key checks cost on a store.
+
+``reads``: the aligned group from s3:// through the fault proxy, which waits
+``--latency-ms`` before forwarding each request (a cloud store's first-byte latency;
+loopback has none), with the aligned leaf's object store reads one at a time
+(``THROTTLER_OBJECT_STORE_READS_IN_FLIGHT=1``) and at the default; the proxy counts the
+requests a file and the most GETs it had in flight at once.
 
 ``plan`` and ``footers``: a group of ``--files`` objects with the footer shape of a
 real 6M-row file (6 row groups; the same columns, encodings and statistics) but few
@@ -46,17 +53,19 @@ import psutil  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from tests.helpers.datafiles import write_sim  # noqa: E402
-from tests.helpers.s3_proxy import S3Proxy  # noqa: E402
+from tests.helpers.s3_proxy import S3Proxy, most_in_flight  # noqa: E402
 from tests.helpers.s3_server import S3Server, count_requests  # noqa: E402
 
 AGGREGATE = Path(__file__).resolve().parent.parent / "bench-data" / "aggregate" / "10x50000x120"
 LAYOUTS = {"g00000": "aligned", "shuffled": "not aligned"}
+VALUE_GET_MIN_BYTES = 1 << 20  #: GETs this large are value chunks (a seed file's are 6-8.7 MB; keys 0.13 MB)
 RUN_LINE = re.compile(r"^ok +(\S+): ([\d,]+) rows from (\d+) files in ([\d.]+) s \(([^,]+)")
 
 
 def main() -> None:
     args = argparse.ArgumentParser()
-    args.add_argument("--part", choices=("aggregate", "plan", "footers"), default="aggregate")
+    args.add_argument("--part", choices=("aggregate", "plan", "footers", "reads"), default="aggregate")
+    args.add_argument("--latency-ms", type=float, default=20.0, help="reads: the proxy's wait before each request")
     args.add_argument("--files", type=int, default=2000)
     args.add_argument("--runs", type=int, default=3)
     args.add_argument("--layouts", default="g00000,shuffled", help="aggregate: the groups timed")
@@ -67,7 +76,7 @@ def main() -> None:
     server = S3Server(log_path=log.name)  # its access log counts the requests
     os.environ.update(server.environ())
     try:
-        {"aggregate": aggregate, "plan": plan, "footers": footers}[opts.part](server, opts, log.name)
+        {"aggregate": aggregate, "plan": plan, "footers": footers, "reads": reads}[opts.part](server, opts, log.name)
     finally:
         server.stop()
 
@@ -141,6 +150,74 @@ def _value_bytes(path: Path) -> int:
     md = pq.read_metadata(path)
     names = [md.schema.column(i).path for i in range(md.num_columns)]
     return sum(md.row_group(i).column(names.index("value")).total_compressed_size for i in range(md.num_row_groups))
+
+
+# --------------------------------------------------------------------------- overlapped reads
+
+
+def reads(server, opts, log_path: str) -> None:
+    from throttler.config import DEFAULTS
+
+    s3 = server.client()
+    s3.create_bucket(Bucket="bench")
+    layout = opts.layouts.split(",")[0]
+    files = sorted((AGGREGATE / layout).glob("*.parquet"))
+    for path in files:
+        s3.upload_file(str(path), "bench", f"agg/{layout}/{path.name}")
+    proxy = S3Proxy(server.endpoint)
+    proxy.set_latency(opts.latency_ms / 1000)
+    out = tempfile.mkdtemp(prefix="s3bench-out-")
+    print(f"{layout} ({LAYOUTS[layout]}), {len(files)} files; proxy latency {opts.latency_ms:g} ms a request; "
+          f"median of {opts.runs}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print("| storage | reads in flight a leaf | run s | GET / file | HEAD / file | most value GETs in flight | "
+          "MB read / file |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    rows = [("local disk", str(AGGREGATE), None), ("s3 via proxy", "s3://bench/agg", 1),
+            ("s3 via proxy", "s3://bench/agg", DEFAULTS.object_store_reads_in_flight)]
+    try:
+        for where, root, in_flight in rows:
+            env = {**os.environ, "AWS_ENDPOINT_URL": proxy.endpoint}
+            if in_flight is not None:
+                env["THROTTLER_OBJECT_STORE_READS_IN_FLIGHT"] = str(in_flight)
+            seconds = []
+            for _ in range(opts.runs):
+                proxy.reset()
+                seconds.append(_run_group(layout, root, os.path.join(out, where.split()[0]), env)[0])
+                print(f"  {where} {in_flight}: {seconds[-1]:.2f} s", file=sys.stderr, flush=True)
+            n = len(files)
+            counts = (f"{proxy.requests['GET'] / n:.1f} | {proxy.requests['HEAD'] / n:.1f} | "
+                      f"{most_in_flight(proxy.gets, VALUE_GET_MIN_BYTES)} | {proxy.get_body_bytes / n / 1e6:.2f}") if in_flight else "- | - | - | -"
+            print(f"| {where} | {in_flight or '-'} | {statistics.median(seconds):.2f} | {counts} |", flush=True)
+        print()
+        _leaf_reads(proxy, files, layout, opts.runs)
+    finally:
+        proxy.stop()
+
+
+def _leaf_reads(proxy, files: list[Path], layout: str, runs: int) -> None:
+    """One aligned leaf over the group's first 5 files, in this process (no cluster, no planner)."""
+    from throttler.config import DEFAULTS
+    from throttler.worker import kernels
+
+    os.environ["AWS_ENDPOINT_URL"] = proxy.endpoint  # before this process makes its file system of the bucket
+    local = [str(f) for f in files[:5]]
+    urls = [f"s3://bench/agg/{layout}/{f.name}" for f in files[:5]]
+    print(f"one aligned leaf of {len(urls)} files in this process; median of {runs}")
+    print("| storage | reads in flight | leaf s | GET / file | most value GETs in flight |")
+    print("|---|---:|---:|---:|---:|")
+    for where, paths, in_flight in (("local disk", local, None), ("s3 via proxy", urls, 1),
+                                    ("s3 via proxy", urls, DEFAULTS.object_store_reads_in_flight)):
+        os.environ["THROTTLER_OBJECT_STORE_READS_IN_FLIGHT"] = str(in_flight or 1)
+        seconds = []
+        for _ in range(runs):
+            proxy.reset()
+            started = time.perf_counter()
+            kernels.aligned_leaf(paths, paths[0])
+            seconds.append(time.perf_counter() - started)
+        counts = (f"{proxy.requests['GET'] / len(paths):.1f} | {most_in_flight(proxy.gets, VALUE_GET_MIN_BYTES)}"
+                  if in_flight else "- | -")
+        print(f"| {where} | {in_flight or '-'} | {statistics.median(seconds):.2f} | {counts} |", flush=True)
+    os.environ.pop("THROTTLER_OBJECT_STORE_READS_IN_FLIGHT")
 
 
 # --------------------------------------------------------------------------- many-file groups

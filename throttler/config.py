@@ -51,6 +51,11 @@ class Config:
     log_level: str = "INFO"
     watch: bool = False  #: serve: queue a group when the files of its directory change (local data roots)
     watch_debounce_seconds: float = 2.0  #: serve --watch: a group is queued once its files are this quiet
+    #: ranged GETs an aligned leaf keeps in flight for one object store file (its key ranges, then its
+    #: row groups' value chunks; never ahead of the file summed); local files are read in sequence.
+    #: Given to the workers by a plugin (throttler/cluster/worker_settings.py); a worker's own
+    #: THROTTLER_OBJECT_STORE_READS_IN_FLIGHT wins.
+    object_store_reads_in_flight: int = 8
 
 
 DEFAULTS = Config()
@@ -85,6 +90,8 @@ def validate(config: Config) -> None:
             problems.append(f"{name} must be >= 0")
     if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         problems.append(f"log_level must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, not {config.log_level!r}")
+    if config.object_store_reads_in_flight < 1:
+        problems.append("object_store_reads_in_flight must be >= 1")
     if config.fan_in < 2:
         problems.append("fan_in must be >= 2")
     if config.max_attempts < 1 or config.max_transient_attempts < 1:

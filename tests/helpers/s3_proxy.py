@@ -10,9 +10,14 @@ forwards every request to moto unchanged, except that it can:
   (:meth:`S3Proxy.deny`), as a bucket policy refusing one object does;
 * hold the next PUT half received (:meth:`S3Proxy.hold_next_upload`), so that
   a writer can be killed while its upload is in flight; the held request is
-  dropped when its client goes away, or forwarded once released.
+  dropped when its client goes away, or forwarded once released;
+* wait a fixed time before forwarding each request (:meth:`S3Proxy.set_latency`),
+  as a cloud store's first-byte latency (tens of ms) that loopback does not have.
 
-It counts requests per method and the bytes of GET bodies it sent. It runs as threads of the test process; the
+It counts requests per method, the bytes of GET bodies it sent, and the most GET
+requests it had in flight at once (:attr:`S3Proxy.max_gets_in_flight`: whether a
+client overlaps its reads), and keeps each GET's (start, end, body bytes) in
+:attr:`S3Proxy.gets` (:func:`most_in_flight` of a subset, e.g. the large ones). It runs as threads of the test process; the
 throttler subprocesses and their Dask workers reach it over real TCP.
 """
 
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import http.client
 import threading
+import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
@@ -46,6 +52,10 @@ class S3Proxy:
         self.put_released = threading.Event()
         self.puts_dropped = 0  #: held PUTs whose client went away
         self.get_body_bytes = 0  #: bytes of GET response bodies sent to clients
+        self.latency_seconds = 0.0  #: waited before forwarding each request
+        self.gets_in_flight = 0
+        self.max_gets_in_flight = 0  #: the most GETs received and not yet answered at one time
+        self.gets: list[tuple[float, float, int]] = []  #: (monotonic start, end, body bytes) of each GET answered
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self.server.daemon_threads = True
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -74,6 +84,11 @@ class S3Proxy:
             self.put_held.clear()
             self.put_released.clear()
 
+    def set_latency(self, seconds: float) -> None:
+        """Wait ``seconds`` before forwarding each request (answered faults are not delayed)."""
+        with self._lock:
+            self.latency_seconds = seconds
+
     def release_upload(self) -> None:
         self.put_released.set()
 
@@ -85,6 +100,8 @@ class S3Proxy:
             self.requests.clear()
             self.injected.clear()
             self.get_body_bytes = 0
+            self.max_gets_in_flight = self.gets_in_flight
+            self.gets = []
 
     def environ(self, base: dict[str, str]) -> dict[str, str]:
         """``base`` (the S3 server's environment) pointed at this proxy."""
@@ -107,6 +124,17 @@ class S3Proxy:
                 self.injected["503"] += 1
                 return 503, "SlowDown", "Please reduce your request rate."
         return None
+
+
+def most_in_flight(gets: list[tuple[float, float, int]], min_bytes: int = 0, max_bytes: float = float("inf")) -> int:
+    """The most of ``gets`` (:attr:`S3Proxy.gets`) of ``min_bytes`` to ``max_bytes`` that were in flight at one time."""
+    chosen = [(start, end) for start, end, n in gets if min_bytes <= n <= max_bytes]
+    events = sorted([(start, 1) for start, _ in chosen] + [(end, -1) for _, end in chosen])
+    most = current = 0
+    for _, step in events:
+        current += step
+        most = max(most, current)
+    return most
 
 
 def _handler(proxy: S3Proxy):
@@ -154,13 +182,29 @@ def _handler(proxy: S3Proxy):
             self.send_header("Content-Length", str(len(body)) if self.command != "HEAD" else
                              {k.lower(): v for k, v in headers}.get("content-length", "0"))
             self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
-            if self.command == "GET":
+            if self.command == "GET":  # counted before sending: a client may be done before the write returns
+                self.body_bytes = len(body)
                 with proxy._lock:
                     proxy.get_body_bytes += len(body)
+            if self.command != "HEAD":
+                self.wfile.write(body)
 
         def _forward(self) -> None:
+            if self.command != "GET":
+                self._forward_one()
+                return
+            with proxy._lock:
+                proxy.gets_in_flight += 1
+                proxy.max_gets_in_flight = max(proxy.max_gets_in_flight, proxy.gets_in_flight)
+            started, self.body_bytes = time.monotonic(), 0
+            try:
+                self._forward_one()
+            finally:
+                with proxy._lock:
+                    proxy.gets_in_flight -= 1
+                    proxy.gets.append((started, time.monotonic(), self.body_bytes))
+
+        def _forward_one(self) -> None:
             try:
                 body = self._body()
             except ConnectionError:
@@ -172,6 +216,8 @@ def _handler(proxy: S3Proxy):
                 payload = _ERROR_BODY.format(code=code, message=message).encode()
                 self._answer(status, [("Content-Type", "application/xml")], payload)
                 return
+            if proxy.latency_seconds:
+                time.sleep(proxy.latency_seconds)
             conn = http.client.HTTPConnection(*proxy.upstream, timeout=60)
             try:
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}

@@ -187,7 +187,12 @@ def _task_bytes(rows: int, bytes_per_row: int) -> int:
 
 def _aligned_peaks(largest: FileInfo, combine_inputs: int, final_inputs: int) -> TaskPeaks:
     """A leaf holds its accumulator, the file's on-disk bytes (memory-mapped pages
-    count in RSS) and its decoded bytes (row-group buffers, a safe bound)."""
+    count in RSS) and its decoded bytes (row-group buffers, a safe bound).
+
+    On an object store the same bound holds: a leaf fetches one file's value
+    chunks at a time (:mod:`throttler.worker.store_reads`), so at most that
+    file's encoded chunks and decoded arrays are held; the files opened ahead
+    hold only footers and key chunks (1.5% of a seed file), inside the slack."""
     rows, acc = largest.rows, ACCUMULATOR_BYTES_PER_ROW
     return TaskPeaks(
         leaf_bytes=rows * acc + largest.size_bytes + largest.decoded_bytes + TASK_OVERHEAD_BYTES,

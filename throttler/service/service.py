@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from distributed.scheduler import KilledWorker
 
 from throttler.admission import policy as admission
-from throttler.cluster import worker_deaths, worker_memory
+from throttler.cluster import worker_deaths, worker_memory, worker_settings
 from throttler.cluster.scheduler import task_restriction
 from throttler.cluster.snapshot import WORKER_BASELINE_BYTES
 from throttler.config import Config
@@ -121,6 +121,7 @@ class Service:
         worker_memory.register(client, share=self.config.memory_fraction,
                                assumed_limit_bytes=self.config.assumed_worker_memory_bytes or None)
         worker_deaths.register(client)
+        worker_settings.register(client, self.config)
         self.progress.subscribe(client)
 
     def _spawn(self, target, name: str) -> None:

@@ -46,18 +46,31 @@ class FileSchema:
     num_row_groups: int
 
 
-def open_parquet(path: str) -> pq.ParquetFile:
-    """Open ``path`` (footer only); unreadable or non-Parquet files are DataErrors.
+def open_parquet(path: str, source: pa.NativeFile | None = None) -> pq.ParquetFile:
+    """Open ``path`` (footer only; through ``source`` if given); unreadable or non-Parquet files are DataErrors.
 
     Pages are checked against their CRC when the file carries one (a few ms
     per 50 MB file).
     """
     try:
-        return pq.ParquetFile(storage.open_input(path), page_checksum_verification=True)
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
+        return pq.ParquetFile(storage.open_input(path) if source is None else source,
+                              page_checksum_verification=True)
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
-        raise storage.store_error(exc, path) or DataError(f"{path}: not a readable Parquet file ({first_line(exc, 200)})") from None
+        raise _open_error(exc, path) from None
+
+
+def open_source(path: str) -> pa.NativeFile:
+    """``path`` opened for reading (on an object store: one HEAD), with :func:`open_parquet`'s errors."""
+    try:
+        return storage.open_input(path)
+    except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
+        raise _open_error(exc, path) from None
+
+
+def _open_error(exc: BaseException, path: str) -> Exception:
+    if isinstance(exc, FileNotFoundError):
+        return DataError(f"{path}: file not found")
+    return storage.store_error(exc, path) or DataError(f"{path}: not a readable Parquet file ({first_line(exc, 200)})")
 
 
 def check_schema(pf: pq.ParquetFile, path: str) -> FileSchema:
@@ -79,7 +92,7 @@ def check_schema(pf: pq.ParquetFile, path: str) -> FileSchema:
     return FileSchema(path_type, date_type, value_type, md.num_rows, md.num_row_groups)
 
 
-def key_chunks(pf: pq.ParquetFile, path: str, schema: FileSchema) -> list[bytes]:
+def key_chunks(pf: pq.ParquetFile, path: str, schema: FileSchema, read_ranges=None) -> list[bytes]:
     """The key columns' encoded bytes with their layout, read straight from the file.
 
     Equal lists mean identical keys: identical encoded bytes under an identical
@@ -87,26 +100,59 @@ def key_chunks(pf: pq.ParquetFile, path: str, schema: FileSchema) -> list[bytes]
     caller then decodes and compares. Comparing the lists directly (a memcmp,
     about 0.1 ms for the seed's 0.7 MB of key chunks) is exact and about ten
     times cheaper than hashing both, and far cheaper than decoding.
+
+    ``read_ranges`` reads a list of (offset, length) ranges of the file (on an
+    object store: coalesced, concurrent GETs, :mod:`throttler.worker.store_reads`);
+    by default they are read in turn from a new handle of ``path``. Either way
+    the list holds the same bytes.
     """
-    md = pf.metadata
-    names = [md.schema.column(i).path for i in range(md.num_columns)]
-    key_idx = [names.index(c) for c in KEY_COLUMNS]
-    parts = [f"{schema.path_type}|{schema.date_type}|".encode()]
-    with storage.open_input(path) as source:
-        for rg in range(md.num_row_groups):
-            row_group = md.row_group(rg)
-            parts.append(row_group.num_rows.to_bytes(8, "little"))
-            for ci in key_idx:
-                parts.extend(_chunk_bytes(row_group.column(ci), source))
+    type_header, layout, ranges = _key_plan(pf.metadata, schema)
+    parts = [type_header]
+    chunks = iter(_read_in_turn(path, ranges) if read_ranges is None else read_ranges(ranges))
+    for rows, *headers in layout:
+        parts.append(rows)
+        for header in headers:
+            parts.extend((header, next(chunks)))
     return parts
 
 
-def _chunk_bytes(col: pq.ColumnChunkMetaData, source: pa.NativeFile) -> tuple[bytes, bytes]:
+def key_layout(pf: pq.ParquetFile, schema: FileSchema) -> tuple:
+    """What :func:`key_chunks` holds besides the bytes, with each chunk's size, from the footer alone.
+
+    Different layouts mean different :func:`key_chunks` lists (the lists hold
+    the layout and bytes of these lengths), so a file whose layout differs from
+    the reference's need not have its key bytes read to know they differ.
+    """
+    type_header, layout, ranges = _key_plan(pf.metadata, schema)
+    return type_header, tuple(map(tuple, layout)), tuple(length for _, length in ranges)
+
+
+def _key_plan(md: pq.FileMetaData, schema: FileSchema) -> tuple[bytes, list[list[bytes]], list[tuple[int, int]]]:
+    """(type header, per row group [rows, chunk headers...], the key chunks' (offset, length))."""
+    names = [md.schema.column(i).path for i in range(md.num_columns)]
+    key_idx = [names.index(c) for c in KEY_COLUMNS]
+    layout, ranges = [], []
+    for rg in range(md.num_row_groups):
+        row_group = md.row_group(rg)
+        layout.append([row_group.num_rows.to_bytes(8, "little")])
+        for ci in key_idx:
+            header, chunk_range = _chunk_range(row_group.column(ci))
+            layout[-1].append(header)
+            ranges.append(chunk_range)
+    return f"{schema.path_type}|{schema.date_type}|".encode(), layout, ranges
+
+
+def _chunk_range(col: pq.ColumnChunkMetaData) -> tuple[bytes, tuple[int, int]]:
     start = col.data_page_offset
     if col.has_dictionary_page and col.dictionary_page_offset is not None:
         start = min(start, col.dictionary_page_offset)
     header = f"{col.physical_type}|{col.compression}|{col.num_values}|".encode()
-    return header, source.read_at(col.total_compressed_size, start)
+    return header, (start, col.total_compressed_size)
+
+
+def _read_in_turn(path: str, ranges: list[tuple[int, int]]) -> list[bytes]:
+    with storage.open_input(path) as source:
+        return [source.read_at(length, offset) for offset, length in ranges]
 
 
 def read_keys(pf: pq.ParquetFile, path: str) -> tuple[np.ndarray, np.ndarray]:

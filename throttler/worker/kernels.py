@@ -23,7 +23,7 @@ from dask.sizeof import sizeof
 
 from throttler import storage
 from throttler.errors import DataError, MisalignedKeys
-from throttler.worker import contract, prefetch, regroup
+from throttler.worker import contract, prefetch, regroup, store_reads
 from throttler.worker.output import (
     output_schema,
     output_table,
@@ -76,18 +76,31 @@ def _skip_nans(values: np.ndarray) -> tuple[np.ndarray, int]:
 class _Reference:
     """The group's first file: its encoded key chunks and, only if needed, its decoded keys."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, reads: store_reads.StoreReads | None = None):
+        """``reads``: on an object store, the key ranges are fetched through it (concurrent GETs)."""
         self.path = path
-        pf = contract.open_parquet(path)
-        self.schema = contract.check_schema(pf, path)
-        self.key_chunks = contract.key_chunks(pf, path, self.schema)
+        if reads is None or not storage.is_url(path):
+            pf = contract.open_parquet(path)
+            self.schema = contract.check_schema(pf, path)
+            self.key_chunks = contract.key_chunks(pf, path, self.schema)
+        else:
+            with contract.open_source(path) as source:
+                pf = contract.open_parquet(path, source)
+                self.schema = contract.check_schema(pf, path)
+                self.key_chunks = contract.key_chunks(pf, path, self.schema, reads.ranges_reader(source))
+        self.key_layout = contract.key_layout(pf, self.schema)
         self._keys: tuple[np.ndarray, np.ndarray] | None = None
 
-    def same_key_bytes(self, pf, path: str, schema: contract.FileSchema) -> bool:
-        """True when ``path``'s key chunks are byte-identical to the reference's (so are its keys)."""
+    def same_key_bytes(self, pf, path: str, schema: contract.FileSchema, read_ranges=None) -> bool:
+        """True when ``path``'s key chunks are byte-identical to the reference's (so are its keys).
+
+        A file whose chunk layout (row groups, encodings, sizes: its footer) differs
+        cannot match: its key bytes are not read.
+        """
         if path == self.path:
             return True
-        return schema.num_rows == self.schema.num_rows and contract.key_chunks(pf, path, schema) == self.key_chunks
+        return schema.num_rows == self.schema.num_rows and contract.key_layout(pf, schema) == self.key_layout \
+            and contract.key_chunks(pf, path, schema, read_ranges) == self.key_chunks
 
     def keys(self) -> tuple[np.ndarray, np.ndarray]:
         if self._keys is None:
@@ -132,20 +145,18 @@ def aligned_leaf(paths: list[str], reference_path: str) -> Partial:
 def _aligned_pass(paths: list[str], reference_path: str, skip_nans: bool,
                   progress: FileProgress | None = None) -> Partial:
     started = time.perf_counter()
-    ref = _Reference(reference_path)
-    acc = np.zeros(ref.schema.num_rows, dtype=np.float64)
-    part = Partial(acc, date_type=ref.schema.date_type)
-    peak = acc.nbytes
-    for path in paths:
-        pf = contract.open_parquet(path)
-        schema = contract.check_schema(pf, path)
-        extra = 0 if ref.same_key_bytes(pf, path, schema) else ref.verify_same_keys(pf, path)
-        peak = max(peak, acc.nbytes + extra, acc.nbytes + _add_values(acc, pf, path, part, skip_nans))
-        part.files += 1
-        size = storage.size_bytes(path)
-        part.bytes_read += size
-        if progress is not None:
-            progress.add(size)
+    reads = store_reads.StoreReads() if any(storage.is_url(p) for p in paths + [reference_path]) else None
+    with contextlib.closing(reads) if reads is not None else contextlib.nullcontext():
+        ref = _Reference(reference_path, reads)
+        acc = np.zeros(ref.schema.num_rows, dtype=np.float64)
+        part = Partial(acc, date_type=ref.schema.date_type)
+        peak = acc.nbytes
+        for held, size in _added_files(acc, ref, paths, part, skip_nans, reads):
+            peak = max(peak, acc.nbytes + held)
+            part.files += 1
+            part.bytes_read += size
+            if progress is not None:
+                progress.add(size)
     if progress is not None:
         progress.send()
     part.peak_bytes = peak
@@ -153,12 +164,39 @@ def _aligned_pass(paths: list[str], reference_path: str, skip_nans: bool,
     return part
 
 
-def _add_values(acc: np.ndarray, pf, path: str, part: Partial, skip_nans: bool) -> int:
-    """Add every row group's values into ``acc`` in place; returns the largest chunk held."""
+def _added_files(acc: np.ndarray, ref: _Reference, paths: list[str], part: Partial, skip_nans: bool,
+                 reads: store_reads.StoreReads | None):
+    """Verify each file's keys and add its values into ``acc``; yields (bytes held at most, file size) a file.
+
+    Local files are memory-mapped and read in turn. On an object store, each
+    file is opened (one HEAD, one footer GET) and its key bytes compared up to
+    two files ahead, while the current file has its value chunks fetched
+    ``reads.in_flight`` GETs at a time and added (:mod:`throttler.worker.store_reads`).
+    """
+    if reads is None:
+        for path in paths:
+            pf = contract.open_parquet(path)
+            schema = contract.check_schema(pf, path)
+            extra = 0 if ref.same_key_bytes(pf, path, schema) else ref.verify_same_keys(pf, path)
+            yield max(extra, _add_values(acc, pf, path, part, skip_nans)), storage.size_bytes(path)
+        return
+    with contextlib.closing(reads.opened_ahead(paths, ref.same_key_bytes)) as files:
+        for f in files:
+            with f.source:
+                extra = 0 if f.same_key_bytes else ref.verify_same_keys(f.pf, f.path)
+                largest = _add_values(acc, f.pf, f.path, part, skip_nans, reads.value_arrays(f.pf, f.source, f.path))
+                held_arrays = min(reads.in_flight + 1, f.schema.num_row_groups)  # decoded, waiting, the one added
+                yield max(extra, largest * held_arrays + f.key_bytes), f.source.size()
+
+
+def _add_values(acc: np.ndarray, pf, path: str, part: Partial, skip_nans: bool, arrays=None) -> int:
+    """Add every row group's values into ``acc`` in place (``arrays``: the row groups' value
+    arrays as read ahead, else read here in turn); returns the largest chunk held."""
     offset, largest = 0, 0
+    if arrays is None:
+        arrays = (contract.read_values(pf, rg, path) for rg in range(pf.metadata.num_row_groups))
     with np.errstate(invalid="ignore"):  # inf + -inf is NaN, as the contract says: no warning
-        for rg in range(pf.metadata.num_row_groups):
-            values = contract.read_values(pf, rg, path)
+        for values in arrays:
             if skip_nans:
                 values, nans = _skip_nans(values)
                 part.nan_count += nans
