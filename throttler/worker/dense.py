@@ -55,6 +55,7 @@ one row group, whatever the number of files.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -67,7 +68,7 @@ from throttler.errors import DataError, MisalignedKeys
 from throttler.planning.memory_model import (
     DENSE_LEAF_BYTES_PER_CELL,
 )
-from throttler.worker import contract, kernels, pages
+from throttler.worker import contract, kernels, pages, prefetch
 from throttler.worker.kernels import Partial
 from throttler.worker.progress import FileProgress
 
@@ -448,7 +449,7 @@ class _Accumulator:
 
     def __init__(self, paths: list[str], reference_path: str, decoded: bool = False):
         self.paths, self.decoded = paths, decoded
-        self.reference = kernels._Reference(reference_path)
+        self.reference = kernels._Reference(reference_path, lazy=True)
         self.grid: Grid | None = None
         self.values = self.stamps = self.coders = None
         self.reference_sums: np.ndarray | None = None  #: allocated when a file matches the reference
@@ -489,12 +490,13 @@ class _Accumulator:
             self.stamps[(self.stamps >= FIRST_STAMP) & (self.stamps <= LAST_STAMP)] = SEEN_STAMP
             self.next_stamp = FIRST_STAMP
         stamp, self.next_stamp = self.next_stamp, self.next_stamp + 1
-        for rg in range(pf.metadata.num_row_groups):
-            table = _read_row_group(pf, rg, list(contract.REQUIRED_COLUMNS), path)
-            cells = self.coders.cells(table, path)
-            part.nan_count += _scatter(self.values, self.stamps, stamp, cells,
-                                       table.column(contract.VALUE_COLUMN), pf, path)
-            self.largest_chunk_bytes = max(self.largest_chunk_bytes, table.nbytes + 2 * cells.nbytes)
+        held = 2 if storage.is_url(path) else 1  # the row group being added, and the next one arriving
+        with contextlib.closing(_row_groups(pf, path)) as tables:
+            for table in tables:
+                cells = self.coders.cells(table, path)
+                part.nan_count += _scatter(self.values, self.stamps, stamp, cells,
+                                           table.column(contract.VALUE_COLUMN), pf, path)
+                self.largest_chunk_bytes = max(self.largest_chunk_bytes, held * table.nbytes + 2 * cells.nbytes)
 
     def finish(self) -> Cells | ReferenceRows:
         """The grid's sums and presence, the reference-rows sums scattered in; or those sums alone."""
@@ -523,6 +525,14 @@ def scatter_reference_rows(sums: np.ndarray, reference_path: str, values: np.nda
         _compiled().stamp_cells(cells, stamps, REFERENCE_STAMP)
         offset += len(cells)
     check_unique(stamps, REFERENCE_STAMP, pf, reference_path)
+
+
+def _row_groups(pf, path: str):
+    """The file's row groups (the three contract columns), in order; on an object store the next one
+    is fetched while the current one is added (one row group more held: its GETs overlap the work)."""
+    columns = list(contract.REQUIRED_COLUMNS)
+    tables = (_read_row_group(pf, rg, columns, path) for rg in range(pf.metadata.num_row_groups))
+    return prefetch.ahead(tables) if storage.is_url(path) else tables
 
 
 def check_unique(stamps: np.ndarray, stamp: int, pf, path: str) -> None:

@@ -76,20 +76,32 @@ def _skip_nans(values: np.ndarray) -> tuple[np.ndarray, int]:
 class _Reference:
     """The group's first file: its encoded key chunks and, only if needed, its decoded keys."""
 
-    def __init__(self, path: str, reads: store_reads.StoreReads | None = None):
-        """``reads``: on an object store, the key ranges are fetched through it (concurrent GETs)."""
-        self.path = path
+    def __init__(self, path: str, reads: store_reads.StoreReads | None = None, lazy: bool = False):
+        """``reads``: on an object store, the key ranges are fetched through it (concurrent GETs).
+
+        ``lazy``: the key chunks are read only when a file's footer layout could
+        match them (``dense``, whose not-aligned files never need them: a
+        shuffled reference's key chunks are 13 MB).
+        """
+        self.path, self._key_chunks = path, None
         if reads is None or not storage.is_url(path):
             pf = contract.open_parquet(path)
             self.schema = contract.check_schema(pf, path)
-            self.key_chunks = contract.key_chunks(pf, path, self.schema)
+            if not lazy:
+                self._key_chunks = contract.key_chunks(pf, path, self.schema)
         else:
             with contract.open_source(path) as source:
                 pf = contract.open_parquet(path, source)
                 self.schema = contract.check_schema(pf, path)
-                self.key_chunks = contract.key_chunks(pf, path, self.schema, reads.ranges_reader(source))
+                self._key_chunks = contract.key_chunks(pf, path, self.schema, reads.ranges_reader(source))
         self.key_layout = contract.key_layout(pf, self.schema)
         self._keys: tuple[np.ndarray, np.ndarray] | None = None
+
+    @property
+    def key_chunks(self) -> list[bytes]:
+        if self._key_chunks is None:
+            self._key_chunks = contract.key_chunks(contract.open_parquet(self.path), self.path, self.schema)
+        return self._key_chunks
 
     def same_key_bytes(self, pf, path: str, schema: contract.FileSchema, read_ranges=None) -> bool:
         """True when ``path``'s key chunks are byte-identical to the reference's (so are its keys).
