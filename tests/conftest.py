@@ -44,18 +44,10 @@ def wait_for(predicate, timeout_seconds=60.0, interval_seconds=0.05, step=None):
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3 API server on loopback; its endpoint and dummy credentials are in os.environ meanwhile."""
-    from tests.helpers.s3_server import ENV_KEYS, S3Server
+    from tests.helpers.cloud_servers import with_environ
+    from tests.helpers.s3_server import S3Server
 
-    server = S3Server()
-    saved = {k: os.environ.get(k) for k in ENV_KEYS}
-    os.environ.update(server.environ())
-    yield server
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    server.stop()
+    yield from with_environ(S3Server())
 
 
 @pytest.fixture(scope="session")

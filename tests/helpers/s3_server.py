@@ -18,7 +18,6 @@ import urllib.request
 
 from tests.helpers.daemon import free_port
 
-ENV_KEYS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
 
 #: one request line of moto's access log (colour codes allowed)
 _REQUEST = re.compile(r'"(?:\x1b\[[0-9;]*m)*(GET|HEAD|PUT|POST|DELETE) (\S+) HTTP')
