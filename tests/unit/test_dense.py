@@ -238,3 +238,20 @@ def test_a_duplicated_key_in_a_reference_no_file_scattered_against_is_still_an_e
     with pytest.raises(DataError, match=r"dup\.parquet: duplicated"):
         run_dense([ref, _copy(ref, tmp_path / "c.parquet"), shuffled], tmp_path / "out2.parquet",
                   files_per_task=2)
+
+
+def test_the_reference_is_scattered_unless_another_file_of_its_leaf_has_its_key_bytes(tmp_path, monkeypatch):
+    ref = write_sim(tmp_path / "ref.parquet", n_paths=30, n_dates=4, shuffle=True)
+    other = write_sim(tmp_path / "o.parquet", n_paths=30, n_dates=4, seed=2, shuffle=True)
+    copy = _copy(ref, tmp_path / "copy.parquet")
+    added_by_rows = []
+    real = dense._Accumulator._add_aligned
+    monkeypatch.setattr(dense._Accumulator, "_add_aligned",
+                        lambda self, pf, path, part: (added_by_rows.append(path), real(self, pf, path, part)))
+    alone = dense.dense_leaf([ref, other], ref)
+    assert added_by_rows == [] and isinstance(alone.data, dense.Cells)
+    with_copy = dense.dense_leaf([ref, copy, other], ref)
+    assert added_by_rows == [copy, ref]  # the reference last, by rows since its copy was
+    for leaf, paths in ((alone, [ref, other]), (with_copy, [ref, copy, other])):
+        dense_merge.dense_final([leaf], ref, str(tmp_path / "out.parquet"))
+        assert_matches_reference(tmp_path / "out.parquet", paths)

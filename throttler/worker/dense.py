@@ -463,9 +463,16 @@ class _Accumulator:
         self.coders = CellCoders(grid)
 
     def add_file(self, path: str, part: Partial) -> None:
+        """Add one file: the aligned add where its key bytes are the reference's, else the scatter-add.
+
+        The reference itself comes last (:func:`_reference_last`): when no other file
+        of the leaf matched its bytes, it is scattered like any other file, which
+        saves the reference-rows array and a second read of its keys.
+        """
         pf = contract.open_parquet(path)
         schema = contract.check_schema(pf, path)
-        if self.reference.same_key_bytes(pf, path, schema):
+        alone = path == self.reference.path and self.reference_sums is None
+        if not alone and self.reference.same_key_bytes(pf, path, schema):
             self._add_aligned(pf, path, part)
         else:
             self._add_scattered(pf, path, part)
@@ -560,13 +567,17 @@ def dense_leaf(paths: list[str], reference_path: str) -> Partial:
     return part
 
 
+def _reference_last(paths: list[str], reference_path: str) -> list[str]:
+    return [p for p in paths if p != reference_path] + [p for p in paths if p == reference_path]
+
+
 def _leaf(paths: list[str], reference_path: str, decoded: bool) -> Partial:
     part = Partial(None)
     with np.errstate(invalid="ignore"):  # inf + -inf is NaN, as the contract says: no warning
         acc = _Accumulator(paths, reference_path, decoded)
         part.date_type = acc.reference.schema.date_type
         progress = FileProgress()
-        for path in paths:
+        for path in _reference_last(paths, reference_path):
             acc.add_file(path, part)
             progress.add(storage.size_bytes(path))
         progress.send()
