@@ -132,12 +132,29 @@ def _write_reference_rows(total: Partial, reference_path: str, output_path: str,
 
 
 def _output_blocks(cells: Cells, grid: Grid, dates: pa.Array):
-    """Output tables of the present cells, OUTPUT_BLOCK_CELLS cells of the grid at a time."""
-    for start in range(0, grid.cells, OUTPUT_BLOCK_CELLS):
-        index = np.flatnonzero(cells.present[start:start + OUTPUT_BLOCK_CELLS])
+    """Output tables of the present cells, whole paths of the grid (about OUTPUT_BLOCK_CELLS cells) at a time.
+
+    A block whose cells are all present (the common case: every file had every
+    key) is its paths repeated, one Date column built once for every such block,
+    and a slice of the sums: no index, no gather (the mixed group's final spent
+    40-150 ms building blocks the general way, for 100 ms of encoding).
+    """
+    if not grid.cells:
+        return
+    paths_per_block = max(1, OUTPUT_BLOCK_CELLS // grid.n_dates)
+    block_cells, full_dates = paths_per_block * grid.n_dates, None
+    for start in range(0, grid.cells, block_cells):
+        present = cells.present[start:start + block_cells]
+        first_path = grid.path_min + start // grid.n_dates
+        if present.all():
+            if full_dates is None or len(full_dates) != len(present):
+                full_dates = dates.take(pa.array(np.tile(np.arange(grid.n_dates), len(present) // grid.n_dates)))
+            paths = np.repeat(np.arange(first_path, first_path + len(present) // grid.n_dates), grid.n_dates)
+            yield output_table(pa.array(paths), full_dates, cells.values[start:start + len(present)])
+            continue
+        index = np.flatnonzero(present)
         if not len(index):
             continue
-        index += start
         path_offsets, codes = np.divmod(index, grid.n_dates)
-        path_offsets += grid.path_min
-        yield output_table(pa.array(path_offsets), dates.take(pa.array(codes)), cells.values[index])
+        path_offsets += first_path
+        yield output_table(pa.array(path_offsets), dates.take(pa.array(codes)), cells.values[start + index])
