@@ -3,6 +3,7 @@
     python benchmarks/paired.py                                # leaves and kernels against the floor
     python benchmarks/paired.py --a aligned-leaves --pairs 11 --rounds 30
     python benchmarks/paired.py --a aligned-cluster-compute,aligned-cluster   # through a LocalCluster
+    python benchmarks/paired.py --a dense-cluster@mixed --b aligned-cluster@aligned --pairs 7 --rounds 10
 
 Sub-second timings on a shared VM drift by tens of percent between one table and
 the next, more than the gaps being measured. This script runs method A and
@@ -11,7 +12,9 @@ its method ``--rounds`` times over the same group (the files of
 ``benchmarks/aggregate.py``, generated there) and reports the compute seconds
 timed inside it, after imports and one untimed warm-up round. The ratio A/B is
 taken pair by pair, so a drift of the machine's speed hits both sides of a
-pair alike; the table gives the median ratio with its spread. The cluster
+pair alike; the table gives the median ratio with its spread. ``METHOD@LAYOUT``
+runs a method on one of aggregate.py's layouts (``aligned``, ``shuffled``,
+``mixed``; default ``aligned``), as aggregate.py's methods take it. The cluster
 methods start aggregate.py's LocalCluster (2 workers x 1 thread) once per
 process, so their rounds measure warm workers, as a long-running daemon has.
 """
@@ -37,7 +40,8 @@ DEFAULT_A = "aligned-leaves,aligned-kernels"
 
 
 IN_PROCESS = ("floor", "aligned-leaves", "aligned-kernels")
-ON_CLUSTER = ("aligned-cluster-compute", "aligned-cluster")  #: aggregate.py's LocalCluster, 2 x 1 thread
+#: aggregate.py's LocalCluster, 2 x 1 thread
+ON_CLUSTER = ("aligned-cluster-compute", "aligned-cluster", "dense-cluster")
 
 
 def method_body(name: str, files: list[str], work: str, client=None):
@@ -53,6 +57,7 @@ def method_body(name: str, files: list[str], work: str, client=None):
     chunks = [files[i:i + per] for i in range(0, len(files), per)]
     resources = {"MEMORY": aggregate.TASK_MEMORY_BYTES}
     plan = aggregate.throttler_plan(files, "aligned")
+    dense_plan = aggregate.throttler_plan(files, "dense")
     output = str(Path(work) / "aligned-paired.parquet")
     bodies = {
         "floor": lambda: aggregate.add_value_columns(files),
@@ -62,6 +67,8 @@ def method_body(name: str, files: list[str], work: str, client=None):
         "aligned-cluster-compute": lambda: client.compute(aggregate.no_write_graph(files),
                                                           resources=resources).result(),
         "aligned-cluster": lambda: client.compute(graphs.build(plan, output).final, resources=resources).result(),
+        "dense-cluster": lambda: client.compute(graphs.build(dense_plan, output).final,
+                                                resources=resources).result(),
     }
     return bodies[name]
 
@@ -69,12 +76,14 @@ def method_body(name: str, files: list[str], work: str, client=None):
 def child_main(args) -> None:
     work = Path(args.data) / "out"
     work.mkdir(parents=True, exist_ok=True)
+    name, _, layout = args.child.partition("@")
     with contextlib.ExitStack() as stack:
         client = None
-        if args.child in ON_CLUSTER:
+        if name in ON_CLUSTER:
             client = stack.enter_context(aggregate.local_cluster())
-            aggregate.warm_workers(client, "throttler.worker.kernels")
-        body = method_body(args.child, aggregate.group_files(args), str(work), client)
+            aggregate.warm_workers(client, "throttler.worker.kernels", "throttler.worker.dense",
+                                   "throttler.worker.dense_merge")
+        body = method_body(name, aggregate.group_files(args, layout or "aligned"), str(work), client)
         body()  # warm-up, untimed
         started = time.perf_counter()
         for _ in range(args.rounds):
@@ -90,11 +99,14 @@ def run_child(method: str, args) -> float:
 
 
 def parent_main(args) -> None:
-    unknown = [m for m in args.a.split(",") + [args.b] if m not in IN_PROCESS + ON_CLUSTER]
+    methods = args.a.split(",") + [args.b]
+    unknown = [m for m in methods if m.partition("@")[0] not in IN_PROCESS + ON_CLUSTER]
     if unknown:
         sys.exit(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(IN_PROCESS + ON_CLUSTER)}")
     files = aggregate.ensure_data(args)
-    aggregate.warm_page_cache(files)
+    for layout in {m.partition("@")[2] or "aligned" for m in methods}:
+        files = aggregate.ensure_layout(args, layout)
+        aggregate.warm_page_cache(files)
     rows = []
     for a in args.a.split(","):
         ratios, a_times, b_times = [], [], []
