@@ -20,6 +20,9 @@ EPYC, 2 MiB L2, 32 MiB L3): 6.5 ms without, 3.3 / 2.6 / 2.3 / 2.3 / 2.6 ms
 prefetching 64 / 96 / 128 / 256 / 512 rows ahead; a 6M-row file's scatter-add
 went from about 39 to 14 ms inside a leaf. Partitioning the rows by cell range
 first (a radix pass, so each part's writes stay in L2) was slower: 11-14 ms.
+With both lines prefetched, the add and the stamp are now one pass
+(:func:`scatter_add_stamping`: 3.3 against 4.0-4.9 ms for the two passes),
+which also finds a file's repeated key as it stamps.
 
 Compiled on the first call per argument types (int32 or int64 paths, date32 or
 timestamp dates) and cached on disk (``cache=True``): a fresh process loads the
