@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tests.helpers.datafiles import write_sim
-from tests.helpers.s3_server import S3Server, count_requests
+from tests.helpers.s3_server import count_requests, logged_server
 
 INCREMENTAL = Path(__file__).resolve().parent / "incremental.py"
 
@@ -39,15 +39,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--files", type=int, default=100)
     opts = p.parse_args()
-    log = tempfile.NamedTemporaryFile(prefix="moto-", suffix=".log", delete=False)  # noqa: SIM115
-    log.close()
-    server = S3Server(log_path=log.name)  # its access log counts the requests
-    os.environ.update(server.environ())
-    try:
-        run(server, opts.files, log.name)
-    finally:
-        server.stop()
-        os.unlink(log.name)
+    with logged_server() as (server, log_path):  # its access log counts the requests
+        run(server, opts.files, log_path)
 
 
 def run(server, n: int, log_path: str) -> None:

@@ -54,7 +54,7 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from tests.helpers.datafiles import write_sim  # noqa: E402
 from tests.helpers.s3_proxy import S3Proxy, most_in_flight  # noqa: E402
-from tests.helpers.s3_server import S3Server, count_requests  # noqa: E402
+from tests.helpers.s3_server import count_requests, logged_server  # noqa: E402
 
 AGGREGATE = Path(__file__).resolve().parent.parent / "bench-data" / "aggregate" / "10x50000x120"
 LAYOUTS = {"g00000": "aligned", "shuffled": "not aligned"}
@@ -71,14 +71,8 @@ def main() -> None:
     args.add_argument("--layouts", default="g00000,shuffled", help="aggregate: the groups timed")
     args.add_argument("--bytes-layouts", default="g00000", help="aggregate: the groups whose bytes are counted")
     opts = args.parse_args()
-    log = tempfile.NamedTemporaryFile(prefix="moto-", suffix=".log", delete=False)  # noqa: SIM115
-    log.close()
-    server = S3Server(log_path=log.name)  # its access log counts the requests
-    os.environ.update(server.environ())
-    try:
-        {"aggregate": aggregate, "plan": plan, "footers": footers, "reads": reads}[opts.part](server, opts, log.name)
-    finally:
-        server.stop()
+    with logged_server() as (server, log_path):  # its access log counts the requests
+        {"aggregate": aggregate, "plan": plan, "footers": footers, "reads": reads}[opts.part](server, opts, log_path)
 
 
 # --------------------------------------------------------------------------- aggregate

@@ -9,10 +9,12 @@ subprocesses and their Dask workers inherit it). Credentials are dummies.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import re
 import shutil
 import subprocess
+import tempfile
 import time
 import urllib.request
 
@@ -65,6 +67,21 @@ class S3Server:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(10)
+
+
+@contextlib.contextmanager
+def logged_server():
+    """A benchmark's server: its access log in a temporary file (for :func:`count_requests`), its
+    endpoint and credentials in os.environ; yields (server, log path); stops it and removes the log."""
+    log = tempfile.NamedTemporaryFile(prefix="moto-", suffix=".log", delete=False)  # noqa: SIM115
+    log.close()
+    server = S3Server(log_path=log.name)
+    os.environ.update(server.environ())
+    try:
+        yield server, log.name
+    finally:
+        server.stop()
+        os.unlink(log.name)
 
 
 def count_requests(log_path: str) -> collections.Counter:

@@ -169,8 +169,8 @@ def test_footers_tell_a_shuffled_file_from_a_reencoded_one_and_auto_takes_dense(
     shuffled = write_sim(tmp_path / "s.parquet", n_paths=300, n_dates=12, seed=3, shuffle=True, row_group_size=1000)
     a, r, s = (file_info(p) for p in (sorted_file, recoded, shuffled))
     assert a.rows == r.rows == s.rows == 3600
-    assert a.key_layout == r.key_layout == ((1000, 0, 83), (1000, 83, 166), (1000, 166, 249), (600, 250, 299))
-    assert [g[1:] for g in s.key_layout] == [(0, 299)] * 4
+    assert a.row_group_paths == r.row_group_paths == ((1000, 0, 83), (1000, 83, 166), (1000, 166, 249), (600, 250, 299))
+    assert [g[1:] for g in s.row_group_paths] == [(0, 299)] * 4
     assert (a.may_share_keys(r), a.may_share_keys(s)) == (True, False)
     assert resolve_strategy("auto", [a, r])[0] == "aligned"
     assert resolve_strategy("auto", [a, r, s]) == ("dense", ["auto -> dense: 3,600 grid cells for 10,800 rows"])

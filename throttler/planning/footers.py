@@ -54,10 +54,10 @@ def file_info(path: str) -> FileInfo:
         raise storage.store_error(exc, path) or DataError(f"{path}: cannot read the Parquet footer ({exc})") from None
     decoded = sum(md.row_group(i).total_byte_size for i in range(md.num_row_groups))
     return FileInfo(path=path, size_bytes=size_bytes, rows=md.num_rows, decoded_bytes=decoded,
-                    key_layout=key_layout(md), **domain)
+                    row_group_paths=row_group_paths(md), **domain)
 
 
-def key_layout(md: pq.FileMetaData) -> tuple[tuple[int, int, int], ...]:
+def row_group_paths(md: pq.FileMetaData) -> tuple[tuple[int, int, int], ...]:
     """Each row group's (rows, smallest ``path``, largest ``path``) from its statistics; () without them.
 
     See :meth:`FileInfo.may_share_keys`: equal row groups with other path

@@ -25,7 +25,7 @@ class FileInfo:
     path_max: int | None = None  #: largest ``path`` from the footer's statistics (None when unknown)
     date_count: int = 0  #: distinct dates of the first row group (its dictionary page's size; 0 unknown)
     #: each row group's (rows, smallest ``path``, largest ``path``), from the footer (() unknown)
-    key_layout: tuple[tuple[int, int, int], ...] = ()
+    row_group_paths: tuple[tuple[int, int, int], ...] = ()
 
     def may_share_keys(self, other: "FileInfo") -> bool:
         """False when the footers prove the two files' keys differ in content or order; True says
@@ -38,7 +38,7 @@ class FileInfo:
         """
         if self.rows != other.rows or not self.rows:
             return False
-        mine, theirs = self.key_layout, other.key_layout
+        mine, theirs = self.row_group_paths, other.row_group_paths
         if not (mine and theirs) or [g[0] for g in mine] != [g[0] for g in theirs]:
             return True
         return mine == theirs

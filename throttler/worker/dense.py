@@ -528,8 +528,7 @@ def scatter_reference_rows(sums: np.ndarray, reference_path: str, values: np.nda
     for rg in range(pf.metadata.num_row_groups):
         cells = coders.cells(_read_row_group(pf, rg, list(contract.KEY_COLUMNS), reference_path), reference_path)
         # sums, not inputs: a NaN here is an inf + -inf, which the output must keep
-        _compiled().add_at(cells, sums[offset:offset + len(cells)], values)
-        _compiled().stamp_cells(cells, stamps, REFERENCE_STAMP)
+        _compiled().add_at_stamping(cells, sums[offset:offset + len(cells)], values, stamps, REFERENCE_STAMP)
         offset += len(cells)
     check_unique(stamps, REFERENCE_STAMP, pf, reference_path)
 

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-#: parquet.thrift PageType and Encoding values used here
+#: parquet.thrift PageType of a dictionary page
 DICTIONARY_PAGE = 2
 
 #: Most bytes one page header may take (headers are tens of bytes; statistics can add some).
@@ -94,16 +94,15 @@ class _Reader:
 
 
 def _page_header(buf: bytes) -> tuple[dict, int]:
-    """The header's type, sizes, dictionary size and data encoding; with its length in bytes."""
-    r, out = _Reader(buf), {"encoding": None}
+    """The header's type, sizes and (for a dictionary page) number of values; with its length in bytes."""
+    r, out = _Reader(buf), {}
     for fid, kind in r.fields():
         if fid in (1, 2, 3) and kind == 5:
             out[("type", "uncompressed", "compressed")[fid - 1]] = r.zigzag()
-        elif fid in (5, 7, 8) and kind == 12:
-            wanted = {5: 2, 7: 1, 8: 4}[fid]  # data page: encoding; dictionary: num_values; v2: encoding
+        elif fid == 7 and kind == 12:  # DictionaryPageHeader: num_values is its field 1
             for inner, ikind in r.fields():
-                if inner == wanted and ikind == 5:
-                    out["num_values" if fid == 7 else "encoding"] = r.zigzag()
+                if inner == 1 and ikind == 5:
+                    out["num_values"] = r.zigzag()
                 else:
                     r.skip(ikind)
         else:

@@ -1,4 +1,4 @@
-"""Compiled loops of the ``dense`` strategy (numba): grid cells, scatter-add, stamps.
+"""Compiled loops of the ``dense`` strategy (numba): grid cells, scatter-add with stamps.
 
 numpy needs a temporary and a pass per step for a row group's cells (widen the
 paths, multiply, gather the date codes, add, check the range) and its
@@ -133,22 +133,16 @@ def scatter_add_stamping(cells, values, sums, stamps, stamp):
 
 
 @numba.njit(cache=True, nogil=True)
-def add_at(cells, values, sums):
-    """``sums[cells[i]] += values[i]``, every value (sums already holding NaN from ``inf + -inf``)."""
+def add_at_stamping(cells, values, sums, stamps, stamp):
+    """``sums[cells[i]] += values[i]`` for every value (sums already holding NaN from ``inf + -inf``)
+    and ``stamps[cells[i]] = stamp``, in one prefetched pass."""
     n = cells.shape[0]
     for i in range(n):
         if i + PREFETCH_ROWS_AHEAD < n:
-            _prefetch_for_write(sums, cells[i + PREFETCH_ROWS_AHEAD])
+            ahead = cells[i + PREFETCH_ROWS_AHEAD]
+            _prefetch_for_write(sums, ahead)
+            _prefetch_for_write(stamps, ahead)
         sums[cells[i]] += values[i]
-
-
-@numba.njit(cache=True, nogil=True)
-def stamp_cells(cells, stamps, stamp):
-    """``stamps[cells] = stamp``: which file last had each cell."""
-    n = cells.shape[0]
-    for i in range(n):
-        if i + PREFETCH_ROWS_AHEAD < n:
-            _prefetch_for_write(stamps, cells[i + PREFETCH_ROWS_AHEAD])
         stamps[cells[i]] = stamp
 
 
@@ -178,8 +172,7 @@ def _load_common_signatures() -> None:
     for paths in ints:
         for dates in ints:
             grid_cells.compile((paths, dates, numba.int64[::1], i64, i64, i64, i64, i64, numba.int64[::1]))
-    add_at.compile((numba.int64[::1], numba.float64[::1], numba.float64[::1]))
-    stamp_cells.compile((numba.int64[::1], numba.uint8[::1], i64))
+    add_at_stamping.compile((numba.int64[::1], numba.float64[::1], numba.float64[::1], numba.uint8[::1], i64))
     scatter_add_stamping.compile((numba.int64[::1], numba.float64[::1], numba.float64[::1], numba.uint8[::1], i64))
     add_columns.compile((numba.float64[:, ::1], numba.bool_[:, ::1], numba.int64[::1], numba.float64[:, ::1],
                          numba.bool_[:, ::1]))
