@@ -4,6 +4,8 @@
     python benchmarks/paired.py --a aligned-leaves --pairs 11 --rounds 30
     python benchmarks/paired.py --a aligned-cluster-compute,aligned-cluster   # through a LocalCluster
     python benchmarks/paired.py --a dense-cluster@mixed --b aligned-cluster@aligned --pairs 7 --rounds 10
+    python benchmarks/paired.py --a dense-cluster@shuffled --b dense-cluster@shuffled \
+        --b-env THROTTLER_TASK_MMAP_THRESHOLD_BYTES=0    # one setting against another
 
 Sub-second timings on a shared VM drift by tens of percent between one table and
 the next, more than the gaps being measured. This script runs method A and
@@ -14,7 +16,9 @@ timed inside it, after imports and one untimed warm-up round. The ratio A/B is
 taken pair by pair, so a drift of the machine's speed hits both sides of a
 pair alike; the table gives the median ratio with its spread. ``METHOD@LAYOUT``
 runs a method on one of aggregate.py's layouts (``aligned``, ``shuffled``,
-``mixed``; default ``aligned``), as aggregate.py's methods take it. The cluster
+``mixed``; default ``aligned``), as aggregate.py's methods take it. ``--a-env`` and
+``--b-env`` (``NAME=VALUE``, repeatable) set environment variables of one side's
+processes (and of their cluster's workers, which inherit them). The cluster
 methods start aggregate.py's LocalCluster (2 workers x 1 thread) once per
 process, so their rounds measure warm workers, as a long-running daemon has.
 """
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -91,10 +96,11 @@ def child_main(args) -> None:
         print(json.dumps({"seconds": (time.perf_counter() - started) / args.rounds}))
 
 
-def run_child(method: str, args) -> float:
+def run_child(method: str, args, env_pairs: list[str] = ()) -> float:
+    env = {**os.environ, **dict(pair.split("=", 1) for pair in env_pairs)}
     argv = [sys.executable, __file__, "--child", method, "--rounds", str(args.rounds), "--data", args.data,
             "--files", str(args.files), "--paths", str(args.paths), "--dates", str(args.dates)]
-    out = subprocess.run(argv, check=True, capture_output=True, text=True, timeout=900)
+    out = subprocess.run(argv, check=True, capture_output=True, text=True, timeout=900, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
 
 
@@ -111,7 +117,7 @@ def parent_main(args) -> None:
     for a in args.a.split(","):
         ratios, a_times, b_times = [], [], []
         for pair in range(args.pairs):
-            a_s, b_s = run_child(a, args), run_child(args.b, args)
+            a_s, b_s = run_child(a, args, args.a_env), run_child(args.b, args, args.b_env)
             a_times.append(a_s)
             b_times.append(b_s)
             ratios.append(a_s / b_s)
@@ -124,7 +130,8 @@ def parent_main(args) -> None:
     print("| A | B | A s (median) | B s (median) | A/B per pair: median | min-max |")
     print("|---|---|---:|---:|---:|---:|")
     for a, a_med, b_med, ratios in rows:
-        print(f"| {a} | {args.b} | {a_med:.3f} | {b_med:.3f} | {statistics.median(ratios):.3f} | "
+        a_label, b_label = " ".join([a, *args.a_env]), " ".join([args.b, *args.b_env])
+        print(f"| {a_label} | {b_label} | {a_med:.3f} | {b_med:.3f} | {statistics.median(ratios):.3f} | "
               f"{min(ratios):.3f}-{max(ratios):.3f} |")
     print(f"\ncommand: python benchmarks/paired.py {' '.join(sys.argv[1:])}")
 
@@ -139,6 +146,10 @@ def parse_args(argv=None):
     p.add_argument("--paths", type=int, default=50_000)
     p.add_argument("--dates", type=int, default=120)
     p.add_argument("--data", default=str(aggregate.DEFAULT_DATA))
+    p.add_argument("--a-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="environment variable of A's processes (repeatable)")
+    p.add_argument("--b-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="environment variable of B's processes (repeatable)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 

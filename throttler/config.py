@@ -56,6 +56,11 @@ class Config:
     #: Given to the workers by a plugin (throttler/cluster/worker_settings.py); a worker's own
     #: THROTTLER_OBJECT_STORE_READS_IN_FLIGHT wins.
     object_store_reads_in_flight: int = 8
+    #: while a throttler task runs on a worker whose glibc mmap threshold the nanny's
+    #: MALLOC_TRIM_THRESHOLD_ fixed at 128 KiB, blocks under this come from the heap (reused, not
+    #: mapped and faulted in afresh), the heap's free pages returned when the task ends
+    #: (throttler/worker/allocator.py); 0: leave the allocator alone. A worker setting, as above.
+    task_mmap_threshold_bytes: int = 32 * 1024 * 1024
 
 
 DEFAULTS = Config()
@@ -90,6 +95,8 @@ def validate(config: Config) -> None:
             problems.append(f"{name} must be >= 0")
     if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         problems.append(f"log_level must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, not {config.log_level!r}")
+    if config.task_mmap_threshold_bytes < 0:
+        problems.append("task_mmap_threshold_bytes must be >= 0")
     if config.object_store_reads_in_flight < 1:
         problems.append("object_store_reads_in_flight must be >= 1")
     if config.fan_in < 2:

@@ -1,8 +1,9 @@
 """Worker-side settings from the daemon's configuration, given to every worker by a plugin.
 
 Task functions run in worker processes, which do not read the daemon's
-configuration file. A setting they need (today only
-``object_store_reads_in_flight``, :mod:`throttler.worker.store_reads`) reaches
+configuration file. A setting they need (``object_store_reads_in_flight``,
+:mod:`throttler.worker.store_reads`; ``task_mmap_threshold_bytes``,
+:mod:`throttler.worker.allocator`) reaches
 them through :class:`WorkerSettingsPlugin`, which runs on every worker present
 and joining (restarted workers too) and keeps the daemon's values in the
 worker process. :func:`worker_setting` answers, in order: the worker's own
@@ -19,7 +20,7 @@ import os
 from distributed.diagnostics.plugin import WorkerPlugin
 
 #: Configuration keys read by task functions on the workers.
-WORKER_KEYS = ("object_store_reads_in_flight",)
+WORKER_KEYS = ("object_store_reads_in_flight", "task_mmap_threshold_bytes")
 
 #: In a worker process: the values the daemon's plugin gave, by key.
 _from_daemon: dict[str, str] = {}
