@@ -56,7 +56,7 @@ class Config:
     #: Given to the workers by a plugin (throttler/cluster/worker_settings.py); a worker's own
     #: THROTTLER_OBJECT_STORE_READS_IN_FLIGHT wins.
     object_store_reads_in_flight: int = 8
-    #: while a throttler task runs on a worker whose glibc mmap threshold the nanny's
+    #: while a dense task runs on a worker whose glibc mmap threshold the nanny's
     #: MALLOC_TRIM_THRESHOLD_ fixed at 128 KiB, blocks under this come from the heap (reused, not
     #: mapped and faulted in afresh), the heap's free pages returned when the task ends
     #: (throttler/worker/allocator.py); 0: leave the allocator alone. A worker setting, as above.

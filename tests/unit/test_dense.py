@@ -255,3 +255,23 @@ def test_the_reference_is_scattered_unless_another_file_of_its_leaf_has_its_key_
     for leaf, paths in ((alone, [ref, other]), (with_copy, [ref, copy, other])):
         dense_merge.dense_final([leaf], ref, str(tmp_path / "out.parquet"))
         assert_matches_reference(tmp_path / "out.parquet", paths)
+
+
+@pytest.mark.parametrize("cells", [
+    np.arange(7, 7 + 1000, dtype=np.int64),  # a sorted, complete reference: one block
+    np.random.default_rng(3).permutation(2000)[:1000].astype(np.int64),  # shuffled
+    np.r_[np.arange(100, 600), np.arange(601, 1101)].astype(np.int64),  # a run with one gap at row 500
+])
+def test_reference_rows_add_into_the_grid_as_numpy_add_at_does_whatever_their_order(cells):
+    from throttler.worker import scatter
+
+    rng = np.random.default_rng(4)
+    values = rng.random(len(cells))
+    values[::97] = np.nan  # sums may hold NaN (an inf + -inf): added as they are
+    sums, stamps = rng.random(2200), np.zeros(2200, np.uint8)
+    expected_sums, expected_stamps = sums.copy(), stamps.copy()
+    np.add.at(expected_sums, cells, values)
+    expected_stamps[cells] = dense.REFERENCE_STAMP
+    scatter.add_at_stamping(cells, values, sums, stamps, dense.REFERENCE_STAMP)
+    np.testing.assert_array_equal(sums, expected_sums)
+    np.testing.assert_array_equal(stamps, expected_stamps)

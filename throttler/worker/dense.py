@@ -68,7 +68,7 @@ from throttler.errors import DataError, MisalignedKeys
 from throttler.planning.memory_model import (
     DENSE_LEAF_BYTES_PER_CELL,
 )
-from throttler.worker import contract, kernels, pages, prefetch
+from throttler.worker import allocator, contract, kernels, pages, prefetch
 from throttler.worker.kernels import Partial
 from throttler.worker.progress import FileProgress
 
@@ -548,6 +548,7 @@ def check_unique(stamps: np.ndarray, stamp: int, pf, path: str) -> None:
         raise DataError(f"{path}: duplicated (path, Date) key")
 
 
+@allocator.with_task_heap
 def dense_leaf(paths: list[str], reference_path: str) -> Partial:
     """Sum the files into the grid of their keys; one row group (and one accumulator) held at a time.
 

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from throttler.planning.memory_model import DENSE_PARTIAL_BYTES_PER_CELL
-from throttler.worker import contract, kernels, prefetch
+from throttler.worker import allocator, contract, kernels, prefetch
 from throttler.worker.dense import (
     OUTPUT_BLOCK_CELLS,
     CellCoders,
@@ -35,6 +35,7 @@ from throttler.worker.kernels import Partial
 from throttler.worker.output import output_schema, output_table, write_tables
 
 
+@allocator.with_task_heap
 def dense_combine(partials: list[Partial]) -> Partial:
     """Add partials into fresh arrays (inputs may be reused on a retry): grids over their union."""
     started = time.perf_counter()
@@ -99,6 +100,7 @@ def _same_grid(a: Grid, b: Grid) -> bool:
         np.array_equal(a.dates_ns, b.dates_ns))
 
 
+@allocator.with_task_heap
 def dense_final(partials: list[Partial], reference_path: str, output_path: str) -> dict:
     """Add the last partials and write the present cells, sorted by (path, Date) by construction."""
     started = time.perf_counter()

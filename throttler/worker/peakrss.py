@@ -21,8 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from throttler.worker import allocator
-
 CLEAR_REFS = "/proc/self/clear_refs"
 STATUS = "/proc/self/status"
 
@@ -95,8 +93,7 @@ class Measured:
 
     def __call__(self, *args, **kwargs):
         measuring = reset_high_water_mark()
-        with allocator.task_heap():
-            result = self.fn(*args, **kwargs)
+        result = self.fn(*args, **kwargs)
         rss = high_water_mark_bytes() if measuring else None
         if rss is not None:
             attach(result, PeakReading(rss, worker_memory_limit_bytes()))
