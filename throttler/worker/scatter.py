@@ -133,32 +133,11 @@ def scatter_add_stamping(cells, values, sums, stamps, stamp):
 
 
 @numba.njit(cache=True, nogil=True)
-def _is_run(cells):
-    """Whether the cells are consecutive, ``cells[0], cells[0] + 1, ...`` (stops at the first that is not)."""
-    first = cells[0]
-    for i in range(cells.shape[0]):
-        if cells[i] != first + i:
-            return False
-    return True
-
-
-@numba.njit(cache=True, nogil=True)
 def add_at_stamping(cells, values, sums, stamps, stamp):
     """``sums[cells[i]] += values[i]`` for every value (sums already holding NaN from ``inf + -inf``)
-    and ``stamps[cells[i]] = stamp``, in one prefetched pass.
-
-    Rows whose cells are consecutive (a reference file sorted by path and Date,
-    with every key: the usual writer's) are added as one block, in order: 0.7
-    against 2.6 ms for a million rows, and a shuffled row group leaves the check
-    at its second row.
-    """
+    and ``stamps[cells[i]] = stamp``, in one prefetched pass (sorted cells, a sorted reference's, run
+    as fast as a block add: 0.79 against 0.75 ms for a million rows)."""
     n = cells.shape[0]
-    if n and _is_run(cells):
-        first = cells[0]
-        for i in range(n):
-            sums[first + i] += values[i]
-            stamps[first + i] = stamp
-        return
     for i in range(n):
         if i + PREFETCH_ROWS_AHEAD < n:
             ahead = cells[i + PREFETCH_ROWS_AHEAD]
