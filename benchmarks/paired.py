@@ -44,7 +44,7 @@ DEFAULT_B = "floor"
 DEFAULT_A = "aligned-leaves,aligned-kernels"
 
 
-IN_PROCESS = ("floor", "aligned-leaves", "aligned-kernels")
+IN_PROCESS = ("floor", "aligned-leaves", "aligned-kernels", "duckdb")
 #: aggregate.py's LocalCluster, 2 x 1 thread
 ON_CLUSTER = ("aligned-cluster-compute", "aligned-cluster", "dense-cluster")
 
@@ -66,6 +66,7 @@ def method_body(name: str, files: list[str], work: str, client=None):
     output = str(Path(work) / "aligned-paired.parquet")
     bodies = {
         "floor": lambda: aggregate.add_value_columns(files),
+        "duckdb": lambda: _duckdb_group_by(files),
         "aligned-leaves": lambda: kernels.aligned_combine([kernels.aligned_leaf(c, files[0]) for c in chunks]),
         "aligned-kernels": lambda: kernels.aligned_result([kernels.aligned_leaf(c, files[0]) for c in chunks],
                                                           files[0]),
@@ -76,6 +77,15 @@ def method_body(name: str, files: list[str], work: str, client=None):
                                                 resources=resources).result(),
     }
     return bodies[name]
+
+
+def _duckdb_group_by(files: list[str]):
+    """aggregate.py's DuckDB query (GROUP BY over read_parquet, all threads), on a new connection."""
+    import duckdb
+
+    query = 'SELECT path, "Date", sum(value) AS value FROM read_parquet($files) GROUP BY path, "Date"'
+    with duckdb.connect() as con:
+        return con.sql(query, params={"files": files}).to_arrow_table()
 
 
 def child_main(args) -> None:
