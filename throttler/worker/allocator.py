@@ -23,7 +23,7 @@ threshold goes back to 128 KiB once no such task is running in the process.
 The trim threshold is left as it is: the heap's top still goes back as it frees.
 
 Only ``dense`` tasks, the ones measured to gain: in pairs of warm processes the
-``dense`` group of 10 shuffled files took 0.82 of its time, the ``aligned``
+``dense`` group of 10 shuffled files took 0.82-0.98 of its time, the ``aligned``
 group the same (1.01); and the pandas tasks of ``groupby`` held more: on the
 memory matrix's queue (benchmarks/memory_matrix.py) its 20-file group peaked at
 0.75-0.76 of the worker's limit with every task under it, 0.67-0.69 without.
