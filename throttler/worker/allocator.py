@@ -59,7 +59,7 @@ CHOOSING_VARIABLES = ("MALLOC_MMAP_THRESHOLD_",)
 F = TypeVar("F", bound=Callable)
 
 _lock = threading.Lock()
-_running = 0  #: throttler tasks running in this process under a raised threshold
+_running = 0  #: dense tasks running in this process under the raised threshold
 
 
 def _libc():
