@@ -69,3 +69,12 @@ def test_a_worker_setting_of_zero_leaves_the_allocator_alone():
 def test_an_operators_own_threshold_is_kept():
     assert _probe({**NANNY, "MALLOC_MMAP_THRESHOLD_": str(1 << 19)}) == {
         "before": 1, "in_task": 1, "in_task_after_another_ended": 1, "after": 1}
+
+
+def test_the_setting_is_validated_and_read_from_the_environment():
+    from throttler.config import ConfigError, load
+
+    with pytest.raises(ConfigError, match="task_mmap_threshold_bytes must be >= 0"):
+        load(overrides={"task_mmap_threshold_bytes": -1}, environ={})
+    assert load(environ={"THROTTLER_TASK_MMAP_THRESHOLD_BYTES": "0"}).task_mmap_threshold_bytes == 0
+    assert load(environ={}).task_mmap_threshold_bytes == 32 * 1024 * 1024
