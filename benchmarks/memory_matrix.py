@@ -1,7 +1,7 @@
 """Memory safety across worker configurations: the daemon needs none of them.
 
-    python benchmarks/memory_matrix.py              # 8 cells x 12 groups of 3-40 files (~15-20 min)
-    python benchmarks/memory_matrix.py --quick      # 8 cells x 6 groups of 3-12 files (~5 min)
+    python benchmarks/memory_matrix.py              # 8 cells x 13 groups of 3-40 files (~8-10 min here)
+    python benchmarks/memory_matrix.py --quick      # 8 cells x 7 groups of 3-12 files (~4 min)
     python benchmarks/memory_matrix.py --cells none-2t,mem2000-1t
 
 Each cell is its own real ``dask scheduler`` and two ``dask worker --memory-limit 2.5GiB``
@@ -14,9 +14,11 @@ operators use, and ``python -m throttler serve --scheduler ...`` as a process:
 * ``mem0.7``: ``--resources MEMORY=<0.7 x the memory limit>`` (what the README used to ask);
 
 each with 1 and 2 threads per worker. The same queue goes to every cell: seed-shaped
-groups (50,000 paths x 120 dates = 6,000,000 rows a file; hard links of three physical
-files, two with identical keys and one whose keys differ by one path, so that groupby
-merges both add arrays and regroup with pandas) mixing ``auto``, ``sum`` and ``groupby``.
+groups (50,000 paths x 120 dates = 6,000,000 rows a file; hard links of four physical
+files: two with identical keys, one whose keys differ by one path, so that groupby
+merges both add arrays and regroup with pandas, and one with its rows shuffled) mixing
+``auto``, ``sum`` and ``groupby``. The ``mixed`` group alternates the first file and the
+shuffled one: ``auto`` takes ``dense`` for it (half its files scatter-added).
 
 Per cell: groups done / failed (and how many outputs differ from an independent pandas
 group-by), pauses (the scheduler's worker status events to ``paused`` / the workers'
@@ -71,12 +73,14 @@ CONFIGS = {"none": "", "mem-limit": f"MEMORY={LIMIT_BYTES}", "mem2000": "MEMORY=
 THREADS = (1, 2)
 
 #: (group, strategy, files). auto groups link the two physical files with identical keys
-#: (auto resolves to aligned); sum and groupby groups cycle through all three.
+#: (auto resolves to aligned), mixed-* groups the first and the shuffled one (auto resolves
+#: to dense); sum and groupby groups cycle through the first three.
 FULL_QUEUE = (("auto-40", "auto", 40), ("sum-30", "sum", 30), ("gb-20", "groupby", 20), ("auto-24", "auto", 24),
               ("sum-16", "sum", 16), ("gb-10", "groupby", 10), ("auto-12", "auto", 12), ("sum-8", "sum", 8),
-              ("gb-6", "groupby", 6), ("auto-3", "auto", 3), ("sum-5", "sum", 5), ("gb-3", "groupby", 3))
+              ("gb-6", "groupby", 6), ("auto-3", "auto", 3), ("sum-5", "sum", 5), ("gb-3", "groupby", 3),
+              ("mixed-24", "auto", 24))
 QUICK_QUEUE = (("auto-12", "auto", 12), ("sum-8", "sum", 8), ("gb-6", "groupby", 6), ("auto-3", "auto", 3),
-               ("sum-5", "sum", 5), ("gb-3", "groupby", 3))
+               ("sum-5", "sum", 5), ("gb-3", "groupby", 3), ("mixed-6", "auto", 6))
 
 PAUSE_LINE, RESTART_LINE = "Pausing worker", "memory budget. Restarting"
 
@@ -112,15 +116,17 @@ class Cell:
 
 
 def make_estate(root: Path, queue) -> dict[str, list[str]]:
-    """Three physical seed-shaped files and each group's hard links to them."""
+    """Four physical seed-shaped files and each group's hard links to them."""
     physical = [write_sim(root / "p0.parquet", SEED_PATHS, SEED_DATES, seed=1),
                 write_sim(root / "p1.parquet", SEED_PATHS, SEED_DATES, seed=2),
-                write_sim(root / "p2.parquet", SEED_PATHS + 1, SEED_DATES, seed=3, drop_paths=(0,))]
+                write_sim(root / "p2.parquet", SEED_PATHS + 1, SEED_DATES, seed=3, drop_paths=(0,)),
+                write_sim(root / "p3.parquet", SEED_PATHS, SEED_DATES, seed=4, shuffle=True)]
     estate = {}
     for group, strategy, n in queue:
         folder = root / "data" / group
         folder.mkdir(parents=True)
-        pool = physical[:2] if strategy == "auto" else physical
+        pool = [physical[0], physical[3]] if group.startswith("mixed-") else (
+            physical[:2] if strategy == "auto" else physical[:3])
         estate[group] = []
         for i in range(n):
             os.link(pool[i % len(pool)], folder / f"f{i:03d}.parquet")
@@ -252,7 +258,7 @@ def misses(cells: list[Cell], n_groups: int) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="6 groups of 3-12 files instead of 12 of 3-40")
+    parser.add_argument("--quick", action="store_true", help="7 groups of 3-12 files instead of 13 of 3-40")
     parser.add_argument("--cells", default=None, help="comma-separated cell names (default: all 8), e.g. none-2t")
     parser.add_argument("--workdir", default=None, help="keep data, spools and logs here (default: a temp dir)")
     parser.add_argument("--timeout-seconds", type=float, default=900.0, help="per cell, for the queue to close")
