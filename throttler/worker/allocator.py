@@ -46,6 +46,8 @@ import os
 import threading
 from typing import Callable, Iterator, TypeVar
 
+import pyarrow as pa
+
 from throttler import config
 from throttler.cluster import worker_settings
 
@@ -119,6 +121,24 @@ def with_task_heap(fn: F) -> F:
             return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+def release_free_memory() -> None:
+    """Give the memory freed during a task back to the system: pyarrow's pool's cached pages and
+    glibc's free heap pages (:class:`~throttler.worker.peakrss.Measured` calls it as every task ends).
+
+    The admission budgets subtract a worker's idle RSS measured when it joined
+    (docs/memory.md); memory an allocator keeps cached after a task raises the
+    RSS that the next task starts from, unseen by the budgets. Measured on a
+    worker after a ``dense`` leaf: 325 MiB, against 233 idle, and 270 MiB after
+    pyarrow's ``release_unused`` (under 1 ms).
+    """
+    try:
+        pa.default_memory_pool().release_unused()
+    except (AttributeError, NotImplementedError, pa.ArrowException):  # pools without it
+        pass
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def _enter(threshold_bytes: int) -> None:

@@ -21,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from throttler.worker import allocator
+
 CLEAR_REFS = "/proc/self/clear_refs"
 STATUS = "/proc/self/status"
 
@@ -93,7 +95,10 @@ class Measured:
 
     def __call__(self, *args, **kwargs):
         measuring = reset_high_water_mark()
-        result = self.fn(*args, **kwargs)
+        try:
+            result = self.fn(*args, **kwargs)
+        finally:
+            allocator.release_free_memory()
         rss = high_water_mark_bytes() if measuring else None
         if rss is not None:
             attach(result, PeakReading(rss, worker_memory_limit_bytes()))
