@@ -19,6 +19,8 @@ import os
 
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from throttler import config
+
 #: Configuration keys read by task functions on the workers.
 WORKER_KEYS = ("object_store_reads_in_flight", "task_mmap_threshold_bytes")
 
@@ -34,6 +36,14 @@ def worker_setting(key: str) -> str | None:
     """This process's value of ``key``: its own environment, else the daemon's, else None."""
     own = os.environ.get(environ_name(key))
     return own if own is not None else _from_daemon.get(key)
+
+
+def configured(key: str):
+    """This process's value of ``key``, typed and validated as the configuration does, else its default."""
+    value = worker_setting(key)
+    if value is None:
+        return getattr(config.DEFAULTS, key)
+    return getattr(config.load(overrides={key: value}, environ={}), key)
 
 
 class WorkerSettingsPlugin(WorkerPlugin):

@@ -17,7 +17,8 @@ final functions), the mmap threshold is raised to
 ``task_mmap_threshold_bytes`` (default 32 MiB, glibc's own ceiling): blocks under
 it come from the heap and are reused; grids and accumulators (48 MB for 6M
 cells) are still mapped and unmapped on their own. When the task ends,
-``malloc_trim(0)`` gives the heap's free pages back to the system, so the
+``malloc_trim(0)`` (:func:`release_free_memory`, which ends every task) gives
+the heap's free pages back to the system, so the
 worker's RSS between tasks is its live memory, as the nanny intends, and the
 threshold goes back to 128 KiB once no such task is running in the process.
 The trim threshold is left as it is: the heap's top still goes back as it frees.
@@ -48,7 +49,6 @@ from typing import Callable, Iterator, TypeVar
 
 import pyarrow as pa
 
-from throttler import config
 from throttler.cluster import worker_settings
 
 M_MMAP_THRESHOLD = -3  #: mallopt's parameter number (glibc malloc.h)
@@ -88,11 +88,7 @@ def threshold_fixed_by(environ: dict[str, str]) -> bool:
 
 def task_threshold_bytes() -> int:
     """The threshold a task raises glibc's to: the worker's setting, else the default (0: none)."""
-    name = "task_mmap_threshold_bytes"
-    value = worker_settings.worker_setting(name)
-    if value is None:
-        return getattr(config.DEFAULTS, name)
-    return config.load(overrides={name: value}, environ={}).task_mmap_threshold_bytes
+    return worker_settings.configured("task_mmap_threshold_bytes")
 
 
 def _applies(threshold_bytes: int) -> bool:
@@ -101,7 +97,8 @@ def _applies(threshold_bytes: int) -> bool:
 
 @contextlib.contextmanager
 def task_heap() -> Iterator[None]:
-    """Run a task with glibc's mmap threshold raised, its free heap pages returned at the end."""
+    """Run a task with glibc's mmap threshold raised (nestable; the free heap pages go back when the
+    task ends, by :func:`release_free_memory`, which every task calls)."""
     threshold_bytes = task_threshold_bytes()
     if not _applies(threshold_bytes):
         yield
@@ -155,4 +152,3 @@ def _leave() -> None:
         _running -= 1
         if _running == 0:
             _LIBC.mallopt(M_MMAP_THRESHOLD, FIXED_MMAP_THRESHOLD_BYTES)
-    _LIBC.malloc_trim(0)  # outside the lock: it walks every arena

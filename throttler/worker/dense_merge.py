@@ -38,10 +38,6 @@ from throttler.worker.output import output_schema, output_table, write_tables
 @allocator.with_task_heap
 def dense_combine(partials: list[Partial]) -> Partial:
     """Add partials into fresh arrays (inputs may be reused on a retry): grids over their union."""
-    return _combined(partials)
-
-
-def _combined(partials: list[Partial]) -> Partial:
     started = time.perf_counter()
     with np.errstate(invalid="ignore"):  # inf + -inf is NaN, as the contract says
         out = Partial(_merged([p.data for p in partials]))
@@ -113,7 +109,7 @@ def dense_final(partials: list[Partial], reference_path: str, output_path: str) 
         total = Partial(partials[0].data)
         total.absorb_stats(partials[0])
     else:
-        total = _combined(partials)  # not dense_combine: its heap would be trimmed before the write
+        total = dense_combine(partials)
     if isinstance(total.data, ReferenceRows):
         return _write_reference_rows(total, reference_path, output_path, started)
     grid = total.data.grid

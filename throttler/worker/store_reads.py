@@ -36,7 +36,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from throttler import config
 from throttler.cluster import worker_settings
 from throttler.worker import contract, prefetch
 
@@ -50,11 +49,7 @@ def reads_in_flight() -> int:
 
     Workers do not read the daemon's configuration file (they may run anywhere).
     """
-    name = "object_store_reads_in_flight"
-    value = worker_settings.worker_setting(name)
-    if value is None:
-        return getattr(config.DEFAULTS, name)
-    return config.load(overrides={name: value}, environ={}).object_store_reads_in_flight
+    return worker_settings.configured("object_store_reads_in_flight")
 
 
 def coalesce(ranges: list[tuple[int, int]], hole_bytes: int = COALESCE_HOLE_BYTES) -> list[tuple[int, int]]:
