@@ -100,15 +100,19 @@ def child_main(args) -> None:
                                    "throttler.worker.dense_merge")
         body = method_body(name, aggregate.group_files(args, layout or "aligned"), str(work), client)
         body()  # warm-up, untimed
-        started = time.perf_counter()
+        seconds = 0.0
         for _ in range(args.rounds):
+            time.sleep(args.idle_seconds)
+            started = time.perf_counter()
             body()
-        print(json.dumps({"seconds": (time.perf_counter() - started) / args.rounds}))
+            seconds += time.perf_counter() - started
+        print(json.dumps({"seconds": seconds / args.rounds}))
 
 
 def run_child(method: str, args, env_pairs: list[str] = ()) -> float:
     env = {**os.environ, **dict(pair.split("=", 1) for pair in env_pairs)}
     argv = [sys.executable, __file__, "--child", method, "--rounds", str(args.rounds), "--data", args.data,
+            "--idle-seconds", str(args.idle_seconds),
             "--files", str(args.files), "--paths", str(args.paths), "--dates", str(args.dates)]
     out = subprocess.run(argv, check=True, capture_output=True, text=True, timeout=900, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
@@ -135,7 +139,8 @@ def parent_main(args) -> None:
                   file=sys.stderr, flush=True)
         rows.append((a, statistics.median(a_times), statistics.median(b_times), ratios))
     print(f"{len(files)} files x {args.paths * args.dates:,} rows; {args.pairs} pairs of processes, "
-          f"A then B; each process {args.rounds} timed rounds after a warm-up; seconds per round.")
+          f"A then B; each process {args.rounds} timed rounds after a warm-up"
+          f"{f', each after {args.idle_seconds:g} s idle' if args.idle_seconds else ''}; seconds per round.")
     print()
     print("| A | B | A s (median) | B s (median) | A/B per pair: median | min-max |")
     print("|---|---|---:|---:|---:|---:|")
@@ -152,6 +157,8 @@ def parse_args(argv=None):
     p.add_argument("--b", default=DEFAULT_B)
     p.add_argument("--pairs", type=int, default=7)
     p.add_argument("--rounds", type=int, default=20, help="timed rounds in each process")
+    p.add_argument("--idle-seconds", type=float, default=0.0,
+                   help="untimed pause before each timed round (a daemon's workers idle between groups)")
     p.add_argument("--files", type=int, default=10)
     p.add_argument("--paths", type=int, default=50_000)
     p.add_argument("--dates", type=int, default=120)

@@ -68,7 +68,7 @@ from throttler.errors import DataError, MisalignedKeys
 from throttler.planning.memory_model import (
     DENSE_LEAF_BYTES_PER_CELL,
 )
-from throttler.worker import allocator, contract, kernels, pages, prefetch
+from throttler.worker import allocator, contract, kernels, pages, prefetch, reference_order
 from throttler.worker.kernels import Partial
 from throttler.worker.progress import FileProgress
 
@@ -455,12 +455,37 @@ class _Accumulator:
         self.reference_sums: np.ndarray | None = None  #: allocated when a file matches the reference
         self.next_stamp = FIRST_STAMP
         self.largest_chunk_bytes = 0
+        self._reference_first_cell: int | None = None
+        self._reference_order_known = False
 
     def _make_grid(self) -> None:
         self.grid = grid = domain(self.paths, self.reference.schema.date_type, self.decoded)
-        self.values = np.zeros(grid.cells, np.float64)
         self.stamps = np.zeros(grid.cells, np.uint8)
         self.coders = CellCoders(grid)
+        self.values = np.zeros(grid.cells, np.float64)
+        if self.reference_sums is not None and self.reference_first_cell() is not None:
+            rows = self._reference_slice()
+            rows += self.reference_sums  # the matching files' sums so far; from now on they add into the grid
+            self.reference_sums = rows
+
+    def reference_first_cell(self) -> int | None:
+        """The grid cell of the reference's first row when its rows are a run of the grid's cells
+        (:mod:`throttler.worker.reference_order`), else None."""
+        if not self._reference_order_known:
+            self._reference_first_cell = reference_order.first_cell(
+                self.reference.key_chunks, self.grid, self.reference.schema.num_rows,
+                lambda: _reference_cells(self.reference.path, self.coders))
+            self._reference_order_known = True
+        return self._reference_first_cell
+
+    def _reference_slice(self) -> np.ndarray:
+        first = self._reference_first_cell
+        return self.values[first:first + self.reference.schema.num_rows]
+
+    @property
+    def one_array(self) -> bool:
+        """The reference-rows sums are a slice of the grid's sums."""
+        return self.grid is not None and self.reference_sums is not None and self.reference_sums.base is self.values
 
     def add_file(self, path: str, part: Partial) -> None:
         """Add one file: the aligned add where its key bytes are the reference's, else the scatter-add.
@@ -481,7 +506,9 @@ class _Accumulator:
 
     def _add_aligned(self, pf, path: str, part: Partial) -> None:
         if self.reference_sums is None:
-            self.reference_sums = np.zeros(self.reference.schema.num_rows, np.float64)
+            self.reference_sums = self._reference_slice() \
+                if self.grid is not None and self.reference_first_cell() is not None \
+                else np.zeros(self.reference.schema.num_rows, np.float64)
         offset = 0
         for rg in range(pf.metadata.num_row_groups):
             values = _values(_read_row_group(pf, rg, [contract.VALUE_COLUMN], path).column(0), part)
@@ -509,13 +536,24 @@ class _Accumulator:
         """The grid's sums and presence, the reference-rows sums scattered in; or those sums alone."""
         if self.grid is None:
             return ReferenceRows(self.reference_sums, self.reference.path)
-        if self.reference_sums is not None:
-            scatter_reference_rows(self.reference_sums, self.reference.path, self.values, self.stamps,
-                                   self.coders)
-            self.reference_sums = None
-        present = self.stamps != 0
-        self.stamps = None
+        if self.one_array:  # the reference's cells are the slice: so are the matching files'
+            present = self.stamps != 0
+            first = self._reference_first_cell
+            present[first:first + self.reference.schema.num_rows] = True
+        else:
+            if self.reference_sums is not None:
+                scatter_reference_rows(self.reference_sums, self.reference.path, self.values, self.stamps,
+                                       self.coders)
+            present = self.stamps != 0
+        self.reference_sums = self.stamps = None
         return Cells(self.grid, self.values, present)
+
+
+def _reference_cells(reference_path: str, coders: CellCoders):
+    """The grid cells of the reference's rows, one row group at a time (each valid until the next)."""
+    pf = contract.open_parquet(reference_path)
+    for rg in range(pf.metadata.num_row_groups):
+        yield coders.cells(_read_row_group(pf, rg, list(contract.KEY_COLUMNS), reference_path), reference_path)
 
 
 def scatter_reference_rows(sums: np.ndarray, reference_path: str, values: np.ndarray, stamps: np.ndarray,
@@ -581,7 +619,7 @@ def _leaf(paths: list[str], reference_path: str, decoded: bool) -> Partial:
             acc.add_file(path, part)
             progress.add(storage.size_bytes(path))
         progress.send()
-        aligned_bytes = 0 if acc.reference_sums is None else acc.reference_sums.nbytes
+        aligned_bytes = 0 if acc.reference_sums is None or acc.one_array else acc.reference_sums.nbytes
         grid_bytes = acc.grid.cells * DENSE_LEAF_BYTES_PER_CELL if acc.grid is not None else 0
         part.data = acc.finish()
     part.peak_bytes = grid_bytes + aligned_bytes + acc.largest_chunk_bytes

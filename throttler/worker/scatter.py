@@ -161,6 +161,15 @@ def add_columns(into_values, into_present, columns, values, present):
             into_present[r, columns[c]] |= present[r, c]
 
 
+@numba.njit(cache=True, nogil=True)
+def runs_from(cells, start):
+    """True when ``cells[i] == start + i`` for every row (rows in grid order, no cell twice or skipped)."""
+    for i in range(cells.shape[0]):
+        if cells[i] != start + i:
+            return False
+    return True
+
+
 def _load_common_signatures() -> None:
     """Compile (or load from the disk cache) the signatures every run meets, at import.
 
@@ -175,6 +184,7 @@ def _load_common_signatures() -> None:
             grid_cells.compile((paths, dates, numba.int64[::1], i64, i64, i64, i64, i64, numba.int64[::1]))
     add_at_stamping.compile((numba.int64[::1], numba.float64[::1], numba.float64[::1], numba.uint8[::1], i64))
     scatter_add_stamping.compile((numba.int64[::1], numba.float64[::1], numba.float64[::1], numba.uint8[::1], i64))
+    runs_from.compile((numba.int64[::1], i64))
     add_columns.compile((numba.float64[:, ::1], numba.bool_[:, ::1], numba.int64[::1], numba.float64[:, ::1],
                          numba.bool_[:, ::1]))
 
