@@ -25,8 +25,8 @@ def _copy(source: str, target) -> str:
 
 
 def _counting_reference_decodes(monkeypatch) -> list[str]:
-    decoded, real = [], dense._reference_cells
-    monkeypatch.setattr(dense, "_reference_cells",
+    decoded, real = [], dense.reference_cells
+    monkeypatch.setattr(dense, "reference_cells",
                         lambda path, coders: (decoded.append(path), (yield from real(path, coders)))[1])
     return decoded
 
@@ -133,3 +133,19 @@ def test_a_duplicated_key_in_a_file_scattered_into_the_one_array_is_a_data_error
     pq.write_table(table.take(pa.array(rows[rows != 5])), dup)  # key 4 twice, key 5 absent
     with pytest.raises(DataError, match=r"dup\.parquet: duplicated"):
         dense.dense_leaf([dup, _copy(ref, tmp_path / "b.parquet"), ref], ref)
+
+
+def test_reference_rows_meeting_a_grid_in_the_merge_are_added_as_a_block(tmp_path, monkeypatch):
+    decoded, real = [], dense.reference_cells
+    monkeypatch.setattr(dense_merge, "reference_cells",
+                        lambda path, coders: (decoded.append(path), (yield from real(path, coders)))[1])
+    ref = write_sim(tmp_path / "ref.parquet", n_paths=30, n_dates=4, nan_frac=0.05)
+    shuffled = write_sim(tmp_path / "s.parquet", n_paths=33, n_dates=4, seed=3, shuffle=True, drop_paths=(2,))
+    paths = [ref, _copy(ref, tmp_path / "b.parquet"), shuffled]
+    rows, grid = dense.dense_leaf(paths[:2], ref), dense.dense_leaf(paths[2:], ref)
+    assert isinstance(rows.data, dense.ReferenceRows) and isinstance(grid.data, dense.Cells)
+    for partials in ([rows, grid], [grid, rows]):
+        summary = dense_merge.dense_final(partials, ref, str(tmp_path / "out.parquet"))
+        assert_matches_reference(tmp_path / "out.parquet", paths)
+        assert summary["rows"] == 33 * 4
+    assert decoded == [ref] and reference_order.known_count() == 1

@@ -474,7 +474,7 @@ class _Accumulator:
         if not self._reference_order_known:
             self._reference_first_cell = reference_order.first_cell(
                 self.reference.key_chunks, self.grid, self.reference.schema.num_rows,
-                lambda: _reference_cells(self.reference.path, self.coders))
+                lambda: reference_cells(self.reference.path, self.coders))
             self._reference_order_known = True
         return self._reference_first_cell
 
@@ -549,7 +549,7 @@ class _Accumulator:
         return Cells(self.grid, self.values, present)
 
 
-def _reference_cells(reference_path: str, coders: CellCoders):
+def reference_cells(reference_path: str, coders: CellCoders):
     """The grid cells of the reference's rows, one row group at a time (each valid until the next)."""
     pf = contract.open_parquet(reference_path)
     for rg in range(pf.metadata.num_row_groups):

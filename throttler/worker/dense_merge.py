@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from throttler.planning.memory_model import DENSE_PARTIAL_BYTES_PER_CELL
-from throttler.worker import allocator, contract, kernels, prefetch
+from throttler.worker import allocator, contract, kernels, prefetch, reference_order
 from throttler.worker.dense import (
     OUTPUT_BLOCK_CELLS,
     CellCoders,
@@ -28,6 +28,7 @@ from throttler.worker.dense import (
     Grid,
     ReferenceRows,
     domain,
+    reference_cells,
     scatter_reference_rows,
     union,
 )
@@ -72,11 +73,24 @@ def _merged(parts: list) -> Cells | ReferenceRows:
 def _with_reference_rows(grids: list[Cells], reference: ReferenceRows, decoded: bool) -> Cells:
     """The grids added over their union with the reference's domain, the reference rows scattered in."""
     cells = _added_grids(grids, domain([reference.reference_path], decoded=decoded))
+    coders = CellCoders(cells.grid)
+    first = _reference_first_cell(reference, cells.grid, coders)
+    if first is not None:  # the reference's rows are a run of the grid's cells: a block add
+        rows = slice(first, first + len(reference.values))
+        cells.values[rows] += reference.values
+        cells.present[rows] = True
+        return cells
     stamps = np.zeros(cells.grid.cells, np.uint8)
-    scatter_reference_rows(reference.values, reference.reference_path, cells.values, stamps,
-                           CellCoders(cells.grid))
+    scatter_reference_rows(reference.values, reference.reference_path, cells.values, stamps, coders)
     cells.present |= stamps != 0
     return cells
+
+
+def _reference_first_cell(reference: ReferenceRows, grid: Grid, coders: CellCoders) -> int | None:
+    path = reference.reference_path
+    pf = contract.open_parquet(path)
+    chunks = contract.key_chunks(pf, path, contract.check_schema(pf, path))
+    return reference_order.first_cell(chunks, grid, len(reference.values), lambda: reference_cells(path, coders))
 
 
 def _added_grids(grids: list[Cells], reference_grid: Grid | None) -> Cells:
