@@ -42,15 +42,18 @@ only where the dates are too spread out for a lookup table.
 Files whose key chunks are byte-identical to the reference's (the group's
 first file, as for ``aligned``) are added contiguously into an accumulator of
 the reference's rows, with no key decoding; that accumulator is scattered into
-the grid once per task, one row group of the reference's keys at a time.
+the grid once per task, one row group of the reference's keys at a time. When
+the reference's rows are a run of the grid's cells (sorted, every path x date
+of its range: :mod:`throttler.worker.reference_order`), that accumulator is the
+grid's slice instead: one array, nothing scattered at the end.
 
 Duplicates: each file stamps the cells it writes with its own number; a file
 whose rows stamp fewer cells than it has rows holds a duplicated key, a
 DataError naming the file and the key.
 
 Memory per task: the grid's accumulator (8 B/cell) and stamps (1 B/cell), the
-reference-rows accumulator when some file matches the reference (8 B/row), and
-one row group, whatever the number of files.
+reference-rows accumulator when some file matches the reference (8 B/row; none
+when it is the grid's slice), and one row group, whatever the number of files.
 """
 
 from __future__ import annotations
