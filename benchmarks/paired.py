@@ -6,6 +6,7 @@
     python benchmarks/paired.py --a dense-cluster@mixed --b aligned-cluster@aligned --pairs 7 --rounds 10
     python benchmarks/paired.py --a dense-cluster@shuffled --b dense-cluster@shuffled \
         --b-env THROTTLER_TASK_MMAP_THRESHOLD_BYTES=0    # one setting against another
+    python benchmarks/paired.py --a dense-cluster@shuffled --b duckdb@shuffled --idle-seconds 3   # idle workers
 
 Sub-second timings on a shared VM drift by tens of percent between one table and
 the next, more than the gaps being measured. This script runs method A and
@@ -18,7 +19,10 @@ pair alike; the table gives the median ratio with its spread. ``METHOD@LAYOUT``
 runs a method on one of aggregate.py's layouts (``aligned``, ``shuffled``,
 ``mixed``; default ``aligned``), as aggregate.py's methods take it. ``--a-env`` and
 ``--b-env`` (``NAME=VALUE``, repeatable) set environment variables of one side's
-processes (and of their cluster's workers, which inherit them). The cluster
+processes (and of their cluster's workers, which inherit them). ``--idle-seconds``
+pauses before each timed round, untimed (a daemon whose groups arrive apart:
+on a VM that hands freed memory back to its host, memory idle for a second or
+two must be faulted in again). The cluster
 methods start aggregate.py's LocalCluster (2 workers x 1 thread) once per
 process, so their rounds measure warm workers, as a long-running daemon has.
 """
