@@ -71,7 +71,8 @@ def _merged(parts: list) -> Cells | ReferenceRows:
 
 
 def _with_reference_rows(grids: list[Cells], reference: ReferenceRows, decoded: bool) -> Cells:
-    """The grids added over their union with the reference's domain, the reference rows scattered in."""
+    """The grids added over their union with the reference's domain, the reference rows added in: as a
+    block where they are a run of the grid's cells (:mod:`throttler.worker.reference_order`), else scattered."""
     cells = _added_grids(grids, domain([reference.reference_path], decoded=decoded))
     coders = CellCoders(cells.grid)
     first = _reference_first_cell(reference, cells.grid, coders)

@@ -73,7 +73,7 @@ def known_count() -> int:
 
 
 def forget() -> None:
-    """Forget every remembered answer (tests, and benchmarks measuring a first sight)."""
+    """Forget every remembered answer (for tests)."""
     with _known_lock:
         _known.clear()
 
