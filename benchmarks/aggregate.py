@@ -662,8 +662,16 @@ def _repo_relative(path) -> str:
     return str(resolved.relative_to(repo)) if resolved.is_relative_to(repo) else resolved.name
 
 
+def installed_version(package: str) -> str:
+    """The installed version of ``package``, or "not installed" (polars is optional: only its method needs it)."""
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
 def environment(args, files: list[str], warmed_bytes: int, load: tuple[float, float], runs) -> str:
-    versions = ", ".join(f"{p} {metadata.version(p)}" for p in
+    versions = ", ".join(f"{p} {installed_version(p)}" for p in
                          ("dask", "distributed", "pandas", "pyarrow", "numpy", "duckdb", "polars"))
     busy = [r["cpu_busy_before"] for rs in runs.values() for r in rs if r.get("cpu_busy_before") is not None]
     quiet = (f" Before each run the CPUs were {statistics.median(busy):.0%} busy (median; at most "
