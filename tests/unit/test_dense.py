@@ -268,10 +268,41 @@ def test_reference_rows_add_into_the_grid_as_numpy_add_at_does_whatever_their_or
     rng = np.random.default_rng(4)
     values = rng.random(len(cells))
     values[::97] = np.nan  # sums may hold NaN (an inf + -inf): added as they are
-    sums, stamps = rng.random(2200), np.zeros(2200, np.uint8)
-    expected_sums, expected_stamps = sums.copy(), stamps.copy()
+    sums, marks = rng.random(2200), dense.new_marks(2200)
+    expected_sums, expected_present = sums.copy(), np.zeros(2200, bool)
     np.add.at(expected_sums, cells, values)
-    expected_stamps[cells] = dense.REFERENCE_STAMP
-    scatter.add_at_stamping(cells, values, sums, stamps, dense.REFERENCE_STAMP)
+    expected_present[cells] = True
+    scatter.add_at_marking(cells, values, sums, marks)
     np.testing.assert_array_equal(sums, expected_sums)
-    np.testing.assert_array_equal(stamps, expected_stamps)
+    np.testing.assert_array_equal(dense.presence(marks, 2200), expected_present)
+    assert dense.marked_count(marks) == len(cells)
+
+
+def test_the_scatter_add_marks_each_cell_of_a_file_once_and_skips_nan_as_numpy_nansum_would():
+    from throttler.worker import scatter
+
+    rng = np.random.default_rng(11)
+    n_cells = 2203  # not a multiple of 8: the bitmap's last byte is partial
+    cells = rng.permutation(n_cells)[:1500].astype(np.int64)
+    values = rng.random(len(cells))
+    values[::41] = np.nan
+    sums, marks = rng.random(n_cells), dense.new_marks(n_cells)
+    expected = sums.copy()
+    np.add.at(expected, cells, np.where(np.isnan(values), 0.0, values))
+    nans, duplicate = scatter.scatter_add_marking(cells, values, sums, marks)
+    assert (nans, duplicate) == (int(np.isnan(values).sum()), scatter.NO_DUPLICATE)
+    np.testing.assert_array_equal(sums, expected)
+    present = np.zeros(n_cells, bool)
+    present[cells] = True
+    np.testing.assert_array_equal(dense.presence(marks, n_cells), present)
+    assert dense.marked_count(marks) == len(cells)
+
+
+def test_the_scatter_add_stops_at_a_files_first_repeated_cell():
+    from throttler.worker import scatter
+
+    cells = np.array([5, 9, 2203 - 1, 9, 5], np.int64)  # row 3 repeats row 1's cell
+    sums, marks = np.zeros(2203), dense.new_marks(2203)
+    nans, duplicate = scatter.scatter_add_marking(cells, np.ones(5), sums, marks)
+    assert (nans, duplicate) == (0, 3)
+    assert sums[[5, 9, 2202]].tolist() == [1.0, 1.0, 1.0]  # the rows before the repeat were added

@@ -74,9 +74,10 @@ GROUPBY_COMBINE_BASE_BYTES_PER_ROW = 36
 #: Groupby combine, per input: the partial held and its rows in the regroup's arrays.
 GROUPBY_PARTIAL_BYTES_PER_ROW = 70
 
-#: Dense leaf, per grid cell: float64 sums and uint8 stamps. A dense partial:
-#: float64 sums and a bool presence mask.
-DENSE_LEAF_BYTES_PER_CELL = 9
+#: Dense leaf, per grid cell, at its end: float64 sums, the bitmap of cells seen
+#: (1/8 B) and the bool presence made from it (the file's own bitmap freed
+#: first). A dense partial: float64 sums and a bool presence mask.
+DENSE_LEAF_BYTES_PER_CELL = 8 + 1 / 8 + 1
 DENSE_PARTIAL_BYTES_PER_CELL = 9
 
 #: Dense leaf, once per worker process: numba, LLVM and the compiled loops of
@@ -204,13 +205,13 @@ def _aligned_peaks(largest: FileInfo, combine_inputs: int, final_inputs: int) ->
 
 
 def _dense_peaks(largest: FileInfo, combine_inputs: int, final_inputs: int) -> TaskPeaks:
-    """Dense: leaves hold the grid's sums and stamps, the reference-rows sums and, like an
+    """Dense: leaves hold the grid's sums and presence, the reference-rows sums and, like an
     aligned leaf, the file mapped plus its decoded bytes (a bound on one row group); files
     are streamed, so files per leaf cost no memory. Merges hold k + 1 grids of partials."""
     cells, rows = grid_cells(largest), largest.rows
     cell = DENSE_PARTIAL_BYTES_PER_CELL
     return TaskPeaks(
-        leaf_bytes=(cells * DENSE_LEAF_BYTES_PER_CELL + rows * ACCUMULATOR_BYTES_PER_ROW + largest.size_bytes
+        leaf_bytes=(int(cells * DENSE_LEAF_BYTES_PER_CELL) + rows * ACCUMULATOR_BYTES_PER_ROW + largest.size_bytes
                     + largest.decoded_bytes + TASK_OVERHEAD_BYTES + DENSE_COMPILED_CODE_BYTES),
         combine_bytes=cells * cell * (combine_inputs + 1) + TASK_OVERHEAD_BYTES if combine_inputs else 0,
         final_bytes=cells * cell * (final_inputs + 1) + DENSE_OUTPUT_BLOCK_BYTES + TASK_OVERHEAD_BYTES,

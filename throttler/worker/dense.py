@@ -31,7 +31,7 @@ Date codes: a lookup table indexed by ``(date - lo) / step`` (step: the gcd of
 the gaps between the file's distinct dates; one day for dates) maps 1M dates in
 1.1 ms, against 6 ms for ``pc.index_in`` and 36 ms for ``np.searchsorted``. The
 codes are checked by mapping them back (a wrong domain is an error, never a
-wrong sum). Cells, scatter-add and stamps are compiled loops
+wrong sum). Cells and the scatter-add with its marks are compiled loops
 (:mod:`throttler.worker.scatter`, numba): on a shuffled 6M-row file, cells
 about 4 ms against 25 ms in numpy, the scatter-add about 14 ms with software
 prefetch (37 ms without, 83 ms for ``np.add.at``, itself faster than
@@ -47,11 +47,13 @@ the reference's rows are a run of the grid's cells (sorted, every path x date
 of its range: :mod:`throttler.worker.reference_order`), that accumulator is the
 grid's slice instead: one array, nothing scattered at the end.
 
-Duplicates: each file stamps the cells it writes with its own number; a file
-whose rows stamp fewer cells than it has rows holds a duplicated key, a
-DataError naming the file and the key.
+Duplicates: each file marks the cells it writes in a bitmap of its own
+(cleared before the file, OR-ed into the leaf's bitmap of cells seen after it);
+a row whose cell the file already marked repeats a key, a DataError naming the
+file and the key.
 
-Memory per task: the grid's accumulator (8 B/cell) and stamps (1 B/cell), the
+Memory per task: the grid's accumulator (8 B/cell), two bitmaps (1/8 B/cell
+each) and, at the leaf's end, the bool presence made from them (1 B/cell), the
 reference-rows accumulator when some file matches the reference (8 B/row; none
 when it is the grid's slice), and one row group, whatever the number of files.
 """
@@ -76,7 +78,7 @@ from throttler.worker.kernels import Partial
 from throttler.worker.progress import FileProgress
 
 #: The most cells a grid may have, whatever the planner estimated: 2**27 cells is
-#: 1.1 GiB of leaf accumulator and stamps. A bigger grid is refused at run time
+#: 1.1 GiB of leaf accumulator and presence. A bigger grid is refused at run time
 #: with GridTooLarge (a MisalignedKeys, so ``auto`` falls back to ``sum``).
 MAX_GRID_CELLS = 1 << 27
 
@@ -86,10 +88,6 @@ MAX_DATE_TABLE_ENTRIES = 1 << 22
 #: Grid cells one output row group covers (so it has at most that many rows).
 OUTPUT_BLOCK_CELLS = kernels.OUTPUT_ROW_GROUP_ROWS
 
-#: Stamps (uint8, 1 B/cell: cheaper random writes than wider ones): 0 for a cell no file
-#: had, SEEN_STAMP for one an earlier file had, the reference's keys REFERENCE_STAMP,
-#: other files count up from FIRST_STAMP and start again after LAST_STAMP.
-SEEN_STAMP, FIRST_STAMP, LAST_STAMP, REFERENCE_STAMP = 1, 2, 254, 255
 
 
 class GridTooLarge(MisalignedKeys):
@@ -419,13 +417,14 @@ def _one_array(column: pa.ChunkedArray, view=None) -> np.ndarray:
     return view(column.chunk(0)) if column.num_chunks == 1 else np.concatenate([view(c) for c in column.chunks])
 
 
-def _scatter(sums: np.ndarray, stamps: np.ndarray, stamp: int, cells: np.ndarray, column: pa.ChunkedArray,
+def _scatter(sums: np.ndarray, marks: np.ndarray, cells: np.ndarray, column: pa.ChunkedArray,
              pf, path: str) -> int:
-    """Add one row group's values into ``sums`` at ``cells``, stamping them (NaN and nulls skipped);
-    returns their count. A cell the file already stamped is a duplicated key: a DataError naming it."""
+    """Add one row group's values into ``sums`` at ``cells``, marking them in the file's bitmap (NaN
+    and nulls skipped); returns their count. A cell the file already marked is a duplicated key: a
+    DataError naming it."""
     values = column.to_numpy() if column.null_count == 0 else column.to_numpy(zero_copy_only=False)
-    nans, duplicate = _compiled().scatter_add_stamping(cells, np.ascontiguousarray(values, np.float64), sums,
-                                                       stamps, stamp)
+    nans, duplicate = _compiled().scatter_add_marking(cells, np.ascontiguousarray(values, np.float64), sums,
+                                                      marks)
     if duplicate != _compiled().NO_DUPLICATE:
         contract.sort_keys(*contract.read_keys(pf, path), path)  # raises with the duplicated key
         raise DataError(f"{path}: duplicated (path, Date) key")
@@ -443,8 +442,23 @@ def _values(column: pa.ChunkedArray, part: Partial) -> np.ndarray:
 # --------------------------------------------------------------------------- leaf
 
 
+def new_marks(cells: int) -> np.ndarray:
+    """A cleared bitmap of ``cells`` cells: bit ``c & 7`` of byte ``c >> 3`` (uint8, so no byte order)."""
+    return np.zeros((cells + 7) // 8, np.uint8)
+
+
+def marked_count(marks: np.ndarray) -> int:
+    """How many cells ``marks`` holds."""
+    return int(np.bitwise_count(marks).sum())
+
+
+def presence(marks: np.ndarray, cells: int) -> np.ndarray:
+    """The bool presence of each of ``cells`` cells (a fresh array) from a bitmap."""
+    return np.unpackbits(marks, count=cells, bitorder="little").view(bool)
+
+
 class _Accumulator:
-    """The grid's sums and stamps, plus the reference-rows sums of byte-identical files.
+    """The grid's sums and bitmaps of marks, plus the reference-rows sums of byte-identical files.
 
     The grid is made when the first file that must scatter comes: a leaf whose
     files all match the reference never makes one.
@@ -454,16 +468,16 @@ class _Accumulator:
         self.paths, self.decoded = paths, decoded
         self.reference = kernels._Reference(reference_path, lazy=True)
         self.grid: Grid | None = None
-        self.values = self.stamps = self.coders = None
+        self.values = self.coders = None
+        self.marks = self.seen = None  #: bitmaps: the cells of the file being added, of the files before it
         self.reference_sums: np.ndarray | None = None  #: allocated when a file matches the reference
-        self.next_stamp = FIRST_STAMP
         self.largest_chunk_bytes = 0
         self._reference_first_cell: int | None = None
         self._reference_order_known = False
 
     def _make_grid(self) -> None:
         self.grid = grid = domain(self.paths, self.reference.schema.date_type, self.decoded)
-        self.stamps = np.zeros(grid.cells, np.uint8)
+        self.marks, self.seen = new_marks(grid.cells), new_marks(grid.cells)
         self.coders = CellCoders(grid)
         self.values = np.zeros(grid.cells, np.float64)
         if self.reference_sums is not None and self.reference_first_cell() is not None:
@@ -523,32 +537,34 @@ class _Accumulator:
     def _add_scattered(self, pf, path: str, part: Partial) -> None:
         if self.grid is None:
             self._make_grid()
-        if self.next_stamp > LAST_STAMP:  # every stamp used: older files' cells become "seen"
-            self.stamps[(self.stamps >= FIRST_STAMP) & (self.stamps <= LAST_STAMP)] = SEEN_STAMP
-            self.next_stamp = FIRST_STAMP
-        stamp, self.next_stamp = self.next_stamp, self.next_stamp + 1
+        self.marks.fill(0)
         held = 2 if storage.is_url(path) else 1  # the row group being added, and the next one arriving
         with contextlib.closing(_row_groups(pf, path)) as tables:
             for table in tables:
                 cells = self.coders.cells(table, path)
-                part.nan_count += _scatter(self.values, self.stamps, stamp, cells,
-                                           table.column(contract.VALUE_COLUMN), pf, path)
+                part.nan_count += _scatter(self.values, self.marks, cells, table.column(contract.VALUE_COLUMN), pf,
+                                           path)
                 self.largest_chunk_bytes = max(self.largest_chunk_bytes, held * table.nbytes + 2 * cells.nbytes)
+        np.bitwise_or(self.seen, self.marks, out=self.seen)
 
     def finish(self) -> Cells | ReferenceRows:
         """The grid's sums and presence, the reference-rows sums scattered in; or those sums alone."""
         if self.grid is None:
             return ReferenceRows(self.reference_sums, self.reference.path)
         if self.one_array:  # the reference's cells are the slice: so are the matching files'
-            present = self.stamps != 0
+            self.marks = None
+            present = presence(self.seen, self.grid.cells)
             first = self._reference_first_cell
             present[first:first + self.reference.schema.num_rows] = True
         else:
             if self.reference_sums is not None:
-                scatter_reference_rows(self.reference_sums, self.reference.path, self.values, self.stamps,
+                self.marks.fill(0)
+                scatter_reference_rows(self.reference_sums, self.reference.path, self.values, self.marks,
                                        self.coders)
-            present = self.stamps != 0
-        self.reference_sums = self.stamps = None
+                np.bitwise_or(self.seen, self.marks, out=self.seen)
+            self.marks = None
+            present = presence(self.seen, self.grid.cells)
+        self.reference_sums = self.seen = None
         return Cells(self.grid, self.values, present)
 
 
@@ -559,9 +575,10 @@ def reference_cells(reference_path: str, coders: CellCoders):
         yield coders.cells(_read_row_group(pf, rg, list(contract.KEY_COLUMNS), reference_path), reference_path)
 
 
-def scatter_reference_rows(sums: np.ndarray, reference_path: str, values: np.ndarray, stamps: np.ndarray,
+def scatter_reference_rows(sums: np.ndarray, reference_path: str, values: np.ndarray, marks: np.ndarray,
                            coders: CellCoders) -> None:
-    """Add sums in the reference's row order into a grid at the reference's cells, stamping them.
+    """Add sums in the reference's row order into a grid at the reference's cells, marking them in
+    ``marks`` (a cleared bitmap).
 
     The reference's keys are read (one row group at a time) and checked unique.
     """
@@ -569,9 +586,9 @@ def scatter_reference_rows(sums: np.ndarray, reference_path: str, values: np.nda
     for rg in range(pf.metadata.num_row_groups):
         cells = coders.cells(_read_row_group(pf, rg, list(contract.KEY_COLUMNS), reference_path), reference_path)
         # sums, not inputs: a NaN here is an inf + -inf, which the output must keep
-        _compiled().add_at_stamping(cells, sums[offset:offset + len(cells)], values, stamps, REFERENCE_STAMP)
+        _compiled().add_at_marking(cells, sums[offset:offset + len(cells)], values, marks)
         offset += len(cells)
-    check_unique(stamps, REFERENCE_STAMP, pf, reference_path)
+    check_unique(marks, pf, reference_path)
 
 
 def _row_groups(pf, path: str):
@@ -582,9 +599,9 @@ def _row_groups(pf, path: str):
     return prefetch.ahead(tables) if storage.is_url(path) else tables
 
 
-def check_unique(stamps: np.ndarray, stamp: int, pf, path: str) -> None:
-    """Every row of the file stamped a cell of its own, or it repeats a key (a DataError naming it)."""
-    if np.count_nonzero(stamps == stamp) != pf.metadata.num_rows:
+def check_unique(marks: np.ndarray, pf, path: str) -> None:
+    """Every row of the file marked a cell of its own, or it repeats a key (a DataError naming it)."""
+    if marked_count(marks) != pf.metadata.num_rows:
         contract.sort_keys(*contract.read_keys(pf, path), path)  # raises with the duplicated key
         raise DataError(f"{path}: duplicated (path, Date) key")
 
@@ -623,7 +640,7 @@ def _leaf(paths: list[str], reference_path: str, decoded: bool) -> Partial:
             progress.add(storage.size_bytes(path))
         progress.send()
         aligned_bytes = 0 if acc.reference_sums is None or acc.one_array else acc.reference_sums.nbytes
-        grid_bytes = acc.grid.cells * DENSE_LEAF_BYTES_PER_CELL if acc.grid is not None else 0
+        grid_bytes = int(acc.grid.cells * DENSE_LEAF_BYTES_PER_CELL) if acc.grid is not None else 0
         part.data = acc.finish()
     part.peak_bytes = grid_bytes + aligned_bytes + acc.largest_chunk_bytes
     return part

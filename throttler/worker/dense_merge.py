@@ -28,6 +28,8 @@ from throttler.worker.dense import (
     Grid,
     ReferenceRows,
     domain,
+    new_marks,
+    presence,
     reference_cells,
     scatter_reference_rows,
     union,
@@ -81,9 +83,9 @@ def _with_reference_rows(grids: list[Cells], reference: ReferenceRows, decoded: 
         cells.values[rows] += reference.values
         cells.present[rows] = True
         return cells
-    stamps = np.zeros(cells.grid.cells, np.uint8)
-    scatter_reference_rows(reference.values, reference.reference_path, cells.values, stamps, coders)
-    cells.present |= stamps != 0
+    marks = new_marks(cells.grid.cells)
+    scatter_reference_rows(reference.values, reference.reference_path, cells.values, marks, coders)
+    cells.present |= presence(marks, cells.grid.cells)
     return cells
 
 

@@ -1,4 +1,4 @@
-"""Compiled loops of the ``dense`` strategy (numba): grid cells, scatter-add with stamps.
+"""Compiled loops of the ``dense`` strategy (numba): grid cells, scatter-add with a bitmap of marks.
 
 numpy needs a temporary and a pass per step for a row group's cells (widen the
 paths, multiply, gather the date codes, add, check the range) and its
@@ -6,7 +6,7 @@ paths, multiply, gather the date codes, add, check the range) and its
 the range checks inside, into reused buffers. Measured in one process on a
 shuffled 6M-row file (grid of 6.3M cells; the machine shared, so ratios only):
 cells 4 ms against 25 ms for numpy, scatter-add 37 ms against 83 ms for
-``np.add.at``. Fusing the cell computation, the add and the stamp into a single
+``np.add.at``. Fusing the cell computation, the add and the mark into a single
 loop was measured too, and was 4-5x *slower* than these separate passes: the
 fused loop's random writes into the grid no longer overlap (each waits on its
 cache miss), while a loop whose cell indices are already in an array keeps many
@@ -20,9 +20,13 @@ EPYC, 2 MiB L2, 32 MiB L3): 6.5 ms without, 3.3 / 2.6 / 2.3 / 2.3 / 2.6 ms
 prefetching 64 / 96 / 128 / 256 / 512 rows ahead; a 6M-row file's scatter-add
 went from about 39 to 14 ms inside a leaf. Partitioning the rows by cell range
 first (a radix pass, so each part's writes stay in L2) was slower: 11-14 ms.
-With both lines prefetched, the add and the stamp are now one pass
-(:func:`scatter_add_stamping`: 3.3 against 4.0-4.9 ms for the two passes),
-which also finds a file's repeated key as it stamps.
+The add and the duplicate check are one pass (:func:`scatter_add_marking`:
+3.3 against 4.0-4.9 ms for two passes), which finds a file's repeated key as
+it marks. The marks were uint8 stamps (1 B/cell) and are now a bitmap of the
+file's cells (1 bit/cell): on a day this VM's random accesses ran about eight
+times slower than above (a million shuffled rows in 25-28 ms, prefetched or
+not), the stamps' 6.3 MB were a second cache miss a row, the bitmap's 790 KB
+stay in L2: 20 ms against 25-28 for the same rows.
 
 Compiled on the first call per argument types (int32 or int64 paths, date32 or
 timestamp dates) and cached on disk (``cache=True``): a fresh process loads the
@@ -98,32 +102,35 @@ def grid_cells(paths, dates, table, lo, step, path_min, n_paths, n_dates, out):
     return ALL_ROWS_IN_GRID
 
 
-#: returned by :func:`scatter_add_stamping` as its duplicate row when every row had a cell of its own
+#: returned by :func:`scatter_add_marking` as its duplicate row when every row had a cell of its own
 NO_DUPLICATE = -1
 
 
 @numba.njit(cache=True, nogil=True)
-def scatter_add_stamping(cells, values, sums, stamps, stamp):
-    """``sums[cells[i]] += values[i]`` (NaN values skipped) and ``stamps[cells[i]] = stamp``, in one pass.
+def scatter_add_marking(cells, values, sums, marks):
+    """``sums[cells[i]] += values[i]`` (NaN values skipped) and bit ``cells[i]`` of ``marks`` set, in one pass.
 
     Returns (NaN count, first duplicate row). IEEE addition, as numpy's:
     ``inf + -inf`` gives NaN in the sum.
 
-    A row whose cell already holds ``stamp`` repeats a key of the same file:
-    its index is returned (NO_DUPLICATE when none), and the loop stops there.
-    With both lines prefetched, one pass beat two: 3.3 against 4.0-4.9 ms for
-    1M shuffled rows (it reads the cells once).
+    ``marks`` is the file's bitmap (uint8, bit ``c & 7`` of byte ``c >> 3``),
+    cleared by the caller before the file: a row whose bit is already set
+    repeats a key of the same file, its index is returned (NO_DUPLICATE when
+    none) and the loop stops there. A bitmap of a 6.3M-cell grid is 790 KB and
+    stays in L2, so each row's only cache miss is its sum's line, which is
+    prefetched; uint8 stamps (6.3 MB, a second miss a row) took 25-28 ms a
+    million shuffled rows against 20 ms for the bitmap (see the module docstring).
     """
     nans, n = 0, cells.shape[0]
     for i in range(n):
         if i + PREFETCH_ROWS_AHEAD < n:
-            ahead = cells[i + PREFETCH_ROWS_AHEAD]
-            _prefetch_for_write(sums, ahead)
-            _prefetch_for_write(stamps, ahead)
+            _prefetch_for_write(sums, cells[i + PREFETCH_ROWS_AHEAD])
         c = cells[i]
-        if stamps[c] == stamp:
+        byte, bit = c >> 3, np.uint8(1 << (c & 7))
+        mark = marks[byte]
+        if mark & bit:
             return nans, i
-        stamps[c] = stamp
+        marks[byte] = mark | bit
         v = values[i]
         if np.isnan(v):
             nans += 1
@@ -133,18 +140,17 @@ def scatter_add_stamping(cells, values, sums, stamps, stamp):
 
 
 @numba.njit(cache=True, nogil=True)
-def add_at_stamping(cells, values, sums, stamps, stamp):
+def add_at_marking(cells, values, sums, marks):
     """``sums[cells[i]] += values[i]`` for every value (sums already holding NaN from ``inf + -inf``)
-    and ``stamps[cells[i]] = stamp``, in one prefetched pass (sorted cells, a sorted reference's, run
-    as fast as a block add: 0.79 against 0.75 ms for a million rows)."""
+    and bit ``cells[i]`` of ``marks`` set, in one prefetched pass (sorted cells, a sorted reference's,
+    run as fast as a block add)."""
     n = cells.shape[0]
     for i in range(n):
         if i + PREFETCH_ROWS_AHEAD < n:
-            ahead = cells[i + PREFETCH_ROWS_AHEAD]
-            _prefetch_for_write(sums, ahead)
-            _prefetch_for_write(stamps, ahead)
-        sums[cells[i]] += values[i]
-        stamps[cells[i]] = stamp
+            _prefetch_for_write(sums, cells[i + PREFETCH_ROWS_AHEAD])
+        c = cells[i]
+        sums[c] += values[i]
+        marks[c >> 3] |= np.uint8(1 << (c & 7))
 
 
 @numba.njit(cache=True, nogil=True)
@@ -182,8 +188,8 @@ def _load_common_signatures() -> None:
     for paths in ints:
         for dates in ints:
             grid_cells.compile((paths, dates, numba.int64[::1], i64, i64, i64, i64, i64, numba.int64[::1]))
-    add_at_stamping.compile((numba.int64[::1], numba.float64[::1], numba.float64[::1], numba.uint8[::1], i64))
-    scatter_add_stamping.compile((numba.int64[::1], numba.float64[::1], numba.float64[::1], numba.uint8[::1], i64))
+    add_at_marking.compile((numba.int64[::1], numba.float64[::1], numba.float64[::1], numba.uint8[::1]))
+    scatter_add_marking.compile((numba.int64[::1], numba.float64[::1], numba.float64[::1], numba.uint8[::1]))
     runs_from.compile((numba.int64[::1], i64))
     add_columns.compile((numba.float64[:, ::1], numba.bool_[:, ::1], numba.int64[::1], numba.float64[:, ::1],
                          numba.bool_[:, ::1]))
