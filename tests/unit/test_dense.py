@@ -306,3 +306,44 @@ def test_the_scatter_add_stops_at_a_files_first_repeated_cell():
     nans, duplicate = scatter.scatter_add_marking(cells, np.ones(5), sums, marks)
     assert (nans, duplicate) == (0, 3)
     assert sums[[5, 9, 2202]].tolist() == [1.0, 1.0, 1.0]  # the rows before the repeat were added
+
+
+def _random_cells(rng, path_min: int, path_max: int, dates_ns: np.ndarray, present_share: float) -> dense.Cells:
+    grid = dense.Grid(path_min, path_max, dates_ns, pa.date32())
+    values = rng.normal(size=grid.cells)
+    values[rng.random(grid.cells) < 0.02] = np.inf
+    values[rng.random(grid.cells) < 0.02] = -np.inf  # some cells sum inf + -inf: NaN in the output
+    present = rng.random(grid.cells) < present_share
+    values[~present] = 0.0  # as a leaf leaves them: nothing added
+    return dense.Cells(grid, values, present)
+
+
+@pytest.mark.parametrize("block_cells", [7, 30, 1 << 20])  # a block of less than one path, a few paths, all
+def test_the_final_adds_grids_block_by_block_exactly_as_their_whole_sum(tmp_path, monkeypatch, block_cells):
+    from throttler.worker.kernels import Partial
+
+    rng = np.random.default_rng(21)
+    day = 86_400 * 10**9
+    all_dates = np.arange(12, dtype=np.int64) * day
+    grids = [_random_cells(rng, 0, 20, all_dates, 1.0),  # every cell present
+             _random_cells(rng, 15, 40, all_dates[::2], 0.5),  # wider paths, fewer dates
+             _random_cells(rng, 38, 38, all_dates[3:4], 1.0)]  # one path, one date
+    monkeypatch.setattr(dense_merge, "OUTPUT_BLOCK_CELLS", block_cells)
+    partials = [Partial(dataclasses.replace(c)) for c in grids]
+    for p in partials:
+        p.date_type = pa.date32()
+    streamed = dense_merge.dense_final(partials, "unused", str(tmp_path / "streamed.parquet"))
+    whole = dense_merge.dense_final([dense_merge.dense_combine(partials)], "unused", str(tmp_path / "whole.parquet"))
+
+    expected = {}
+    for c in grids:
+        for i in np.flatnonzero(c.present):
+            key = (c.grid.path_min + i // c.grid.n_dates, int(c.grid.dates_ns[i % c.grid.n_dates]))
+            expected[key] = expected.get(key, 0.0) + c.values[i]
+    table = pq.read_table(tmp_path / "streamed.parquet")
+    assert table.equals(pq.read_table(tmp_path / "whole.parquet"))
+    assert streamed["rows"] == whole["rows"] == len(expected) == table.num_rows
+    keys = list(zip(table.column("path").to_pylist(),
+                    table.column("Date").cast(pa.timestamp("ns")).cast(pa.int64()).to_pylist()))
+    assert keys == sorted(expected)
+    np.testing.assert_array_equal(table.column("value").to_numpy(), np.array([expected[k] for k in keys]))

@@ -207,7 +207,9 @@ def _aligned_peaks(largest: FileInfo, combine_inputs: int, final_inputs: int) ->
 def _dense_peaks(largest: FileInfo, combine_inputs: int, final_inputs: int) -> TaskPeaks:
     """Dense: leaves hold the grid's sums and presence, the reference-rows sums and, like an
     aligned leaf, the file mapped plus its decoded bytes (a bound on one row group); files
-    are streamed, so files per leaf cost no memory. Merges hold k + 1 grids of partials."""
+    are streamed, so files per leaf cost no memory. Merges hold k + 1 grids of partials (a final
+    over grids alone holds its k and two output blocks: k + 1 bounds it and the final that meets
+    reference rows, which adds them into a fresh grid first)."""
     cells, rows = grid_cells(largest), largest.rows
     cell = DENSE_PARTIAL_BYTES_PER_CELL
     return TaskPeaks(

@@ -125,17 +125,24 @@ class Cells:
     values: np.ndarray  #: float64, one per cell
     present: np.ndarray  #: bool, one per cell
 
-    def add_into(self, values: np.ndarray, present: np.ndarray, target: Grid) -> None:
-        """Add these cells into arrays over ``target``, a grid holding this one (O(cells), no scatter)."""
+    def add_into(self, values: np.ndarray, present: np.ndarray, target: Grid, first_path: int | None = None) -> None:
+        """Add these cells into arrays over ``target``, a grid holding this one (O(cells), no scatter).
+
+        The arrays cover the target's paths from ``first_path`` (its first by
+        default), as many whole paths as they hold: a block of the target.
+        """
         grid = self.grid
-        if not grid.cells:
+        if not grid.cells or not target.n_dates:
             return
-        first = grid.path_min - target.path_min
-        rows = slice(first, first + grid.path_max - grid.path_min + 1)
-        into_values = values.reshape(-1, target.n_dates)[rows]
-        into_present = present.reshape(-1, target.n_dates)[rows]
-        mine_values = self.values.reshape(-1, grid.n_dates)
-        mine_present = self.present.reshape(-1, grid.n_dates)
+        first_path = target.path_min if first_path is None else first_path
+        lo = max(grid.path_min, first_path)
+        hi = min(grid.path_max, first_path + len(values) // target.n_dates - 1)
+        if lo > hi:
+            return
+        into_values = values.reshape(-1, target.n_dates)[lo - first_path:hi - first_path + 1]
+        into_present = present.reshape(-1, target.n_dates)[lo - first_path:hi - first_path + 1]
+        mine_values = self.values.reshape(-1, grid.n_dates)[lo - grid.path_min:hi - grid.path_min + 1]
+        mine_present = self.present.reshape(-1, grid.n_dates)[lo - grid.path_min:hi - grid.path_min + 1]
         if grid.n_dates == target.n_dates:  # same dates: plain adds of a block of rows
             into_values += mine_values
             into_present |= mine_present
