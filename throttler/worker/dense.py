@@ -89,7 +89,6 @@ MAX_DATE_TABLE_ENTRIES = 1 << 22
 OUTPUT_BLOCK_CELLS = kernels.OUTPUT_ROW_GROUP_ROWS
 
 
-
 class GridTooLarge(MisalignedKeys):
     """The group's key grid exceeds MAX_GRID_CELLS: sum it with the hash-based strategy."""
 

@@ -189,7 +189,7 @@ def _summed_blocks(grids: list[Cells], target: Grid):
         return
     paths_per_block = _block_paths(target)
     for first_path in range(target.path_min, target.path_max + 1, paths_per_block):
-        n_cells = (min(paths_per_block, target.path_max - first_path + 1)) * target.n_dates
+        n_cells = min(paths_per_block, target.path_max - first_path + 1) * target.n_dates
         values, present = np.zeros(n_cells, np.float64), np.zeros(n_cells, bool)
         with np.errstate(invalid="ignore"):  # inf + -inf is NaN, as the contract says
             for cells in grids:
