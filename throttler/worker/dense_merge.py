@@ -139,7 +139,7 @@ def dense_final(partials: list[Partial], reference_path: str, output_path: str) 
         return _write_reference_rows(total, reference_path, output_path, started)
     grid = total.data.grid
     schema = output_schema(grid.date_type)
-    dates = contract.ns_to_date_type(grid.dates_ns, grid.date_type) if grid.n_dates else pa.array([], grid.date_type)
+    dates = _output_dates(grid)
     rows = int(np.count_nonzero(total.data.present))
     with contextlib.closing(prefetch.ahead(_output_blocks(_grid_blocks(total.data), grid, dates))) as tables:
         written = write_tables(output_path, schema, tables)
@@ -154,13 +154,18 @@ def _write_summed_grids(partials: list[Partial], output_path: str, started: floa
         total.absorb_stats(p)
     grids = [p.data for p in partials]
     grid = union([c.grid for c in grids], "dense final")
-    dates = contract.ns_to_date_type(grid.dates_ns, grid.date_type) if grid.n_dates else pa.array([], grid.date_type)
+    dates = _output_dates(grid)
     rows = [0]  # present cells written, counted as the blocks are made
     blocks = _counted(_summed_blocks(grids, grid), rows)
     with contextlib.closing(prefetch.ahead(_output_blocks(blocks, grid, dates))) as tables:
         written = write_tables(output_path, output_schema(grid.date_type), tables)
     peak = max(total.peak_bytes, sum(_held_bytes(c) for c in grids) + 2 * _block_bytes(grid))
     return kernels._summary(total, written, rows[0], peak, started, output_path, "dense")
+
+
+def _output_dates(grid: Grid) -> pa.Array:
+    """The grid's dates as the output's ``Date`` type."""
+    return contract.ns_to_date_type(grid.dates_ns, grid.date_type) if grid.n_dates else pa.array([], grid.date_type)
 
 
 def _block_bytes(grid: Grid) -> int:

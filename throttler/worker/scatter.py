@@ -23,10 +23,13 @@ first (a radix pass, so each part's writes stay in L2) was slower: 11-14 ms.
 The add and the duplicate check are one pass (:func:`scatter_add_marking`:
 3.3 against 4.0-4.9 ms for two passes), which finds a file's repeated key as
 it marks. The marks were uint8 stamps (1 B/cell) and are now a bitmap of the
-file's cells (1 bit/cell): on a day this VM's random accesses ran about eight
-times slower than above (a million shuffled rows in 25-28 ms, prefetched or
-not), the stamps' 6.3 MB were a second cache miss a row, the bitmap's 790 KB
-stay in L2: 20 ms against 25-28 for the same rows.
+file's cells (1 bit/cell): the stamps' 6.3 MB were a second cache miss a row,
+the bitmap's 790 KB stay in L2. On a day this VM's random accesses ran about
+eight times slower than above (a million shuffled rows in 25-28 ms), one
+process alone showed no clear gain (20 against 25-28 ms once, equal on a
+re-run; a leaf's 0.78 s of scatter-adds either way); two leaves side by side in
+the workers, sharing the L3, did: the whole shuffled group 0.925 (0.889-1.023)
+of the stamps' time in pairs of processes.
 
 Compiled on the first call per argument types (int32 or int64 paths, date32 or
 timestamp dates) and cached on disk (``cache=True``): a fresh process loads the
@@ -118,8 +121,7 @@ def scatter_add_marking(cells, values, sums, marks):
     repeats a key of the same file, its index is returned (NO_DUPLICATE when
     none) and the loop stops there. A bitmap of a 6.3M-cell grid is 790 KB and
     stays in L2, so each row's only cache miss is its sum's line, which is
-    prefetched; uint8 stamps (6.3 MB, a second miss a row) took 25-28 ms a
-    million shuffled rows against 20 ms for the bitmap (see the module docstring).
+    prefetched (uint8 stamps were a second miss a row: see the module docstring).
     """
     nans, n = 0, cells.shape[0]
     for i in range(n):
