@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 from throttler import __version__
@@ -26,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ThrottlerError) as exc:
         print(f"throttler: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a command without signal handling of its own, stopped by Ctrl-C
+        print("throttler: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,7 +164,7 @@ def cmd_plan(args) -> int:
 
 
 def _run_parser(sub) -> None:
-    p = sub.add_parser("run", help="aggregate groups now and exit (1 if any failed, 2 on bad inputs)")
+    p = sub.add_parser("run", help="aggregate groups now and exit (1 if any failed, 2 on bad inputs, 128 + N on signal N)")
     p.add_argument("groups", nargs="+", metavar="GROUP")
     _add_data_flags(p)
     _add_cluster_flags(p)
@@ -184,12 +188,18 @@ def cmd_run(args) -> int:
     cfg = load(overrides={"data_root": args.data_root, "output": args.output, "manifest": args.manifest,
                           "memory_fraction": args.memory_fraction, "metrics_address": None}, environ={})
     display = ProgressDisplay(choose_mode(args.quiet), args.progress_seconds)
+    interrupt = run.Interrupt()
+    interrupt.install()  # before the cluster starts: a Ctrl-C then stops the run as soon as it connects
     client, cluster = _connect(args)
     try:
         results = run.run_groups(cfg, client, args.groups, args.strategy, display,
-                                 print_line=lambda line: print(line, flush=True), full=args.full)
+                                 print_line=lambda line: print(line, flush=True), full=args.full,
+                                 interrupt=interrupt)
     finally:
         _disconnect(client, cluster)
+    if results.stopped:
+        run.sweep_stopped(cfg.output, results.stopped)
+        return interrupt.exit_code
     return 1 if results.failed else 0
 
 

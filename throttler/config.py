@@ -116,7 +116,25 @@ def _read_toml(path: str) -> dict[str, Any]:
             data = tomllib.load(fh)
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"config file {path}: {exc}") from None
-    return data.get("throttler", data)
+    return _throttler_keys(data, path)
+
+
+def _throttler_keys(data: dict[str, Any], path: str) -> dict[str, Any]:
+    """The keys of a parsed TOML file: its top level, or its ``[throttler]`` table.
+
+    One or the other, never both: a table would otherwise hide the top-level keys
+    beside it (they would be dropped without a word). No other table is read.
+    """
+    if "throttler" not in data:
+        return data
+    table = data["throttler"]
+    if not isinstance(table, dict):
+        raise ConfigError(f"config file {path}: throttler must be a table ([throttler]), not {table!r}")
+    others = sorted(set(data) - {"throttler"})
+    if others:
+        raise ConfigError(f"config file {path}: key(s) {', '.join(others)} at top level and a [throttler] table; "
+                          "put every key at top level or every key under [throttler], not both")
+    return table
 
 
 def _from_environ(environ) -> dict[str, Any]:

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import os
 import re
+import signal
+import sys
 
 import pytest
 
-from tests.helpers.daemon import ExternalCluster, throttler_cli
+from tests.conftest import wait_for
+from tests.helpers.daemon import ExternalCluster, Proc, group_members, throttler_cli
 from tests.helpers.datafiles import assert_matches_reference, write_sim
 
 SEED_PATHS, SEED_DATES = 50_000, 120
@@ -23,10 +26,11 @@ SEED_PATHS, SEED_DATES = 50_000, 120
 @pytest.fixture(scope="module")
 def estate(tmp_path_factory):
     """'wide': 500 files (hard links of 2 seed-shaped files); 'twelve': 12 and 'sixty': 60 such files
-    (sizes chosen so that each strategy's group outlasts the old 2 s wait on an idle machine too)."""
+    (sizes chosen so that each strategy's group outlasts the old 2 s wait on an idle machine too);
+    'two': 2 such files (a group that ends while 'wide' is still early on)."""
     root = tmp_path_factory.mktemp("estate")
     physical = [write_sim(root / f"p{i}.parquet", SEED_PATHS, SEED_DATES, seed=i) for i in range(2)]
-    groups = {"wide": 500, "twelve": 12, "sixty": 60}
+    groups = {"wide": 500, "twelve": 12, "sixty": 60, "two": 2}
     for group, n in groups.items():
         (root / group).mkdir()
         for i in range(n):
@@ -77,6 +81,40 @@ def test_run_on_an_external_scheduler_with_quiet(estate, tmp_path):
     assert "progress " not in done.stderr
     assert re.search(r"^ok     twelve: 6,000,000 rows from 12 files in [\d.]+ s \(sum,", done.stdout, re.M), done.stdout
     assert_matches_reference(tmp_path / "out" / "twelve.parquet", files["twelve"])
+
+
+@pytest.mark.parametrize("signum, whole_group", [(signal.SIGINT, True), (signal.SIGTERM, False)],
+                         ids=["ctrl-c in a terminal", "sigterm from argo or timeout"])
+def test_an_interrupted_run_stops_at_once_and_leaves_nothing_behind(estate, tmp_path, signum, whole_group):
+    """Ctrl-C in a terminal (SIGINT to the command's whole process group, the embedded workers
+    included) and SIGTERM to the command alone (Argo, Kubernetes, ``timeout``), while a 500-file
+    group is some files in: the group that had ended keeps its line and output; the running one
+    gets a STOPPED line instead of running on (it has hundreds of files left); exit 128 + the signal;
+    no traceback, no output or temporary file of the stopped group, no private queue, no process left."""
+    root, files = estate
+    run_tmp, out = tmp_path / "tmp", tmp_path / "out"
+    run_tmp.mkdir()
+    command = Proc([sys.executable, "-m", "throttler", "run", "two", "wide", "--data-root", str(root),
+                    "--output", str(out), "--progress-seconds", "0.5", "--workers", "2",
+                    "--worker-memory-bytes", str(4 * 2**30)], tmp_path / "run.log", env={"TMPDIR": str(run_tmp)})
+    try:
+        wait_for(lambda: re.search(r"^ok     two: ", command.log(), re.M)
+                 and any(0 < n < len(files["wide"]) for n, _ in _progress(command.log(), "wide")), 240)
+        if whole_group:
+            os.killpg(command.pid, signum)
+        else:
+            command.signal(signum)
+        code = command.wait(60)
+        log = command.log()
+        assert code == 128 + signum, log
+        assert f"STOPPED wide: interrupted by {signal.Signals(signum).name} before it ended" in log, log
+        assert "Traceback" not in log and "KeyboardInterrupt" not in log, log
+        assert sorted(os.listdir(out)) == ["two.parquet"]  # wide: no output, no temporary
+        assert_matches_reference(out / "two.parquet", files["two"])
+        assert [n for n in os.listdir(run_tmp) if n.startswith("throttler-run-")] == []  # its private queue
+        wait_for(lambda: not group_members(command.pid), 15)  # the embedded workers too
+    finally:
+        command.kill_group()
 
 
 @pytest.mark.parametrize("case, expected", [

@@ -34,7 +34,7 @@ from tests.helpers.daemon import (
     throttler_cli,
     wait_closed,
 )
-from tests.helpers.datafiles import assert_matches_reference
+from tests.helpers.datafiles import assert_matches_reference, write_sim
 from throttler.commands import serve as daemon_mod
 
 WORKER_MEMORY_BYTES = 1_000_000_000
@@ -304,6 +304,32 @@ def test_main_loop_never_sleeps_past_the_next_watchdog_ping():
 def test_unknown_log_level_is_a_configuration_error(tmp_path):
     result = throttler_cli("serve", *serve_args(tmp_path), "--log-level", "verbose")
     assert result.returncode == 2 and "throttler: log_level must be one of" in result.stderr, result.stderr
+
+
+def test_ctrl_c_in_a_terminal_drains_a_daemon_on_its_embedded_cluster(tmp_path, daemons):
+    """A terminal's Ctrl-C is SIGINT to the whole foreground process group: the daemon and the
+    embedded cluster's worker processes alike. The workers ignore it, so the drain lets the running
+    group (80 seed-shaped files, several seconds) finish on them: done, its output complete, exit 0,
+    and no worker died of the signal."""
+    group = tmp_path / "data" / "long"
+    group.mkdir(parents=True)
+    physical = write_sim(tmp_path / "physical.parquet", 50_000, 120, seed=5)
+    files = [str(group / f"f{i:03d}.parquet") for i in range(80)]
+    for path in files:
+        os.link(physical, path)
+    daemon = daemons(serve_args(tmp_path, None, "--workers", "2", "--worker-memory-bytes", str(3 * 2**30),
+                                "--drain-timeout-seconds", "120"))
+    daemon.wait_ready(120)
+    assert throttler_cli("submit", "long", "--spool", str(tmp_path / "spool")).returncode == 0
+    daemon.wait_for_log("INFO throttler.service.service: submitted long", 60)
+    os.killpg(daemon.pid, signal.SIGINT)
+    code = daemon.proc.wait(150)
+    log = daemon.log()
+    assert code == 0, log
+    assert "shutdown 4/4: 0 running group(s) left at the deadline" in log, log
+    assert "KeyboardInterrupt" not in log and "Traceback" not in log, log
+    assert [r["group"] for r in records(tmp_path / "spool", "done")] == ["long"]
+    assert_matches_reference(tmp_path / "out" / "long.parquet", files)
 
 
 def test_sigterm_while_the_scheduler_is_unreachable_exits_cleanly(tmp_path, daemons):

@@ -2,6 +2,7 @@
 
 import asyncio
 import concurrent.futures
+import pickle
 
 import pytest
 from distributed.comm.core import CommClosedError
@@ -14,6 +15,7 @@ from throttler.errors import (
     MisalignedKeys,
     RequestError,
 )
+from throttler.durable import write_bytes_atomic
 from throttler.service import outcome
 
 CASES = [
@@ -29,6 +31,9 @@ CASES = [
     (concurrent.futures.CancelledError(), outcome.TRANSIENT, "scheduler"),
     (asyncio.TimeoutError(), outcome.TRANSIENT, "scheduler"),
     (FileNotFoundError(2, "gone"), outcome.TRANSIENT, "io"),
+    (IsADirectoryError(21, "Is a directory", "o/.g.parquet.0123456789ab.tmp", None, "o/g.parquet"),
+     outcome.PERMANENT, "io"),
+    (NotADirectoryError(20, "Not a directory", "o/.g.parquet.0123456789ab.tmp"), outcome.PERMANENT, "io"),
     (ValueError("a bug"), outcome.UNEXPECTED, "other"),
 ]
 
@@ -36,6 +41,39 @@ CASES = [
 @pytest.mark.parametrize("exc, failure_class, reason_class", CASES)
 def test_each_failure_has_one_class_and_one_reason_class(exc, failure_class, reason_class):
     assert (outcome.classify(exc), outcome.reason_class(exc)) == (failure_class, reason_class)
+
+
+def _write_over(path):
+    """The error writing an output at ``path`` raises (as the worker writes it), pickled as Dask sends it."""
+    with pytest.raises(OSError) as err:
+        write_bytes_atomic(path, b"output")
+    return pickle.loads(pickle.dumps(err.value))
+
+
+def test_a_directory_at_the_output_path_fails_at_once_naming_the_path(tmp_path):
+    (tmp_path / "g.parquet" / "part").mkdir(parents=True)
+    exc = _write_over(tmp_path / "g.parquet")
+    assert type(exc) is IsADirectoryError
+    assert outcome.classify(exc) == outcome.PERMANENT
+    assert _decide(outcome.classify(exc), attempt=1).action == FAIL  # not 12 attempts over minutes
+    assert outcome.describe(exc) == (f"IsADirectoryError: {tmp_path / 'g.parquet'} is a directory, not a file; "
+                                     "remove or rename it, then request the group again (not retried)")
+
+
+def test_a_file_in_place_of_the_output_directory_fails_at_once_naming_the_path(tmp_path):
+    (tmp_path / "out").write_text("a file")
+    exc = _write_over(tmp_path / "out" / "g.parquet")
+    assert type(exc) is NotADirectoryError
+    assert exc.filename.startswith(str(tmp_path / "out" / ".g.parquet."))  # the temporary beside the output
+    assert outcome.classify(exc) == outcome.PERMANENT
+    assert outcome.describe(exc) == (f"NotADirectoryError: {exc.filename}: a component of this path is a file, "
+                                     "not a directory; fix it, then request the group again (not retried)")
+
+
+def test_a_wrong_path_error_without_a_path_keeps_its_message():
+    assert outcome.describe(NotADirectoryError("no path here")) == "NotADirectoryError: no path here"
+    assert outcome.describe(FileNotFoundError(2, "gone", "o/g.parquet")) == (
+        "FileNotFoundError: [Errno 2] gone: 'o/g.parquet'")
 
 
 def test_the_docstring_names_as_many_classes_as_there_are():

@@ -11,6 +11,9 @@ log = logging.getLogger(__name__)
 #: Share of the machine's memory the embedded cluster's workers may use together.
 EMBEDDED_MEMORY_SHARE = 0.8
 
+#: imported by every embedded worker process as it starts: a terminal's Ctrl-C is the parent's to handle
+WORKER_PRELOAD = "throttler.cluster.worker_signals"
+
 
 def default_worker_layout(n_workers: int | None = None, threads_per_worker: int | None = None,
                           memory_limit_bytes: int | None = None) -> tuple[int, int, int]:
@@ -30,13 +33,14 @@ def start_embedded_cluster(memory_limit_bytes: int | None = None, n_workers: int
 
     Like any other cluster, its workers get the daemon's memory resources from
     the worker plugin the service registers (:mod:`throttler.cluster.worker_memory`).
+    The worker processes ignore SIGINT (:mod:`throttler.cluster.worker_signals`).
     """
     from distributed import Client, LocalCluster
 
     n, threads, limit = default_worker_layout(n_workers, threads_per_worker, memory_limit_bytes)
     cluster = LocalCluster(
         n_workers=n, threads_per_worker=threads, processes=True, memory_limit=limit,
-        dashboard_address=None, silence_logs=logging.WARNING,
+        dashboard_address=None, silence_logs=logging.WARNING, preload=[WORKER_PRELOAD],
     )
     try:
         client = Client(cluster)

@@ -68,6 +68,23 @@ def group_ids(groups: list[str]) -> None:
             raise UsageError(str(exc)) from None
 
 
+#: the manifest names the catalog reads (throttler/planning/catalog.py): ``.parquet`` as Parquet,
+#: anything else as CSV, which pyarrow decompresses when the name ends in a codec's extension
+MANIFEST_SUFFIXES = (".csv", ".parquet", ".csv.gz", ".csv.bz2", ".csv.lz4", ".csv.zst")
+
+
+def manifest_format(path: str | None) -> None:
+    """``path`` is named as a CSV or Parquet manifest.
+
+    The catalog picks the format by name, so a ``manifest.json`` would be parsed
+    as CSV and fail every group; refused here instead, before anything starts.
+    """
+    if path is not None and not os.path.basename(path).endswith(MANIFEST_SUFFIXES):
+        raise UsageError(f"manifest {path} is neither CSV nor Parquet: its name must end in .csv or .parquet "
+                         "(or .csv.gz, .csv.bz2, .csv.lz4, .csv.zst)")
+
+
 def data_inputs(data_root: str, manifest: str | None) -> None:
     readable_directory(data_root, "data root")
     readable_file(manifest, "manifest")
+    manifest_format(manifest)

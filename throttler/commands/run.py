@@ -5,11 +5,21 @@ directory: the same planning, admission, submission, retries and fall-back as
 ``throttler serve``, so groups that fit together run together and a group
 larger than the cluster runs in chunks. Each group's line is printed when it
 ends; progress (files and bytes read) goes to stderr.
+
+SIGINT (Ctrl-C) or SIGTERM (Argo, Kubernetes, systemd stopping it) stops the
+run at once: the handler only sets a flag; the loop then cancels every group
+not ended (no retry, no wait for running ones), prints a ``STOPPED`` line for
+each, removes their temporary outputs and exits with 128 + the signal's
+number. Outputs are only ever replaced whole, so a stopped group's output is
+the previous one (or, if its final write had already begun, the complete new
+one). A second signal exits at once.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import tempfile
 import threading
 import time
@@ -22,6 +32,7 @@ from throttler.planning.catalog import Catalog
 from throttler.planning.estimator import Estimator
 from throttler.service.service import Service
 from throttler.spool.queue import Spool
+from throttler.worker.output import sweep_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +40,46 @@ log = logging.getLogger(__name__)
 DRAIN_SECONDS = 30.0
 
 
+class Interrupt:
+    """The first SIGINT or SIGTERM received: the handler sets it, the run's loop acts on it."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> None:
+        """Handle SIGINT and SIGTERM (main thread only) until :meth:`restore`."""
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._on_signal)
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.signum is not None:
+            os._exit(128 + signum)  # a second signal: exit now
+        self.signum = signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else ""
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
 @dataclass
 class RunResults:
-    """Records of the groups that ended, in the order they ended."""
+    """Records of the groups that ended, in the order they ended; the groups stopped by an interrupt."""
 
     expected: int
     records: list[tuple[str, dict]] = field(default_factory=list)
     changed: threading.Event = field(default_factory=threading.Event)
+    stopped: list[str] = field(default_factory=list)
+    printed: int = 0  #: how many of ``records`` have had their line printed
 
     def add(self, kind: str, record: dict) -> None:
         self.records.append((kind, record))
@@ -76,9 +120,19 @@ def run_note(record: dict) -> str:
     return f"{record['run_kind']}{why}: {read} file{'' if read == 1 else 's'} read"
 
 
+def stopped_line(group: str, interrupt: Interrupt) -> str:
+    """The line of a group an interrupt stopped before it ended."""
+    return f"STOPPED {group}: interrupted by {interrupt.name} before it ended (outputs are only replaced whole)"
+
+
 def run_groups(cfg: Config, client, groups: list[str], strategy: str, display: ProgressDisplay,
-               print_line=print, full: bool = False) -> RunResults:
-    """Run ``groups`` through a service on ``client``; print a line as each ends."""
+               print_line=print, full: bool = False, interrupt: Interrupt | None = None) -> RunResults:
+    """Run ``groups`` through a service on ``client``; print a line as each ends.
+
+    When ``interrupt`` is set (before or during the run), the groups not ended
+    are abandoned at once, each gets a ``STOPPED`` line and is listed in the
+    results' ``stopped``."""
+    interrupt = interrupt or Interrupt()
     unique = list(dict.fromkeys(groups))
     with tempfile.TemporaryDirectory(prefix="throttler-run-") as spool_dir:
         spool = Spool(spool_dir).ensure()
@@ -88,23 +142,51 @@ def run_groups(cfg: Config, client, groups: list[str], strategy: str, display: P
         service = Service(cfg, client, spool=spool, catalog=Catalog(cfg.data_root, cfg.manifest),
                           estimator=Estimator(), metrics=Metrics(), notifier=None)
         service.on_finished = results.add
+        abandoned = False
         try:
-            service.start()
-            _serve_until_done(service, results, display, print_line)
+            if interrupt.signum is None:
+                service.start()
+                _serve_until_done(service, results, display, print_line, interrupt)
+            if interrupt.signum is not None:
+                display.close()
+                log.warning("interrupted by %s: stopping now (a second signal exits at once)", interrupt.name)
+                service.abandon()
+                abandoned = True
+                _print_stopped(results, unique, interrupt, print_line)
         finally:
             display.close()
-            service.drain(DRAIN_SECONDS)
+            if not abandoned:
+                service.drain(DRAIN_SECONDS)
     return results
 
 
-def _serve_until_done(service: Service, results: RunResults, display: ProgressDisplay, print_line) -> None:
-    printed = 0
-    while True:
+def _print_stopped(results: RunResults, groups: list[str], interrupt: Interrupt, print_line) -> None:
+    ended = {record["group"] for _, record in results.records}
+    for kind, record in results.records[results.printed:]:
+        print_line(result_line(kind, record))
+    results.printed = len(results.records)
+    results.stopped = [group for group in groups if group not in ended]
+    for group in results.stopped:
+        print_line(stopped_line(group, interrupt))
+
+
+def sweep_stopped(output_root: str, groups: list[str]) -> None:
+    """Remove the temporary outputs the stopped groups' tasks left (once no worker runs them)."""
+    for group in groups:
+        try:
+            sweep_temporaries(output_root, group)
+        except OSError as exc:
+            log.warning("%s: cannot remove its temporary outputs: %s", group, exc)
+
+
+def _serve_until_done(service: Service, results: RunResults, display: ProgressDisplay, print_line,
+                      interrupt: Interrupt) -> None:
+    while interrupt.signum is None:
         service.step()
-        while printed < len(results.records):
+        while results.printed < len(results.records):
             display.clear()
-            print_line(result_line(*results.records[printed]))
-            printed += 1
+            print_line(result_line(*results.records[results.printed]))
+            results.printed += 1
         if results.complete:
             return
         display.update(service.running_groups(), time.monotonic())

@@ -2,7 +2,9 @@
 
 Failures of a submitted group fall in five classes:
 
-* ``permanent``: bad data, unknown group, a task that cannot fit: fail at once;
+* ``permanent``: bad data, unknown group, a task that cannot fit, a directory
+  where the output file goes (or a file where a directory of its path should
+  be): fail at once;
 * ``misaligned``: the ``aligned`` strategy found files whose keys differ: re-run
   the group with ``sum`` (for ``auto`` requests; an explicit ``aligned`` fails);
 * ``memory``: a worker died under the group (``KilledWorker``, ``MemoryError``):
@@ -45,6 +47,10 @@ SCHEDULER_RETRY = dict(
 )
 
 
+#: a path whose shape is wrong (a directory at ``<output>/<group>.parquet``, a file where a directory
+#: of the path should be): OSErrors, but nothing a retry waits out, so permanent
+WRONG_PATH_TYPES = (IsADirectoryError, NotADirectoryError)
+
 #: failures of the infrastructure, not of the group: worth waiting out
 TRANSIENT_TYPES = (OSError, TimeoutError, CommClosedError, concurrent.futures.CancelledError,
                    asyncio.CancelledError, asyncio.TimeoutError)
@@ -54,7 +60,7 @@ def classify(exc: BaseException) -> str:
     """The failure class of an exception raised by a group's computation."""
     if isinstance(exc, MisalignedKeys):
         return MISALIGNED
-    if isinstance(exc, (DataError, DoesNotFit, RequestError)):
+    if isinstance(exc, (DataError, DoesNotFit, RequestError, *WRONG_PATH_TYPES)):
         return PERMANENT
     if isinstance(exc, (KilledWorker, MemoryError)):
         return MEMORY
@@ -90,8 +96,26 @@ def backoff_seconds(attempt: int) -> float:
 
 
 def describe(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
+    """The failure's reason for people (records, logs): its type and message, at most 2,000 characters."""
+    text = _wrong_path_text(exc) or str(exc).strip() or type(exc).__name__
     return f"{type(exc).__name__}: {text}"[:2000]
+
+
+def _wrong_path_text(exc: BaseException) -> str | None:
+    """For :data:`WRONG_PATH_TYPES`: the path in the way and what to do (None when the error names none).
+
+    A rename onto a directory names the temporary file first and the target
+    (``<output>/<group>.parquet``) second: the target is the one to name.
+    """
+    if not isinstance(exc, WRONG_PATH_TYPES):
+        return None
+    path = exc.filename2 or exc.filename
+    if not path:
+        return None
+    if isinstance(exc, IsADirectoryError):
+        return f"{path} is a directory, not a file; remove or rename it, then request the group again (not retried)"
+    return (f"{path}: a component of this path is a file, not a directory; fix it, then request the group again "
+            "(not retried)")
 
 
 # --------------------------------------------------------------------------- the decision (pure)

@@ -51,6 +51,9 @@ LEARN_MIN_SHARE_OF_SOLO = 0.25
 #: how often "cannot read the scheduler" is logged while it stays away
 UNREACHABLE_WARNING_SECONDS = 10.0
 
+#: how long :meth:`Service.abandon` waits for each of its threads to see the stop
+ABANDON_JOIN_SECONDS = 2.0
+
 
 class Service:
     """The long-running service; :meth:`step` is one iteration of the main loop."""
@@ -76,6 +79,7 @@ class Service:
         self._busy = {"builder": 0, "submitter": 0}
         self._stop_intake = threading.Event()
         self._stop_submitting = self.submitter.stopped
+        self._abandoned = threading.Event()  #: set by :meth:`abandon`: nothing more is recorded or retried
         self._threads: list[threading.Thread] = []
         self._builders: ThreadPoolExecutor | None = None
         self._pool_size = {"builder": 0, "submitter": 0}
@@ -148,6 +152,36 @@ class Service:
         log.info("shutdown 4/4: %d running group(s) left at the deadline, put back", left)
         self._completions.put(None)
         self.estimator.save()
+
+    def abandon(self) -> list[str]:
+        """Stop at once, keeping nothing (``throttler run`` interrupted); returns the groups not ended.
+
+        Intake and admission stop; the running groups' futures are cancelled
+        (a task already running on a worker finishes there, its result
+        dropped; the output is only ever replaced whole); nothing is retried,
+        recorded or given back to the spool, which the caller is about to
+        remove. Unlike :meth:`drain` it does not wait for running groups.
+        """
+        self._abandoned.set()
+        self._stop_intake.set()
+        self._stop_submitting.set()
+        self._notify()
+        if self._builders is not None:
+            self._builders.shutdown(wait=False, cancel_futures=True)
+        self.submitter.take_all()
+        with self._jobs_lock:
+            jobs, self._delayed = list(self._jobs.values()), []
+        running = [job for job in jobs if job.state == RUNNING]
+        for job in running:
+            future = job.future
+            if future is not None:
+                future.cancel()
+        self._completions.put(None)
+        for thread in self._threads:
+            thread.join(ABANDON_JOIN_SECONDS)
+        log.info("stopped at once: %d running group(s) cancelled, %d not started; nothing put back",
+                 len(running), len(jobs) - len(running))
+        return [job.group for job in jobs]
 
     def _release_unstarted(self) -> int:
         waiting = self.submitter.take_all()
@@ -238,6 +272,8 @@ class Service:
             try:
                 job.run = incremental_run.prepare(self.catalog.files(job.group), self.catalog.data_root,
                                                   output_path_for(self.config.output, job.group), job.full)
+                if self._abandoned.is_set():
+                    return
                 if job.run.decision.unchanged:  # the previous output is the answer: nothing to run
                     return self._on_unchanged(job)
                 job.plan = self._plan(job)
@@ -262,6 +298,8 @@ class Service:
 
     def _hand_off(self, job: Job) -> None:
         """Bounded hand-off: a builder waits while enough planned groups wait for admission."""
+        if self._abandoned.is_set():
+            return
         if not self.submitter.add(job, self.max_waiting()):
             self._give_back(job)
 
@@ -331,8 +369,8 @@ class Service:
     def complete(self, job: Job) -> None:
         """Handle a finished future: release, then record or retry."""
         future, job.future = job.future, None
-        if future is None or job.state != RUNNING:
-            return  # released during shutdown
+        if future is None or job.state != RUNNING or self._abandoned.is_set():
+            return  # released during shutdown, or abandoned
         self.submitter.release(job)
         job.run_seconds = self.clock() - job.submitted_at_seconds
         token = job.graph.token
@@ -424,6 +462,8 @@ class Service:
 
     def _on_failure(self, job: Job, exc: BaseException) -> None:
         """Carry out :func:`~throttler.service.outcome.decide`: fall back, retry later, or fail."""
+        if self._abandoned.is_set():
+            return
         kind = retries.classify(exc)
         if kind == retries.MEMORY:
             kind = self._memory_kill_kind(job, exc)
