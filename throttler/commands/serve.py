@@ -27,6 +27,8 @@ from throttler.planning.catalog import Catalog
 from throttler.planning.estimator import Estimator
 from throttler.service import outcome as retries
 from throttler.service.service import Service
+from throttler.errors import ThrottlerError
+from throttler.spool.daemon_lock import DaemonLock
 from throttler.spool.group_watch import GroupWatcher
 from throttler.spool.queue import Spool
 from throttler.spool.watcher import SpoolWatcher
@@ -41,6 +43,9 @@ RELOADABLE = ("strategy", "memory_fraction", "max_head_wait_seconds", "poll_seco
 
 #: a backlog in incoming/ is listed at most this often (new files and the periodic rescan still count)
 MIN_RESCAN_SECONDS = 0.5
+
+#: how long one attempt to connect to the scheduler at start waits
+CONNECT_TIMEOUT_SECONDS = 10.0
 
 #: umask of the daemon (and of the embedded cluster's worker processes it starts)
 DAEMON_UMASK = 0o027
@@ -81,13 +86,23 @@ def connect(cfg: config_mod.Config, stop: threading.Event | None = None):
     from distributed import Client
 
     stop = stop or threading.Event()
-    policy = {**retries.SCHEDULER_RETRY, "sleep": stop.wait,
+    policy = {**retries.SCHEDULER_RETRY, "sleep": stop.wait, "before_sleep": _log_unreachable(cfg.scheduler),
               "stop": retries.SCHEDULER_RETRY["stop"] | tenacity.stop_when_event_set(stop)}
+    log.info("connecting to scheduler %s (each attempt waits up to %.0f s)", cfg.scheduler, CONNECT_TIMEOUT_SECONDS)
     for attempt in tenacity.Retrying(**policy):
         with attempt:
-            client = Client(cfg.scheduler, timeout="10s")
+            client = Client(cfg.scheduler, timeout=f"{CONNECT_TIMEOUT_SECONDS}s")
     log.info("connected to scheduler %s", cfg.scheduler)
     return client, None
+
+
+def _log_unreachable(address: str):
+    """tenacity's ``before_sleep``: one warning per failed connection attempt, saying when the next one is."""
+    def warn(state: tenacity.RetryCallState) -> None:
+        log.warning("scheduler %s unreachable (attempt %d, %.0f s so far): %s; next attempt in %.1f s", address,
+                    state.attempt_number, state.seconds_since_start or 0.0,
+                    retries.describe(state.outcome.exception()), state.next_action.sleep)
+    return warn
 
 
 def _reconnector(cfg):
@@ -112,11 +127,19 @@ def serve(cfg: config_mod.Config, config_path: str | None = None, overrides: dic
     signals = Signals()
     signals.install()
     spool = Spool(cfg.spool, allowed_uids=cfg.allowed_uids, min_rescan_seconds=MIN_RESCAN_SECONDS).ensure()
+    lock = DaemonLock(spool.state_dir, cfg.spool).acquire()  # before recovery: never another daemon's claims
+    try:
+        return _serve_locked(cfg, spool, signals, config_path, overrides)
+    finally:
+        lock.release()
+
+
+def _serve_locked(cfg: config_mod.Config, spool: Spool, signals: Signals, config_path, overrides) -> int:
+    metrics = Metrics()
+    metrics_server = _serve_metrics(metrics, cfg)  # a port in use refuses the start before recovery too
     os.makedirs(cfg.output, mode=0o750, exist_ok=True)
     log.info("spool recovery: %s; stray temporary outputs removed: %d",
              spool.recover(), len(sweep_temporaries(cfg.output)))
-    metrics = Metrics()
-    metrics_server = _serve_metrics(metrics, cfg)
     try:
         client, cluster = connect(cfg, signals.stop)
     except BaseException as exc:
@@ -249,9 +272,15 @@ def _metrics_line(server) -> str:
 
 
 def _serve_metrics(metrics: Metrics, cfg):
+    """The metrics endpoint, or None when disabled; an address that cannot be bound refuses the start
+    (exit 2, one line: under systemd no restart loop), as a wrong path does."""
     if not cfg.metrics_address:
         return None
-    server, _thread, port = metrics.serve(cfg.metrics_address)
+    try:
+        server, _thread, port = metrics.serve(cfg.metrics_address)
+    except OSError as exc:
+        raise ThrottlerError(f"cannot serve metrics on {cfg.metrics_address}: {exc.strerror or exc} (another "
+                             "process listens there? set metrics_address, or an empty one to disable)") from None
     log.info("metrics on http://%s:%d/metrics", server.server_address[0], port)
     return server
 
