@@ -10,7 +10,8 @@ worker process. :func:`worker_setting` answers, in order: the worker's own
 ``THROTTLER_<KEY>`` environment variable (an operator's per-worker setting
 beats the daemon's), the daemon's value, None. The plugin never writes the
 environment, so a later daemon with another value is not shadowed by an
-earlier one's.
+earlier one's. The plugin also installs the worker-side log filter of
+:mod:`throttler.cluster.worker_log` (a bad input's failure in one line).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import os
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from throttler import config
+from throttler.cluster import worker_log
 
 #: Configuration keys read by task functions on the workers.
 WORKER_KEYS = ("object_store_reads_in_flight", "task_mmap_threshold_bytes")
@@ -56,6 +58,7 @@ class WorkerSettingsPlugin(WorkerPlugin):
 
     def setup(self, worker) -> None:
         _from_daemon.update(self.settings)
+        worker_log.install()
 
 
 def register(client, config) -> None:
