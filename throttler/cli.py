@@ -1,4 +1,4 @@
-"""The ``throttler`` command line: serve, submit, status, plan, run, generate, demo."""
+"""The throttler command line: serve, submit, status, plan, run, generate, demo, simulate."""
 
 from __future__ import annotations
 
@@ -65,18 +65,49 @@ def _add_cluster_flags(p) -> None:
 # ------------------------------------------------------------------------- serve
 
 
+#: ``serve``'s flags: (flag, type, help). Each overrides the configuration key of the same
+#: name (flags > THROTTLER_<KEY> > --config file > defaults, see throttler/config.py).
+SERVE_FLAGS = (
+    ("spool", str, (f"queue directory: requests in incoming/, claimed in active/, records in done/ and failed/ "
+                    f"(default {DEFAULTS.spool})")),
+    ("data-root", str, (f"directory (or s3://, gs://, abfs[s]:// prefix) holding the estate "
+                        f"(default {DEFAULTS.data_root})")),
+    ("output", str, (f"directory (or object store prefix) for one <group>.parquet per group "
+                     f"(default {DEFAULTS.output})")),
+    ("manifest", str, ("CSV or Parquet with columns group_id, file (relative to --data-root); "
+                       "default: one group per directory under the data root")),
+    ("scheduler", str, "Dask scheduler address, e.g. tcp://scheduler:8786; none: an embedded local cluster"),
+    ("metrics-address", str, (f"HOST:PORT of the Prometheus endpoint; '' for none "
+                              f"(default {DEFAULTS.metrics_address})")),
+    ("strategy", str, (f"strategy of requests that name none: {', '.join(STRATEGY_CHOICES)} "
+                       f"(default {DEFAULTS.strategy})")),
+    ("log-level", str, f"DEBUG, INFO, WARNING, ERROR or CRITICAL (default {DEFAULTS.log_level})"),
+    ("builder-threads", int, "threads resolving, planning and building groups (default 0: derived from the cluster)"),
+    ("submitter-threads", int, "threads admitting planned groups to the cluster (default 0: 2)"),
+    ("workers", int, "embedded cluster: worker processes (default 0: derived from the machine)"),
+    ("threads-per-worker", int, "embedded cluster: threads of each worker (default 0: derived)"),
+    ("worker-memory-bytes", int, "embedded cluster: memory limit per worker (default 0: derived)"),
+    ("assumed-worker-memory-bytes", int, ("a worker started without a memory limit is sized as if it had this one "
+                                          "(default 0: its host's memory divided by the workers on that host)")),
+    ("memory-fraction", float, (f"share of each worker's memory limit admission may fill, within [0.05, 0.95] "
+                                f"(default {DEFAULTS.memory_fraction}, Dask's target threshold)")),
+    ("drain-timeout-seconds", float, (f"on SIGTERM or SIGINT, how long running groups may finish before they are "
+                                      f"put back in incoming/ (default {DEFAULTS.drain_timeout_seconds:g})")),
+    ("rescan-seconds", float, (f"full spool rescan period, whatever inotify says "
+                               f"(default {DEFAULTS.rescan_seconds:g})")),
+    ("poll-seconds", float, f"how often a waiting group re-reads the scheduler (default {DEFAULTS.poll_seconds:g})"),
+    ("watch-debounce-seconds", float, (f"with --watch: a group is queued once its files have been this quiet "
+                                       f"(default {DEFAULTS.watch_debounce_seconds:g})")),
+)
+
+
 def _serve_parser(sub) -> None:
-    p = sub.add_parser("serve", help="run the daemon")
-    p.add_argument("--config", help="TOML configuration file")
-    for flag in ("spool", "data-root", "output", "manifest", "scheduler", "metrics-address", "strategy",
-                 "log-level"):
-        p.add_argument(f"--{flag}", dest=flag.replace("-", "_"))
-    for flag in ("builder-threads", "submitter-threads", "workers", "threads-per-worker",
-                 "worker-memory-bytes", "assumed-worker-memory-bytes"):
-        p.add_argument(f"--{flag}", dest=flag.replace("-", "_"), type=int)
-    for flag in ("memory-fraction", "drain-timeout-seconds", "rescan-seconds", "poll-seconds",
-                 "watch-debounce-seconds"):
-        p.add_argument(f"--{flag}", dest=flag.replace("-", "_"), type=float)
+    p = sub.add_parser("serve", help="run the daemon",
+                       description="Serve the spool: each flag overrides the configuration key of the same name "
+                                   "(flags > THROTTLER_<KEY> environment variables > --config file > defaults).")
+    p.add_argument("--config", help="TOML configuration file (keys at top level or under [throttler])")
+    for flag, kind, text in SERVE_FLAGS:
+        p.add_argument(f"--{flag}", dest=flag.replace("-", "_"), type=kind, help=text)
     p.add_argument("--watch", action="store_const", const=True,
                    help="queue a group when the files of its directory change (local data root, no manifest)")
     p.set_defaults(func=cmd_serve)
@@ -102,8 +133,9 @@ def cmd_serve(args) -> int:
 def _submit_parser(sub) -> None:
     p = sub.add_parser("submit", help="queue groups for the daemon")
     p.add_argument("groups", nargs="+", metavar="GROUP")
-    p.add_argument("--spool", required=True)
-    p.add_argument("--priority", type=int, default=0)
+    p.add_argument("--spool", required=True, help="the spool directory the daemon serves")
+    p.add_argument("--priority", type=int, default=0,
+                   help="higher is claimed and admitted first, then by arrival (default 0)")
     p.add_argument("--strategy", choices=STRATEGY_CHOICES, help="default: the daemon's configured strategy")
     p.add_argument("--full", action="store_true", help="a full run, even when the previous output could be extended")
     p.set_defaults(func=cmd_submit)
@@ -127,8 +159,8 @@ def cmd_submit(args) -> int:
 def _status_parser(sub) -> None:
     p = sub.add_parser("status", help="is the daemon running; queue depths, running groups, cluster memory "
                                       "(exit 3 when the daemon is not running)")
-    p.add_argument("--spool", required=True)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--spool", required=True, help="the spool directory the daemon serves")
+    p.add_argument("--json", action="store_true", help="the whole report as JSON")
     p.set_defaults(func=cmd_status)
 
 
@@ -156,9 +188,10 @@ def cmd_plan(args) -> int:
 
     checks.group_ids([args.group])
     checks.data_inputs(args.data_root, args.manifest)
+    files, footers_seconds = plan.read_group(args.group, args.data_root, args.manifest)  # before any cluster
     client, cluster = _connect(args)
     try:
-        return plan.main(args.group, args.data_root, args.manifest, args.strategy, args.memory_fraction, client)
+        return plan.main(args.group, files, footers_seconds, args.strategy, args.memory_fraction, client)
     finally:
         _disconnect(client, cluster)
 

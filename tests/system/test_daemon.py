@@ -402,6 +402,10 @@ def test_second_sigterm_exits_at_once_and_claims_are_requeued(tmp_path, cluster,
         wait_for(lambda: first.log().count("INFO throttler.service.service: submitted ") == 3, 60)
         first.proc.signal(signal.SIGTERM)
         first.wait_for_log("shutdown 3/4")  # now draining: waiting for the three running groups
+        draining = throttler_cli("status", "--spool", str(spool))  # alive and draining, not "not running"
+        assert draining.returncode == 0, draining.stdout + draining.stderr
+        deadline = re.search(r"^draining: 3 running group\(s\), deadline in (\d+) s$", draining.stdout, re.M)
+        assert deadline and 40 <= int(deadline[1]) <= 60, draining.stdout
         started = time.monotonic()
         first.proc.signal(signal.SIGTERM)
         assert first.proc.wait(10) == 128 + signal.SIGTERM and time.monotonic() - started < 5

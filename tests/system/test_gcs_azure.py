@@ -151,7 +151,7 @@ def test_missing_group_object_and_corrupt_object_are_per_group_failures(store, t
     lines = sorted(done.stdout.splitlines())
     assert lines[0].startswith(f"FAILED bad: DataError: {store.url(BUCKET, 'data/corrupt/f0.parquet')}: "), lines
     assert lines[1] == f"FAILED gone: DataError: {store.url(BUCKET, 'data/aligned/f9.parquet')}: file not found", lines
-    assert lines[2].startswith("ok     ok: 200 rows from 1 files"), lines
+    assert lines[2].startswith("ok     ok: 200 rows from 1 file in "), lines
     assert store.names(BUCKET, "bad-results/") == ["bad-results/ok.parquet"]
     assert "AccountKey" not in done.stdout + done.stderr and AZURITE_KEY not in done.stdout + done.stderr
 

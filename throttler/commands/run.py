@@ -98,15 +98,16 @@ def result_line(kind: str, record: dict) -> str:
     """One line per group, as ``throttler run`` prints it."""
     if kind != "done":
         return f"FAILED {record['group']}: {record['reason']}"
+    files = f"{record['files']} file{'' if record['files'] == 1 else 's'}"
     if record.get("run_kind") == "unchanged":
-        return (f"ok     {record['group']}: {record['rows']:,} rows from {record['files']} files (unchanged: "
+        return (f"ok     {record['group']}: {record['rows']:,} rows from {files} (unchanged: "
                 f"no file new or changed, 0 files read, output untouched) -> {record['output']}")
     fraction = record.get("worker_peak_fraction")
     peak = "" if fraction is None else f", worker peak {fraction:.0%} of its limit"
     strategy = record["strategy"]
     if record.get("fell_back"):
         strategy += " (keys not aligned)"
-    return (f"ok     {record['group']}: {record['rows']:,} rows from {record['files']} files in "
+    return (f"ok     {record['group']}: {record['rows']:,} rows from {files} in "
             f"{record['seconds']:.2f} s ({strategy}, {run_note(record)}, {record['bytes'] / 2**20:,.1f} MiB read, "
             f"{record['nan_count']} NaN{peak}) -> {record['output']}")
 

@@ -1,7 +1,8 @@
 """``throttler status``: the queue's real depths, and the daemon's last report if it is alive.
 
-Exit status 0 while the daemon serves, 3 when it is not running (as
-``systemctl status`` does for a stopped unit). The queue counts are read from
+Exit status 0 while the daemon serves or drains (a draining daemon says so,
+with its running groups and the seconds to its drain deadline), 3 when it is
+not running (as ``systemctl status`` does for a stopped unit). The queue counts are read from
 the spool's directories; everything taken from the status file of a daemon
 that is not running is labelled "last known".
 """
@@ -54,9 +55,12 @@ def status_lines(doc: dict, now_unix_seconds: float) -> list[str]:
 def _daemon_lines(daemon: dict, label: str) -> list[str]:
     mem = daemon["cluster_memory"]
     lines = [f"{label}daemon pid {daemon['pid']}: states {daemon['states']}; workers {daemon['workers']}",
-             f"{label}cluster memory (admission view): limit {format_bytes(mem['limit_bytes'])}, used "
+             f"{label}cluster memory (admission view): capacity {format_bytes(mem['limit_bytes'])} (memory_fraction "
+             f"of the workers' limits), used "
              f"{format_bytes(mem['used_bytes'])}, free {format_bytes(mem['free_bytes'])}, reserved "
              f"{format_bytes(mem['reserved_bytes'])}"]
+    if daemon.get("draining"):
+        lines.insert(1, f"{label}{draining_line(daemon['draining'])}")
     for address, problem in sorted(daemon.get("workers_incompatible", {}).items()):
         lines.append(f"  {label}INCOMPATIBLE worker {address}: {problem}")
     for address in daemon.get("workers_without_memory_limit", []):
@@ -72,3 +76,9 @@ def _daemon_lines(daemon: dict, label: str) -> list[str]:
         lines.append(f"  {label}running {r['group']}: {r['strategy']}, reserves {format_bytes(r['estimate_bytes'])}, "
                      f"attempt {r['attempt']}, {r['running_seconds']:.1f} s{progress}")
     return lines
+
+
+def draining_line(draining: dict) -> str:
+    """What a draining daemon has left: its running groups and the seconds to its drain deadline."""
+    return (f"draining: {draining['running_groups']} running group(s), "
+            f"deadline in {draining['deadline_in_seconds']:.0f} s")

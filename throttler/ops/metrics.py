@@ -106,6 +106,16 @@ def parse_address(address: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+#: the cluster memory gauges, as admission sees it (``limit`` keeps its name for existing dashboards and
+#: alerts: it is the capacity admission fills, memory_fraction of the workers' limits, not the limits' sum)
+CLUSTER_MEMORY_HELP = {
+    "limit": "Cluster memory admission may fill: memory_fraction x the sum of the workers' limits.",
+    "used": "Cluster memory used as admission sees it: what the workers show, or the workers' own memory "
+            "plus throttler's reservations when that is more.",
+    "free": "Cluster memory admission still sees free: the capacity less used.",
+}
+
+
 class Metrics:
     """Every metric of the daemon, in a registry of its own."""
 
@@ -162,9 +172,8 @@ class Metrics:
         self._reserved = Gauge(
             "throttler_memory_reserved_bytes", "Memory reserved by admitted groups.", registry=r)
         self._mem = {
-            kind: Gauge(f"throttler_cluster_memory_{kind}_bytes",
-                        f"Cluster memory {kind}, as admission sees it.", registry=r)
-            for kind in ("limit", "used", "free")
+            kind: Gauge(f"throttler_cluster_memory_{kind}_bytes", text, registry=r)
+            for kind, text in CLUSTER_MEMORY_HELP.items()
         }
         self._workers = Gauge("throttler_workers", "Dask workers, by status.", ["status"], registry=r)
         self._est = Histogram(

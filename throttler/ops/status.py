@@ -3,8 +3,12 @@
 The main loop calls :meth:`StatusReporter.refresh` every iteration; it reads a
 fresh scheduler snapshot at most once a second (submitters also feed it theirs),
 publishes gauges, counts lost workers, and writes ``state/status.json``
-atomically for ``throttler status``. Each worker that joins is checked once, off
-the main loop, for the daemon's version of dask-throttler
+atomically for ``throttler status``. While the daemon drains, the drain calls it
+instead (without reading the scheduler), so the file stays fresh, the daemon is
+still seen alive, and the file's ``draining`` field says how much is left.
+
+Each worker that joins is checked once, off the main loop, for the daemon's
+version of dask-throttler
 (:func:`throttler.cluster.workers.package_problem`) and for access to the data
 root with the worker's own mount, endpoint and credentials
 (:func:`throttler.cluster.workers.data_root_problem`); a problem is logged as an error,
@@ -78,17 +82,26 @@ class StatusReporter:
             log.warning("worker %s left the cluster", address)
             self.service.metrics.worker_lost()
 
-    def refresh(self, force: bool = False) -> None:
+    def refresh(self, force: bool = False, read_scheduler: bool = True) -> None:
+        """Publish gauges and rewrite the status file, at most once a second unless ``force``.
+
+        With ``read_scheduler`` (the main loop) a fresh snapshot is read and new
+        workers are checked first; without (the drain) the last snapshot is shown.
+        """
         now = time.monotonic()
         if not force and now - self._refreshed_at < REFRESH_SECONDS:
             return
         self._refreshed_at = now
+        if read_scheduler:
+            self._read_scheduler(now)
+        self._publish()
+
+    def _read_scheduler(self, now: float) -> None:
         try:
             self.observe_snapshot(read_snapshot(self.service.client))
         except Exception as exc:  # noqa: BLE001 - the scheduler may be away for a while
             log.warning("cannot read the scheduler: %s", exc)
         self._check_new_workers(now)
-        self._publish()
 
     def _check_new_workers(self, now: float) -> None:
         """Check the packages of workers not checked yet, in a thread (one check at a time)."""
@@ -178,6 +191,7 @@ class StatusReporter:
             "pid_start_ticks": self._start_ticks,
             "updated_unix_seconds": time.time(),
             "states": svc.state_counts(),
+            "draining": svc.draining(),  # None while serving
             "queue": svc.spool.counts(),
             "running": svc.running_groups(),
             "cluster_memory": self.cluster_memory(),

@@ -43,6 +43,9 @@ class PreparedRun:
     target: StatefulOutput  #: the output path, carrying the state to store with it
     group_files: int  #: files of the group (what the output sums)
     previous_rows: int | None = None  #: rows of the previous output (known when it is reused)
+    #: incremental: the run's private hard link or copy of the previous output (a temporary name,
+    #: swept when the run ends; not something a killed attempt left)
+    snapshot: str | None = None
 
     def record_fields(self) -> dict:
         """The done record's fields about the kind of run."""
@@ -72,7 +75,7 @@ def prepare(paths: list[str], data_root: str, output_path: str, full_requested: 
     if decision.incremental:
         files.append(file_info(snapshot))
     target = StatefulOutput(output_path, OutputState(files=current.by_relative))
-    return PreparedRun(decision, tuple(files), target, len(paths), rows)
+    return PreparedRun(decision, tuple(files), target, len(paths), rows, snapshot)
 
 
 def _decide_local(output_path: str, current: dict[str, str], full_requested: bool):

@@ -39,6 +39,9 @@ class Job:
     requests_counted: int = 0  #: request files already counted in the metrics
     full: bool = False  #: the request forces a full run (no reuse of the previous output)
     run: Any = None  #: the incremental_run.PreparedRun of the latest plan
+    #: names of the private copies of the previous output its plans made (one per incremental plan),
+    #: swept with its temporaries when the run ends but not counted as left by killed attempts
+    snapshot_names: set[str] = field(default_factory=set)
 
     @property
     def strategy(self) -> str:

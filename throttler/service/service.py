@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import queue
 import threading
 import time
@@ -83,6 +84,7 @@ class Service:
         self._threads: list[threading.Thread] = []
         self._builders: ThreadPoolExecutor | None = None
         self._pool_size = {"builder": 0, "submitter": 0}
+        self._drain_deadline_seconds: float | None = None  #: set when :meth:`drain` starts (clock time)
         self.status = StatusReporter(self)
         self.on_capacity = None  #: called when a run ends (the daemon wakes its main loop to claim more)
         self.on_finished = None  #: called with (kind, record) once a run's record is written
@@ -137,21 +139,49 @@ class Service:
         """Ordered shutdown: stop intake, stop admitting, give back unstarted work,
         let running groups finish within ``timeout_seconds``, give back the rest."""
         deadline = self.clock() + timeout_seconds
+        self._drain_deadline_seconds = deadline
         log.info("shutdown 1/4: intake stopped")
         self._stop_intake.set()
-        if self._builders is not None:
-            self._builders.shutdown(wait=True, cancel_futures=True)
-        log.info("shutdown 2/4: admission stopped")
-        self._stop_submitting.set()
+        self._refresh_status_draining(force=True)  # ``throttler status`` says draining at once
+        self._stop_submitting.set()  # before waiting for the builders: one blocked handing off a group wakes
         self._notify()
+        log.info("shutdown 2/4: admission stopped")
+        if self._builders is not None:
+            self._builders.shutdown(wait=True, cancel_futures=True)  # a group planned now is given back
         released = self._release_unstarted()
         log.info("shutdown 3/4: %d unstarted group(s) put back in incoming/", released)
-        while self.running_count() and self.clock() < deadline:
-            time.sleep(0.1)
+        self._wait_for_running(deadline)
         left = self._release_running()
         log.info("shutdown 4/4: %d running group(s) left at the deadline, put back", left)
         self._completions.put(None)
         self.estimator.save()
+
+    def _wait_for_running(self, deadline_seconds: float) -> None:
+        """Let running groups finish until ``deadline_seconds`` (clock time).
+
+        The main loop no longer runs, so the status file is rewritten here (at
+        most once a second, without reading the scheduler: a scheduler that is
+        away must not push the drain past its deadline); otherwise ``throttler
+        status`` would call a draining daemon dead once the file grew stale.
+        """
+        while self.running_count() and self.clock() < deadline_seconds:
+            self._refresh_status_draining()
+            time.sleep(0.1)
+
+    def _refresh_status_draining(self, force: bool = False) -> None:
+        """Rewrite the status file during the drain; a failure is logged, never ends the drain early."""
+        try:
+            self.status.refresh(force=force, read_scheduler=False)
+        except Exception:  # noqa: BLE001 - the drain must still give back what it holds
+            log.exception("cannot refresh the status while draining")
+
+    def draining(self) -> dict | None:
+        """While :meth:`drain` runs: the groups still running and the seconds left to the deadline; else None."""
+        deadline = self._drain_deadline_seconds
+        if deadline is None:
+            return None
+        return {"running_groups": self.running_count(),
+                "deadline_in_seconds": round(max(0.0, deadline - self.clock()), 1)}
 
     def abandon(self) -> list[str]:
         """Stop at once, keeping nothing (``throttler run`` interrupted); returns the groups not ended.
@@ -272,6 +302,8 @@ class Service:
             try:
                 job.run = incremental_run.prepare(self.catalog.files(job.group), self.catalog.data_root,
                                                   output_path_for(self.config.output, job.group), job.full)
+                if job.run.snapshot:
+                    job.snapshot_names.add(os.path.basename(job.run.snapshot))
                 if self._abandoned.is_set():
                     return
                 if job.run.decision.unchanged:  # the previous output is the answer: nothing to run
@@ -406,8 +438,8 @@ class Service:
             self.metrics.worker_peak(plan.strategy, record["worker_peak_fraction"])
         self.metrics.group_finished("done", plan.strategy, job.run_seconds, summary["files"],
                                     summary["bytes_read"], summary["rows"])
-        log.info("done %s: %d rows from %d files in %.2f s (%s, attempt %d)", job.group, summary["rows"],
-                 summary["files"], job.run_seconds, plan.strategy, job.attempt)
+        log.info("done %s: %d rows from %d file%s in %.2f s (%s, attempt %d)", job.group, summary["rows"],
+                 summary["files"], "" if summary["files"] == 1 else "s", job.run_seconds, plan.strategy, job.attempt)
 
     def _on_unchanged(self, job: Job) -> None:
         """Record a run that found nothing new or changed: done, 0 files read, the output untouched."""
@@ -416,7 +448,8 @@ class Service:
         self._forget(job)
         self._finished("done", record)
         self.metrics.group_finished("done", "other", 0.0, 0, 0, record["rows"])
-        log.info("unchanged %s: no file new or changed since its output (%d files)", job.group, record["files"])
+        log.info("unchanged %s: no file new or changed since its output (%d file%s)", job.group, record["files"],
+                 "" if record["files"] == 1 else "s")
 
     def _observed_task_bytes(self, plan, summary: dict) -> int:
         """What the group's heaviest task held, learned only where it ran alone on its worker.
@@ -531,14 +564,20 @@ class Service:
         job.requests_counted = len(job.claim.files)
 
     def _sweep(self, job: Job) -> None:
-        """Remove what attempts of this group killed mid-write left in the output directory."""
+        """Remove the group's temporaries from the output directory: what attempts killed
+        mid-write left, and the run's own copies of the previous output (incremental runs).
+
+        Only the former are logged: the copies are made on purpose by every
+        incremental run, so counting them would report kills that never happened.
+        """
         try:
             removed = sweep_temporaries(self.config.output, job.group)
         except OSError as exc:
             log.warning("%s: cannot sweep temporary outputs: %s", job.group, exc)
             return
-        if removed:
-            log.info("%s: removed %d temporary output(s) left by killed attempts", job.group, len(removed))
+        left = [name for name in removed if name not in job.snapshot_names]
+        if left:
+            log.info("%s: removed %d temporary output(s) left by killed attempts", job.group, len(left))
 
     def _finished(self, kind: str, record: dict) -> None:
         if self.on_finished is not None:
