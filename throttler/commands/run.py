@@ -45,17 +45,12 @@ class Interrupt:
 
     def __init__(self):
         self.signum: int | None = None
-        self._previous: dict[int, object] = {}
 
     def install(self) -> None:
-        """Handle SIGINT and SIGTERM (main thread only) until :meth:`restore`."""
+        """Handle SIGINT and SIGTERM for the rest of the process (main thread only): the cluster's
+        close after the run is covered too, so a Ctrl-C there is not a traceback either."""
         for signum in (signal.SIGINT, signal.SIGTERM):
-            self._previous[signum] = signal.signal(signum, self._on_signal)
-
-    def restore(self) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous = {}
+            signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
         if self.signum is not None:
