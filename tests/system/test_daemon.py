@@ -336,6 +336,11 @@ def test_sigterm_while_the_scheduler_is_unreachable_exits_cleanly(tmp_path, daem
     dead = f"tcp://127.0.0.1:{free_port()}"  # nothing listens there
     daemon = daemons(serve_args(tmp_path, dead))
     daemon.wait_for_log("metrics on http://")  # now retrying the scheduler
+    wait_for(lambda: "unreachable (attempt 1" in daemon.log(), 30)  # each failed attempt is logged
+    status = throttler_cli("status", "--spool", str(tmp_path / "spool"))
+    assert status.returncode == 0, status.stdout + status.stderr  # this daemon, not a dead one's status
+    assert re.search(rf"^daemon pid {daemon.pid}: starting, connecting to scheduler {dead} for \d+ s$",
+                     status.stdout, re.M), status.stdout
     drop_request(tmp_path / "spool", "early")
     code, seconds = daemon.stop(20)  # one connection attempt (10 s) at most
     assert code == 0 and "stopped while connecting to the scheduler" in daemon.log()

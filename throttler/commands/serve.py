@@ -23,6 +23,7 @@ from throttler.cluster.embedded import start_embedded_cluster
 from throttler.commands import checks
 from throttler.ops import sdnotify
 from throttler.ops.metrics import Metrics
+from throttler.ops.status import StartingStatus
 from throttler.planning.catalog import Catalog
 from throttler.planning.estimator import Estimator
 from throttler.service import outcome as retries
@@ -140,8 +141,10 @@ def _serve_locked(cfg: config_mod.Config, spool: Spool, signals: Signals, config
     os.makedirs(cfg.output, mode=0o750, exist_ok=True)
     log.info("spool recovery: %s; stray temporary outputs removed: %d",
              spool.recover(), len(sweep_temporaries(cfg.output)))
+    waiting_for = f"connecting to scheduler {cfg.scheduler}" if cfg.scheduler else "starting the embedded cluster"
     try:
-        client, cluster = connect(cfg, signals.stop)
+        with StartingStatus(spool.state_dir, waiting_for):
+            client, cluster = connect(cfg, signals.stop)
     except BaseException as exc:
         _close(None, None, metrics_server)
         if not signals.stop.is_set():

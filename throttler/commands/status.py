@@ -48,8 +48,17 @@ def status_lines(doc: dict, now_unix_seconds: float) -> list[str]:
         lines.append(f"throttler is not running{seen}: {doc['not_running_reason']}")
     lines.append(f"queue: incoming {q['incoming']}  active {q['active']}  done {q['done']}  failed {q['failed']}")
     if daemon:
-        lines += _daemon_lines(daemon, "" if doc["running"] else "last known ")
+        label = "" if doc["running"] else "last known "
+        lines += _starting_lines(daemon, label, now_unix_seconds) if "starting" in daemon \
+            else _daemon_lines(daemon, label)
     return lines
+
+
+def _starting_lines(daemon: dict, label: str, now_unix_seconds: float) -> list[str]:
+    """A daemon that is not serving yet: what it waits for, and since when."""
+    starting = daemon["starting"]
+    waited = max(0.0, now_unix_seconds - starting["since_unix_seconds"])
+    return [f"{label}daemon pid {daemon['pid']}: starting, {starting['waiting_for']} for {waited:.0f} s"]
 
 
 def _daemon_lines(daemon: dict, label: str) -> list[str]:

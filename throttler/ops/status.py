@@ -232,6 +232,48 @@ class StatusReporter:
                 f"of {memory['limit_bytes'] / 2**30:.1f} GiB")
 
 
+class StartingStatus:
+    """The status file while ``serve`` starts, before its service exists (a context manager).
+
+    Connecting to a scheduler that is not up yet can take minutes; without this,
+    ``throttler status`` would show whatever the previous daemon left (a dead
+    pid) while this one waits. The file names this process and what it waits
+    for, and a thread rewrites it every :data:`REFRESH_SECONDS` so it stays
+    fresh; the service's own status replaces it once the daemon serves.
+    """
+
+    def __init__(self, state_dir, waiting_for: str):
+        self.path = os.path.join(state_dir, "status.json")
+        self.waiting_for = waiting_for
+        self.since_unix_seconds = time.time()
+        self._start_ticks = own_start_ticks()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._rewrite, name="starting-status", daemon=True)
+
+    def document(self) -> dict:
+        return {"pid": os.getpid(), "pid_start_ticks": self._start_ticks, "updated_unix_seconds": time.time(),
+                "starting": {"waiting_for": self.waiting_for, "since_unix_seconds": self.since_unix_seconds}}
+
+    def __enter__(self) -> "StartingStatus":
+        self._write()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _rewrite(self) -> None:
+        while not self._stop.wait(REFRESH_SECONDS):
+            self._write()
+
+    def _write(self) -> None:
+        try:
+            write_json_atomic(self.path, self.document())
+        except OSError as exc:
+            log.warning("cannot write status file: %s", exc)
+
+
 def read_status(state_dir) -> dict | None:
     try:
         with open(os.path.join(state_dir, "status.json"), encoding="utf-8") as fh:
