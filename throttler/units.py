@@ -23,6 +23,11 @@ DURATION_UNITS_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "min": 60, "h": 3600, "d
 _QUANTITY = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Z]*)\s*")
 
 
+def count_of(n: int, noun: str) -> str:
+    """``1 file``, ``3 files``: a count and its noun, plural unless the count is one."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def format_bytes(n_bytes: float) -> str:
     """Bytes for people: MiB below 1 GiB, GiB from there."""
     if abs(n_bytes) >= 2**30:

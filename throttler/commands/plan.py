@@ -12,7 +12,7 @@ from throttler.planning.estimator import Estimator
 from throttler.planning.footers import file_infos
 from throttler.planning.memory_model import naive_group_bytes
 from throttler.planning.plan import FileInfo
-from throttler.units import format_bytes
+from throttler.units import count_of, format_bytes
 
 
 def read_group(group: str, data_root: str, manifest: str | None) -> tuple[list[FileInfo], float]:
@@ -33,8 +33,7 @@ def main(group: str, files: list[FileInfo], footers_seconds: float, strategy: st
     plan = planner.make_plan(group, files, strategy, snapshot.shape(), Estimator(),
                              memory_fraction=memory_fraction)
     decision = admission.decide(snapshot, [], plan, memory_fraction=memory_fraction, now_seconds=0.0)
-    counted = f"{plan.n_files} file{'' if plan.n_files == 1 else 's'}"
-    print(f"group {plan.group}: {counted}, {format_bytes(plan.input_bytes)} on disk, "
+    print(f"group {plan.group}: {count_of(plan.n_files, 'file')}, {format_bytes(plan.input_bytes)} on disk, "
           f"naive estimate {format_bytes(naive_group_bytes(files))}; footers read in {footers_seconds:.2f} s")
     print(f"strategy {plan.strategy} (asked {strategy}); {plan.n_leaf_tasks} leaf tasks x "
           f"{plan.files_per_task} files, fan-in {plan.fan_in}")

@@ -32,6 +32,7 @@ from throttler.planning.catalog import Catalog
 from throttler.planning.estimator import Estimator
 from throttler.service.service import Service
 from throttler.spool.queue import Spool
+from throttler.units import count_of
 from throttler.worker.output import sweep_temporaries
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ def result_line(kind: str, record: dict) -> str:
     """One line per group, as ``throttler run`` prints it."""
     if kind != "done":
         return f"FAILED {record['group']}: {record['reason']}"
-    files = f"{record['files']} file{'' if record['files'] == 1 else 's'}"
+    files = count_of(record["files"], "file")
     if record.get("run_kind") == "unchanged":
         return (f"ok     {record['group']}: {record['rows']:,} rows from {files} (unchanged: "
                 f"no file new or changed, 0 files read, output untouched) -> {record['output']}")
@@ -110,10 +111,9 @@ def result_line(kind: str, record: dict) -> str:
 def run_note(record: dict) -> str:
     """``incremental: 1 file read`` or ``full (why): N files read``."""
     if "run_kind" not in record:
-        return f"{record['files']} files read"
+        return f"{count_of(record['files'], 'file')} read"
     why = "" if record["run_kind"] == "incremental" else f" ({record['run_reason']})"
-    read = record["files_read"]
-    return f"{record['run_kind']}{why}: {read} file{'' if read == 1 else 's'} read"
+    return f"{record['run_kind']}{why}: {count_of(record['files_read'], 'file')} read"
 
 
 def stopped_line(group: str, interrupt: Interrupt) -> str:

@@ -38,6 +38,7 @@ from throttler.service import outcome as retries
 from throttler.service.jobs import PLANNING, QUEUED, RUNNING, STATES, Job
 from throttler.service.records import done_record, failed_record, unchanged_record
 from throttler.service.submitter import Submitter
+from throttler.units import count_of
 from throttler.worker import graphs
 from throttler.worker.output import output_path_for, sweep_temporaries
 
@@ -438,8 +439,8 @@ class Service:
             self.metrics.worker_peak(plan.strategy, record["worker_peak_fraction"])
         self.metrics.group_finished("done", plan.strategy, job.run_seconds, summary["files"],
                                     summary["bytes_read"], summary["rows"])
-        log.info("done %s: %d rows from %d file%s in %.2f s (%s, attempt %d)", job.group, summary["rows"],
-                 summary["files"], "" if summary["files"] == 1 else "s", job.run_seconds, plan.strategy, job.attempt)
+        log.info("done %s: %d rows from %s in %.2f s (%s, attempt %d)", job.group, summary["rows"],
+                 count_of(summary["files"], "file"), job.run_seconds, plan.strategy, job.attempt)
 
     def _on_unchanged(self, job: Job) -> None:
         """Record a run that found nothing new or changed: done, 0 files read, the output untouched."""
@@ -448,8 +449,8 @@ class Service:
         self._forget(job)
         self._finished("done", record)
         self.metrics.group_finished("done", "other", 0.0, 0, 0, record["rows"])
-        log.info("unchanged %s: no file new or changed since its output (%d file%s)", job.group, record["files"],
-                 "" if record["files"] == 1 else "s")
+        log.info("unchanged %s: no file new or changed since its output (%s)", job.group,
+                 count_of(record["files"], "file"))
 
     def _observed_task_bytes(self, plan, summary: dict) -> int:
         """What the group's heaviest task held, learned only where it ran alone on its worker.
