@@ -122,8 +122,9 @@ def test_a_worker_added_later_without_a_limit_is_sized_from_its_host(cluster):
         wait_for(lambda: _sized(client, ["w2"]), 60)
         caps, report = _sized(client, ["w2"])["w2"], _reports(client)["w2"]
         assert caps.limit_source == "host-share"
-        assert report["limit_bytes"] == MEMORY_LIMIT // 3  # three workers on this host
-        assert caps.memory_bytes == int(MEMORY_LIMIT // 3 * wm.DEFAULT_SHARE) - report["idle_rss_bytes"]
+        expected = MEMORY_LIMIT - 2 * LIMIT_BYTES  # what the two 1 GiB workers on this host leave
+        assert report["limit_bytes"] == expected and report["domain_workers"] == 3
+        assert caps.memory_bytes == int(expected * wm.DEFAULT_SHARE) - report["idle_rss_bytes"]
         assert "host-share" in proc.log()  # logged as a warning
     finally:
         proc.kill_group()
@@ -251,3 +252,54 @@ def test_worker_sizing_subtracts_the_idle_worker():
     assert (s.memory_bytes, s.solo_bytes) == (500, 650)
     assert wm.worker_sizing(1000, "memory_limit", 100, 0.6, False).solo_bytes == 650  # pause disabled
     assert wm.worker_sizing(1000, "memory_limit", 100, 0.9, 0.8).memory_bytes == 650  # never above solo
+
+
+def test_workers_whose_limits_overcommit_their_host_are_sized_to_their_share(tmp_path):
+    """``dask worker --nworkers 2`` with each worker's limit at 3/4 of the host (as ``--nthreads``
+    past the host's cores gives the whole host to each), then a third such worker joining later:
+    every one of them is sized from its share of the host, the two already there sized again."""
+    from distributed import Client
+    from distributed.system import MEMORY_LIMIT
+
+    each = MEMORY_LIMIT * 3 // 4
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    procs = [Proc(["dask", "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+                  tmp_path / "scheduler.log"),
+             Proc(["dask", "worker", address, "--nworkers", "2", "--nthreads", "2", "--memory-limit", str(each),
+                   "--no-dashboard", "--name", "pair"], tmp_path / "pair.log")]
+    client = None
+    try:
+        wait_for(lambda: _reachable(address), 60)
+        client = Client(address, timeout="5s")
+        client.wait_for_workers(2, timeout=60)
+        wm.register(client)
+        pair = sorted(w["name"] for w in client.scheduler_info()["workers"].values())
+
+        def sized_as(names, n_workers):
+            reports = _reports(client)
+            return all(n in reports and reports[n]["domain_workers"] == n_workers for n in names) and \
+                _sized(client, names)
+        wait_for(lambda: sized_as(pair, 2), 30)
+        _assert_capped(client, pair, each * MEMORY_LIMIT // (2 * each), MEMORY_LIMIT)
+
+        procs.append(Proc(["dask", "worker", address, "--nthreads", "2", "--memory-limit", str(each),
+                           "--no-dashboard", "--name", "late"], tmp_path / "late.log"))
+        wait_for(lambda: sized_as([*pair, "late"], 3), 60)
+        _assert_capped(client, [*pair, "late"], each * MEMORY_LIMIT // (3 * each), MEMORY_LIMIT)
+        assert "host-capped" in procs[1].log()  # the pair logged their new sizing as a warning
+    finally:
+        if client is not None:
+            client.close()
+        for p in reversed(procs):
+            p.kill_group()
+
+
+def _assert_capped(client, names, limit_bytes, host_bytes):
+    caps, reports = _sized(client, names), _reports(client)
+    for name in names:
+        assert reports[name]["limit_bytes"] == limit_bytes
+        assert reports[name]["own_limit_bytes"] == host_bytes * 3 // 4
+        assert caps[name].limit_source == "host-capped"
+        assert caps[name].memory_bytes == int(limit_bytes * wm.DEFAULT_SHARE) - reports[name]["idle_rss_bytes"]
+    assert sum(caps[n].memory_bytes for n in names) <= host_bytes * wm.DEFAULT_SHARE  # what the host holds

@@ -22,10 +22,15 @@ docs/memory.md). ``set_resources`` merges: the worker's own resources
 (``MEMORY`` in any units, or anything else) are left as they are and are
 never read.
 
-A worker without a memory limit is sized from its host's memory
-(cgroup-aware, ``distributed.system.MEMORY_LIMIT``) divided by the workers
-the scheduler knows on that host, or from ``assumed_limit_bytes`` if given;
-it is logged as a warning and its report says which (``limit_source``).
+Workers that share one machine's memory are sized together
+(:mod:`throttler.cluster.memory_domain`): when their limits sum past what the
+machine has (``dask worker --nworkers 2 --nthreads 2`` on a 2-core host gives
+each the whole host), each is sized from its share of it instead, and a worker
+that joins later has the others sized again. A worker without a memory limit
+is sized from ``assumed_limit_bytes`` if given, else from what the limited
+workers of its machine leave (at least an even share of it). Any limit other
+than the worker's own is logged as a warning and its report says which
+(``limit_source``).
 
 The submitter calls :func:`task_resources` with a task's peak and a snapshot
 from :func:`read_capacities`; the result goes to ``client.compute(...,
@@ -40,6 +45,7 @@ from typing import Any, Iterable, Mapping
 
 from distributed import WorkerPlugin
 
+from throttler.cluster import memory_domain
 from throttler.cluster.snapshot import DEFAULT_PAUSE_FRACTION, SOLO_MARGIN
 
 log = logging.getLogger(__name__)
@@ -95,38 +101,67 @@ class ThrottlerMemoryPlugin(WorkerPlugin):
         self.assumed_limit_bytes = assumed_limit_bytes
 
     async def setup(self, worker) -> None:
-        limit, source = await self._limit(worker)
-        mm = worker.memory_manager
-        sizing = worker_sizing(limit, source, _rss_bytes(), self.share, mm.memory_pause_fraction)
-        await worker.set_resources(**{MEMORY_BYTES: sizing.memory_bytes, SOLO_BYTES: sizing.solo_bytes,
-                                      WORKER_TOKEN: 1.0})
-        report = {"worker": worker.address, "name": str(worker.name), "nthreads": worker.state.nthreads,
-                  **sizing.__dict__}
-        worker.log_event(EVENT_TOPIC, report)
-        level = logging.INFO if source == "memory_limit" else logging.WARNING
-        log.log(level, "throttler memory: worker %s sized %s", worker.address, report)
+        self._domain = memory_domain.domain_id()
+        self._own_limit_bytes, self._own_source = self._own_limit(worker)
+        self._idle_rss_bytes = _rss_bytes()
+        try:
+            await memory_domain.publish(worker, self._domain, self._own_limit_bytes)
+        except Exception as exc:  # noqa: BLE001 -- sized alone rather than not at all
+            log.warning("throttler memory: cannot publish worker %s's memory domain: %s", worker.address, exc)
+        others = await self.size(worker)
+        if others:  # they were sized without this worker: size them again, with it
+            await _size_again(worker, others)
 
-    async def _limit(self, worker) -> tuple[int, str]:
+    def _own_limit(self, worker) -> tuple[int, str]:
         own = int(worker.memory_manager.memory_limit or 0)
         if own:
             return own, "memory_limit"
         if self.assumed_limit_bytes:
             return int(self.assumed_limit_bytes), "configured"
-        from distributed.system import MEMORY_LIMIT
+        return 0, "host-share"
 
-        return MEMORY_LIMIT // await _workers_on_host(worker), "host-share"
+    async def size(self, worker) -> list[str]:
+        """Size this worker from its domain's live members; returns the other members' addresses."""
+        try:
+            members = await memory_domain.live_members(worker, self._domain)
+        except Exception as exc:  # noqa: BLE001 -- a fallback: this worker alone on its machine
+            log.warning("throttler memory: cannot read worker %s's memory domain: %s", worker.address, exc)
+            members = []
+        if worker.address not in {m.address for m in members}:
+            members.append(memory_domain.Member(worker.address, self._own_limit_bytes,
+                                                memory_domain.domain_memory_bytes()))
+        limit = memory_domain.domain_limits(members)[worker.address]
+        source = self._own_source
+        if self._own_limit_bytes and limit != self._own_limit_bytes:
+            source = memory_domain.CAPPED_SOURCE
+        mm = worker.memory_manager
+        sizing = worker_sizing(limit, source, self._idle_rss_bytes, self.share, mm.memory_pause_fraction)
+        await worker.set_resources(**{MEMORY_BYTES: sizing.memory_bytes, SOLO_BYTES: sizing.solo_bytes,
+                                      WORKER_TOKEN: 1.0})
+        report = {"worker": worker.address, "name": str(worker.name), "nthreads": worker.state.nthreads,
+                  "own_limit_bytes": self._own_limit_bytes, "domain_workers": len(members), **sizing.__dict__}
+        worker.log_event(EVENT_TOPIC, report)
+        level = logging.INFO if source == "memory_limit" else logging.WARNING
+        log.log(level, "throttler memory: worker %s sized %s", worker.address, report)
+        return [m.address for m in members if m.address != worker.address]
 
 
-async def _workers_on_host(worker) -> int:
-    """Workers the scheduler knows on this worker's host, this one included."""
-    host = worker.address.split("://")[-1].rsplit(":", 1)[0]
+async def _size_again(worker, addresses: list[str]) -> None:
+    """Have the workers at ``addresses`` size themselves again (through the scheduler, as ``client.run``)."""
+    from distributed.protocol.pickle import dumps
+
+    msg = {"op": "run", "function": dumps(_size_this_worker), "args": dumps(()), "kwargs": dumps({}), "wait": True}
     try:
-        info = await worker.scheduler.identity()
-        others = {a for a, w in info.get("workers", {}).items() if w.get("host") == host}
-    except Exception as exc:  # noqa: BLE001 -- a fallback of a fallback: count this worker alone
-        log.warning("throttler memory: cannot count the workers on %s: %s", host, exc)
-        others = set()
-    return max(1, len(others | {worker.address}))
+        await worker.scheduler.broadcast(msg=msg, workers=addresses, on_error="return")
+    except Exception as exc:  # noqa: BLE001 -- they keep their sizing; this worker's is right
+        log.warning("throttler memory: cannot have %s sized again: %s", addresses, exc)
+
+
+async def _size_this_worker(dask_worker) -> None:
+    """Run on a worker by :func:`_size_again`: its plugin sizes it again."""
+    plugin = dask_worker.plugins.get(ThrottlerMemoryPlugin.name)
+    if isinstance(plugin, ThrottlerMemoryPlugin) and hasattr(plugin, "_domain"):
+        await plugin.size(dask_worker)
 
 
 def _rss_bytes() -> int:
