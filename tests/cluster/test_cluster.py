@@ -151,7 +151,7 @@ def test_the_scheduler_function_ships_by_value(tmp_path):
     """A remote scheduler need not have throttler installed: the function unpickles and runs where
     throttler cannot be imported."""
     done = _call_where_throttler_cannot_be_imported(tmp_path, _scheduler_worker_records(),
-                                                    "f(types.SimpleNamespace(workers={}))")
+                                                    "f(types.SimpleNamespace(workers={}, get_events=lambda topic: ()))")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
 

@@ -70,6 +70,18 @@ def test_admits_what_fits_and_reports_figures():
     assert "fits" in d.reason
 
 
+def test_workers_sized_to_their_share_of_an_overcommitted_host_count_that_share():
+    # two workers each given the whole 20 GiB host by Dask, sized by the plugin to 10 GiB each
+    capped = [WorkerView(**{**worker(name, limit=20 * GiB).__dict__, "sized_limit_bytes": 10 * GiB})
+              for name in ("w1", "w2")]
+    d = decide(snap(*capped), [], plan(group_peak=5 * GiB, task_peak=1 * GiB), now_seconds=0)
+    assert d.free_bytes == 12 * GiB  # 0.6 x 2 x 10 GiB, not 0.6 x 2 x 20 GiB
+    unlimited = WorkerView(**{**worker("w3", limit=0).__dict__, "sized_limit_bytes": 10 * GiB})
+    assert unlimited.budget_limit_bytes == 0  # as before any sizing: no limit, no admission capacity
+    larger = WorkerView(**{**worker("w4", limit=8 * GiB).__dict__, "sized_limit_bytes": 10 * GiB})
+    assert larger.budget_limit_bytes == 8 * GiB  # never above Dask's own limit
+
+
 def test_lag_reservations_stand_in_for_memory_not_yet_visible():
     # Two groups of 5 GiB were just submitted: heartbeats still show empty workers.
     reserved = [reservation("a", 5 * GiB), reservation("b", 5 * GiB)]

@@ -57,7 +57,7 @@ class Decision:
 class Budget:
     """One snapshot's figures, computed once per round (see :meth:`Budget.used_bytes`)."""
 
-    capacity_bytes: int  #: running workers' memory_limit x fraction
+    capacity_bytes: int  #: running workers' limits (as the worker plugin sized them) x fraction
     shown_bytes: int  #: what the workers show
     own_bytes: int  #: the workers' own memory, to which reservations add
     largest_task_budget_bytes: int  #: the largest running worker's solo budget: one task alone (0: none)
@@ -68,7 +68,7 @@ class Budget:
     def of(cls, snapshot: ClusterSnapshot, memory_fraction: float) -> "Budget":
         running = snapshot.running_workers
         shown, own = _shown_and_own(running)
-        return cls(sum(int(w.memory_limit_bytes * memory_fraction) for w in running), shown, own,
+        return cls(sum(int(w.budget_limit_bytes * memory_fraction) for w in running), shown, own,
                    max((w.solo_budget() for w in running), default=0),
                    bool(running), sum(w.nthreads for w in running))
 

@@ -42,9 +42,12 @@ def _scheduler_worker_records() -> Callable:
     and returns plain dicts.
     """
 
-    memory_key, solo_key = worker_memory.MEMORY_BYTES, worker_memory.SOLO_BYTES
+    memory_key, solo_key, topic = worker_memory.MEMORY_BYTES, worker_memory.SOLO_BYTES, worker_memory.EVENT_TOPIC
 
     def collect(dask_scheduler) -> list[dict]:
+        sized = {}  # each worker's latest sizing event: the limit its budgets came from
+        for _, msg in dask_scheduler.get_events(topic):
+            sized[msg.get("worker")] = int(msg.get("limit_bytes", 0) or 0)
         records = []
         for ws in dask_scheduler.workers.values():
             try:
@@ -62,6 +65,7 @@ def _scheduler_worker_records() -> Callable:
                 solo_budget_bytes=int(resources.get(solo_key, 0)),
                 used_budget_bytes=float(used.get(memory_key, 0.0)),
                 processing=len(ws.processing),
+                sized_limit_bytes=sized.get(ws.address, 0),
             ))
         return records
 

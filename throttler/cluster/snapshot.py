@@ -53,10 +53,20 @@ class WorkerView:
     solo_budget_bytes: int = 0  #: the daemon's throttler-solo-bytes resource (0: not sized yet)
     used_budget_bytes: float = 0.0  #: throttler-memory-bytes held by our running tasks
     processing: int = 0  #: tasks assigned to the worker and not finished (fresh: per task)
+    sized_limit_bytes: int = 0  #: the limit the worker plugin sized it from (0: not sized yet)
 
     @property
     def is_running(self) -> bool:
         return self.status == "running"
+
+    @property
+    def budget_limit_bytes(self) -> int:
+        """The limit admission counts: Dask's, capped to the share the worker plugin sized it from
+        on a machine whose workers' limits overcommit it (:mod:`throttler.cluster.memory_domain`).
+        A worker without a limit counts 0, as before any sizing."""
+        if not self.memory_limit_bytes:
+            return 0
+        return min(self.sized_limit_bytes or self.memory_limit_bytes, self.memory_limit_bytes)
 
     def shared_budget(self, memory_fraction: float) -> int:
         """What our tasks running at once here may hold (as the worker plugin sized it)."""
