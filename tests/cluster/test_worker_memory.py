@@ -296,8 +296,12 @@ def test_workers_whose_limits_overcommit_their_host_are_sized_to_their_share(tmp
 
 
 def _assert_capped(client, names, limit_bytes, host_bytes):
+    from throttler.cluster.scheduler import read_snapshot
+
     caps, reports = _sized(client, names), _reports(client)
+    views = {w.name: w for w in read_snapshot(client).workers}
     for name in names:
+        assert views[name].budget_limit_bytes == limit_bytes  # what admission counts
         assert reports[name]["limit_bytes"] == limit_bytes
         assert reports[name]["own_limit_bytes"] == host_bytes * 3 // 4
         assert caps[name].limit_source == "host-capped"
