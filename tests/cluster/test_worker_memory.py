@@ -299,7 +299,15 @@ def _assert_capped(client, names, limit_bytes, host_bytes):
     from throttler.cluster.scheduler import read_snapshot
 
     caps, reports = _sized(client, names), _reports(client)
-    views = {w.name: w for w in read_snapshot(client).workers}
+    from throttler.ops.status import StatusReporter
+
+    snapshot = read_snapshot(client)
+    views = {w.name: w for w in snapshot.workers}
+    status = StatusReporter(service=None)
+    status.observe_snapshot(snapshot)
+    assert status.workers_host_capped() == {  # the status file's and the metric's list
+        views[n].address: {"memory_limit_bytes": host_bytes * 3 // 4, "sized_limit_bytes": limit_bytes}
+        for n in names}
     for name in names:
         assert views[name].budget_limit_bytes == limit_bytes  # what admission counts
         assert reports[name]["limit_bytes"] == limit_bytes

@@ -66,3 +66,16 @@ def test_the_domain_is_this_kernel_and_cgroup_namespace():
     with open("/proc/sys/kernel/random/boot_id") as fh:
         boot_id = fh.read().strip()
     assert md.domain_id() == f"{boot_id}/{os.readlink('/proc/self/ns/cgroup')}"
+
+
+def test_throttler_status_names_each_capped_worker():
+    from throttler.commands.status import status_lines
+
+    daemon = {"pid": 7, "updated_unix_seconds": 50.0, "states": {"running": 0}, "workers": {"running": 2},
+              "cluster_memory": {"limit_bytes": 12 * GB, "used_bytes": 0, "free_bytes": 12 * GB, "reserved_bytes": 0},
+              "running": [], "workers_host_capped": {
+                  "tcp://10.0.0.1:4001": {"memory_limit_bytes": 2**35, "sized_limit_bytes": 2**34}}}
+    doc = {"running": True, "not_running_reason": None, "daemon": daemon,
+           "queue": {"incoming": 0, "active": 0, "done": 0, "failed": 0}}
+    assert "  worker tcp://10.0.0.1:4001: memory_limit 32.00 GiB overcommits its machine with the others there:" \
+           " sized to its share, 16.00 GiB" in status_lines(doc, 60.0)

@@ -111,6 +111,8 @@ def test_worker_peak_fraction(m):
     assert value(m, "throttler_workers_incompatible") == 2
     m.set_workers_without_memory_limit(3)
     assert value(m, "throttler_workers_without_memory_limit") == 3
+    m.set_workers_host_capped(2)
+    assert value(m, "throttler_workers_host_capped") == 2
 
 
 def test_workers_and_losses(m):
@@ -182,6 +184,7 @@ GARBAGE_CALLS = [
     ("set_workers", ([1, 2],)),
     ("set_workers_incompatible", ("some",)),
     ("set_workers_without_memory_limit", (None,)),
+    ("set_workers_host_capped", ("two",)),
     ("set_workers_without_data_access", ("some",)),
     ("worker_peak", ("aligned", None)),
     ("worker_peak", ("aligned", -0.5)),

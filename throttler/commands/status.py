@@ -75,6 +75,10 @@ def _daemon_lines(daemon: dict, label: str) -> list[str]:
     for address in daemon.get("workers_without_memory_limit", []):
         lines.append(f"  {label}worker {address} has no memory limit: sized from an assumed limit "
                      f"(assumed_worker_memory_bytes, or its host's memory shared by its workers)")
+    for address, sizes in sorted(daemon.get("workers_host_capped", {}).items()):
+        lines.append(f"  {label}worker {address}: memory_limit {format_bytes(sizes['memory_limit_bytes'])} overcommits"
+                     f" its machine with the others there: sized to its share, "
+                     f"{format_bytes(sizes['sized_limit_bytes'])}")
     for address, problem in sorted(daemon.get("workers_without_data_access", {}).items()):
         lines.append(f"  {label}NO DATA ACCESS worker {address}: {problem}")
     for r in daemon["running"]:

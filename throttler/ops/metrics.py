@@ -152,6 +152,10 @@ class Metrics:
         self._unlimited = Gauge(
             "throttler_workers_without_memory_limit",
             "Running workers with no memory limit, sized from an assumed one.", registry=r)
+        self._host_capped = Gauge(
+            "throttler_workers_host_capped",
+            "Running workers whose memory limits overcommit their machine, sized to their share of it.",
+            registry=r)
         self._no_data_access = Gauge(
             "throttler_workers_without_data_access",
             "Workers that cannot list the data root (mount, endpoint or credentials; the log says why).",
@@ -333,6 +337,10 @@ class Metrics:
     @_never_raises
     def set_workers_without_memory_limit(self, n: int) -> None:
         self._unlimited.set(_count(n))
+
+    @_never_raises
+    def set_workers_host_capped(self, n: int) -> None:
+        self._host_capped.set(_count(n))
 
     @_never_raises
     def set_workers_without_data_access(self, n: int) -> None:

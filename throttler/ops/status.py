@@ -178,6 +178,12 @@ class StatusReporter:
         running = self._snapshot.running_workers if self._snapshot else ()
         return sorted(w.address for w in running if not w.memory_limit_bytes)
 
+    def workers_host_capped(self) -> dict[str, dict]:
+        """Running workers sized to their share of a machine their limits overcommit (docs/memory.md)."""
+        running = self._snapshot.running_workers if self._snapshot else ()
+        return {w.address: {"memory_limit_bytes": w.memory_limit_bytes, "sized_limit_bytes": w.budget_limit_bytes}
+                for w in running if w.budget_limit_bytes < w.memory_limit_bytes}
+
     def workers_by_status(self) -> dict[str, int]:
         counts = dict.fromkeys(KNOWN_STATUSES + ("other",), 0)
         for w in (self._snapshot.workers if self._snapshot else ()):
@@ -199,6 +205,7 @@ class StatusReporter:
             "workers_lost": self.workers_lost,
             "workers_incompatible": self.incompatible_workers(),
             "workers_without_memory_limit": self.workers_without_memory_limit(),
+            "workers_host_capped": self.workers_host_capped(),
             "workers_without_data_access": self.workers_without_data_access(),
             "pools": {k: {"busy": b, "size": s} for k, (b, s) in svc.busy().items()},
             "estimator": svc.estimator.accuracy(),
@@ -215,6 +222,7 @@ class StatusReporter:
         metrics.set_workers(doc["workers"])
         metrics.set_workers_incompatible(len(doc["workers_incompatible"]))
         metrics.set_workers_without_memory_limit(len(doc["workers_without_memory_limit"]))
+        metrics.set_workers_host_capped(len(doc["workers_host_capped"]))
         metrics.set_workers_without_data_access(len(doc["workers_without_data_access"]))
         for pool, figures in doc["pools"].items():
             metrics.set_pool(pool, figures["busy"], figures["size"])
