@@ -233,6 +233,45 @@ def test_an_incompatible_worker_and_one_without_a_memory_limit_are_reported_and_
         mixed.close()
 
 
+def test_two_workers_each_given_most_of_the_host_are_admitted_as_their_share_of_it(tmp_path, daemons):
+    """Two ``dask worker`` processes on this host, each with a limit of 3/4 of its memory (as two
+    workers started with Dask's defaults on one host each get all of it): the daemon's admission
+    capacity is their share of the host, not 1.5 hosts; it says so (log, gauge, status) and serves."""
+    from distributed.system import MEMORY_LIMIT
+
+    from throttler.config import DEFAULTS
+
+    each = MEMORY_LIMIT * 3 // 4
+    (tmp_path / "pair").mkdir()
+    pair = ExternalCluster(tmp_path / "pair", n_workers=2, memory_bytes=each, nthreads=2, declare_memory=False)
+    try:
+        pair.connect(2)
+        estate = make_estate(tmp_path / "data", {"pair": 3})
+        daemon = daemons(serve_args(tmp_path, pair.address))
+        daemon.wait_ready()
+        drop_request(tmp_path / "spool", "pair")
+        wait_closed(tmp_path / "spool", 1, 60, daemon)
+        assert [r["group"] for r in records(tmp_path / "spool", "done")] == ["pair"]
+        assert_outputs_match(tmp_path, estate)
+
+        def status() -> dict:
+            return json.loads(throttler_cli("status", "--spool", str(tmp_path / "spool"), "--json").stdout)["daemon"]
+        share = each * MEMORY_LIMIT // (2 * each)
+        wait_for(lambda: len(status()["workers_host_capped"]) == 2, 10)
+        assert status()["cluster_memory"]["limit_bytes"] == 2 * int(share * DEFAULTS.memory_fraction)
+        assert all(v == {"memory_limit_bytes": each, "sized_limit_bytes": share}
+                   for v in status()["workers_host_capped"].values())
+        scraped = urllib.request.urlopen(daemon.metrics_url(), timeout=10).read().decode()
+        assert "throttler_workers_host_capped 2.0" in scraped
+        human = throttler_cli("status", "--spool", str(tmp_path / "spool")).stdout
+        assert human.count("overcommits its machine with the others there: sized to its share") == 2, human
+        code, _ = daemon.stop(20)
+        assert code == 0
+    finally:
+        print(pair.logs())
+        pair.close()
+
+
 # ---------------------------------------------------------------------------- sd_notify
 
 
