@@ -3,6 +3,7 @@ started without any throttler flag."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 
@@ -21,28 +22,38 @@ def _worker(cluster_dir, address, name, *extra):
     return Proc(argv, cluster_dir / f"{name}.log")
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+@contextlib.contextmanager
+def _plain_cluster(logs, workers, n_workers: int = 2):
+    """A ``dask scheduler`` and the processes ``workers(address)`` starts, the plugin registered
+    once ``n_workers`` have joined; yields (client, address, procs)."""
     from distributed import Client
 
-    logs = tmp_path_factory.mktemp("wm-cluster")
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     procs = [Proc(["dask", "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
                   logs / "scheduler.log")]
-    procs += [_worker(logs, address, "w0"), _worker(logs, address, "w1", "--resources", "MEMORY=2000")]
     client = None
     try:
+        procs += workers(address)
         wait_for(lambda: _reachable(address), 60)
         client = Client(address, timeout="5s")
-        client.wait_for_workers(2, timeout=60)
+        client.wait_for_workers(n_workers, timeout=60)
         wm.register(client)
-        yield {"client": client, "address": address, "logs": logs, "procs": procs}
+        yield client, address, procs
     finally:
         if client is not None:
             client.close()
         for p in reversed(procs):
             p.kill_group()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    logs = tmp_path_factory.mktemp("wm-cluster")
+    with _plain_cluster(logs, lambda address: [
+            _worker(logs, address, "w0"), _worker(logs, address, "w1", "--resources", "MEMORY=2000")]) \
+            as (client, address, procs):
+        yield {"client": client, "address": address, "logs": logs, "procs": procs}
 
 
 def _reachable(address) -> bool:
@@ -258,22 +269,12 @@ def test_workers_whose_limits_overcommit_their_host_are_sized_to_their_share(tmp
     """``dask worker --nworkers 2`` with each worker's limit at 3/4 of the host (as ``--nthreads``
     past the host's cores gives the whole host to each), then a third such worker joining later:
     every one of them is sized from its share of the host, the two already there sized again."""
-    from distributed import Client
     from distributed.system import MEMORY_LIMIT
 
     each = MEMORY_LIMIT * 3 // 4
-    port = free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    procs = [Proc(["dask", "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
-                  tmp_path / "scheduler.log"),
-             Proc(["dask", "worker", address, "--nworkers", "2", "--nthreads", "2", "--memory-limit", str(each),
-                   "--no-dashboard", "--name", "pair"], tmp_path / "pair.log")]
-    client = None
-    try:
-        wait_for(lambda: _reachable(address), 60)
-        client = Client(address, timeout="5s")
-        client.wait_for_workers(2, timeout=60)
-        wm.register(client)
+    with _plain_cluster(tmp_path, lambda address: [Proc(
+            ["dask", "worker", address, "--nworkers", "2", "--nthreads", "2", "--memory-limit", str(each),
+             "--no-dashboard", "--name", "pair"], tmp_path / "pair.log")]) as (client, address, procs):
         pair = sorted(w["name"] for w in client.scheduler_info()["workers"].values())
 
         def sized_as(names, n_workers):
@@ -288,19 +289,13 @@ def test_workers_whose_limits_overcommit_their_host_are_sized_to_their_share(tmp
         wait_for(lambda: sized_as([*pair, "late"], 3), 60)
         _assert_capped(client, [*pair, "late"], each * MEMORY_LIMIT // (3 * each), MEMORY_LIMIT)
         assert "host-capped" in procs[1].log()  # the pair logged their new sizing as a warning
-    finally:
-        if client is not None:
-            client.close()
-        for p in reversed(procs):
-            p.kill_group()
 
 
 def _assert_capped(client, names, limit_bytes, host_bytes):
     from throttler.cluster.scheduler import read_snapshot
-
-    caps, reports = _sized(client, names), _reports(client)
     from throttler.ops.status import StatusReporter
 
+    caps, reports = _sized(client, names), _reports(client)
     snapshot = read_snapshot(client)
     views = {w.name: w for w in snapshot.workers}
     status = StatusReporter(service=None)

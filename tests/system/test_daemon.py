@@ -157,19 +157,26 @@ def test_run_command_against_external_cluster(tmp_path, cluster):
     assert_outputs_match(tmp_path, estate)
 
 
+def _serve_one_group(tmp_path, daemons, address: str, group: str, n_files: int):
+    """A daemon on the cluster at ``address``, one group of ``n_files`` queued and done, its output
+    checked; returns the daemon and the group's done record."""
+    estate = make_estate(tmp_path / "data", {group: n_files})
+    daemon = daemons(serve_args(tmp_path, address))
+    daemon.wait_ready()
+    drop_request(tmp_path / "spool", group)
+    wait_closed(tmp_path / "spool", 1, 60, daemon)
+    (done,) = records(tmp_path / "spool", "done")
+    assert done["group"] == group
+    assert_outputs_match(tmp_path, estate)
+    return daemon, done
+
+
 def test_workers_started_with_defaults_get_the_daemons_own_memory_resources(tmp_path, daemons):
     (tmp_path / "plain").mkdir()
     plain = ExternalCluster(tmp_path / "plain", n_workers=1, declare_memory=False)
     try:
         plain.connect(1)
-        estate = make_estate(tmp_path / "data", {"bare": 2})
-        daemon = daemons(serve_args(tmp_path, plain.address))
-        daemon.wait_ready()
-        drop_request(tmp_path / "spool", "bare")
-        wait_closed(tmp_path / "spool", 1, 60, daemon)
-        (done,) = records(tmp_path / "spool", "done")
-        assert done["group"] == "bare"
-        assert_outputs_match(tmp_path, estate)
+        daemon, _ = _serve_one_group(tmp_path, daemons, plain.address, "bare", 2)
         resources = plain.client.run(lambda dask_worker: dict(dask_worker.state.total_resources))
         (own,) = resources.values()
         assert sorted(own) == ["throttler-memory-bytes", "throttler-solo-bytes", "throttler-worker"], own
@@ -246,13 +253,7 @@ def test_two_workers_each_given_most_of_the_host_are_admitted_as_their_share_of_
     pair = ExternalCluster(tmp_path / "pair", n_workers=2, memory_bytes=each, nthreads=2, declare_memory=False)
     try:
         pair.connect(2)
-        estate = make_estate(tmp_path / "data", {"pair": 3})
-        daemon = daemons(serve_args(tmp_path, pair.address))
-        daemon.wait_ready()
-        drop_request(tmp_path / "spool", "pair")
-        wait_closed(tmp_path / "spool", 1, 60, daemon)
-        assert [r["group"] for r in records(tmp_path / "spool", "done")] == ["pair"]
-        assert_outputs_match(tmp_path, estate)
+        daemon, _ = _serve_one_group(tmp_path, daemons, pair.address, "pair", 3)
 
         def status() -> dict:
             return json.loads(throttler_cli("status", "--spool", str(tmp_path / "spool"), "--json").stdout)["daemon"]
