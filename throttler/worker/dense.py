@@ -55,7 +55,8 @@ file and the key.
 Memory per task: the grid's accumulator (8 B/cell), two bitmaps (1/8 B/cell
 each) and, at the leaf's end, the bool presence made from them (1 B/cell), the
 reference-rows accumulator when some file matches the reference (8 B/row; none
-when it is the grid's slice), and one row group, whatever the number of files.
+when it is the grid's slice), and two row groups (the one being added, the next
+being read), whatever the number of files.
 """
 
 from __future__ import annotations
@@ -431,8 +432,8 @@ def _scatter(sums: np.ndarray, marks: np.ndarray, cells: np.ndarray, column: pa.
     values = column.to_numpy() if column.null_count == 0 else column.to_numpy(zero_copy_only=False)
     nans, duplicate = _compiled().scatter_add_marking(cells, np.ascontiguousarray(values, np.float64), sums,
                                                       marks)
-    if duplicate != _compiled().NO_DUPLICATE:
-        contract.sort_keys(*contract.read_keys(pf, path), path)  # raises with the duplicated key
+    if duplicate != _compiled().NO_DUPLICATE:  # the file opened again: a thread may be reading ahead in pf
+        contract.sort_keys(*contract.read_keys(contract.open_parquet(path), path), path)  # raises with the key
         raise DataError(f"{path}: duplicated (path, Date) key")
     return int(nans)
 
@@ -544,7 +545,7 @@ class _Accumulator:
         if self.grid is None:
             self._make_grid()
         self.marks.fill(0)
-        held = 2 if storage.is_url(path) else 1  # the row group being added, and the next one arriving
+        held = 2  # the row group being added, and the next one being read
         with contextlib.closing(_row_groups(pf, path)) as tables:
             for table in tables:
                 cells = self.coders.cells(table, path)
@@ -598,11 +599,20 @@ def scatter_reference_rows(sums: np.ndarray, reference_path: str, values: np.nda
 
 
 def _row_groups(pf, path: str):
-    """The file's row groups (the three contract columns), in order; on an object store the next one
-    is fetched while the current one is added (one row group more held: its GETs overlap the work)."""
+    """The file's row groups (the three contract columns), in order, the next one read in a thread
+    while the current one is added (one row group more held).
+
+    pyarrow's decoding and the compiled scatter both release the GIL, and a Dask
+    worker's pyarrow decodes on one thread (the nanny sets ``OMP_NUM_THREADS=1``),
+    so the read and the scatter overlap wherever a core is free; on an object store
+    the next row group's GETs overlap the work too. Measured in pairs of warm
+    LocalCluster processes (2 workers x 1 thread): a 5-file shuffled group (one
+    leaf) took 0.713 (0.653-0.861) of its time, the 10-file group (two leaves,
+    both cores busy) 0.949 (0.936-1.077).
+    """
     columns = list(contract.REQUIRED_COLUMNS)
     tables = (_read_row_group(pf, rg, columns, path) for rg in range(pf.metadata.num_row_groups))
-    return prefetch.ahead(tables) if storage.is_url(path) else tables
+    return prefetch.ahead(tables)
 
 
 def check_unique(marks: np.ndarray, pf, path: str) -> None:
