@@ -242,14 +242,6 @@ def warm_workers(client, *modules: str) -> None:
         client.run(importlib.import_module, module)
 
 
-def warm_workers_as_the_daemon_does(client) -> None:
-    """Run the daemon's package check on every worker: what it imports there as a worker joins
-    (:data:`throttler.cluster.workers.WORKER_MODULES`), and nothing more."""
-    from throttler.cluster.workers import worker_package_probe
-
-    client.run(worker_package_probe())
-
-
 def timed_on_cluster(client, fn, *args):
     """:func:`timed`, with the workers' CPU seconds added to the client process's."""
     warm_up(fn, *args)
@@ -282,7 +274,7 @@ def run_throttler_cluster(files: list[str], work: str, strategy: str = "aligned"
 
     out = os.path.join(work, f"{strategy}-cluster.parquet")
     with local_cluster() as client:
-        warm_workers_as_the_daemon_does(client)
+        warm_workers(client, "throttler.worker.kernels", "throttler.worker.dense", "throttler.worker.scatter")
         graph = graphs.build(throttler_plan(files, strategy), out)
         timing, summary = timed_on_cluster(client, lambda: client.compute(
             graph.final, resources={"MEMORY": TASK_MEMORY_BYTES}).result())
@@ -327,7 +319,7 @@ def run_throttler_cluster_no_write(files: list[str], work: str) -> dict:
     """The aligned graph through the LocalCluster, its final task stopping short of the write:
     the same work as the floor's plus key verification and attachment (like for like)."""
     with local_cluster() as client:
-        warm_workers_as_the_daemon_does(client)
+        warm_workers(client, "throttler.worker.kernels")
         final = no_write_graph(files)
         timing, summary = timed_on_cluster(client, lambda: client.compute(
             final, resources={"MEMORY": TASK_MEMORY_BYTES}).result())

@@ -100,7 +100,8 @@ def child_main(args) -> None:
         client = None
         if name in ON_CLUSTER:
             client = stack.enter_context(aggregate.local_cluster())
-            aggregate.warm_workers_as_the_daemon_does(client)
+            aggregate.warm_workers(client, "throttler.worker.kernels", "throttler.worker.dense",
+                                   "throttler.worker.dense_merge")
         body = method_body(name, aggregate.group_files(args, layout or "aligned"), str(work), client)
         body()  # warm-up, untimed
         seconds = 0.0

@@ -8,22 +8,14 @@ from typing import Any, Callable
 #: unpickle tasks that call ``throttler.worker.kernels``.
 DISTRIBUTION = "dask-throttler"
 
-#: What the probe imports on each worker ahead of its first task: the kernels, and the
-#: ``dense`` strategy's compiled loops (numba and its cached machine code: 0.3-0.5 s and
-#: about 100 MiB a process, paid by the first ``dense`` task otherwise; measured on a
-#: fresh LocalCluster, a shuffled 10-file group's first run took 2.47 s with the kernels
-#: alone imported ahead, 1.77 s with the loops too).
-WORKER_MODULES = ("throttler.worker.kernels", "throttler.worker.scatter")
-
 
 def worker_package_probe() -> Callable:
     """The function run on each worker: ``{"version", "error"}`` of its dask-throttler.
 
     Shipped by value (defined inside this function) so that it runs even on a
-    worker without throttler. It imports :data:`WORKER_MODULES` there, which also
-    takes those imports out of the first tasks the worker runs.
+    worker without throttler. It imports ``throttler.worker.kernels`` there, which
+    also takes that import out of the first task the worker runs.
     """
-    modules = WORKER_MODULES
 
     def probe() -> dict:
         from importlib import import_module, metadata
@@ -32,11 +24,10 @@ def worker_package_probe() -> Callable:
             version = metadata.version("dask-throttler")
         except metadata.PackageNotFoundError:
             return {"version": None, "error": None}
-        for module in modules:
-            try:
-                import_module(module)
-            except Exception as exc:  # noqa: BLE001 - reported, not raised
-                return {"version": version, "error": f"{type(exc).__name__}: {exc}", "module": module}
+        try:
+            import_module("throttler.worker.kernels")
+        except Exception as exc:  # noqa: BLE001 - reported, not raised
+            return {"version": version, "error": f"{type(exc).__name__}: {exc}"}
         return {"version": version, "error": None}
 
     return probe
@@ -57,8 +48,7 @@ def package_problem(expected_version: str, report: object) -> str | None:
     if version is None:
         return f"{DISTRIBUTION} is not installed there; tasks will fail to unpickle"
     if error:
-        module = report.get("module", WORKER_MODULES[0])
-        return f"{DISTRIBUTION} {version} is installed but importing {module} fails: {error}"
+        return f"{DISTRIBUTION} {version} is installed but importing throttler.worker.kernels fails: {error}"
     if version != expected_version:
         return f"{DISTRIBUTION} {version} is installed there; this daemon runs {expected_version}"
     return None
