@@ -73,7 +73,7 @@ def domain_limits(members: list[Member]) -> dict[str, int]:
     domain's memory (the smallest any member saw). A member without one is
     given what the limited members leave, split evenly among such members, and
     at least an even share of the whole. When the limits so found exceed the
-    domain's memory, each is scaled down in proportion, so that they sum to it.
+    domain's memory, each is scaled down in proportion, so that they sum to at most it.
     """
     if not members:
         return {}
