@@ -61,6 +61,10 @@ class Config:
     #: mapped and faulted in afresh), the heap's free pages returned when the task ends
     #: (throttler/worker/allocator.py); 0: leave the allocator alone. A worker setting, as above.
     task_mmap_threshold_bytes: int = 32 * 1024 * 1024
+    #: output row groups a final task encodes at once, each into a Parquet part in memory, stitched
+    #: into the one output file in order (throttler/worker/parquet_parts.py): the group's last step
+    #: uses the cores its finished leaves left idle. 1: encoded in turn. A worker setting, as above.
+    output_encode_threads: int = 2
 
 
 DEFAULTS = Config()
@@ -99,6 +103,8 @@ def validate(config: Config) -> None:
         problems.append("task_mmap_threshold_bytes must be >= 0")
     if config.object_store_reads_in_flight < 1:
         problems.append("object_store_reads_in_flight must be >= 1")
+    if config.output_encode_threads < 1:
+        problems.append("output_encode_threads must be >= 1")
     if config.fan_in < 2:
         problems.append("fan_in must be >= 2")
     if config.max_attempts < 1 or config.max_transient_attempts < 1:

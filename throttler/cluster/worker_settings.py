@@ -3,7 +3,7 @@
 Task functions run in worker processes, which do not read the daemon's
 configuration file. A setting they need (``object_store_reads_in_flight``,
 :mod:`throttler.worker.store_reads`; ``task_mmap_threshold_bytes``,
-:mod:`throttler.worker.allocator`) reaches
+:mod:`throttler.worker.allocator`; ``output_encode_threads``, :mod:`throttler.worker.output`) reaches
 them through :class:`WorkerSettingsPlugin`, which runs on every worker present
 and joining (restarted workers too) and keeps the daemon's values in the
 worker process. :func:`worker_setting` answers, in order: the worker's own
@@ -24,7 +24,7 @@ from throttler import config
 from throttler.cluster import worker_log
 
 #: Configuration keys read by task functions on the workers.
-WORKER_KEYS = ("object_store_reads_in_flight", "task_mmap_threshold_bytes")
+WORKER_KEYS = ("object_store_reads_in_flight", "task_mmap_threshold_bytes", "output_encode_threads")
 
 #: In a worker process: the values the daemon's plugin gave, by key.
 _from_daemon: dict[str, str] = {}

@@ -87,7 +87,10 @@ DENSE_PARTIAL_BYTES_PER_CELL = 9
 DENSE_COMPILED_CODE_BYTES = 144 * MIB
 
 #: Dense final, beyond its inputs: one output row group being prepared and one
-#: being encoded (2**20 rows x (path + Date + value + index) x 2, rounded up).
+#: being encoded (2**20 rows x (path + Date + value + index) x 2, rounded up). With
+#: two encoded at once (``output_encode_threads``) a third block and two encoded
+#: parts are held: measured 58-111 MiB beyond the inputs, inside this plus the
+#: k + 1'th grid that a final over grids alone never makes.
 DENSE_OUTPUT_BLOCK_BYTES = 80 * MIB
 
 

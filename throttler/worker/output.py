@@ -17,7 +17,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from throttler import durable, storage
-from throttler.worker import contract, state
+from throttler.cluster import worker_settings
+from throttler.worker import contract, parquet_parts, state
 
 TMP_SUFFIX = durable.TMP_SUFFIX
 OUTPUT_MODE = 0o640  #: owner read-write, group read, nobody else
@@ -85,39 +86,41 @@ def write_tables(output_path: str, schema: pa.Schema, tables) -> int:
     """:func:`write_table` for a sequence of tables of ``schema`` (row groups of at
     most the writer's default 1,048,576 rows, as :func:`write_table` writes).
 
-    Each table is encoded and written straight to the temporary file as it
-    arrives, so the writes overlap the caller preparing the next one. An object
-    store output is encoded whole in memory, then written with one PUT.
+    The tables are encoded ``output_encode_threads`` at a time, each into a
+    Parquet part in memory, and the parts written in order as one file
+    (:mod:`throttler.worker.parquet_parts`): the final task's encoding, the
+    group's last serial step, uses the cores the finished leaves left idle.
+    Each part is written to the temporary file as its turn comes, so the writes
+    overlap the encoding of the next ones and the caller preparing more. An
+    object store output is put together in memory, then written with one PUT.
     """
-    if storage.is_url(output_path):
-        return _write_tables_object(output_path, schema, tables)
-    finite = True
+    finite = [True]
+
+    def note(table: pa.Table) -> None:
+        finite[0] = finite[0] and (state.state_of(output_path) is None or _finite(table))
+
+    def footer_metadata() -> dict:
+        return state.state_metadata(output_path, finite[0]) if state.state_of(output_path) is not None else {}
+
+    threads = encode_threads()
+    if storage.is_url(output_path):  # it appears whole or not at all
+        encoded = pa.BufferOutputStream()
+        parquet_parts.write_parts(encoded, schema, tables, WRITE_OPTIONS, threads, footer_metadata, note)
+        return storage.write_object(output_path, memoryview(encoded.getvalue()))
     with durable.replacing(output_path, OUTPUT_MODE) as fh:
-        with pq.ParquetWriter(pa.PythonFile(fh, mode="w"), schema, **WRITE_OPTIONS) as writer:
-            for table in tables:
-                writer.write_table(table)
-                start_writeback(fh.fileno())
-                finite = finite and (state.state_of(output_path) is None or _finite(table))
-            if state.state_of(output_path) is not None:  # the inputs' state goes into the same footer
-                writer.add_key_value_metadata(state.state_metadata(output_path, finite))
+        parquet_parts.write_parts(fh, schema, tables, WRITE_OPTIONS, threads, footer_metadata, note,
+                                  after_part=lambda: start_writeback(fh.fileno()))
     return os.path.getsize(output_path)
+
+
+def encode_threads() -> int:
+    """Output row groups a task encodes at once (the ``output_encode_threads`` worker setting)."""
+    return worker_settings.configured("output_encode_threads")
 
 
 def _finite(table: pa.Table) -> bool:
     """Every output value is finite (an output with NaN or inf is not extended incrementally)."""
     return pc.all(pc.is_finite(table.column("value"))).as_py() is not False
-
-
-def _write_tables_object(output_url: str, schema: pa.Schema, tables) -> int:
-    """An object store output: encoded whole in memory, then one PUT (it appears whole or not at all)."""
-    encoded, finite = pa.BufferOutputStream(), True
-    with pq.ParquetWriter(encoded, schema, **WRITE_OPTIONS) as writer:
-        for table in tables:
-            writer.write_table(table)
-            finite = finite and (state.state_of(output_url) is None or _finite(table))
-        if state.state_of(output_url) is not None:  # the inputs' state goes into the same object's footer
-            writer.add_key_value_metadata(state.state_metadata(output_url, finite))
-    return storage.write_object(output_url, memoryview(encoded.getvalue()))
 
 
 def start_writeback(fd: int) -> None:
