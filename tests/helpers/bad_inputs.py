@@ -168,6 +168,13 @@ def _(e, c):
     os.symlink(os.path.relpath(secret, e.data / c.id), e.data / c.id / "f001.parquet")
 
 
+@case("duplicate-symlink", "failed", "f002.parquet are the same file",
+      "catalog", "CatalogError", notes="two names, one file: summed once or twice, the output would be a guess")
+def _(e, c):
+    first, _ = e.sims(c.id, 2)
+    os.symlink("f000.parquet", e.data / c.id / "f002.parquet")
+
+
 @case("escaping-group-dir", "failed", "outside the data root", "catalog", "CatalogError")
 def _(e, c):
     (e.outside / "grp").mkdir()
@@ -442,6 +449,12 @@ def _(e, c):
     good = e.sims(c.id, 1)[0]
     write_sim(e.outside / "secret.parquet", seed=5)
     e.manifest_rows += [(c.id, os.path.relpath(good, e.data)), (c.id, "../outside/secret.parquet")]
+
+
+@case("manifest-duplicate-entry", "failed", "are the same file", "catalog", "CatalogError", catalog="manifest")
+def _(e, c):
+    first, second = (os.path.relpath(p, e.data) for p in e.sims(c.id, 2))
+    e.manifest_rows += [(c.id, first), (c.id, second), (c.id, first)]
 
 
 @case("manifest-absolute-entry", "failed", "outside/absolute.parquet resolves to", "catalog", "CatalogError",

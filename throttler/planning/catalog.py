@@ -6,8 +6,9 @@ Two layouts are supported:
 * a manifest (CSV or Parquet) with columns ``group_id`` and ``file``, file paths
   relative to the data root.
 
-Every resolved file must lie under the data root once symlinks are resolved;
-anything else is a :class:`~throttler.errors.CatalogError`.
+Every resolved file must lie under the data root once symlinks are resolved,
+and no file may appear twice in a group (two symlinks to it, a manifest listing
+it twice); anything else is a :class:`~throttler.errors.CatalogError`.
 
 The data root may be an object store URL (``s3://bucket/estate``): a group is
 then the prefix ``<data_root>/<group_id>/``, listed (with pagination), and
@@ -46,7 +47,7 @@ class Catalog:
         names = self._manifest_files(group) if self.manifest else self._directory_files(group)
         if not names:
             raise CatalogError(f"group {group!r} has no files")
-        return [self._inside_root(name, group) for name in names]
+        return _distinct([self._inside_root(name, group) for name in names], names, group)
 
     def groups(self) -> list[str]:
         """Every group the catalog knows (used by ``demo`` and tests)."""
@@ -138,4 +139,16 @@ def _inside_url_root(url_root: str, name: str, group: str) -> str:
         raise CatalogError(f"group {group!r}: file {name} resolves to {resolved}, outside the data root")
     return resolved
 
+
+def _distinct(resolved: list[str], names: list[str], group: str) -> list[str]:
+    """``resolved``, refused when two entries are one file (two symlinks to it, or a manifest
+    listing it twice): the group's sum counts each file once, so which was meant is not ours to
+    guess. Hard links are different paths, so different files (``throttler generate`` makes them)."""
+    seen: dict[str, str] = {}
+    for name, path in zip(names, resolved):
+        if path in seen:
+            raise CatalogError(f"group {group!r}: {seen[path]} and {name} are the same file ({path});"
+                               " list each file of a group once")
+        seen[path] = name
+    return resolved
 
