@@ -130,6 +130,12 @@ def test_bytes_that_are_not_parquet_are_refused():
         parquet_parts.Stitcher(io.BytesIO()).add(b"PAR1" + b"\xff\xff\x00\x00" + b"PAR1")
 
 
+def test_a_footer_cut_short_is_refused_as_a_part_error():
+    footer = _footer(_stitched(_tables(2, 1_000), 1))
+    with pytest.raises(parquet_parts.PartError, match="cannot decode the footer"):
+        parquet_parts.decode_file_metadata(footer[:len(footer) // 2])
+
+
 def test_an_error_while_preparing_tables_reaches_the_caller():
     def tables():
         yield from _tables(3, 1_000)

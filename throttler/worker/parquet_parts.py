@@ -12,8 +12,8 @@ one footer whose row groups are the parts' with their file offsets moved by
 where each body landed.
 
 The footer is Thrift compact protocol (parquet.thrift ``FileMetaData``). It is
-decoded here to a tree of (field id, type, value) and encoded back byte for
-byte (tests check the round trip against pyarrow's footers); only offsets,
+decoded to a tree of (field id, type, value) and encoded back byte for byte
+(:mod:`throttler.worker.thrift_compact`) (tests check the round trip against pyarrow's footers); only offsets,
 row-group ordinals, the row count and the key-value metadata are changed.
 A part holding a page index (offset index offsets) is refused: its offsets
 live outside the footer. Nothing here decodes or re-encodes a page.
@@ -29,10 +29,10 @@ from typing import BinaryIO, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-MAGIC = b"PAR1"
+from throttler.worker import thrift_compact
+from throttler.worker.thrift_compact import BINARY, LIST, STRUCT
 
-# Thrift compact protocol types
-_TRUE, _FALSE, _BYTE, _I16, _I32, _I64, _DOUBLE, _BINARY, _LIST, _SET, _MAP, _STRUCT = range(1, 13)
+MAGIC = b"PAR1"
 
 # parquet.thrift field ids
 _FMD_NUM_ROWS, _FMD_ROW_GROUPS, _FMD_KEY_VALUE = 3, 4, 5
@@ -46,138 +46,21 @@ class PartError(ValueError):
     """A part cannot be stitched (not a Parquet file, or a layout handled nowhere here)."""
 
 
-# --------------------------------------------------------------------------- Thrift compact codec
-
-
-class _Decoder:
-    def __init__(self, buf: bytes):
-        self.buf, self.pos = buf, 0
-
-    def byte(self) -> int:
-        if self.pos >= len(self.buf):
-            raise PartError("footer ends inside a value")
-        b = self.buf[self.pos]
-        self.pos += 1
-        return b
-
-    def varint(self) -> int:
-        shift = out = 0
-        while True:
-            b = self.byte()
-            out |= (b & 0x7F) << shift
-            if not b & 0x80:
-                return out
-            shift += 7
-
-    def zigzag(self) -> int:
-        n = self.varint()
-        return (n >> 1) ^ -(n & 1)
-
-    def value(self, kind: int):
-        if kind in (_TRUE, _FALSE):  # a list element: one byte
-            return self.byte() == _TRUE
-        if kind == _BYTE:
-            return self.byte()
-        if kind in (_I16, _I32, _I64):
-            return self.zigzag()
-        if kind == _DOUBLE:
-            self.pos += 8
-            return self.buf[self.pos - 8:self.pos]
-        if kind == _BINARY:
-            size = self.varint()
-            self.pos += size
-            return self.buf[self.pos - size:self.pos]
-        if kind in (_LIST, _SET):
-            head = self.byte()
-            size = head >> 4 if head >> 4 != 15 else self.varint()
-            element = head & 0x0F
-            return (element, [self.value(element) for _ in range(size)])
-        if kind == _MAP:
-            size = self.varint()
-            types = self.byte() if size else 0
-            return (types, [(self.value(types >> 4), self.value(types & 0x0F)) for _ in range(size)])
-        if kind == _STRUCT:
-            return self.struct()
-        raise PartError(f"unknown Thrift type {kind} in a footer")
-
-    def struct(self) -> list:
-        fields, last = [], 0
-        while True:
-            head = self.byte()
-            if head == 0:
-                return fields
-            delta, kind = head >> 4, head & 0x0F
-            last = last + delta if delta else self.zigzag()
-            value = kind == _TRUE if kind in (_TRUE, _FALSE) else self.value(kind)
-            fields.append([last, kind, value])
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        if n < 0x80:
-            out.append(n)
-            return bytes(out)
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-
-
-def _zigzag(n: int) -> bytes:
-    return _varint((n << 1) ^ (n >> 63))
-
-
-def _encode_value(kind: int, value) -> bytes:
-    if kind in (_TRUE, _FALSE):
-        return bytes([_TRUE if value else _FALSE])
-    if kind == _BYTE:
-        return bytes([value])
-    if kind in (_I16, _I32, _I64):
-        return _zigzag(value)
-    if kind == _DOUBLE:
-        return bytes(value)
-    if kind == _BINARY:
-        return _varint(len(value)) + bytes(value)
-    if kind in (_LIST, _SET):
-        element, items = value
-        head = bytes([len(items) << 4 | element]) if len(items) < 15 else bytes([0xF0 | element]) + _varint(
-            len(items))
-        return head + b"".join(_encode_value(element, item) for item in items)
-    if kind == _MAP:
-        types, items = value
-        if not items:
-            return b"\x00"
-        return _varint(len(items)) + bytes([types]) + b"".join(
-            _encode_value(types >> 4, k) + _encode_value(types & 0x0F, v) for k, v in items)
-    if kind == _STRUCT:
-        return _encode_struct(value)
-    raise PartError(f"unknown Thrift type {kind}")
-
-
-def _encode_struct(fields: list) -> bytes:
-    out, last = bytearray(), 0
-    for fid, kind, value in fields:
-        wire = (_TRUE if value else _FALSE) if kind in (_TRUE, _FALSE) else kind
-        delta = fid - last
-        out += bytes([delta << 4 | wire]) if 0 < delta <= 15 else bytes([wire]) + _zigzag(fid)
-        if kind not in (_TRUE, _FALSE):
-            out += _encode_value(kind, value)
-        last = fid
-    out.append(0)
-    return bytes(out)
-
-
 def decode_file_metadata(footer: bytes) -> list:
     """A footer's ``FileMetaData`` as a tree of [field id, type, value] (values decoded, lists as
     (element type, items)); :func:`encode_file_metadata` gives the same bytes back."""
-    decoder = _Decoder(footer)
-    tree = decoder.struct()
+    decoder = thrift_compact.Decoder(footer)
+    try:
+        tree = decoder.struct()
+    except thrift_compact.ThriftError as exc:
+        raise PartError(f"cannot decode the footer ({exc})") from None
     if decoder.pos != len(footer):
         raise PartError("bytes after the footer's FileMetaData")
     return tree
 
 
 def encode_file_metadata(tree: list) -> bytes:
-    return _encode_struct(tree)
+    return thrift_compact.encode_struct(tree)
 
 
 def _field(fields: list, fid: int):
@@ -276,12 +159,12 @@ def _set_key_values(tree: list, extra: dict) -> None:
     extra = {_as_bytes(k): _as_bytes(v) for k, v in extra.items()}
     field = _field(tree, _FMD_KEY_VALUE)
     if field is None:
-        field = [_FMD_KEY_VALUE, _LIST, (_STRUCT, [])]
+        field = [_FMD_KEY_VALUE, LIST, (STRUCT, [])]
         tree.append(field)
         tree.sort(key=lambda f: f[0])
     items = [kv for kv in field[2][1] if bytes(_field(kv, _KV_KEY)[2]) not in extra]
-    items += [[[_KV_KEY, _BINARY, k], [_KV_VALUE, _BINARY, v]] for k, v in extra.items()]
-    field[2] = (_STRUCT, items)
+    items += [[[_KV_KEY, BINARY, k], [_KV_VALUE, BINARY, v]] for k, v in extra.items()]
+    field[2] = (STRUCT, items)
 
 
 def _as_bytes(text: str | bytes) -> bytes:
