@@ -8,7 +8,10 @@
 ``--layout`` picks the group: ``aligned`` (the generator's files, keys identical),
 ``shuffled`` (the same files with rows shuffled, some paths missing, one file
 reaching past the others' path range, int32 paths in some, a little NaN) or
-``mixed`` (8 aligned files and 2 shuffled ones). A method named ``NAME@LAYOUT``
+``mixed`` (8 aligned files and 2 shuffled ones); ``shuffled-nocrc`` is the
+shuffled files written by pyarrow's default writer, without the page checksums
+the generator stores (throttler verifies them where a file has them; DuckDB and
+``floor3`` do not). A method named ``NAME@LAYOUT``
 runs on that layout's files whatever ``--layout`` says, so peers on different
 groups share one table.
 
@@ -79,6 +82,13 @@ def ensure_layout(args, layout: str) -> list[str]:
         shuffled_dir.mkdir(exist_ok=True)
         for i, path in enumerate(aligned):
             write_not_aligned(path, shuffled_dir / Path(path).name, i, len(aligned))
+    if layout == "shuffled-nocrc":
+        plain_dir = group_dir(args) / layout
+        if len(group_files(args, layout)) != len(aligned):
+            plain_dir.mkdir(exist_ok=True)
+            for source in group_files(args, "shuffled"):
+                # pyarrow's (and pandas') default writer: no page checksums, so nothing to verify
+                pq.write_table(pq.read_table(source), plain_dir / Path(source).name)
     if layout == "mixed":
         mixed_dir = group_dir(args) / "mixed"
         mixed_dir.mkdir(exist_ok=True)
@@ -711,7 +721,7 @@ def parse_args(argv=None):
     parser.add_argument("--files", type=int, default=10)
     parser.add_argument("--paths", type=int, default=50_000)
     parser.add_argument("--dates", type=int, default=120)
-    parser.add_argument("--layout", choices=("aligned", "shuffled", "mixed"), default="aligned",
+    parser.add_argument("--layout", choices=("aligned", "shuffled", "mixed", "shuffled-nocrc"), default="aligned",
                         help="which group the methods read (see the module docstring)")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per method, after one warm-up")
     parser.add_argument("--methods", help=f"comma-separated subset of: {', '.join(METHODS)}")

@@ -17,7 +17,7 @@ timed inside it, after imports and one untimed warm-up round. The ratio A/B is
 taken pair by pair, so a drift of the machine's speed hits both sides of a
 pair alike; the table gives the median ratio with its spread. ``METHOD@LAYOUT``
 runs a method on one of aggregate.py's layouts (``aligned``, ``shuffled``,
-``mixed``; default ``aligned``), as aggregate.py's methods take it. ``--a-env`` and
+``mixed``, ``shuffled-nocrc``; default ``aligned``), as aggregate.py's methods take it. ``--a-env`` and
 ``--b-env`` (``NAME=VALUE``, repeatable) set environment variables of one side's
 processes (and of their cluster's workers, which inherit them). ``--idle-seconds``
 pauses before each timed round, untimed (a daemon whose groups arrive apart:
