@@ -136,6 +136,30 @@ def test_a_footer_cut_short_is_refused_as_a_part_error():
         parquet_parts.decode_file_metadata(footer[:len(footer) // 2])
 
 
+def test_a_part_encoded_into_a_buffer_is_the_bytes_of_one_encoded_into_a_stream():
+    table = _tables(1, 50_000)[0]
+    buffer = pa.allocate_buffer(parquet_parts.part_bound_bytes(table))
+    assert parquet_parts.encode_part(table, SCHEMA, WRITE_OPTIONS, buffer).to_pybytes() == \
+        parquet_parts.encode_part(table, SCHEMA, WRITE_OPTIONS).to_pybytes()
+
+
+def test_a_part_larger_than_its_buffer_falls_back_to_a_stream(monkeypatch):
+    table = _tables(1, 50_000)[0]
+    expected = parquet_parts.encode_part(table, SCHEMA, WRITE_OPTIONS).to_pybytes()
+    monkeypatch.setattr(parquet_parts, "part_bound_bytes", lambda t: 4_096)  # the buffer is taken, then overflows
+    assert parquet_parts.encode_part(table, SCHEMA, WRITE_OPTIONS, pa.allocate_buffer(4_096)).to_pybytes() == expected
+
+
+def test_parts_reuse_the_buffers_of_parts_already_written(monkeypatch):
+    allocated = []
+    real = pa.allocate_buffer
+    monkeypatch.setattr(parquet_parts.pa, "allocate_buffer", lambda size: allocated.append(size) or real(size))
+    tables = _tables(6, 20_000)
+    data = _stitched(tables, 2)
+    assert len(allocated) == 2  # one a thread, the others taken back once their part was written
+    _assert_same(pq.read_table(io.BytesIO(data)), pa.concat_tables(tables))
+
+
 def test_an_error_while_preparing_tables_reaches_the_caller():
     def tables():
         yield from _tables(3, 1_000)

@@ -171,10 +171,33 @@ def _as_bytes(text: str | bytes) -> bytes:
     return text.encode() if isinstance(text, str) else bytes(text)
 
 
-def encode_part(table: pa.Table, schema: pa.Schema, write_options: dict) -> pa.Buffer:
-    """``table`` as a complete Parquet file in memory (pyarrow encodes without the GIL)."""
+#: Room a part's buffer leaves beyond the table's decoded bytes: page headers, statistics, the footer.
+PART_SLACK_BYTES = 1 << 20
+
+
+def part_bound_bytes(table: pa.Table) -> int:
+    """Bytes that hold ``table`` encoded without a dictionary (plain pages, compressed or not; zstd
+    grows incompressible data by under 1%); a larger part falls back to a growing stream."""
+    return table.nbytes + table.nbytes // 64 + PART_SLACK_BYTES
+
+
+def encode_part(table: pa.Table, schema: pa.Schema, write_options: dict, buffer: pa.Buffer | None = None) -> pa.Buffer:
+    """``table`` as a complete Parquet file in memory (pyarrow encodes without the GIL).
+
+    Encoded into ``buffer`` (a slice of it is returned) when it is large enough, else into a
+    stream that grows by copying itself: the growing cost a fresh mapping and a copy at every
+    doubling, and a buffer used again for the next part is already mapped.
+    """
+    table = table.cast(schema) if table.schema != schema else table
+    if buffer is not None and buffer.size >= part_bound_bytes(table):
+        writer = pa.FixedSizeBufferWriter(buffer)
+        try:
+            pq.write_table(table, writer, **write_options)
+            return buffer.slice(0, writer.tell())
+        except OSError:  # "Write out of bounds": a dictionary page made it larger than the bound
+            pass
     encoded = pa.BufferOutputStream()
-    pq.write_table(table.cast(schema) if table.schema != schema else table, encoded, **write_options)
+    pq.write_table(table, encoded, **write_options)
     return encoded.getvalue()
 
 
@@ -182,28 +205,47 @@ def write_parts(sink: BinaryIO, schema: pa.Schema, tables: Iterable[pa.Table], w
                 threads: int, key_value_metadata=None, on_table=None, after_part=None) -> int:
     """Encode ``tables`` into parts, ``threads`` at a time, and write them to ``sink`` as one file, in order.
 
-    At most ``threads`` tables are being encoded or held as parts at once. ``on_table(table)`` is called for each table as it
+    At most ``threads`` tables are being encoded or held as parts at once, each into a buffer of
+    its own (:func:`encode_part`), reused for a later part once its part is written. ``on_table(table)`` is called for each table as it
     is handed to a thread, ``after_part()`` after each part's body is written; ``key_value_metadata``
     (a dict, or a callable called after the last part) goes into the footer. With no table, the file
     is pyarrow's empty file of ``schema``. Returns bytes written.
     """
     stitcher = Stitcher(sink, after_part)
+    spare: list[pa.Buffer] = []  #: buffers whose part has been written, for the next parts
+
+    def write_oldest() -> None:
+        future, buffer = pending.popleft()
+        stitcher.add(future.result())
+        spare.append(buffer)
+
     with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="throttler-encode") as pool:
         pending: deque = deque()
         try:
             for table in tables:
                 if on_table is not None:
                     on_table(table)
-                pending.append(pool.submit(encode_part, table, schema, write_options))
+                buffer = _buffer_for(table, spare)
+                pending.append((pool.submit(encode_part, table, schema, write_options, buffer), buffer))
                 if len(pending) >= max(1, threads):  # the oldest is written while the others encode
-                    stitcher.add(pending.popleft().result())
+                    write_oldest()
             while pending:
-                stitcher.add(pending.popleft().result())
+                write_oldest()
         finally:
-            for future in pending:
+            for future, _ in pending:
                 future.cancel()
     if stitcher.metadata is None:
         stitcher.add(encode_part(schema.empty_table(), schema, write_options))
     extra = key_value_metadata() if callable(key_value_metadata) else key_value_metadata
     stitcher.finish(extra)
     return stitcher.offset
+
+
+def _buffer_for(table: pa.Table, spare: list[pa.Buffer]) -> pa.Buffer:
+    """A spare buffer that holds ``table``'s part, else a new one (its pages mapped as they are written)."""
+    bound = part_bound_bytes(table)
+    for i, buffer in enumerate(spare):
+        if buffer.size >= bound:
+            return spare.pop(i)
+    return pa.allocate_buffer(bound)
+
