@@ -206,10 +206,11 @@ def write_parts(sink: BinaryIO, schema: pa.Schema, tables: Iterable[pa.Table], w
     """Encode ``tables`` into parts, ``threads`` at a time, and write them to ``sink`` as one file, in order.
 
     At most ``threads`` tables are being encoded or held as parts at once, each into a buffer of
-    its own (:func:`encode_part`), reused for a later part once its part is written. ``on_table(table)`` is called for each table as it
-    is handed to a thread, ``after_part()`` after each part's body is written; ``key_value_metadata``
-    (a dict, or a callable called after the last part) goes into the footer. With no table, the file
-    is pyarrow's empty file of ``schema``. Returns bytes written.
+    its own (:func:`encode_part`), reused for a later part once its part is written.
+    ``on_table(table)`` is called for each table as it is handed to a thread, ``after_part()``
+    after each part's body is written; ``key_value_metadata`` (a dict, or a callable called after
+    the last part) goes into the footer. With no table, the file is pyarrow's empty file of
+    ``schema``. Returns bytes written.
     """
     stitcher = Stitcher(sink, after_part)
     spare: list[pa.Buffer] = []  #: buffers whose part has been written, for the next parts
