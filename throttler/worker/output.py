@@ -94,13 +94,15 @@ def write_tables(output_path: str, schema: pa.Schema, tables) -> int:
     overlap the encoding of the next ones and the caller preparing more. An
     object store output is put together in memory, then written with one PUT.
     """
+    stateful = state.state_of(output_path) is not None  # the inputs' state goes into the same footer
     finite = [True]
 
     def note(table: pa.Table) -> None:
-        finite[0] = finite[0] and (state.state_of(output_path) is None or _finite(table))
+        if stateful and finite[0]:
+            finite[0] = _finite(table)
 
     def footer_metadata() -> dict:
-        return state.state_metadata(output_path, finite[0]) if state.state_of(output_path) is not None else {}
+        return state.state_metadata(output_path, finite[0]) if stateful else {}
 
     threads = encode_threads()
     if storage.is_url(output_path):  # it appears whole or not at all
