@@ -31,6 +31,12 @@ re-run; a leaf's 0.78 s of scatter-adds either way); two leaves side by side in
 the workers, sharing the L3, did: the whole shuffled group 0.925 (0.889-1.023)
 of the stamps' time in pairs of processes.
 
+``benchmarks/scatter.py`` measures these variants on the machine it runs on.
+On an AMD EPYC VM (2 MiB L2, 32 MiB L3) on 2026-12-03, six 1M-row groups into a
+6.3M-cell grid: this loop 14-16 ns a row; no prefetch 1.33-1.66x its time, 32 or
+512 rows ahead 0.94-1.02x; without the marks 0.69-0.77x (what the duplicate
+check and presence cost); the radix pass 1.70-1.87x; ``np.add.at`` 1.42-1.47x.
+
 Compiled on the first call per argument types (int32 or int64 paths, date32 or
 timestamp dates) and cached on disk (``cache=True``): a fresh process loads the
 machine code instead of compiling (see the README's dependency section for
