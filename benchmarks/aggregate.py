@@ -280,6 +280,7 @@ def throttler_plan(files: list[str], strategy: str):
 
 
 def run_throttler_cluster(files: list[str], work: str, strategy: str = "aligned") -> dict:
+    from throttler.service import records
     from throttler.worker import graphs
 
     out = os.path.join(work, f"{strategy}-cluster.parquet")
@@ -291,6 +292,7 @@ def run_throttler_cluster(files: list[str], work: str, strategy: str = "aligned"
         workers = workers_peak_rss_bytes(client)
     return output_result(timing, out, rss_workers_bytes=workers,
                          task_worker_peak_bytes=summary.get("worker_peak_rss_bytes"),
+                         task_worker_rise_bytes=records.worker_peak_rise_bytes(summary),
                          task_estimate_bytes=task_estimate_bytes(files, strategy))
 
 
@@ -618,6 +620,9 @@ def summarise(method: str, reports: list[dict]) -> dict:
         peaks = [r["task_worker_peak_bytes"] for r in ok if r.get("task_worker_peak_bytes")]
         if peaks:
             row.update(task_worker_peak_bytes=max(peaks), task_estimate_bytes=ok[0]["task_estimate_bytes"])
+        rises = [r["task_worker_rise_bytes"] for r in ok if r.get("task_worker_rise_bytes")]
+        if rises:
+            row.update(task_worker_rise_bytes=max(rises))
     else:
         timed_runs = [r["seconds"] for r in reports if "seconds" in r]
         row["seconds_to_failure"] = statistics.median(timed_runs) if timed_runs else None
@@ -654,7 +659,9 @@ def notes(r: dict, reference: dict | None) -> list[str]:
     if "@" in r["method"]:
         out[0] += f" (on the {r['method'].split('@')[1]} layout)"
     if r.get("task_worker_peak_bytes"):
-        out.append(f"largest task's worker peak RSS {r['task_worker_peak_bytes'] / 2**20:,.0f} MiB, "
+        rise = (f" ({r['task_worker_rise_bytes'] / 2**20:,.0f} MiB above its start)"
+                if r.get("task_worker_rise_bytes") else "")
+        out.append(f"largest task's worker peak RSS {r['task_worker_peak_bytes'] / 2**20:,.0f} MiB{rise}, "
                    f"estimate {r['task_estimate_bytes'] / 2**20:,.0f} MiB")
     if reference and (reference.get("input_rows") or "@" in r["method"]):
         return out  # rows and checksums compare only like with like

@@ -174,3 +174,7 @@ def test_queue_larger_than_cluster_completes_without_pauses_or_kills(tmp_path, s
     # and the highest of them close to the sampled peak.
     assert all(0.2 < f <= peak_fraction + 0.03 for f in recorded), recorded
     assert max(recorded) > peak_fraction - 0.1, (recorded, peak_fraction)
+    # and how far that worker rose during the task: above nothing, below its whole peak (its start is
+    # the worker's idle memory, at least)
+    rises = [(r["worker_peak_rise_bytes"], r["worker_peak_rss_bytes"]) for r in done.values()]
+    assert all(0 < rise < peak for rise, peak in rises), rises

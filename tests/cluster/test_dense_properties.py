@@ -96,4 +96,5 @@ def test_dense_on_a_real_cluster_with_several_leaves_and_combines(tmp_path_facto
     summary = client.compute(graph.final).result()
     assert graph.n_tasks == len(paths) + merge_task_count(len(paths), 2)  # leaves, combines, the final
     assert summary["files"] == len(paths) and summary["worker_peak_rss_bytes"] is not None
+    assert 0 < summary["worker_start_rss_bytes"] <= summary["worker_peak_rss_bytes"]
     check_against_duckdb(out, paths)

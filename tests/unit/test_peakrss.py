@@ -24,6 +24,15 @@ def test_higher_reading_is_the_one_closer_to_its_limit():
     assert PeakReading().fraction is None and near.fraction == 0.7
 
 
+def test_rise_is_the_peak_above_the_start_and_goes_with_the_higher_reading():
+    reading = PeakReading(700 * MiB, 1000 * MiB, 250 * MiB)
+    assert reading.rise_bytes == 450 * MiB
+    assert PeakReading(700 * MiB, 1000 * MiB).rise_bytes is None  # start not known
+    assert PeakReading(100, 0, 300).rise_bytes == 0  # never negative
+    lower = PeakReading(900 * MiB, 4000 * MiB, 100 * MiB)
+    assert lower.higher(reading).rise_bytes == 450 * MiB  # the whole winning reading, its start too
+
+
 @pytest.fixture()
 def resettable():
     """The machines throttler runs on (and CI) must allow the reset: fail, never skip, where they do not."""
@@ -54,11 +63,16 @@ def allocate_and_return_summary(n_bytes: int) -> dict:
 
 
 def test_measured_task_attaches_its_reading(resettable):
+    rss_before = psutil.Process().memory_info().rss
     part = Measured(allocate_and_return_partial)(128 * MiB)
     assert part.worker_peak.rss_bytes >= 128 * MiB
     assert part.worker_peak.limit_bytes == 0  # not on a Dask worker
+    # the start is this process's RSS as the task began; the rise, the task's 128 MiB array
+    assert abs(part.worker_peak.start_bytes - rss_before) < 32 * MiB
+    assert 127 * MiB <= part.worker_peak.rise_bytes < 160 * MiB  # (a few pages of the start freed meanwhile)
     summary = Measured(allocate_and_return_summary)(64 * MiB)
     assert summary["worker_peak_rss_bytes"] >= 64 * MiB  # the higher reading replaced the 1 byte
+    assert 63 * MiB <= summary["worker_peak_rss_bytes"] - summary["worker_start_rss_bytes"] < 96 * MiB
     assert pickle.loads(pickle.dumps(Measured(allocate_and_return_partial))).fn is allocate_and_return_partial
 
 

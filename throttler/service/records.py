@@ -13,6 +13,12 @@ def worker_peak_fraction(summary: dict) -> float | None:
     return round(rss / limit, 4) if rss and limit else None
 
 
+def worker_peak_rise_bytes(summary: dict) -> int | None:
+    """How far that worker's RSS rose during the task (its peak less its RSS at the task's start)."""
+    rss, start = summary.get("worker_peak_rss_bytes"), summary.get("worker_start_rss_bytes")
+    return max(0, rss - start) if rss and start else None
+
+
 def done_record(job: Job, summary: dict) -> dict:
     """The ``done/`` record: what was produced, what it cost, how it went."""
     plan = job.plan
@@ -32,6 +38,7 @@ def done_record(job: Job, summary: dict) -> dict:
         "observed_peak_bytes": summary["peak_bytes"],
         "worker_peak_rss_bytes": summary.get("worker_peak_rss_bytes") or None,
         "worker_peak_fraction": worker_peak_fraction(summary),
+        "worker_peak_rise_bytes": worker_peak_rise_bytes(summary),
         "files_per_task": plan.files_per_task,
         "leaf_tasks": plan.n_leaf_tasks,
         "admission_wait_seconds": round(job.admission_wait_seconds, 6),

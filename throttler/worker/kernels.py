@@ -343,6 +343,7 @@ def _summary(total: Partial, written: int, rows: int, peak, started, output_path
         "output": output_path,
         "worker_peak_rss_bytes": total.worker_peak.rss_bytes,
         "worker_memory_limit_bytes": total.worker_peak.limit_bytes,
+        "worker_start_rss_bytes": total.worker_peak.start_bytes,
     }
 
 

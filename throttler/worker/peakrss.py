@@ -10,6 +10,11 @@ Linux 4.0 and later); just after, ``VmHWM`` is read. The reading includes the
 worker's own memory and whatever else it held meanwhile, as its memory limit
 does.
 
+The mark read right after the reset is the RSS the task starts from; the
+peak less that start is the task's rise: what the task itself added. The
+worker's idle memory, and partials it holds (a merge's inputs arrive before it
+starts), are in the start.
+
 With one thread per worker the reading is exactly the process's peak during
 the task. With several, a task starting elsewhere in the process resets the
 mark too, so a reading is the peak since the latest task start: a lower bound.
@@ -29,10 +34,19 @@ STATUS = "/proc/self/status"
 
 @dataclass(frozen=True)
 class PeakReading:
-    """A worker's peak RSS during a task, with its memory limit (0: none known)."""
+    """A worker's peak RSS during a task, with its memory limit (0: none known) and its RSS when the
+    task began (0: not known)."""
 
     rss_bytes: int = 0
     limit_bytes: int = 0
+    start_bytes: int = 0
+
+    @property
+    def rise_bytes(self) -> int | None:
+        """How far the worker's RSS rose above its start during the task: what the task itself
+        allocated, allocator pages and temporaries included (inputs that arrived before it started,
+        as a merge's partials do, are in the start); None if not known."""
+        return max(0, self.rss_bytes - self.start_bytes) if self.rss_bytes and self.start_bytes else None
 
     @property
     def fraction(self) -> float | None:
@@ -85,7 +99,7 @@ class Measured:
 
     The reading goes into the result: a partial's ``worker_peak`` (kept up the
     tree, the higher one winning) or the final summary's
-    ``worker_peak_rss_bytes`` and ``worker_memory_limit_bytes``. It pickles
+    ``worker_peak_rss_bytes``, ``worker_memory_limit_bytes`` and ``worker_start_rss_bytes``. It pickles
     as its wrapped function does (by reference), so it ships as a Dask task.
     """
 
@@ -95,21 +109,24 @@ class Measured:
 
     def __call__(self, *args, **kwargs):
         measuring = reset_high_water_mark()
+        start = (high_water_mark_bytes() or 0) if measuring else 0
         try:
             result = self.fn(*args, **kwargs)
         finally:
             allocator.release_free_memory()
         rss = high_water_mark_bytes() if measuring else None
         if rss is not None:
-            attach(result, PeakReading(rss, worker_memory_limit_bytes()))
+            attach(result, PeakReading(rss, worker_memory_limit_bytes(), start))
         return result
 
 
 def attach(result: Any, reading: PeakReading) -> None:
     """Merge ``reading`` into a task's result (a Partial or a final summary dict)."""
     if isinstance(result, dict):
-        known = PeakReading(result.get("worker_peak_rss_bytes") or 0, result.get("worker_memory_limit_bytes") or 0)
+        known = PeakReading(result.get("worker_peak_rss_bytes") or 0, result.get("worker_memory_limit_bytes") or 0,
+                            result.get("worker_start_rss_bytes") or 0)
         best = known.higher(reading)
         result["worker_peak_rss_bytes"], result["worker_memory_limit_bytes"] = best.rss_bytes, best.limit_bytes
+        result["worker_start_rss_bytes"] = best.start_bytes
     elif hasattr(result, "worker_peak"):
         result.worker_peak = result.worker_peak.higher(reading)
