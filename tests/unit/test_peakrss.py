@@ -8,6 +8,7 @@ import numpy as np
 import psutil
 import pytest
 
+from throttler.service import records
 from throttler.worker import graphs, peakrss
 from throttler.worker.kernels import Partial
 from throttler.worker.peakrss import Measured, PeakReading
@@ -31,6 +32,9 @@ def test_rise_is_the_peak_above_the_start_and_goes_with_the_higher_reading():
     assert PeakReading(100, 0, 300).rise_bytes == 0  # never negative
     lower = PeakReading(900 * MiB, 4000 * MiB, 100 * MiB)
     assert lower.higher(reading).rise_bytes == 450 * MiB  # the whole winning reading, its start too
+    summary = {"worker_peak_rss_bytes": 700 * MiB, "worker_start_rss_bytes": 250 * MiB}
+    assert records.worker_peak_rise_bytes(summary) == 450 * MiB  # what done/ records say
+    assert records.worker_peak_rise_bytes({"worker_peak_rss_bytes": 700 * MiB}) is None
 
 
 @pytest.fixture()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from throttler.service.jobs import Job
+from throttler.worker.peakrss import PeakReading
 
 
 def worker_peak_fraction(summary: dict) -> float | None:
@@ -15,8 +16,8 @@ def worker_peak_fraction(summary: dict) -> float | None:
 
 def worker_peak_rise_bytes(summary: dict) -> int | None:
     """How far that worker's RSS rose during the task (its peak less its RSS at the task's start)."""
-    rss, start = summary.get("worker_peak_rss_bytes"), summary.get("worker_start_rss_bytes")
-    return max(0, rss - start) if rss and start else None
+    return PeakReading(summary.get("worker_peak_rss_bytes") or 0,
+                       start_bytes=summary.get("worker_start_rss_bytes") or 0).rise_bytes
 
 
 def done_record(job: Job, summary: dict) -> dict:
