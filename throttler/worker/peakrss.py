@@ -15,6 +15,11 @@ peak less that start is the task's rise: what the task itself added. The
 worker's idle memory, and partials it holds (a merge's inputs arrive before it
 starts), are in the start.
 
+The kernel's resident-memory counters are kept per CPU and summed in
+batches, so two readings may disagree by a few pages: a task that freed memory
+can read a peak a few pages below its start. The start is then taken as the
+peak (``reading``): a rise is never negative, a start never above its peak.
+
 With one thread per worker the reading is exactly the process's peak during
 the task. With several, a task starting elsewhere in the process resets the
 mark too, so a reading is the peak since the latest task start: a lower bound.
@@ -60,6 +65,12 @@ class PeakReading:
         if self.fraction is None and other.fraction is None:
             return other if other.rss_bytes > self.rss_bytes else self
         return self if self.fraction is not None else other
+
+
+def reading(start_bytes: int, peak_bytes: int, limit_bytes: int) -> PeakReading:
+    """A task's reading from the marks read as it began and ended, the start capped at the peak
+    (the kernel's counters are approximate by a few pages)."""
+    return PeakReading(peak_bytes, limit_bytes, min(start_bytes, peak_bytes))
 
 
 def reset_high_water_mark() -> bool:
@@ -116,7 +127,7 @@ class Measured:
             allocator.release_free_memory()
         rss = high_water_mark_bytes() if measuring else None
         if rss is not None:
-            attach(result, PeakReading(rss, worker_memory_limit_bytes(), start))
+            attach(result, reading(start, rss, worker_memory_limit_bytes()))
         return result
 
 
