@@ -15,10 +15,12 @@ peak less that start is the task's rise: what the task itself added. The
 worker's idle memory, and partials it holds (a merge's inputs arrive before it
 starts), are in the start.
 
-The kernel's resident-memory counters are kept per CPU and summed in
-batches, so two readings may disagree by a few pages: a task that freed memory
-can read a peak a few pages below its start. The start is then taken as the
-peak (``reading``): a rise is never negative, a start never above its peak.
+The kernel's resident-memory counters are approximate (kept per CPU and
+summed in batches on recent kernels) and the mark is raised only at certain
+points (when memory is unmapped), so two readings may disagree by a few pages:
+a task that freed memory once read a peak 22 pages below its start. The start
+is then taken as the peak (``reading``): a rise is never negative, a start
+never above its peak.
 
 With one thread per worker the reading is exactly the process's peak during
 the task. With several, a task starting elsewhere in the process resets the
