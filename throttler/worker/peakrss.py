@@ -19,8 +19,8 @@ The kernel's resident-memory counters are approximate (kept per CPU and
 summed in batches on recent kernels) and the mark is raised only at certain
 points (when memory is unmapped), so two readings may disagree by a few pages:
 a task that freed memory once read a peak 22 pages below its start. The start
-is then taken as the peak (``reading``): a rise is never negative, a start
-never above its peak.
+is then taken as the peak (:class:`PeakReading` caps it): a rise is never
+negative, a start never above its peak.
 
 With one thread per worker the reading is exactly the process's peak during
 the task. With several, a task starting elsewhere in the process resets the
@@ -48,12 +48,16 @@ class PeakReading:
     limit_bytes: int = 0
     start_bytes: int = 0
 
+    def __post_init__(self):
+        if self.rss_bytes and self.start_bytes > self.rss_bytes:  # the kernel's counters, a few pages off
+            object.__setattr__(self, "start_bytes", self.rss_bytes)
+
     @property
     def rise_bytes(self) -> int | None:
         """How far the worker's RSS rose above its start during the task: what the task itself
         allocated, allocator pages and temporaries included (inputs that arrived before it started,
         as a merge's partials do, are in the start); None if not known."""
-        return max(0, self.rss_bytes - self.start_bytes) if self.rss_bytes and self.start_bytes else None
+        return self.rss_bytes - self.start_bytes if self.rss_bytes and self.start_bytes else None
 
     @property
     def fraction(self) -> float | None:
@@ -67,12 +71,6 @@ class PeakReading:
         if self.fraction is None and other.fraction is None:
             return other if other.rss_bytes > self.rss_bytes else self
         return self if self.fraction is not None else other
-
-
-def reading(start_bytes: int, peak_bytes: int, limit_bytes: int) -> PeakReading:
-    """A task's reading from the marks read as it began and ended, the start capped at the peak
-    (the kernel's counters are approximate by a few pages)."""
-    return PeakReading(peak_bytes, limit_bytes, min(start_bytes, peak_bytes))
 
 
 def reset_high_water_mark() -> bool:
@@ -129,7 +127,7 @@ class Measured:
             allocator.release_free_memory()
         rss = high_water_mark_bytes() if measuring else None
         if rss is not None:
-            attach(result, reading(start, rss, worker_memory_limit_bytes()))
+            attach(result, PeakReading(rss, worker_memory_limit_bytes(), start))
         return result
 
 
