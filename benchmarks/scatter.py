@@ -14,7 +14,9 @@ before each "file" as the leaf does.
 
 Variants: throttler's :func:`~throttler.worker.scatter.scatter_add_marking`
 (prefetch :data:`~throttler.worker.scatter.PREFETCH_ROWS_AHEAD` rows ahead); the
-same loop prefetching 0, 32 and 512 rows ahead; the loop without marks (what the
+same loop prefetching 0, 32 and 512 rows ahead; the loop setting each mark
+without testing it, the file's marks counted after it instead (no load, test
+and branch on the mark before each add); the loop without marks (what the
 duplicate check and presence cost); a radix pass that orders each row group by
 cell range first, so that each range's adds stay in L2; ``np.add.at``. Every
 variant's sums are checked equal to throttler's before anything is timed.
@@ -33,8 +35,10 @@ from throttler.worker import dense, scatter
 from throttler.worker.scatter import _prefetch_for_write
 
 
-def marking_loop(rows_ahead: int, marks_on: bool = True):
-    """throttler's scatter-add loop with another prefetch distance (0: none), or without marks."""
+def marking_loop(rows_ahead: int, marks_on: bool = True, test_marks: bool = True):
+    """throttler's scatter-add loop with another prefetch distance (0: none), without marks, or setting
+    each mark with no test (``test_marks=False``: a repeated cell is then found after the file, when
+    fewer cells are marked than it has rows)."""
     @numba.njit(nogil=True)
     def loop(cells, values, sums, marks):
         n = cells.shape[0]
@@ -42,12 +46,14 @@ def marking_loop(rows_ahead: int, marks_on: bool = True):
             if rows_ahead and i + rows_ahead < n:
                 _prefetch_for_write(sums, cells[i + rows_ahead])
             c = cells[i]
-            if marks_on:
+            if marks_on and test_marks:
                 byte, bit = c >> 3, np.uint8(1 << (c & 7))
                 mark = marks[byte]
                 if mark & bit:
                     return i
                 marks[byte] = mark | bit
+            elif marks_on:
+                marks[c >> 3] |= np.uint8(1 << (c & 7))
             v = values[i]
             if not np.isnan(v):
                 sums[c] += v
@@ -103,6 +109,7 @@ def variants(n_cells: int, rows: int) -> dict:
     return {
         f"throttler (prefetch {scatter.PREFETCH_ROWS_AHEAD} rows ahead)":
             lambda c, v, s, m: scatter.scatter_add_marking(c, v, s, m)[1],
+        "marks set untested, counted after": marking_loop(scatter.PREFETCH_ROWS_AHEAD, test_marks=False),
         "no prefetch": marking_loop(0),
         "prefetch 32 rows ahead": marking_loop(32),
         "prefetch 512 rows ahead": marking_loop(512),
@@ -114,12 +121,15 @@ def variants(n_cells: int, rows: int) -> dict:
 
 
 def one_pass(fn, groups, sums, marks) -> float:
-    """Seconds to add every row group, the marks cleared before each (one file per row group)."""
+    """Seconds to add every row group, the marks cleared before each (one file per row group) and,
+    where the variant sets them, counted after it, as a leaf finds a repeated key."""
     started = time.perf_counter()
     for cells, values in groups:
         marks.fill(0)
         if fn(cells, values, sums, marks) != -1:
             raise AssertionError("a row repeated a key: the cells are not distinct")
+        if dense.marked_count(marks) not in (0, len(cells)):  # 0: a variant without marks
+            raise AssertionError("fewer cells marked than rows: the cells are not distinct")
     return time.perf_counter() - started
 
 

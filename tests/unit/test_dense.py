@@ -124,6 +124,11 @@ def test_duplicated_key_in_one_file_is_a_data_error_naming_it(tmp_path):
         run_dense([good, bad], tmp_path / "out.parquet")
     with pytest.raises(DataError, match=r"dup\.parquet: duplicated key"):
         run_dense([bad], tmp_path / "out2.parquet")  # the reference itself: its aligned add path
+    spread = str(tmp_path / "spread.parquet")  # the repeat in another row group than the first
+    pq.write_table(pa.concat_tables([table, table.slice(4, 1)]), spread, row_group_size=5)
+    assert pq.ParquetFile(spread).metadata.num_row_groups == 4
+    with pytest.raises(DataError, match=r"spread\.parquet: duplicated key \(path=1"):
+        run_dense([good, spread], tmp_path / "out3.parquet")
 
 
 def test_grid_too_large_is_misaligned_keys_so_auto_falls_back(tmp_path):

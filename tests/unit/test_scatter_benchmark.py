@@ -28,11 +28,19 @@ def test_row_groups_are_distinct_cells_of_the_grid():
     assert cells.min() == 0 and cells.max() == 4999
 
 
-def test_a_repeated_key_stops_a_pass():
+def test_a_repeated_key_stops_a_pass_whether_the_loop_tests_its_marks_or_they_are_counted_after():
     cells = np.array([3, 7, 3], np.int64)
     marks = dense.new_marks(10)
     with pytest.raises(AssertionError, match="repeated a key"):
         bench.one_pass(bench.marking_loop(0), [(cells, np.ones(3))], np.zeros(10), marks)
+    with pytest.raises(AssertionError, match="fewer cells marked than rows"):
+        bench.one_pass(bench.marking_loop(0, test_marks=False), [(cells, np.ones(3))], np.zeros(10), marks)
+
+
+def test_the_loop_without_marks_leaves_them_clear():
+    marks = dense.new_marks(10)
+    bench.marking_loop(0, marks_on=False)(np.array([3, 7, 3], np.int64), np.ones(3), np.zeros(10), marks)
+    assert dense.marked_count(marks) == 0
 
 
 def test_radix_pass_adds_in_range_order_to_the_same_sums():

@@ -36,6 +36,13 @@ On an AMD EPYC VM (2 MiB L2, 32 MiB L3) on 2026-12-03, six 1M-row groups into a
 6.3M-cell grid: this loop 14-16 ns a row; no prefetch 1.33-1.66x its time, 32 or
 512 rows ahead 0.94-1.02x; without the marks 0.69-0.77x (what the duplicate
 check and presence cost); the radix pass 1.70-1.87x; ``np.add.at`` 1.42-1.47x.
+Measured and dropped that day: setting each mark without testing it, a file's
+repeated key found after it by counting its marks. Alone that loop took
+0.87-0.90x this one's time in a fast hour and 1.07x in a slow one; the whole
+shuffled group, in pairs of warm processes against this loop (``python
+benchmarks/paired.py --a dense-cluster@shuffled --b dense-cluster@shuffled
+--b-env PYTHONPATH=<a worktree of this loop> --pairs 9 --rounds 8``), 1.027
+(0.881-1.101): no gain where the leaves share the machine with their reads.
 
 Compiled on the first call per argument types (int32 or int64 paths, date32 or
 timestamp dates) and cached on disk (``cache=True``): a fresh process loads the
