@@ -49,8 +49,9 @@ class FileSchema:
 def open_parquet(path: str, source: pa.NativeFile | None = None) -> pq.ParquetFile:
     """Open ``path`` (footer only; through ``source`` if given); unreadable or non-Parquet files are DataErrors.
 
-    Pages are checked against their CRC when the file carries one (a few ms
-    per 50 MB file).
+    Pages are checked against their CRC when the file carries one: about 16-30
+    ms of CPU for a 6M-row file's three columns, a quarter to a third of their
+    read (README, "The price of page checksums").
     """
     try:
         return pq.ParquetFile(storage.open_input(path) if source is None else source,
