@@ -1,0 +1,200 @@
+"""Page CRCs checked with ISA-L: the walk agrees with an independent decoder, every corrupt page is caught
+with pyarrow, and whatever cannot be walked is left to pyarrow."""
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from throttler.errors import DataError
+from throttler.worker import dense, page_checks, thrift_compact as tc
+from throttler.worker.page_checks import NO_CRC, OUT_FULL, UNREADABLE, CheckedParquetFile
+
+from tests.unit.test_thrift_compact import EVERY_TYPE
+
+ROWS = 30_000
+
+
+def _table(rows: int = ROWS, seed: int = 0) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(rows)
+    paths, dates = np.divmod(order, 12)
+    return pa.table({"path": pa.array(paths, pa.int64()),
+                     "Date": pa.array((dates * 30).astype("int32"), pa.date32()),
+                     "value": pa.array(rng.standard_normal(rows))})
+
+
+#: writer settings users meet: pyarrow's defaults plus checksums, data pages v2, no compression, zstd,
+#: no dictionary, no statistics, many small pages and row groups
+WRITERS = {
+    "snappy v1": {},
+    "data pages v2": {"data_page_version": "2.0"},
+    "uncompressed": {"compression": "none"},
+    "zstd, no dictionary": {"compression": "zstd", "use_dictionary": False},
+    "no statistics": {"write_statistics": False},
+    "small pages": {"data_page_size": 2048, "row_group_size": 7_000},
+    "page index": {"write_page_index": True},
+}
+
+
+def _write(path, table=None, **options) -> str:
+    options.setdefault("row_group_size", 10_000)
+    pq.write_table(_table() if table is None else table, path, write_page_checksum=True, **options)
+    return str(path)
+
+
+def _pages_by_decoder(data: bytes, lo: int, hi: int) -> list[tuple[int, int, int]]:
+    """(data start, size, CRC or NO_CRC) of each page, walked with the Python Thrift decoder."""
+    pages, pos = [], lo
+    while pos < hi:
+        decoder = tc.Decoder(data[pos:hi])
+        header = {fid: value for fid, _, value in decoder.struct()}
+        start = pos + decoder.pos
+        crc = header[4] & 0xFFFFFFFF if 4 in header else NO_CRC
+        pages.append((start, header[3], crc))
+        pos = start + header[3]
+    return pages
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_the_walk_finds_every_page_the_thrift_decoder_finds(tmp_path, writer):
+    path = _write(tmp_path / "f.parquet", **WRITERS[writer])
+    data = open(path, "rb").read()
+    array = np.frombuffer(data, np.uint8)
+    md = pq.ParquetFile(path).metadata
+    walked = 0
+    for rg in range(md.num_row_groups):
+        for column in range(md.num_columns):
+            lo, hi = page_checks.chunk_range(md.row_group(rg).column(column))
+            spans = page_checks._spans(array, lo, hi)
+            expected = _pages_by_decoder(data, lo, hi)
+            assert [tuple(map(int, s)) for s in spans] == expected
+            assert all(crc != NO_CRC for _, _, crc in expected)  # the writer put a CRC on every page
+            walked += len(expected)
+    assert walked >= 3 * md.num_row_groups
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_a_checked_file_reads_what_pyarrow_reads(tmp_path, writer):
+    path = _write(tmp_path / "f.parquet", **WRITERS[writer])
+    checked = page_checks.open_checked(path)
+    assert isinstance(checked, CheckedParquetFile)
+    assert checked.read().equals(pq.read_table(path))
+    assert not checked._pyarrow_verifies
+    md = checked.metadata
+    assert checked._checked == {(rg, c) for rg in range(md.num_row_groups) for c in range(3)}
+
+
+def _value_pages(path: str) -> list[tuple[int, int, int]]:
+    """(row group, page, first data byte) of every page of the ``value`` chunks."""
+    data = open(path, "rb").read()
+    md = pq.ParquetFile(path).metadata
+    found = []
+    for rg in range(md.num_row_groups):
+        lo, hi = page_checks.chunk_range(md.row_group(rg).column(2))
+        found += [(rg, page, start) for page, (start, _, _) in enumerate(_pages_by_decoder(data, lo, hi))]
+    return found
+
+
+@pytest.mark.parametrize("writer", ["snappy v1", "uncompressed", "small pages"])
+def test_a_flipped_bit_in_any_page_is_caught_as_pyarrow_catches_it(tmp_path, writer):
+    good = _write(tmp_path / "good.parquet", **WRITERS[writer])
+    data = open(good, "rb").read()
+    pages = _value_pages(good)
+    for rg, page, start in pages[:: max(1, len(pages) // 6)]:
+        bad = tmp_path / f"bad-{rg}-{page}.parquet"
+        flipped = bytearray(data)
+        flipped[start + 3] ^= 0x10
+        bad.write_bytes(bytes(flipped))
+        with pytest.raises(OSError, match="CRC checksum verification failed"):  # pyarrow's verdict
+            pq.ParquetFile(bad, page_checksum_verification=True).read()
+        checked = page_checks.open_checked(str(bad))
+        assert checked.read_row_group(0 if rg else 1, columns=["value"]).num_rows  # another row group: fine
+        with pytest.raises(DataError) as caught:
+            checked.read_row_group(rg, columns=["path", "Date", "value"])
+        assert str(caught.value) == (f"{bad}: CRC checksum verification failed for column 'value', row group"
+                                     f" {rg}, page {page}: the file is corrupt")
+
+
+def test_a_leaf_fails_on_a_corrupt_page_naming_it(tmp_path):
+    good = _write(tmp_path / "good.parquet")
+    data = bytearray(open(good, "rb").read())
+    rg, page, start = _value_pages(good)[-1]
+    data[start + 8] ^= 0x01
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=f"CRC checksum verification failed for column 'value', row group {rg}"):
+        dense.dense_leaf([str(bad)], str(bad))
+
+
+def test_without_checksums_only_the_headers_are_walked(tmp_path):
+    path = str(tmp_path / "plain.parquet")
+    pq.write_table(_table(), path, compression="none")  # no page CRCs (pyarrow's default)
+    data = bytearray(open(path, "rb").read())
+    md = pq.ParquetFile(path).metadata
+    lo, hi = page_checks.chunk_range(md.row_group(0).column(2))
+    assert {crc for _, _, crc in _pages_by_decoder(bytes(data), lo, hi)} == {NO_CRC}
+    _, _, start = _value_pages(path)[0]
+    data[start + 3] ^= 0x10  # a flipped value bit: undetectable without a CRC, by anyone
+    (tmp_path / "flipped.parquet").write_bytes(bytes(data))
+    checked = page_checks.open_checked(str(tmp_path / "flipped.parquet"))
+    read = checked.read()
+    expected = pq.ParquetFile(tmp_path / "flipped.parquet", page_checksum_verification=True).read()
+    assert read.equals(expected) and not read.equals(pq.read_table(path))
+
+
+def test_a_header_the_walk_cannot_read_is_left_to_pyarrow(tmp_path):
+    good = _write(tmp_path / "good.parquet")
+    data = bytearray(open(good, "rb").read())
+    md = pq.ParquetFile(good).metadata
+    lo, _ = page_checks.chunk_range(md.row_group(0).column(2))
+    data[lo] = 0x0F  # the first header's first field: an unknown Thrift type
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(bytes(data))
+    checked = page_checks.open_checked(str(bad))
+    assert checked.read_row_group(0, columns=["path"]).num_rows == md.row_group(0).num_rows
+    with pytest.raises(OSError):  # pyarrow's own error for the header, not a wrong value
+        checked.read_row_group(0, columns=["value"])
+    assert checked._pyarrow_verifies and checked._fd is None
+
+
+def test_the_walk_refuses_cut_headers_and_asks_for_room():
+    data = tc.encode_struct([[1, tc.I32, 0], [2, tc.I32, 10], [3, tc.I32, 4], [4, tc.I32, -5]])
+    page = np.frombuffer(data + b"abcd", np.uint8)
+    out = np.empty((4, 3), np.int64)
+    assert page_checks.page_spans(page, 0, len(page), out) == 1
+    assert tuple(out[0]) == (len(data), 4, (-5) & 0xFFFFFFFF)
+    assert page_checks.page_spans(page, 0, len(page) - 1, out) == UNREADABLE  # the page runs past the chunk
+    assert page_checks.page_spans(page, 0, 3, out) == UNREADABLE  # the header is cut
+    assert page_checks.page_spans(np.frombuffer((data + b"abcd") * 2, np.uint8), 0, 2 * len(page),
+                                  np.empty((1, 3), np.int64)) == OUT_FULL
+
+
+def test_skipping_every_thrift_type_lands_where_the_decoder_does():
+    nested = EVERY_TYPE + [[41, tc.LIST, (tc.STRUCT, [EVERY_TYPE, [[1, tc.I32, 3]]])],
+                           [42, tc.MAP, (tc.I32 << 4 | tc.LIST, [(1, (tc.TRUE, [True])), (2, (tc.I16, [1, 2]))])]]
+    encoded = tc.encode_struct(nested)
+    buf = np.frombuffer(encoded + b"\x00tail", np.uint8)
+    assert page_checks._skip(buf, 0, len(buf), tc.STRUCT) == len(encoded)
+    assert page_checks._skip(buf, 0, len(encoded) - 1, tc.STRUCT) == -1  # cut short
+
+
+def test_too_deep_a_nesting_is_unreadable():
+    inner = [[1, tc.I32, 1]]
+    for _ in range(page_checks.MAX_DEPTH + 1):
+        inner = [[1, tc.STRUCT, inner]]
+    encoded = tc.encode_struct(inner)
+    assert page_checks._skip(np.frombuffer(encoded, np.uint8), 0, len(encoded), tc.STRUCT) == -1
+
+
+@pytest.mark.parametrize("fast_crc", [True, False])
+def test_without_isal_pyarrow_verifies(tmp_path, monkeypatch, fast_crc):
+    path = _write(tmp_path / "f.parquet")
+    monkeypatch.setattr(page_checks, "FAST_CRC", fast_crc)
+    expected = CheckedParquetFile if fast_crc else pq.ParquetFile
+    assert type(page_checks.open_checked(path)) is expected
+    with pytest.raises(DataError, match="file not found"):
+        page_checks.open_checked(str(tmp_path / "missing.parquet"))
+    (tmp_path / "text.parquet").write_text("not parquet")
+    with pytest.raises(DataError, match="not a readable Parquet file"):
+        page_checks.open_checked(str(tmp_path / "text.parquet"))
