@@ -19,6 +19,11 @@ column, the row group and the page, as pyarrow's would be. Pages without a CRC
 are not checked, as by pyarrow; in a file without any, the walk reads only the
 headers (about 1 ms a file).
 
+Memory: while a row group is checked, its chunks' encoded bytes are mapped
+(file pages, counted in the worker's RSS); the mapping is closed before
+pyarrow reads and decodes them, so it is never held beside that row group's
+decoded table, which the memory model already counts (and is no larger).
+
 Whatever this module cannot walk (a header it does not understand, sizes
 running past the chunk, a file that changed size since its footer was read)
 is left to pyarrow: the file is opened again with pyarrow's verification and
