@@ -285,7 +285,9 @@ def run_throttler_cluster(files: list[str], work: str, strategy: str = "aligned"
 
     out = os.path.join(work, f"{strategy}-cluster.parquet")
     with local_cluster() as client:
-        warm_workers(client, "throttler.worker.kernels", "throttler.worker.dense", "throttler.worker.scatter")
+        # as the daemon's package probe does at a worker's join (page_checks: numba, the fast page CRCs)
+        warm_workers(client, "throttler.worker.kernels", "throttler.worker.page_checks", "throttler.worker.dense",
+                     "throttler.worker.scatter")
         graph = graphs.build(throttler_plan(files, strategy), out)
         timing, summary = timed_on_cluster(client, lambda: client.compute(
             graph.final, resources={"MEMORY": TASK_MEMORY_BYTES}).result())

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from throttler.errors import DataError
-from throttler.worker import dense, page_checks, thrift_compact as tc
+from throttler.worker import dense, kernels, page_checks, thrift_compact as tc
 from throttler.worker.page_checks import NO_CRC, OUT_FULL, UNREADABLE, CheckedParquetFile
 
 from tests.unit.test_thrift_compact import EVERY_TYPE
@@ -35,6 +35,14 @@ WRITERS = {
     "small pages": {"data_page_size": 2048, "row_group_size": 7_000},
     "page index": {"write_page_index": True},
 }
+
+
+def _sorted_table(rows: int = ROWS) -> pa.Table:
+    """Keys sorted by (path, Date), as the aligned strategy's output takes them from its reference."""
+    paths, dates = np.divmod(np.arange(rows), 12)
+    return pa.table({"path": pa.array(paths, pa.int64()),
+                     "Date": pa.array((dates * 30).astype("int32"), pa.date32()),
+                     "value": pa.array(np.random.default_rng(1).standard_normal(rows))})
 
 
 def _write(path, table=None, **options) -> str:
@@ -116,15 +124,39 @@ def test_a_flipped_bit_in_any_page_is_caught_as_pyarrow_catches_it(tmp_path, wri
                                      f" {rg}, page {page}: the file is corrupt")
 
 
-def test_a_leaf_fails_on_a_corrupt_page_naming_it(tmp_path):
+@pytest.mark.parametrize("strategy", ["dense", "aligned", "sum"])
+def test_a_leaf_fails_on_a_corrupt_page_naming_it(tmp_path, strategy):
+    """Every strategy's local reads check pages here: a flipped value bit (keys untouched, so the
+    aligned leaf takes the file as aligned and reads its values) is a DataError naming file and page."""
     good = _write(tmp_path / "good.parquet")
     data = bytearray(open(good, "rb").read())
     rg, page, start = _value_pages(good)[-1]
     data[start + 8] ^= 0x01
     bad = tmp_path / "bad.parquet"
     bad.write_bytes(bytes(data))
-    with pytest.raises(DataError, match=f"CRC checksum verification failed for column 'value', row group {rg}"):
-        dense.dense_leaf([str(bad)], str(bad))
+    leaf = {"dense": lambda: dense.dense_leaf([good, str(bad)], good),
+            "aligned": lambda: kernels.aligned_leaf([good, str(bad)], good),
+            "sum": lambda: kernels.sum_leaf([good, str(bad)])}[strategy]
+    with pytest.raises(DataError) as caught:
+        leaf()
+    assert str(caught.value) == (f"{bad}: CRC checksum verification failed for column 'value', row group"
+                                 f" {rg}, page {page}: the file is corrupt")
+
+
+def test_the_aligned_final_checks_the_reference_keys_pages(tmp_path):
+    """The aligned final decodes the reference's keys for the output: a corrupt key page there is caught."""
+    reference = _write(tmp_path / "ref.parquet", table=_sorted_table())
+    partial = kernels.aligned_leaf([reference], reference)
+    data = bytearray(open(reference, "rb").read())
+    md = pq.ParquetFile(reference).metadata
+    lo, hi = page_checks.chunk_range(md.row_group(0).column(0))
+    first_page = _pages_by_decoder(bytes(data), lo, hi)[-1]
+    data[first_page[0] + first_page[1] - 2] ^= 0x01  # the last byte but one of the path chunk's last page
+    open(reference, "wb").write(bytes(data))
+    with pytest.raises(DataError, match=f"{reference}: CRC checksum verification failed for column 'path',"
+                                        " row group 0, page "):
+        kernels.aligned_final([partial], reference, str(tmp_path / "out.parquet"))
+    assert not (tmp_path / "out.parquet").exists()
 
 
 def test_without_checksums_only_the_headers_are_walked(tmp_path):
@@ -198,3 +230,37 @@ def test_without_isal_pyarrow_verifies(tmp_path, monkeypatch, fast_crc):
     (tmp_path / "text.parquet").write_text("not parquet")
     with pytest.raises(DataError, match="not a readable Parquet file"):
         page_checks.open_checked(str(tmp_path / "text.parquet"))
+
+
+def test_aligned_and_sum_load_numba_only_where_a_worker_has_it(tmp_path):
+    """``load_numba=False`` (the aligned and sum tasks) opens with pyarrow's verification in a process
+    without numba, and never imports it; once page_checks is loaded (the worker probe), it checks here."""
+    import subprocess
+    import sys
+
+    path = _write(tmp_path / "f.parquet")
+    script = f"""
+import sys
+from throttler.worker import contract, kernels
+plain = contract.open_checked({path!r}, load_numba=False)
+print(type(plain).__name__, "numba" in sys.modules)
+from throttler.worker import page_checks
+print(type(contract.open_checked({path!r}, load_numba=False)).__name__)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["ParquetFile", "False", "CheckedParquetFile"]
+
+
+def test_the_worker_probe_loads_page_checks(tmp_path):
+    """A worker the daemon's package probe has run on has page_checks (so numba) loaded."""
+    import subprocess
+    import sys
+
+    script = """
+import sys
+from throttler.cluster.workers import worker_package_probe
+report = worker_package_probe()()
+print(report["error"], "throttler.worker.page_checks" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["None", "True"]

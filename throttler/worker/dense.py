@@ -418,14 +418,6 @@ def _compiled():
     return scatter
 
 
-def _open_checked(path: str):
-    """``path`` opened for the leaf's reads, its page CRCs checked by :mod:`throttler.worker.page_checks`
-    (ISA-L's CRC, several times pyarrow's speed) where it can, else by pyarrow."""
-    from throttler.worker import page_checks
-
-    return page_checks.open_checked(path)
-
-
 def _one_array(column: pa.ChunkedArray, view=None) -> np.ndarray:
     """A contiguous numpy array of a column of one row group (zero-copy when it has one chunk)."""
     view = view or (lambda chunk: chunk.to_numpy())
@@ -526,7 +518,7 @@ class _Accumulator:
         of the leaf matched its bytes, it is scattered like any other file, which
         saves the reference-rows array and a second read of its keys.
         """
-        pf = _open_checked(path)
+        pf = contract.open_checked(path)
         schema = contract.check_schema(pf, path)
         alone = path == self.reference.path and self.reference_sums is None
         if not alone and self.reference.same_key_bytes(pf, path, schema):
@@ -585,7 +577,7 @@ class _Accumulator:
 
 def reference_cells(reference_path: str, coders: CellCoders):
     """The grid cells of the reference's rows, one row group at a time (each valid until the next)."""
-    pf = _open_checked(reference_path)
+    pf = contract.open_checked(reference_path)
     for rg in range(pf.metadata.num_row_groups):
         yield coders.cells(_read_row_group(pf, rg, list(contract.KEY_COLUMNS), reference_path), reference_path)
 
@@ -597,7 +589,7 @@ def scatter_reference_rows(sums: np.ndarray, reference_path: str, values: np.nda
 
     The reference's keys are read (one row group at a time) and checked unique.
     """
-    pf, offset = _open_checked(reference_path), 0
+    pf, offset = contract.open_checked(reference_path), 0
     for rg in range(pf.metadata.num_row_groups):
         cells = coders.cells(_read_row_group(pf, rg, list(contract.KEY_COLUMNS), reference_path), reference_path)
         # sums, not inputs: a NaN here is an inf + -inf, which the output must keep

@@ -187,7 +187,7 @@ def _added_files(acc: np.ndarray, ref: _Reference, paths: list[str], part: Parti
     """
     if reads is None:
         for path in paths:
-            pf = contract.open_parquet(path)
+            pf = contract.open_checked(path, load_numba=False)
             schema = contract.check_schema(pf, path)
             extra = 0 if ref.same_key_bytes(pf, path, schema) else ref.verify_same_keys(pf, path)
             yield max(extra, _add_values(acc, pf, path, part, skip_nans)), storage.size_bytes(path)
@@ -254,7 +254,7 @@ def aligned_result(partials: list[Partial], reference_path: str) -> tuple[Partia
         total.absorb_stats(partials[0])
     else:
         total = aligned_combine(partials)
-    paths, dates = contract.stored_keys(contract.open_parquet(reference_path), reference_path)
+    paths, dates = contract.stored_keys(contract.open_checked(reference_path, load_numba=False), reference_path)
     values, peak = total.data, max(total.peak_bytes, total.data.nbytes * 4)
     if not contract.stored_keys_sorted(paths, dates):  # rare: the simulator writes keys sorted
         order = contract.sort_keys(*contract.normalise_keys(pa.table({"path": paths, "Date": dates}),
@@ -289,7 +289,7 @@ def aligned_final(partials: list[Partial], reference_path: str, output_path: str
     total = Partial(None)
     for part in partials:
         total.absorb_stats(part)
-    pf = contract.open_parquet(reference_path)
+    pf = contract.open_checked(reference_path, load_numba=False)
     schema = output_schema(pf.schema_arrow.field("Date").type)
     try:
         with contextlib.closing(prefetch.ahead(_output_row_groups(partials, pf, reference_path))) as tables:
@@ -352,7 +352,7 @@ def _summary(total: Partial, written: int, rows: int, peak, started, output_path
 
 def _read_frame(path: str, part: Partial, progress: FileProgress) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Read one file's keys (int64) and values (float64, NaN skipped) and check the keys."""
-    pf = contract.open_parquet(path)
+    pf = contract.open_checked(path, load_numba=False)
     schema = contract.check_schema(pf, path)
     if part.date_type is None:
         part.date_type = schema.date_type
