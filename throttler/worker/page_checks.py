@@ -1,4 +1,4 @@
-"""Parquet page checksums verified with a fast CRC-32, for the ``dense`` leaves' reads of local files.
+"""Parquet page checksums verified with a fast CRC-32, for the leaves' reads of local files.
 
 A page's header may carry the CRC-32 (zlib's polynomial) of the bytes that
 follow it. pyarrow verifies it when asked (``page_checksum_verification``), at
@@ -8,7 +8,9 @@ AMD EPYC VM. ISA-L's CRC-32 (the ``isal`` package: carry-less multiply, about
 20 GB/s there, against 2.8 GB/s for the system zlib's) does the same check on the
 same pages in 8-10 ms a file, page headers walked included.
 
-So a ``dense`` leaf opens each local file without pyarrow's verification and,
+So a ``dense`` leaf (and an ``aligned`` or ``sum`` task, where numba is loaded:
+:func:`throttler.worker.contract.open_checked`) opens each local file without
+pyarrow's verification and,
 before pyarrow decodes the column chunks of a row group, checks them here:
 :class:`CheckedParquetFile` maps the row group's byte range read-only (the page
 cache's pages, no copy; unmapped before pyarrow reads them), a compiled loop
