@@ -264,3 +264,15 @@ print(report["error"], "throttler.worker.page_checks" in sys.modules)
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["None", "True"]
+
+
+def test_a_page_checks_still_being_imported_is_not_used(tmp_path, monkeypatch):
+    """A worker thread that finds page_checks half imported (the probe importing it meanwhile) uses pyarrow."""
+    import sys
+    import types
+
+    from throttler.worker import contract
+
+    path = _write(tmp_path / "f.parquet")
+    monkeypatch.setitem(sys.modules, "throttler.worker.page_checks", types.ModuleType("throttler.worker.page_checks"))
+    assert type(contract.open_checked(path, load_numba=False)) is pq.ParquetFile

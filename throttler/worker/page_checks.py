@@ -371,3 +371,8 @@ def open_checked(path: str) -> pq.ParquetFile | CheckedParquetFile:
         return CheckedParquetFile(path)
     except OSError:
         return contract.open_parquet(path)  # pyarrow's own error (file not found, not Parquet ...)
+
+
+#: set last: the module is whole (a thread that finds it in ``sys.modules`` while another thread is
+#: still importing it must not use it: :func:`throttler.worker.contract.open_checked`)
+LOADED = True
