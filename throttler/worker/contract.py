@@ -72,10 +72,9 @@ def open_checked(path: str, load_numba: bool = True):
     ran a ``dense`` task, whose memory model counts the compiled code), so an
     ``aligned`` or ``sum`` task never grows its worker by more than its estimate.
     """
-    loaded = sys.modules.get("throttler.worker.page_checks")
-    if not getattr(loaded, "LOADED", False):  # not imported, or still being imported by another thread
-        if not load_numba:
-            return open_parquet(path)
+    loaded = sys.modules.get("throttler.worker.page_checks")  # None, or maybe still being imported by a thread
+    if not load_numba and not getattr(loaded, "LOADED", False):
+        return open_parquet(path)
     from throttler.worker import page_checks  # waits for another thread's import to finish
 
     return page_checks.open_checked(path)
