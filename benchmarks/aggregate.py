@@ -244,6 +244,16 @@ def local_cluster():
             yield client
 
 
+def strategy_modules(strategy: str) -> tuple[str, ...]:
+    """The modules a worker has imported once it ran ``strategy``'s tasks: the daemon's package
+    probe imports ``kernels`` at a worker's join; ``dense`` tasks load numba (and so the fast page
+    checks, which ``aligned`` and ``sum`` then use); other strategies' workers stay without it."""
+    if strategy == "dense":
+        return ("throttler.worker.kernels", "throttler.worker.dense", "throttler.worker.scatter",
+                "throttler.worker.dense_merge", "throttler.worker.page_checks")
+    return ("throttler.worker.kernels",)
+
+
 def warm_workers(client, *modules: str) -> None:
     """Import ``modules`` on every worker, so that the timer sees no imports there either."""
     import importlib
@@ -285,9 +295,7 @@ def run_throttler_cluster(files: list[str], work: str, strategy: str = "aligned"
 
     out = os.path.join(work, f"{strategy}-cluster.parquet")
     with local_cluster() as client:
-        # as the daemon's package probe does at a worker's join (page_checks: numba, the fast page CRCs)
-        warm_workers(client, "throttler.worker.kernels", "throttler.worker.page_checks", "throttler.worker.dense",
-                     "throttler.worker.scatter")
+        warm_workers(client, *strategy_modules(strategy))
         graph = graphs.build(throttler_plan(files, strategy), out)
         timing, summary = timed_on_cluster(client, lambda: client.compute(
             graph.final, resources={"MEMORY": TASK_MEMORY_BYTES}).result())

@@ -223,8 +223,7 @@ def test_package_problem_names_each_way_a_worker_can_be_wrong():
         "dask-throttler 1.1.9 is installed there; this daemon runs 1.2.0"
     assert "not installed there" in package_problem("1.2.0", {"version": None, "error": None})
     broken = package_problem("1.2.0", {"version": "1.2.0", "error": "ImportError: no pyarrow"})
-    assert "importing its worker modules (throttler.worker.kernels, page_checks) fails: ImportError: no pyarrow" \
-        in broken
+    assert "importing throttler.worker.kernels fails: ImportError: no pyarrow" in broken
     assert "check failed there: OSError: timed out" in package_problem("1.2.0", OSError("timed out"))
     assert "returned None" in package_problem("1.2.0", None)
 

@@ -234,7 +234,7 @@ def test_without_isal_pyarrow_verifies(tmp_path, monkeypatch, fast_crc):
 
 def test_aligned_and_sum_load_numba_only_where_a_worker_has_it(tmp_path):
     """``load_numba=False`` (the aligned and sum tasks) opens with pyarrow's verification in a process
-    without numba, and never imports it; once page_checks is loaded (the worker probe), it checks here."""
+    without numba, and never imports it; once page_checks is loaded (a dense task), it checks here."""
     import subprocess
     import sys
 
@@ -251,8 +251,9 @@ print(type(contract.open_checked({path!r}, load_numba=False)).__name__)
     assert out == ["ParquetFile", "False", "CheckedParquetFile"]
 
 
-def test_the_worker_probe_loads_page_checks(tmp_path):
-    """A worker the daemon's package probe has run on has page_checks (so numba) loaded."""
+def test_the_worker_probe_leaves_numba_unloaded(tmp_path):
+    """The daemon's package probe imports kernels but not numba: 100 MiB more in every idle worker,
+    which admission's import baseline does not count, paused small workers."""
     import subprocess
     import sys
 
@@ -260,14 +261,15 @@ def test_the_worker_probe_loads_page_checks(tmp_path):
 import sys
 from throttler.cluster.workers import worker_package_probe
 report = worker_package_probe()()
-print(report["error"], "throttler.worker.page_checks" in sys.modules)
+print(report["error"], "throttler.worker.kernels" in sys.modules, "throttler.worker.page_checks" in sys.modules,
+      "numba" in sys.modules)
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["None", "True"]
+    assert out == ["None", "True", "False", "False"]
 
 
 def test_a_page_checks_still_being_imported_is_not_used(tmp_path, monkeypatch):
-    """A worker thread that finds page_checks half imported (the probe importing it meanwhile) uses pyarrow."""
+    """A worker thread that finds page_checks half imported (a dense task importing it meanwhile) uses pyarrow."""
     import sys
     import types
 

@@ -14,10 +14,10 @@ def worker_package_probe() -> Callable:
 
     Shipped by value (defined inside this function) so that it runs even on a
     worker without throttler. It imports ``throttler.worker.kernels`` there, which
-    also takes that import out of the first task the worker runs, and
-    ``throttler.worker.page_checks`` (numba: 100 MiB once, measured in the
-    worker's memory before its tasks instead of inside the first one), with
-    which ``aligned`` and ``sum`` tasks check page CRCs several times faster.
+    also takes that import out of the first task the worker runs. It does not
+    load numba (``throttler.worker.page_checks``): 100 MiB more in every idle
+    worker, which admission's import baseline does not count, paused the 600 MB
+    workers of ``tests/cluster/test_admission_e2e.py``; only ``dense`` tasks load it.
     """
 
     def probe() -> dict:
@@ -29,7 +29,6 @@ def worker_package_probe() -> Callable:
             return {"version": None, "error": None}
         try:
             import_module("throttler.worker.kernels")
-            import_module("throttler.worker.page_checks")
         except Exception as exc:  # noqa: BLE001 - reported, not raised
             return {"version": version, "error": f"{type(exc).__name__}: {exc}"}
         return {"version": version, "error": None}
@@ -52,8 +51,7 @@ def package_problem(expected_version: str, report: object) -> str | None:
     if version is None:
         return f"{DISTRIBUTION} is not installed there; tasks will fail to unpickle"
     if error:
-        return (f"{DISTRIBUTION} {version} is installed but importing its worker modules (throttler.worker.kernels,"
-                f" page_checks) fails: {error}")
+        return f"{DISTRIBUTION} {version} is installed but importing throttler.worker.kernels fails: {error}"
     if version != expected_version:
         return f"{DISTRIBUTION} {version} is installed there; this daemon runs {expected_version}"
     return None
