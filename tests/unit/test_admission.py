@@ -18,6 +18,7 @@ from throttler.admission.policy import (
     queue_order,
 )
 from throttler.cluster.snapshot import (
+    NUMBA_RESIDENT_BYTES,
     WORKER_BASELINE_BYTES,
     ClusterSnapshot,
     WorkerView,
@@ -29,11 +30,11 @@ MiB = 2**20
 
 
 def worker(name="w1", limit=10 * GiB, process=0, old=None, managed=0, status="running", nthreads=2,
-           processing=1):
+           processing=1, code=0):
     return WorkerView(name=name, address=f"tcp://{name}:1", status=status, nthreads=nthreads,
                       memory_limit_bytes=limit, process_bytes=process, managed_bytes=managed,
                       unmanaged_old_bytes=process if old is None else old,
-                      processing=processing)
+                      processing=processing, resident_code_bytes=code)
 
 
 def snap(*workers):
@@ -111,6 +112,23 @@ def test_idle_workers_kept_allocator_pages_are_reusable():
     # The same figures on busy workers count in full.
     busy = snap(worker("w1", process=3 * GiB, managed=GiB), worker("w2", process=3 * GiB, managed=GiB))
     assert decide(busy, [], plan(group_peak=8 * GiB, task_peak=1 * GiB), now_seconds=0).free_bytes == 6 * GiB
+
+
+def test_idle_workers_code_loaded_past_the_baseline_counts_as_their_own():
+    # One idle worker reports numba loaded (a dense task ran there); the other does not.
+    code = NUMBA_RESIDENT_BYTES
+    idle = snap(worker("w1", process=3 * GiB, managed=GiB, processing=0, code=code),
+                worker("w2", process=3 * GiB, managed=GiB, processing=0))
+    d = decide(idle, [], plan(group_peak=8 * GiB, task_peak=1 * GiB), now_seconds=0)
+    assert d.free_bytes == 12 * GiB - 2 * (GiB + WORKER_BASELINE_BYTES) - code
+    # Reservations add to it: a worker's own memory includes its code.
+    d = decide(idle, [reservation("a", 2 * GiB)], plan(group_peak=1 * GiB, task_peak=1 * GiB), now_seconds=0)
+    assert d.free_bytes == 12 * GiB - max(2 * (GiB + WORKER_BASELINE_BYTES) + code,
+                                          2 * WORKER_BASELINE_BYTES + code + 2 * GiB)
+    # Never more than the process holds: a worker just started shows less than baseline + code.
+    small = snap(worker("w1", process=200 * MiB, processing=0, code=code))
+    assert decide(small, [], plan(group_peak=1 * GiB, task_peak=1 * GiB), now_seconds=0).free_bytes \
+        == 6 * GiB - 200 * MiB
 
 
 def test_process_memory_counts_when_larger_than_reservations():

@@ -176,7 +176,9 @@ def _shown_and_own(running: tuple[WorkerView, ...]) -> tuple[int, int]:
 
     A busy worker counts its whole process memory, and its old unmanaged
     memory as its own. An idle worker counts its managed data plus at most the
-    import baseline: the rest is allocator pages kept from earlier tasks,
+    import baseline and the code it loaded since (numba, once a ``dense`` task
+    ran there: 100 MiB that the baseline alone left uncounted, enough to pause a
+    600 MB worker): the rest is allocator pages kept from earlier tasks,
     which the next task reuses (measured: a worker idle at 66 MB stays near
     200 MB after a pandas task, ``malloc_trim`` or not). Reservations add to
     the workers' own memory: they cover the lag between a submit and its
@@ -188,8 +190,9 @@ def _shown_and_own(running: tuple[WorkerView, ...]) -> tuple[int, int]:
             shown += w.process_bytes
             own += w.unmanaged_old_bytes
         else:
-            shown += min(w.process_bytes, WORKER_BASELINE_BYTES + w.managed_bytes)
-            own += min(w.process_bytes, WORKER_BASELINE_BYTES)
+            idle_own = min(w.process_bytes, WORKER_BASELINE_BYTES + w.resident_code_bytes)
+            shown += min(w.process_bytes, idle_own + w.managed_bytes)
+            own += idle_own
     return shown, own
 
 

@@ -6,7 +6,7 @@ import time
 from typing import Any, Callable
 
 from throttler.cluster import worker_memory
-from throttler.cluster.snapshot import ClusterSnapshot, WorkerView
+from throttler.cluster.snapshot import RESIDENT_CODE_METRIC, ClusterSnapshot, WorkerView
 from throttler.errors import DoesNotFit
 
 
@@ -43,6 +43,7 @@ def _scheduler_worker_records() -> Callable:
     """
 
     memory_key, solo_key, topic = worker_memory.MEMORY_BYTES, worker_memory.SOLO_BYTES, worker_memory.EVENT_TOPIC
+    code_key = RESIDENT_CODE_METRIC
 
     def collect(dask_scheduler) -> list[dict]:
         sized = {}  # each worker's latest sizing event: the limit its budgets came from
@@ -66,6 +67,7 @@ def _scheduler_worker_records() -> Callable:
                 used_budget_bytes=float(used.get(memory_key, 0.0)),
                 processing=len(ws.processing),
                 sized_limit_bytes=sized.get(ws.address, 0),
+                resident_code_bytes=int((getattr(ws, "metrics", None) or {}).get(code_key, 0) or 0),
             ))
         return records
 

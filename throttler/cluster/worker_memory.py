@@ -32,6 +32,13 @@ workers of its machine leave (at least an even share of it). Any limit other
 than the worker's own is logged as a warning and its report says which
 (``limit_source``).
 
+A worker that loads numba later (a ``dense`` task's compiled loops: 112 MiB
+for the process's life) is sized again within a second, that code taken out
+of both budgets, and reports it in its heartbeats (``resident_code_bytes`` of
+:mod:`throttler.cluster.snapshot`), which admission counts as the worker's own.
+Without that, a 600 MB worker that had run a dense task paused under a queue
+of ``sum`` and ``groupby`` groups (``tests/cluster/test_admission_e2e.py``).
+
 The submitter calls :func:`task_resources` with a task's peak and a snapshot
 from :func:`read_capacities`; the result goes to ``client.compute(...,
 resources=...)``.
@@ -39,14 +46,17 @@ resources=...)``.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 from distributed import WorkerPlugin
+from tornado.ioloop import PeriodicCallback
 
 from throttler.cluster import memory_domain
-from throttler.cluster.snapshot import DEFAULT_PAUSE_FRACTION, SOLO_MARGIN
+from throttler.cluster.snapshot import (DEFAULT_PAUSE_FRACTION, RESIDENT_CODE_METRIC, SOLO_MARGIN,
+                                        resident_code_bytes)
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +74,10 @@ DEFAULT_SHARE = 0.6
 
 
 
+#: How often a worker checks whether it loaded code past its sizing (numba), and its callback's name.
+RESIDENT_CODE_CHECK_SECONDS = 1.0
+RESIDENT_CODE_CALLBACK = "throttler-resident-code"
+
 #: Event topic the plugin reports each worker's sizing on (read by :func:`read_capacities`).
 EVENT_TOPIC = "throttler-memory"
 
@@ -74,7 +88,7 @@ class Sizing:
 
     limit_bytes: int  #: the limit used (the worker's own, or assumed when it has none)
     limit_source: str  #: "memory_limit", "configured" or "host-share"
-    idle_rss_bytes: int  #: the worker's RSS at setup, subtracted from both budgets
+    idle_rss_bytes: int  #: the worker's RSS at setup (plus code loaded since), subtracted from both budgets
     memory_bytes: int  #: throttler-memory-bytes
     solo_bytes: int  #: throttler-solo-bytes
 
@@ -101,9 +115,14 @@ class ThrottlerMemoryPlugin(WorkerPlugin):
         self.assumed_limit_bytes = assumed_limit_bytes
 
     async def setup(self, worker) -> None:
+        worker.metrics[RESIDENT_CODE_METRIC] = resident_code_bytes  # in every heartbeat: see admission
         self._domain = memory_domain.domain_id()
         self._own_limit_bytes, self._own_source = self._own_limit(worker)
         self._idle_rss_bytes = _rss_bytes()
+        self._code_at_setup_bytes = self._code_sized_bytes = resident_code_bytes()
+        watch = PeriodicCallback(functools.partial(self._watch_code, worker), RESIDENT_CODE_CHECK_SECONDS * 1000)
+        worker.periodic_callbacks[RESIDENT_CODE_CALLBACK] = watch  # the worker stops it when it closes
+        watch.start()
         try:
             await memory_domain.publish(worker, self._domain, self._own_limit_bytes)
         except Exception as exc:  # noqa: BLE001 -- sized alone rather than not at all
@@ -135,7 +154,7 @@ class ThrottlerMemoryPlugin(WorkerPlugin):
         if self._own_limit_bytes and limit != self._own_limit_bytes:
             source = memory_domain.CAPPED_SOURCE
         mm = worker.memory_manager
-        sizing = worker_sizing(limit, source, self._idle_rss_bytes, self.share, mm.memory_pause_fraction)
+        sizing = worker_sizing(limit, source, self._idle_bytes(), self.share, mm.memory_pause_fraction)
         await worker.set_resources(**{MEMORY_BYTES: sizing.memory_bytes, SOLO_BYTES: sizing.solo_bytes,
                                       WORKER_TOKEN: 1.0})
         report = {"worker": worker.address, "name": str(worker.name), "nthreads": worker.state.nthreads,
@@ -144,6 +163,22 @@ class ThrottlerMemoryPlugin(WorkerPlugin):
         level = logging.INFO if source == "memory_limit" else logging.WARNING
         log.log(level, "throttler memory: worker %s sized %s", worker.address, report)
         return [m.address for m in members if m.address != worker.address]
+
+
+    def _idle_bytes(self) -> int:
+        """The worker's RSS at setup, plus code it loaded since (numba, by a dense task)."""
+        return self._idle_rss_bytes + max(0, self._code_sized_bytes - self._code_at_setup_bytes)
+
+    async def _watch_code(self, worker) -> None:
+        """Size the worker again once it holds more code than when it was sized (a check a second)."""
+        code_bytes = resident_code_bytes()
+        if code_bytes == self._code_sized_bytes:
+            return
+        self._code_sized_bytes = code_bytes
+        try:
+            await self.size(worker)
+        except Exception as exc:  # noqa: BLE001 -- admission still counts the code as the worker's own
+            log.warning("throttler memory: cannot size worker %s again: %s", worker.address, exc)
 
 
 async def _size_again(worker, addresses: list[str]) -> None:
