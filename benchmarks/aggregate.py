@@ -245,13 +245,25 @@ def local_cluster():
 
 
 def strategy_modules(strategy: str) -> tuple[str, ...]:
-    """The modules a worker has imported once it ran ``strategy``'s tasks: the daemon's package
-    probe imports ``kernels`` at a worker's join; ``dense`` tasks load numba (and so the fast page
-    checks, which ``aligned`` and ``sum`` then use); other strategies' workers stay without it."""
+    """The modules a worker has imported once it ran ``strategy``'s tasks, beyond what the daemon's
+    package probe imports at its join (:func:`warm_like_the_daemon`): ``dense`` tasks load numba
+    and its compiled loops. ``THROTTLER_BENCH_WORKER_MODULES`` (comma-separated) adds modules."""
+    extra = tuple(m for m in os.environ.get("THROTTLER_BENCH_WORKER_MODULES", "").split(",") if m)
     if strategy == "dense":
-        return ("throttler.worker.kernels", "throttler.worker.dense", "throttler.worker.scatter",
-                "throttler.worker.dense_merge", "throttler.worker.page_checks")
-    return ("throttler.worker.kernels",)
+        return ("throttler.worker.dense", "throttler.worker.scatter", "throttler.worker.dense_merge",
+                "throttler.worker.page_checks") + extra
+    return extra
+
+
+def warm_like_the_daemon(client, strategy: str) -> None:
+    """Workers as a daemon's are when ``strategy``'s group runs: the package probe run on them (it
+    imports kernels, and numba's page checks on workers of 2.19 GiB or more, as these 4 GB ones;
+    ``THROTTLER_BENCH_NO_PROBE=1`` leaves the probe out), then :func:`strategy_modules`."""
+    from throttler.cluster.workers import worker_package_reports
+
+    if os.environ.get("THROTTLER_BENCH_NO_PROBE") != "1":
+        worker_package_reports(client, list(client.scheduler_info()["workers"]))
+    warm_workers(client, "throttler.worker.kernels", *strategy_modules(strategy))
 
 
 def warm_workers(client, *modules: str) -> None:
@@ -295,7 +307,7 @@ def run_throttler_cluster(files: list[str], work: str, strategy: str = "aligned"
 
     out = os.path.join(work, f"{strategy}-cluster.parquet")
     with local_cluster() as client:
-        warm_workers(client, *strategy_modules(strategy))
+        warm_like_the_daemon(client, strategy)
         graph = graphs.build(throttler_plan(files, strategy), out)
         timing, summary = timed_on_cluster(client, lambda: client.compute(
             graph.final, resources={"MEMORY": TASK_MEMORY_BYTES}).result())
@@ -341,7 +353,7 @@ def run_throttler_cluster_no_write(files: list[str], work: str) -> dict:
     """The aligned graph through the LocalCluster, its final task stopping short of the write:
     the same work as the floor's plus key verification and attachment (like for like)."""
     with local_cluster() as client:
-        warm_workers(client, "throttler.worker.kernels")
+        warm_like_the_daemon(client, "aligned")
         final = no_write_graph(files)
         timing, summary = timed_on_cluster(client, lambda: client.compute(
             final, resources={"MEMORY": TASK_MEMORY_BYTES}).result())

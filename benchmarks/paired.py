@@ -100,7 +100,7 @@ def child_main(args) -> None:
         client = None
         if name in ON_CLUSTER:
             client = stack.enter_context(aggregate.local_cluster())
-            aggregate.warm_workers(client, *aggregate.strategy_modules(name.split("-")[0]))
+            aggregate.warm_like_the_daemon(client, name.split("-")[0])
         body = method_body(name, aggregate.group_files(args, layout or "aligned"), str(work), client)
         body()  # warm-up, untimed
         seconds = 0.0

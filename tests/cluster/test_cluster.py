@@ -223,7 +223,10 @@ def test_package_problem_names_each_way_a_worker_can_be_wrong():
         "dask-throttler 1.1.9 is installed there; this daemon runs 1.2.0"
     assert "not installed there" in package_problem("1.2.0", {"version": None, "error": None})
     broken = package_problem("1.2.0", {"version": "1.2.0", "error": "ImportError: no pyarrow"})
-    assert "importing throttler.worker.kernels fails: ImportError: no pyarrow" in broken
+    assert "installed but its worker modules fail: ImportError: no pyarrow" in broken
+    # A worker of another version is reported as such, whatever its modules do.
+    assert package_problem("1.2.0", {"version": "1.1.9", "error": "ImportError: no module page_checks"}) == \
+        "dask-throttler 1.1.9 is installed there; this daemon runs 1.2.0"
     assert "check failed there: OSError: timed out" in package_problem("1.2.0", OSError("timed out"))
     assert "returned None" in package_problem("1.2.0", None)
 
@@ -245,5 +248,6 @@ def test_package_probe_runs_where_throttler_cannot_be_imported(tmp_path):
 
     done = _call_where_throttler_cannot_be_imported(tmp_path, worker_package_probe(), "f()")
     assert done.returncode == 0, done.stderr
-    assert "'error': 'ImportError: blocked for the test: throttler'" in done.stdout, done.stdout
+    assert "'error': 'importing throttler.worker.kernels: ImportError: blocked for the test: throttler'" in done.stdout, \
+        done.stdout
 

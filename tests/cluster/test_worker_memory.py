@@ -310,3 +310,35 @@ def _assert_capped(client, names, limit_bytes, host_bytes):
         assert caps[name].limit_source == "host-capped"
         assert caps[name].memory_bytes == int(limit_bytes * wm.DEFAULT_SHARE) - reports[name]["idle_rss_bytes"]
     assert sum(caps[n].memory_bytes for n in names) <= host_bytes * wm.DEFAULT_SHARE  # what the host holds
+
+
+def test_a_large_joining_worker_loads_numba_at_the_probe_and_is_sized_without_it():
+    """Workers of 3 GB: the daemon's package probe loads numba there (112 MiB, under the 5% margin),
+    and within a second or two each reports that code and has both budgets lowered by it."""
+    from throttler.cluster.embedded import start_embedded_cluster
+    from throttler.cluster.scheduler import read_snapshot
+    from throttler.cluster.snapshot import NUMBA_PRELOAD_MIN_LIMIT_BYTES, NUMBA_RESIDENT_BYTES
+    from throttler.cluster.workers import worker_package_reports
+
+    limit_bytes = 3_000_000_000
+    assert limit_bytes >= NUMBA_PRELOAD_MIN_LIMIT_BYTES
+    cluster, client = start_embedded_cluster(memory_limit_bytes=limit_bytes, n_workers=2, threads_per_worker=1)
+    try:
+        wm.register(client)
+
+        def budgets() -> dict[str, tuple[int, int, int]]:
+            return {w.address: (w.memory_budget_bytes, w.solo_budget_bytes, w.resident_code_bytes)
+                    for w in read_snapshot(client).workers}
+
+        wait_for(lambda: all(b[0] for b in budgets().values()), 30)
+        before = budgets()
+        assert all(code == 0 for _, _, code in before.values())
+        reports = worker_package_reports(client, list(before))
+        assert all(r["error"] is None for r in reports.values()), reports
+        assert all(client.run(lambda: "numba" in __import__("sys").modules).values())
+        after = {a: (m - NUMBA_RESIDENT_BYTES, s - NUMBA_RESIDENT_BYTES, NUMBA_RESIDENT_BYTES)
+                 for a, (m, s, _) in before.items()}
+        wait_for(lambda: budgets() == after, 30)
+    finally:
+        client.close()
+        cluster.close()

@@ -6,6 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from throttler.cluster.snapshot import NUMBA_PRELOAD_MIN_LIMIT_BYTES
 from throttler.errors import DataError
 from throttler.worker import dense, kernels, page_checks, thrift_compact as tc
 from throttler.worker.page_checks import NO_CRC, OUT_FULL, UNREADABLE, CheckedParquetFile
@@ -251,21 +252,26 @@ print(type(contract.open_checked({path!r}, load_numba=False)).__name__)
     assert out == ["ParquetFile", "False", "CheckedParquetFile"]
 
 
-def test_the_worker_probe_leaves_numba_unloaded(tmp_path):
-    """The daemon's package probe imports kernels but not numba: 100 MiB more in every idle worker,
-    which admission's import baseline does not count, paused small workers."""
+@pytest.mark.parametrize("limit_bytes, loaded", [(None, False), (600_000_000, False),
+                                                 (NUMBA_PRELOAD_MIN_LIMIT_BYTES - 1, False),
+                                                 (NUMBA_PRELOAD_MIN_LIMIT_BYTES, True), (32 * 2**30, True)])
+def test_the_worker_probe_loads_numba_only_on_workers_large_enough(limit_bytes, loaded):
+    """The daemon's package probe imports kernels everywhere, and page_checks (numba: 112 MiB) only
+    where that is at most the 5% solo margin of the worker's limit; a 600 MB worker is left without."""
     import subprocess
     import sys
 
-    script = """
-import sys
+    script = f"""
+import sys, types
 from throttler.cluster.workers import worker_package_probe
-report = worker_package_probe()()
+worker = None if {limit_bytes!r} is None else types.SimpleNamespace(
+    memory_manager=types.SimpleNamespace(memory_limit={limit_bytes!r}))
+report = worker_package_probe()(worker)
 print(report["error"], "throttler.worker.kernels" in sys.modules, "throttler.worker.page_checks" in sys.modules,
       "numba" in sys.modules)
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["None", "True", "False", "False"]
+    assert out == ["None", "True", str(loaded), str(loaded)]
 
 
 def test_a_page_checks_still_being_imported_is_not_used(tmp_path, monkeypatch):

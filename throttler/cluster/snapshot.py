@@ -38,12 +38,17 @@ WORKER_BASELINE_BYTES = 144 * 2**20
 #: worker's budgets and admission counts it as the worker's own, like the baseline.
 NUMBA_RESIDENT_BYTES = 112 * 2**20
 
-#: The worker metric (in its heartbeats) that reports :func:`resident_code_bytes`.
-RESIDENT_CODE_METRIC = "throttler_resident_code_bytes"
-
 #: Below Dask's pause threshold, for one task alone: RSS read between two
 #: heartbeats and allocator pages the model does not see (docs/memory.md).
 SOLO_MARGIN = 0.05
+
+#: The smallest worker limit at which the daemon's package probe loads numba when
+#: the worker joins (2.19 GiB): its code is then at most the solo margin, so the
+#: second before the worker is sized again without it stays within that margin.
+NUMBA_PRELOAD_MIN_LIMIT_BYTES = int(NUMBA_RESIDENT_BYTES / SOLO_MARGIN)
+
+#: The worker metric (in its heartbeats) that reports :func:`resident_code_bytes`.
+RESIDENT_CODE_METRIC = "throttler_resident_code_bytes"
 
 #: Dask's default pause threshold, used when the worker's is disabled.
 DEFAULT_PAUSE_FRACTION = 0.8

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from throttler.cluster.snapshot import NUMBA_PRELOAD_MIN_LIMIT_BYTES
+
 #: The distribution workers must have installed, at the daemon's version: they
 #: unpickle tasks that call ``throttler.worker.kernels``.
 DISTRIBUTION = "dask-throttler"
@@ -14,23 +16,33 @@ def worker_package_probe() -> Callable:
 
     Shipped by value (defined inside this function) so that it runs even on a
     worker without throttler. It imports ``throttler.worker.kernels`` there, which
-    also takes that import out of the first task the worker runs. It does not
-    load numba (``throttler.worker.page_checks``): 100 MiB more in every idle
-    worker, which admission's import baseline does not count, paused the 600 MB
-    workers of ``tests/cluster/test_admission_e2e.py``; only ``dense`` tasks load it.
+    also takes that import out of the first task the worker runs, and, on a
+    worker large enough (``NUMBA_PRELOAD_MIN_LIMIT_BYTES`` of
+    :mod:`throttler.cluster.snapshot`: a limit of 2.19 GiB or more), ``throttler.worker.page_checks``, with which
+    ``aligned`` and ``sum`` tasks check page CRCs faster (an aligned group
+    7-15% faster, paired). That loads numba for the process's life (112 MiB): the
+    worker then reports it and is sized again without it within a second
+    (:mod:`throttler.cluster.worker_memory`), a delay the 5% margin below the
+    pause threshold covers. A smaller worker is left without it: on 600 MB
+    workers it cost a fifth of the limit and, before it was counted, paused them.
     """
+    min_limit_bytes = NUMBA_PRELOAD_MIN_LIMIT_BYTES
 
-    def probe() -> dict:
+    def probe(dask_worker=None) -> dict:
         from importlib import import_module, metadata
 
         try:
             version = metadata.version("dask-throttler")
         except metadata.PackageNotFoundError:
             return {"version": None, "error": None}
+        limit = int(getattr(getattr(dask_worker, "memory_manager", None), "memory_limit", 0) or 0)
+        modules = ["throttler.worker.kernels"] + (["throttler.worker.page_checks"] if limit >= min_limit_bytes
+                                                  else [])
         try:
-            import_module("throttler.worker.kernels")
+            for module in modules:
+                import_module(module)
         except Exception as exc:  # noqa: BLE001 - reported, not raised
-            return {"version": version, "error": f"{type(exc).__name__}: {exc}"}
+            return {"version": version, "error": f"importing {module}: {type(exc).__name__}: {exc}"}
         return {"version": version, "error": None}
 
     return probe
@@ -50,10 +62,10 @@ def package_problem(expected_version: str, report: object) -> str | None:
     version, error = report.get("version"), report.get("error")
     if version is None:
         return f"{DISTRIBUTION} is not installed there; tasks will fail to unpickle"
-    if error:
-        return f"{DISTRIBUTION} {version} is installed but importing throttler.worker.kernels fails: {error}"
     if version != expected_version:
         return f"{DISTRIBUTION} {version} is installed there; this daemon runs {expected_version}"
+    if error:
+        return f"{DISTRIBUTION} {version} is installed but its worker modules fail: {error}"
     return None
 
 
