@@ -156,7 +156,7 @@ def test_queue_after_dense_tasks_counts_numba_and_completes_without_pauses(tmp_p
     """The same queue on workers that ran dense tasks (numba loaded: 112 MiB past the import baseline).
 
     Before the workers took it out of their budgets and admission counted it, the sampled peak
-    reached 80-81% of the limit here and a worker paused (4 runs of 4); since, 75-78%.
+    reached 80-81% of the limit here and a worker paused (4 runs of 4); since, 71-77% in 18 runs.
     """
     from throttler.cluster.snapshot import NUMBA_RESIDENT_BYTES
     from throttler.cluster.worker_memory import register
