@@ -84,6 +84,10 @@ DENSE_PARTIAL_BYTES_PER_CELL = 9
 #: throttler.worker.scatter, loaded at the worker's first dense task and kept.
 #: Measured 140 MiB of RSS on top of a worker's baseline (which the budget
 #: leaves out); counted in every dense leaf, as the leaf may be the first.
+#: What stays after that leaf, trimmed (108 MiB measured), is the worker's
+#: from then on: it reports it and its budgets lose it
+#: (``throttler.cluster.snapshot.NUMBA_RESIDENT_BYTES``), so on such a worker a
+#: dense leaf's estimate counts the code a second time, on the safe side.
 DENSE_COMPILED_CODE_BYTES = 144 * MIB
 
 #: Dense final, beyond its inputs: one output row group being prepared and one
