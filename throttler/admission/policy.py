@@ -176,9 +176,8 @@ def _shown_and_own(running: tuple[WorkerView, ...]) -> tuple[int, int]:
 
     A busy worker counts its whole process memory, and its old unmanaged
     memory as its own. An idle worker counts its managed data plus at most the
-    import baseline and the code it loaded since (numba, once a ``dense`` task
-    ran there: 100 MiB that the baseline alone left uncounted, enough to pause a
-    600 MB worker): the rest is allocator pages kept from earlier tasks,
+    import baseline and the code it reports loaded since (numba: 112 MiB that the
+    baseline alone left uncounted, enough to pause a 600 MB worker): the rest is allocator pages kept from earlier tasks,
     which the next task reuses (measured: a worker idle at 66 MB stays near
     200 MB after a pandas task, ``malloc_trim`` or not). Reservations add to
     the workers' own memory: they cover the lag between a submit and its

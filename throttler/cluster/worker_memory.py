@@ -72,8 +72,6 @@ SHARED_TOKEN = 2.0**-10
 #: Share of the limit that the tasks running at once on one worker may fill.
 DEFAULT_SHARE = 0.6
 
-
-
 #: How often a worker checks whether it loaded code past its sizing (numba), and its callback's name.
 RESIDENT_CODE_CHECK_SECONDS = 1.0
 RESIDENT_CODE_CALLBACK = "throttler-resident-code"
@@ -163,7 +161,6 @@ class ThrottlerMemoryPlugin(WorkerPlugin):
         level = logging.INFO if source == "memory_limit" else logging.WARNING
         log.log(level, "throttler memory: worker %s sized %s", worker.address, report)
         return [m.address for m in members if m.address != worker.address]
-
 
     def _idle_bytes(self) -> int:
         """The worker's RSS at setup, plus code it loaded since (numba, by a dense task)."""

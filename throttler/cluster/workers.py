@@ -18,9 +18,9 @@ def worker_package_probe() -> Callable:
     worker without throttler. It imports ``throttler.worker.kernels`` there, which
     also takes that import out of the first task the worker runs, and, on a
     worker large enough (``NUMBA_PRELOAD_MIN_LIMIT_BYTES`` of
-    :mod:`throttler.cluster.snapshot`: a limit of 2.19 GiB or more), ``throttler.worker.page_checks``, with which
-    ``aligned`` and ``sum`` tasks check page CRCs faster (an aligned group
-    7-15% faster, paired). That loads numba for the process's life (112 MiB): the
+    :mod:`throttler.cluster.snapshot`: a limit of 2.19 GiB or more),
+    ``throttler.worker.page_checks``, with which ``aligned`` and ``sum`` tasks
+    check page CRCs faster (an aligned group 7-15% faster, paired). That loads numba for the process's life (112 MiB): the
     worker then reports it and is sized again without it within a second
     (:mod:`throttler.cluster.worker_memory`), a delay the 5% margin below the
     pause threshold covers. A smaller worker is left without it: on 600 MB
@@ -35,9 +35,10 @@ def worker_package_probe() -> Callable:
             version = metadata.version("dask-throttler")
         except metadata.PackageNotFoundError:
             return {"version": None, "error": None}
+        modules = ["throttler.worker.kernels"]
         limit = int(getattr(getattr(dask_worker, "memory_manager", None), "memory_limit", 0) or 0)
-        modules = ["throttler.worker.kernels"] + (["throttler.worker.page_checks"] if limit >= min_limit_bytes
-                                                  else [])
+        if limit >= min_limit_bytes:
+            modules.append("throttler.worker.page_checks")
         try:
             for module in modules:
                 import_module(module)
