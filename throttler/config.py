@@ -84,7 +84,22 @@ def load(path: str | None = None, overrides: dict[str, Any] | None = None,
         raise ConfigError(f"unknown configuration key(s): {', '.join(unknown)}")
     config = replace(DEFAULTS, **{k: _coerce(k, v) for k, v in values.items()})
     validate(config)
-    return config
+    return replace(config, **_absolute_paths(config))
+
+
+#: Keys holding a local path or a URL.
+PATH_KEYS = ("spool", "data_root", "output", "manifest")
+
+
+def _absolute_paths(config: Config) -> dict[str, str]:
+    """The local paths of ``config`` made absolute against this process's directory (URLs as given).
+
+    Paths go to the workers inside tasks, and a worker started elsewhere (``dask worker`` in
+    another directory, on another host with the same mounts) resolves a relative one against its
+    own directory: a relative ``--output`` was opened there and never found.
+    """
+    return {key: os.path.abspath(value) for key in PATH_KEYS
+            if (value := getattr(config, key)) and "://" not in value}
 
 
 def validate(config: Config) -> None:

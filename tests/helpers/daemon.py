@@ -259,10 +259,10 @@ class Daemon:
         self.proc.kill_group()
 
 
-def throttler_cli(*args: str, timeout_seconds: float = 60.0) -> subprocess.CompletedProcess:
-    """Run ``python -m throttler ARGS`` to completion; stdout and stderr as text."""
+def throttler_cli(*args: str, timeout_seconds: float = 60.0, cwd: str | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m throttler ARGS`` (in ``cwd``) to completion; stdout and stderr as text."""
     return subprocess.run([sys.executable, "-m", "throttler", *args], capture_output=True, text=True,
-                          timeout=timeout_seconds, env=child_env(), stdin=subprocess.DEVNULL)
+                          timeout=timeout_seconds, env=child_env(), stdin=subprocess.DEVNULL, cwd=cwd)
 
 
 def serve_args(tmp_path: Path, scheduler: str | None = None, *extra: str) -> list[str]:

@@ -157,6 +157,19 @@ def test_run_command_against_external_cluster(tmp_path, cluster):
     assert_outputs_match(tmp_path, estate)
 
 
+def test_run_with_relative_paths_against_workers_started_elsewhere(tmp_path, cluster):
+    """``--data-root data --output out``, relative to the command's directory, while the workers run
+    in another one: the paths the tasks get are the command's, made absolute (a relative output was
+    opened in the worker's directory: FileNotFoundError, retried as an outage, never done)."""
+    estate = make_estate(tmp_path / "data", {"solo": 3})
+    assert os.getcwd() != str(tmp_path)  # the workers' directory (this process's) is not the command's
+    result = throttler_cli("run", "solo", "--data-root", "data", "--output", "out", "--scheduler", cluster.address,
+                           cwd=str(tmp_path))
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    assert re.search(r"^ok +solo: 300 rows from 3 files", result.stdout, re.M), result.stdout
+    assert_outputs_match(tmp_path, estate)
+
+
 def _serve_one_group(tmp_path, daemons, address: str, group: str, n_files: int):
     """A daemon on the cluster at ``address``, one group of ``n_files`` queued and done, its output
     checked; returns the daemon and the group's done record."""

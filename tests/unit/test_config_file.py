@@ -39,3 +39,13 @@ def test_another_table_is_an_unknown_key_as_before(tmp_path):
     with pytest.raises(ConfigError) as err:
         _load(tmp_path, 'spool = "/tmp/x"\n[logging]\nlevel = "INFO"\n')
     assert str(err.value) == "unknown configuration key(s): logging"
+
+
+def test_local_paths_are_made_absolute_and_urls_are_left_as_given(tmp_path, monkeypatch):
+    """Paths go to workers that may run in another directory: relative ones are resolved here."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load(overrides={"spool": "q", "data_root": "s3://bucket/estate", "output": "out/x",
+                          "manifest": "file:///srv/manifest.csv"}, environ={})
+    assert (cfg.spool, cfg.data_root, cfg.output, cfg.manifest) == \
+        (str(tmp_path / "q"), "s3://bucket/estate", str(tmp_path / "out" / "x"), "file:///srv/manifest.csv")
+    assert load(environ={}).output == str(tmp_path / "output")
