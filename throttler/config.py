@@ -40,6 +40,9 @@ class Config:
     poll_seconds: float = 0.25  #: how often a waiting group re-reads the scheduler
     rescan_seconds: float = 5.0  #: full spool rescan period, whatever inotify says
     drain_timeout_seconds: float = 300.0
+    #: a worker found unable to read the data root or write the output is withdrawn from our tasks
+    #: and checked again this often (throttler/ops/status.py)
+    worker_recheck_seconds: float = 30.0
     metrics_address: str | None = "127.0.0.1:9464"  #: "" or None: no metrics endpoint
     allowed_uids: tuple[int, ...] | None = None  #: None: any owner may write requests
     workers: int = 0  #: embedded cluster: worker processes (0: derived from the machine)
@@ -124,7 +127,8 @@ def validate(config: Config) -> None:
         problems.append("fan_in must be >= 2")
     if config.max_attempts < 1 or config.max_transient_attempts < 1:
         problems.append("max_attempts and max_transient_attempts must be >= 1")
-    for name in ("poll_seconds", "rescan_seconds", "drain_timeout_seconds", "watch_debounce_seconds"):
+    for name in ("poll_seconds", "rescan_seconds", "drain_timeout_seconds", "watch_debounce_seconds",
+                 "worker_recheck_seconds"):
         if getattr(config, name) <= 0:
             problems.append(f"{name} must be > 0")
     if problems:

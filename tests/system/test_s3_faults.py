@@ -228,3 +228,27 @@ def test_the_clients_retry_503s_themselves_but_not_on_a_short_ranged_get(estate,
     assert proxy.requests["PUT"] == 2  # neither refusal was retried
     s3 = estate[1]
     assert s3.get_object(Bucket=BUCKET, Key="retried/o.bin")["Body"].read() == b"x" * 1000
+
+
+def test_the_output_probe_needs_the_daemons_own_directory_and_a_file_it_can_create(tmp_path):
+    from throttler.cluster.workers import output_marker, output_probe, output_problem
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with output_marker(str(out)) as marker:
+        assert marker.startswith(".throttler-probe.") and (out / marker).is_file()
+        assert output_probe(str(out), marker)() == {"error": None}
+        other = tmp_path / "same-path-elsewhere"  # what a worker with another file system there sees
+        other.mkdir()
+        report = output_probe(str(other), marker)()
+    assert report == {"error": "it is not the daemon's directory: the file the daemon has just created there is "
+                               "not seen (another file system at this path)"}
+    assert output_problem(str(other), report).startswith(f"cannot write the output directory {other} (it is not ")
+    assert list(out.iterdir()) == [] and list(other.iterdir()) == []  # neither the marker nor a test file is left
+    missing = tmp_path / "not-mounted"
+    assert output_probe(str(missing), None)() == {"error": "FileNotFoundError: [Errno 2] No such file or directory"}
+    a_file = tmp_path / "a-file"
+    a_file.write_bytes(b"")
+    assert output_probe(str(a_file), None)() == {"error": "NotADirectoryError: [Errno 20] Not a directory"}
+    with output_marker(str(missing)) as marker:  # the daemon cannot create it: the workers' own test still runs
+        assert marker is None

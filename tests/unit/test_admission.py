@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from throttler.admission.ledger import Ledger, Reservation
 from throttler.admission.policy import (
     AdmissionPolicy,
+    Budget,
     QueueEntry,
     Tally,
     choose,
@@ -361,3 +362,12 @@ def test_tally_of_is_plus_folded(rows, threads):
         folded = folded.plus(r.group_peak_bytes, r.running_bytes, r.task_peak_bytes)
     assert Tally.of(reserved) == folded
     assert Tally.of(reserved).total_bytes(threads) == folded.total_bytes(threads)
+
+
+def test_a_withdrawn_worker_is_left_out_of_capacity_and_the_planning_shape():
+    both = snap(worker("w1", limit=10 * GiB), worker("w2", limit=4 * GiB))
+    usable = both.without(["tcp://w2:1", "tcp://gone:1"])
+    assert [w.name for w in usable.workers] == ["w1"]
+    assert Budget.of(usable, 0.6).capacity_bytes == int(0.6 * 10 * GiB)
+    assert usable.shape().memory_limit_bytes == (10 * GiB,)
+    assert both.without(["tcp://gone:1"]) is both

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from throttler.config import DEFAULTS
 
@@ -202,6 +202,13 @@ class ClusterSnapshot:
     def total_threads(self) -> int:
         """Threads of the running workers."""
         return sum(w.nthreads for w in self.running_workers)
+
+    def without(self, addresses) -> "ClusterSnapshot":
+        """This snapshot without the workers at ``addresses`` (the same snapshot when none is here)."""
+        gone = set(addresses)
+        if not gone.intersection(w.address for w in self.workers):
+            return self
+        return replace(self, workers=tuple(w for w in self.workers if w.address not in gone))
 
     def shape(self) -> ClusterShape:
         """The planning shape: running and paused workers (closing ones are gone)."""

@@ -39,6 +39,12 @@ of both budgets, and reports it in its heartbeats (``resident_code_bytes`` of
 Without that, a 600 MB worker that had run a dense task paused under a queue
 of ``sum`` and ``groupby`` groups (``tests/cluster/test_admission_e2e.py``).
 
+A worker the daemon's checks find unable to read the data root or write the
+output directory (:mod:`throttler.cluster.workers`) is withdrawn
+(:func:`set_withdrawn`): sized with none of the daemon's resources, so the
+scheduler gives it none of our tasks, until a later check finds it able again
+and gives it back its budgets.
+
 The submitter calls :func:`task_resources` with a task's peak and a snapshot
 from :func:`read_capacities`; the result goes to ``client.compute(...,
 resources=...)``.
@@ -105,6 +111,9 @@ class ThrottlerMemoryPlugin(WorkerPlugin):
 
     name = "throttler-memory"
     idempotent = True
+    #: why the daemon's checks found this worker unable to run our tasks (None: it can); a
+    #: withdrawn worker is sized with no resources of ours, so the scheduler gives it none of our tasks
+    withdrawn: str | None = None
 
     def __init__(self, share: float = DEFAULT_SHARE, assumed_limit_bytes: int | None = None):
         if not 0.05 <= share <= 0.95:
@@ -153,10 +162,14 @@ class ThrottlerMemoryPlugin(WorkerPlugin):
             source = memory_domain.CAPPED_SOURCE
         mm = worker.memory_manager
         sizing = worker_sizing(limit, source, self._idle_bytes(), self.share, mm.memory_pause_fraction)
-        await worker.set_resources(**{MEMORY_BYTES: sizing.memory_bytes, SOLO_BYTES: sizing.solo_bytes,
-                                      WORKER_TOKEN: 1.0})
+        if self.withdrawn:
+            await worker.set_resources(**{MEMORY_BYTES: 0.0, SOLO_BYTES: 0.0, WORKER_TOKEN: 0.0})
+        else:
+            await worker.set_resources(**{MEMORY_BYTES: sizing.memory_bytes, SOLO_BYTES: sizing.solo_bytes,
+                                          WORKER_TOKEN: 1.0})
         report = {"worker": worker.address, "name": str(worker.name), "nthreads": worker.state.nthreads,
-                  "own_limit_bytes": self._own_limit_bytes, "domain_workers": len(members), **sizing.__dict__}
+                  "own_limit_bytes": self._own_limit_bytes, "domain_workers": len(members),
+                  "withdrawn": self.withdrawn, **sizing.__dict__}
         worker.log_event(EVENT_TOPIC, report)
         level = logging.INFO if source == "memory_limit" else logging.WARNING
         log.log(level, "throttler memory: worker %s sized %s", worker.address, report)
@@ -187,6 +200,27 @@ async def _size_again(worker, addresses: list[str]) -> None:
         await worker.scheduler.broadcast(msg=msg, workers=addresses, on_error="return")
     except Exception as exc:  # noqa: BLE001 -- they keep their sizing; this worker's is right
         log.warning("throttler memory: cannot have %s sized again: %s", addresses, exc)
+
+
+def set_withdrawn(client, addresses, reason: str | None) -> dict[str, object]:
+    """Withdraw the workers at ``addresses`` from our tasks (``reason``), or give them back (None).
+
+    Each sizes itself again at once: withdrawn, with none of the daemon's resources;
+    given back, with its budgets (and the scheduler's sizing hook hands it the tasks
+    that waited for a worker). Returns, per worker, whether its plugin was there to act.
+    """
+    return client.run(_withdraw_this_worker, reason, workers=list(addresses), on_error="return")
+
+
+async def _withdraw_this_worker(reason: str | None, dask_worker=None) -> bool:
+    """Run on a worker by :func:`set_withdrawn`."""
+    plugin = dask_worker.plugins.get(ThrottlerMemoryPlugin.name)
+    if not isinstance(plugin, ThrottlerMemoryPlugin) or not hasattr(plugin, "_domain"):
+        return False
+    if plugin.withdrawn != reason:
+        plugin.withdrawn = reason
+        await plugin.size(dask_worker)
+    return True
 
 
 async def _size_this_worker(dask_worker) -> None:

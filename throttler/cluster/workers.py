@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+import os
+import uuid
+from typing import Any, Callable, Iterator
 
 from throttler.cluster.snapshot import NUMBA_PRELOAD_MIN_LIMIT_BYTES
 
@@ -109,6 +112,98 @@ def data_root_problem(data_root: str, report: object) -> str | None:
     if not isinstance(report, dict):
         return f"the data root check returned {report!r}"
     if report.get("error"):
-        return (f"cannot read the data root {data_root} ({report['error']}); its tasks will fail: give it the "
+        return (f"cannot read the data root {data_root} ({report['error']}); its tasks would fail: give it the "
                 "same mount, endpoint and credentials as the daemon")
     return None
+
+
+#: Names of the files the output check leaves for a moment in the output directory: the
+#: daemon's marker, and each worker's own write test (dot names ending ``.tmp``, like every
+#: temporary of an output directory: swept at start if a crash leaves one).
+PROBE_PREFIX = ".throttler-probe."
+
+
+def output_probe(output_root: str, marker_name: str | None) -> Callable:
+    """The function run on each worker: ``{"error"}``, None when the worker can write ``output_root``.
+
+    A local output directory must be the daemon's own (``marker_name``, a file the daemon
+    has just created there, must be visible: a worker on another host with no such mount, or
+    another file system mounted at the same path, would write outputs nobody reads), and a
+    file must be creatable and removable in it. An object store output prefix must answer a
+    listing in its bucket (a PUT is not tried). Shipped by value, like the package probe.
+    """
+    prefix = PROBE_PREFIX
+
+    def probe() -> dict:
+        import os
+        import uuid
+
+        try:
+            from throttler import storage
+
+            if storage.is_url(output_root):
+                storage.check_reachable(output_root)
+                return {"error": None}
+            directory = storage.local_path(output_root)
+            if marker_name and not os.path.exists(os.path.join(directory, marker_name)):
+                if not os.path.isdir(directory):
+                    os.listdir(directory)  # raises what is wrong with the path itself
+                return {"error": ("it is not the daemon's directory: the file the daemon has just created "
+                                  "there is not seen (another file system at this path)")}
+            test = os.path.join(directory, f"{prefix}{uuid.uuid4().hex[:12]}.tmp")
+            fd = os.open(test, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.close(fd)
+            os.unlink(test)
+        except OSError as exc:  # without the test file's name: the same refusal reads the same each check
+            if exc.errno is None:
+                return {"error": f"{type(exc).__name__}: {str(exc).strip()[:300]}"}
+            return {"error": f"{type(exc).__name__}: [Errno {exc.errno}] {exc.strerror}"}
+        except Exception as exc:  # noqa: BLE001 - reported, not raised
+            lines = str(exc).strip().splitlines()
+            return {"error": f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"}
+        return {"error": None}
+
+    return probe
+
+
+def output_reports(client: Any, addresses, output_root: str, marker_name: str | None) -> dict[str, object]:
+    """Run the output probe on ``addresses``: a report dict per worker, or the exception it raised."""
+    return client.run(output_probe(str(output_root), marker_name), workers=list(addresses), on_error="return")
+
+
+def output_problem(output_root: str, report: object) -> str | None:
+    """Why a worker cannot write ``output_root``, or None when it can."""
+    if isinstance(report, BaseException):
+        return f"the output check failed there: {type(report).__name__}: {report}"
+    if not isinstance(report, dict):
+        return f"the output check returned {report!r}"
+    if report.get("error"):
+        return (f"cannot write the output directory {output_root} ({report['error']}); its tasks would fail: "
+                "give it the same mount, endpoint and credentials as the daemon")
+    return None
+
+
+@contextlib.contextmanager
+def output_marker(output_root: str) -> Iterator[str | None]:
+    """The daemon's marker in a local ``output_root`` while its workers look for it: its name.
+
+    None for an object store output, or when the daemon cannot create it (the
+    workers' own write test still runs).
+    """
+    from throttler import storage
+
+    if storage.is_url(output_root):
+        yield None
+        return
+    name = f"{PROBE_PREFIX}{uuid.uuid4().hex[:12]}.tmp"
+    path = os.path.join(storage.local_path(output_root), name)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError:
+        yield None
+        return
+    try:
+        yield name
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)

@@ -10,9 +10,15 @@ still seen alive, and the file's ``draining`` field says how much is left.
 Each worker that joins is checked once, off the main loop, for the daemon's
 version of dask-throttler
 (:func:`throttler.cluster.workers.package_problem`) and for access to the data
-root with the worker's own mount, endpoint and credentials
-(:func:`throttler.cluster.workers.data_root_problem`); a problem is logged as an error,
-counted in a gauge and listed in the status file.
+root and the output directory with the worker's own mount, endpoint and
+credentials (:func:`throttler.cluster.workers.data_root_problem`,
+:func:`~throttler.cluster.workers.output_problem`); a problem is logged as an
+error, counted in a gauge and listed in the status file. A worker that cannot
+reach the data or the output is also withdrawn from our tasks
+(:func:`throttler.cluster.worker_memory.set_withdrawn`) and left out of what
+admission and planning count, so the groups run on the others instead of
+failing there attempt after attempt; it is checked again every
+``worker_recheck_seconds`` and given back once it can.
 """
 
 from __future__ import annotations
@@ -27,7 +33,16 @@ from throttler import __version__
 from throttler.admission.policy import Budget, Tally
 from throttler.cluster.scheduler import read_snapshot
 from throttler.cluster.snapshot import ClusterShape, ClusterSnapshot
-from throttler.cluster.workers import data_root_problem, data_root_reports, package_problem, worker_package_reports
+from throttler.cluster.worker_memory import set_withdrawn
+from throttler.cluster.workers import (
+    data_root_problem,
+    data_root_reports,
+    output_marker,
+    output_problem,
+    output_reports,
+    package_problem,
+    worker_package_reports,
+)
 from throttler.durable import write_json_atomic
 from throttler.ops.liveness import own_start_ticks
 
@@ -48,7 +63,9 @@ class StatusReporter:
         self.workers_lost = 0
         self._checked: set[str] = set()  #: workers whose packages were checked
         self.worker_problems: dict[str, str] = {}  #: address -> why it cannot run our tasks
-        self.data_problems: dict[str, str] = {}  #: address -> why it cannot read the data root
+        #: address -> why it cannot read the data root or write the output (withdrawn from our tasks)
+        self.data_problems: dict[str, str] = {}
+        self._recheck_at = 0.0  #: when workers with data problems are checked again
         self._check_thread: threading.Thread | None = None
         self._check_after = 0.0
         self._start_ticks = own_start_ticks()
@@ -62,13 +79,22 @@ class StatusReporter:
         """The cluster shape to plan for (reads the scheduler if nothing is known yet)."""
         if self._snapshot is None or not self._snapshot.workers:
             self.observe_snapshot(read_snapshot(self.service.client))
-        return self._snapshot.shape()
+        return self.usable(self._snapshot).shape()
 
-    def observe_snapshot(self, snapshot: ClusterSnapshot) -> None:
-        """Keep the newest snapshot and count workers that vanished since the last one."""
+    def usable(self, snapshot: ClusterSnapshot) -> ClusterSnapshot:
+        """``snapshot`` without the workers withdrawn from our tasks (what admission and planning count)."""
+        with self._lock:
+            withdrawn = list(self.data_problems)
+        return snapshot.without(withdrawn)
+
+    def observe_snapshot(self, snapshot: ClusterSnapshot) -> ClusterSnapshot:
+        """Keep the newest snapshot and count workers that vanished since the last one.
+
+        Returns ``snapshot`` as admission may use it (:meth:`usable`).
+        """
         with self._lock:
             if self._snapshot is not None and snapshot.taken_at_seconds < self._snapshot.taken_at_seconds:
-                return
+                return self.usable(snapshot)
             current = {w.address for w in snapshot.workers}
             lost = self._addresses - current
             self._addresses = current
@@ -81,6 +107,7 @@ class StatusReporter:
             self.workers_lost += 1
             log.warning("worker %s left the cluster", address)
             self.service.metrics.worker_lost()
+        return self.usable(snapshot)
 
     def refresh(self, force: bool = False, read_scheduler: bool = True) -> None:
         """Publish gauges and rewrite the status file, at most once a second unless ``force``.
@@ -104,14 +131,20 @@ class StatusReporter:
         self._check_new_workers(now)
 
     def _check_new_workers(self, now: float) -> None:
-        """Check the packages of workers not checked yet, in a thread (one check at a time)."""
+        """Check workers not checked yet, or withdrawn ones again when due, in a thread (one check at a time)."""
         with self._lock:
             new = sorted(self._addresses - self._checked)
+            withdrawn = sorted(self.data_problems)
         busy = self._check_thread is not None and self._check_thread.is_alive()
-        if not new or busy or now < self._check_after:
+        if busy or now < self._check_after:
             return
-        self._check_thread = threading.Thread(target=self.check_workers, args=(new,), name="worker-check",
-                                              daemon=True)
+        if new:
+            target, args = self.check_workers, (new,)
+        elif withdrawn and now >= self._recheck_at:
+            target, args = self.check_data_access, (withdrawn,)
+        else:
+            return
+        self._check_thread = threading.Thread(target=target, args=args, name="worker-check", daemon=True)
         self._check_thread.start()
 
     def check_workers(self, addresses: list[str]) -> None:
@@ -136,24 +169,55 @@ class StatusReporter:
         self.check_data_access([a for a in addresses if a not in incompatible])
 
     def check_data_access(self, addresses: list[str]) -> None:
-        """Run the data root probe on ``addresses`` (workers with the right package) and record refusals."""
-        root = str(self.service.config.data_root)
+        """Probe the data root and the output directory from ``addresses`` (workers with the right
+        package); withdraw those that fail from our tasks, give back those that pass again."""
+        config = self.service.config
         if not addresses:
             return
+        self._recheck_at = time.monotonic() + config.worker_recheck_seconds
         try:
-            reports = data_root_reports(self.service.client, addresses, root)
+            problems = self._access_problems(addresses, str(config.data_root), str(config.output))
         except Exception as exc:  # noqa: BLE001 - the package check ran; tasks will say the rest
-            log.warning("cannot check the workers' access to the data root: %s", exc)
+            log.warning("cannot check the workers' access to the data and the output: %s", exc)
             return
-        for address, report in sorted(reports.items()):
-            problem = data_root_problem(root, report)
-            with self._lock:
-                if address not in self._addresses:
-                    continue
-                if problem:
-                    self.data_problems[address] = problem
+        for address in sorted(addresses):
+            self._settle_access(address, problems.get(address))
+
+    def _access_problems(self, addresses: list[str], data_root: str, output_root: str) -> dict[str, str]:
+        """address -> what it cannot reach ("; "-joined), for the workers of ``addresses`` that cannot."""
+        client = self.service.client
+        data = data_root_reports(client, addresses, data_root)
+        with output_marker(output_root) as marker:
+            output = output_reports(client, addresses, output_root, marker)
+        problems = {}
+        for address in addresses:
+            found = [p for p in (data_root_problem(data_root, data.get(address, {"error": None})),
+                                 output_problem(output_root, output.get(address, {"error": None}))) if p]
+            if found:
+                problems[address] = "; ".join(found)
+        return problems
+
+    def _settle_access(self, address: str, problem: str | None) -> None:
+        """Record ``address``'s check and withdraw it from our tasks, or give it back."""
+        with self._lock:
+            if address not in self._addresses:
+                return  # left meanwhile
+            before = self.data_problems.get(address)
             if problem:
-                log.error("worker %s %s", address, problem)
+                self.data_problems[address] = problem
+            else:
+                self.data_problems.pop(address, None)
+        if bool(problem) == bool(before):
+            return  # withdrawn still (the reason's text may change: kept, not logged again), or able still
+        if problem:
+            log.error("worker %s %s; it is given none of our tasks until it can", address, problem)
+        else:
+            log.warning("worker %s can now reach the data root and the output directory; it is given our tasks "
+                        "again", address)
+        try:
+            set_withdrawn(self.service.client, [address], problem)
+        except Exception as exc:  # noqa: BLE001 - admission leaves it out all the same
+            log.warning("cannot %s worker %s: %s", "withdraw" if problem else "give back", address, exc)
 
     def workers_without_data_access(self) -> dict[str, str]:
         with self._lock:
@@ -168,7 +232,7 @@ class StatusReporter:
         snap, svc = self._snapshot, self.service
         if snap is None:
             return {"limit_bytes": 0, "used_bytes": 0, "free_bytes": 0, "reserved_bytes": 0}
-        budget = Budget.of(snap, svc.config.memory_fraction)
+        budget = Budget.of(self.usable(snap), svc.config.memory_fraction)
         used = budget.used_bytes(Tally.of(svc.ledger.items()))
         return {"limit_bytes": budget.capacity_bytes, "used_bytes": used,
                 "free_bytes": budget.capacity_bytes - used, "reserved_bytes": svc.ledger.total_bytes()}

@@ -368,8 +368,8 @@ class Service:
     def _admission_policy(self) -> admission.AdmissionPolicy:
         return admission.AdmissionPolicy(self.config.memory_fraction, self.config.max_head_wait_seconds)
 
-    def _observe_snapshot(self, snapshot) -> None:
-        self.status.observe_snapshot(snapshot)
+    def _observe_snapshot(self, snapshot):
+        return self.status.observe_snapshot(snapshot)
 
     def _warn_unreachable(self, exc: Exception, now: float) -> None:
         if now - self._unreachable_warned_at >= UNREACHABLE_WARNING_SECONDS:

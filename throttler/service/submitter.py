@@ -44,7 +44,9 @@ class Submitter:
         self._client = client  #: () -> the current Client
         self._policy = policy  #: () -> the AdmissionPolicy of the current configuration
         self._resources = resources  #: (plan, snapshot) -> the resources= of a submission
-        self._observe = observe  #: (snapshot) -> None: the cluster view keeps the newest
+        #: (snapshot) -> the snapshot to admit with: the cluster view keeps the newest and leaves out
+        #: the workers withdrawn from our tasks
+        self._observe = observe
         self._clock = clock
         self.ledger = Ledger()
         self._lock = threading.Lock()
@@ -92,8 +94,7 @@ class Submitter:
             ready = any(j.not_before_seconds <= now for j in self._waiting)
         if not ready or self.stopped.is_set():
             return done
-        snapshot = read_snapshot(self._client())  # outside the lock: the ledger covers its lag
-        self._observe(snapshot)
+        snapshot = self._observe(read_snapshot(self._client()))  # outside the lock: the ledger covers its lag
         with self._lock:  # the clock read again: a job handed off during the read must not wait less than 0 s
             self._admit(snapshot, self._clock(), done)
         if done.progressed:
