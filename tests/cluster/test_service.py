@@ -224,3 +224,32 @@ def test_requests_without_a_strategy_take_the_configured_default(tmp_path, clien
     assert done == {"plain": "groupby", "json": "groupby", "explicit": "sum"}
     for group, files in estate.items():
         assert_matches_reference(tmp_path / "out" / f"{group}.parquet", files)
+
+
+def _our_memory_resources(client) -> dict[str, float]:
+    return client.run_on_scheduler(lambda dask_scheduler: {
+        a: ws.resources.get("throttler-memory-bytes", 0.0) for a, ws in dask_scheduler.workers.items()})
+
+
+def test_a_daemon_gives_back_the_workers_a_daemon_before_it_withdrew(tmp_path, client):
+    """The first service's data root is missing on every worker: it withdraws them all. The plugin keeps
+    that state in the workers; the next service, whose workers can reach its root, gives them back."""
+    blind, _, _ = make_service(tmp_path / "first", client, data_root=str(tmp_path / "first" / "no-such-root"))
+    blind.start()
+    try:
+        n_workers = len(client.scheduler_info()["workers"])
+        wait_for(lambda: len(blind.status.workers_without_data_access()) == n_workers, 30, step=blind.step)
+        wait_for(lambda: set(_our_memory_resources(client).values()) == {0.0}, 10)
+        assert blind.status.cluster_memory()["limit_bytes"] == 0  # admission counts none of them
+    finally:
+        blind.drain(10)
+    reasons = client.run(lambda dask_worker: dask_worker.plugins["throttler-memory"].withdrawn)
+    assert len(reasons) == n_workers and all(r.startswith("cannot read the data root ") for r in reasons.values())
+
+    estate = make_estate(tmp_path / "second" / "data", {"back": 3})
+    service, spool, _ = make_service(tmp_path / "second", client)
+    drop_request(spool.root, "back")
+    run_service_until_settled(service, spool, 1, timeout_seconds=60)
+    assert [r["group"] for r in records(spool.root, "done")] == ["back"]
+    assert min(_our_memory_resources(client).values()) > 0
+    assert_matches_reference(tmp_path / "second" / "out" / "back.parquet", estate["back"])

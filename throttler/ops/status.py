@@ -166,11 +166,15 @@ class StatusReporter:
             if problem:
                 log.error("worker %s cannot run this daemon's tasks as expected: %s", address, problem)
         incompatible = self.incompatible_workers()
-        self.check_data_access([a for a in addresses if a not in incompatible])
+        self.check_data_access([a for a in addresses if a not in incompatible], joined=True)
 
-    def check_data_access(self, addresses: list[str]) -> None:
+    def check_data_access(self, addresses: list[str], joined: bool = False) -> None:
         """Probe the data root and the output directory from ``addresses`` (workers with the right
-        package); withdraw those that fail from our tasks, give back those that pass again."""
+        package); withdraw those that fail from our tasks, give back those that pass again.
+
+        ``joined``: the workers' first check by this daemon, which sets their state whatever it
+        was: a daemon before this one (or a test's) may have withdrawn a worker that can now.
+        """
         config = self.service.config
         if not addresses:
             return
@@ -181,7 +185,7 @@ class StatusReporter:
             log.warning("cannot check the workers' access to the data and the output: %s", exc)
             return
         for address in sorted(addresses):
-            self._settle_access(address, problems.get(address))
+            self._settle_access(address, problems.get(address), joined)
 
     def _access_problems(self, addresses: list[str], data_root: str, output_root: str) -> dict[str, str]:
         """address -> what it cannot reach ("; "-joined), for the workers of ``addresses`` that cannot."""
@@ -197,7 +201,7 @@ class StatusReporter:
                 problems[address] = "; ".join(found)
         return problems
 
-    def _settle_access(self, address: str, problem: str | None) -> None:
+    def _settle_access(self, address: str, problem: str | None, joined: bool) -> None:
         """Record ``address``'s check and withdraw it from our tasks, or give it back."""
         with self._lock:
             if address not in self._addresses:
@@ -207,11 +211,12 @@ class StatusReporter:
                 self.data_problems[address] = problem
             else:
                 self.data_problems.pop(address, None)
-        if bool(problem) == bool(before):
-            return  # withdrawn still (the reason's text may change: kept, not logged again), or able still
-        if problem:
+        changed = bool(problem) != bool(before)  # else: withdrawn still (its reason may read otherwise), or able
+        if not changed and not joined:
+            return
+        if problem and changed:
             log.error("worker %s %s; it is given none of our tasks until it can", address, problem)
-        else:
+        elif changed:
             log.warning("worker %s can now reach the data root and the output directory; it is given our tasks "
                         "again", address)
         try:
