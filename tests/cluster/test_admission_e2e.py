@@ -12,6 +12,7 @@ import pytest
 
 from tests.conftest import wait_for
 from tests.cluster.test_service import make_service, records
+from tests.cluster.test_worker_memory import code_each_worker_holds
 from throttler.admission import policy as admission_policy
 from throttler.cluster.embedded import start_embedded_cluster
 from throttler.cluster.scheduler import read_snapshot
@@ -122,7 +123,6 @@ def client_has_numba(client) -> dict[str, bool]:
 def test_a_dense_task_makes_its_worker_report_numba_and_size_itself_again(tmp_path, small_cluster):
     """A worker that ran a dense task holds numba from then on: within a second or two its budgets
     lose that code and its heartbeats say it holds it; the other worker is left as it was."""
-    from throttler.cluster.snapshot import NUMBA_RESIDENT_BYTES
     from throttler.cluster.worker_memory import register
     from throttler.worker.dense import dense_leaf
 
@@ -141,8 +141,8 @@ def test_a_dense_task_makes_its_worker_report_numba_and_size_itself_again(tmp_pa
     assert part.files == 2
     assert client_has_numba(client) == {first: True, other: False}
     memory, solo, _ = before[first]
-    after = {first: (memory - NUMBA_RESIDENT_BYTES, solo - NUMBA_RESIDENT_BYTES, NUMBA_RESIDENT_BYTES),
-             other: before[other]}
+    code = code_each_worker_holds(client)[first]
+    after = {first: (memory - code, solo - code, code), other: before[other]}
     wait_for(lambda: budgets(client) == after, 30)
 
 
@@ -158,7 +158,6 @@ def test_queue_after_dense_tasks_counts_numba_and_completes_without_pauses(tmp_p
     Before the workers took it out of their budgets and admission counted it, the sampled peak
     reached 80-81% of the limit here and a worker paused (4 runs of 4); since, 71-77% in 18 runs.
     """
-    from throttler.cluster.snapshot import NUMBA_RESIDENT_BYTES
     from throttler.cluster.worker_memory import register
 
     client = small_cluster
@@ -168,8 +167,8 @@ def test_queue_after_dense_tasks_counts_numba_and_completes_without_pauses(tmp_p
     client.run(lambda: __import__("throttler.worker.scatter"))  # what a dense task's first call loads
     assert all(client_has_numba(client).values())
     # A worker that ran the test before's dense task has it already and keeps its sizing.
-    after = {a: (m - (NUMBA_RESIDENT_BYTES - c), s - (NUMBA_RESIDENT_BYTES - c), NUMBA_RESIDENT_BYTES)
-             for a, (m, s, c) in before.items()}
+    code = code_each_worker_holds(client)
+    after = {a: (m - (code[a] - c), s - (code[a] - c), code[a]) for a, (m, s, c) in before.items()}
     wait_for(lambda: budgets(client) == after, 30)
     run_queue_larger_than_cluster(tmp_path, small_cluster, monkeypatch)
 

@@ -94,6 +94,24 @@ def test_a_checked_file_reads_what_pyarrow_reads(tmp_path, writer):
     assert checked._checked == {(rg, c) for rg in range(md.num_row_groups) for c in range(3)}
 
 
+def test_a_view_of_the_mapping_held_past_the_check_does_not_fail_the_read(tmp_path, monkeypatch):
+    """Dask's profiler may hold a sampled frame of the page walk, and with it a view of the mapping, when
+    the check closes it: the read goes on and the mapping goes once the view does."""
+    import gc
+    import weakref
+
+    path = _write(tmp_path / "f.parquet")
+    held, real = [], page_checks._spans
+    monkeypatch.setattr(page_checks, "_spans", lambda array, lo, hi: (held.append(array), real(array, lo, hi))[1])
+    checked = page_checks.open_checked(path)
+    assert checked.read().equals(pq.read_table(path))
+    mappings = {id(a.base.obj): weakref.ref(a.base.obj) for a in held}  # array -> memoryview -> mmap
+    assert held and all(type(m()).__name__ == "mmap" and not m().closed for m in mappings.values())
+    held.clear()
+    gc.collect()
+    assert all(m() is None for m in mappings.values())  # unmapped with its last view
+
+
 def _value_pages(path: str) -> list[tuple[int, int, int]]:
     """(row group, page, first data byte) of every page of the ``value`` chunks."""
     data = open(path, "rb").read()
@@ -256,8 +274,8 @@ print(type(contract.open_checked({path!r}, load_numba=False)).__name__)
                                                  (NUMBA_PRELOAD_MIN_LIMIT_BYTES - 1, False),
                                                  (NUMBA_PRELOAD_MIN_LIMIT_BYTES, True), (32 * 2**30, True)])
 def test_the_worker_probe_loads_numba_only_on_workers_large_enough(limit_bytes, loaded):
-    """The daemon's package probe imports kernels everywhere, and page_checks (numba: 112 MiB) only
-    where that is at most the 5% solo margin of the worker's limit; a 600 MB worker is left without."""
+    """The daemon's package probe imports kernels everywhere, and page_checks (numba: up to 144 MiB)
+    only where that is at most the 5% solo margin of the worker's limit; a 600 MB worker is left without."""
     import subprocess
     import sys
 
@@ -272,6 +290,32 @@ print(report["error"], "throttler.worker.kernels" in sys.modules, "throttler.wor
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["None", "True", str(loaded), str(loaded)]
+
+
+def test_a_worker_that_compiled_the_loops_reports_more_code_than_one_that_loaded_them(tmp_path):
+    """numba's cache in a fresh directory: the first process compiles (144 MiB reported), the next loads
+    what it wrote (112 MiB); a process without numba reports nothing."""
+    import os
+    import subprocess
+    import sys
+
+    from throttler.cluster.snapshot import NUMBA_COMPILED_BYTES, NUMBA_RESIDENT_BYTES
+
+    script = """
+import sys
+from throttler.cluster.snapshot import resident_code_bytes, numba_compiled_here
+before = resident_code_bytes()
+import throttler.worker.scatter
+print(before, resident_code_bytes(), numba_compiled_here())
+"""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba-cache")}
+
+    def run() -> list[str]:
+        return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                              env=env).stdout.split()
+
+    assert run() == ["0", str(NUMBA_COMPILED_BYTES), "True"]
+    assert run() == ["0", str(NUMBA_RESIDENT_BYTES), "False"]
 
 
 def test_a_page_checks_still_being_imported_is_not_used(tmp_path, monkeypatch):

@@ -31,21 +31,29 @@ SHAPE_STATUSES = ("running", "paused")
 WORKER_BASELINE_BYTES = 144 * 2**20
 
 #: What a worker holds above that baseline once numba is loaded (by a ``dense``
-#: task: its compiled loops and the fast page checks), for the process's life:
-#: measured 100 MiB of RSS after importing the page checks (68 MiB of it LLVM's
-#: library pages), 108 MiB after a first dense leaf, trimmed. The worker reports
-#: it (:func:`resident_code_bytes`); its memory plugin takes it out of the
+#: task: its compiled loops and the fast page checks), for the process's life,
+#: when the loops come from numba's cache on disk: measured 100 MiB of RSS after
+#: importing the page checks (68 MiB of it LLVM's library pages), 106-109 MiB
+#: after a first dense leaf and a final of every key type, trimmed. The worker
+#: reports it (:func:`resident_code_bytes`); its memory plugin takes it out of the
 #: worker's budgets and admission counts it as the worker's own, like the baseline.
 NUMBA_RESIDENT_BYTES = 112 * 2**20
+
+#: The same when this process compiled the loops itself (a fresh installation whose
+#: cache is not written yet, or a cache directory the worker cannot write): LLVM keeps
+#: more. Measured 116 MiB after importing the page checks, 138-143 MiB after a dense
+#: leaf and a final of every key type. Told apart by the dispatchers' cache misses.
+NUMBA_COMPILED_BYTES = 144 * 2**20
 
 #: Below Dask's pause threshold, for one task alone: RSS read between two
 #: heartbeats and allocator pages the model does not see (docs/memory.md).
 SOLO_MARGIN = 0.05
 
 #: The smallest worker limit at which the daemon's package probe loads numba when
-#: the worker joins (2.19 GiB): its code is then at most the solo margin, so the
-#: second before the worker is sized again without it stays within that margin.
-NUMBA_PRELOAD_MIN_LIMIT_BYTES = int(NUMBA_RESIDENT_BYTES / SOLO_MARGIN)
+#: the worker joins (2.81 GiB): its code, even compiled there, is then at most the
+#: solo margin, so the second before the worker is sized again without it stays
+#: within that margin.
+NUMBA_PRELOAD_MIN_LIMIT_BYTES = int(NUMBA_COMPILED_BYTES / SOLO_MARGIN)
 
 #: The worker metric (in its heartbeats) that reports :func:`resident_code_bytes`.
 RESIDENT_CODE_METRIC = "throttler_resident_code_bytes"
@@ -98,7 +106,41 @@ class WorkerView:
 def resident_code_bytes(worker=None) -> int:
     """A worker metric: the memory this process holds past the import baseline for code it loaded
     (numba), which admission counts as the worker's own (registered by the worker memory plugin)."""
-    return NUMBA_RESIDENT_BYTES if "numba" in sys.modules else 0
+    if "numba" not in sys.modules:
+        return 0
+    return NUMBA_COMPILED_BYTES if numba_compiled_here() else NUMBA_RESIDENT_BYTES
+
+
+_compiled_here = False
+
+
+def numba_compiled_here() -> bool:
+    """Whether one of throttler's compiled functions was compiled in this process (its on-disk cache
+    missed) rather than loaded: once true, true for the process's life.
+
+    Called from the worker's event loop (heartbeats, the sizing check) while a task's thread
+    may be importing numba: it imports nothing, skips modules still being imported (seen
+    again a second later), and answers True, not remembered, if anything goes wrong.
+    """
+    global _compiled_here
+    if not _compiled_here:
+        try:
+            _compiled_here = any(_cache_missed(module) for name, module in list(sys.modules.items())
+                                 if name.startswith("throttler.worker.") and _imported(module))
+        except Exception:  # noqa: BLE001 - a dispatcher changing under us: the larger figure, this time
+            return True
+    return _compiled_here
+
+
+def _imported(module) -> bool:
+    spec = getattr(module, "__spec__", None)
+    return module is not None and not getattr(spec, "_initializing", False)
+
+
+def _cache_missed(module) -> bool:
+    """A numba dispatcher of ``module`` compiled a signature its cache did not have (numba not imported)."""
+    return any(type(value).__name__ == "CPUDispatcher" and sum(value.stats.cache_misses.values())
+               for value in list(vars(module).values()))
 
 
 @dataclass(frozen=True)

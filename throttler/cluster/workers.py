@@ -21,9 +21,10 @@ def worker_package_probe() -> Callable:
     worker without throttler. It imports ``throttler.worker.kernels`` there, which
     also takes that import out of the first task the worker runs, and, on a
     worker large enough (``NUMBA_PRELOAD_MIN_LIMIT_BYTES`` of
-    :mod:`throttler.cluster.snapshot`: a limit of 2.19 GiB or more),
+    :mod:`throttler.cluster.snapshot`: a limit of 2.81 GiB or more),
     ``throttler.worker.page_checks``, with which ``aligned`` and ``sum`` tasks
-    check page CRCs faster (an aligned group 7-15% faster, paired). That loads numba for the process's life (112 MiB): the
+    check page CRCs faster (an aligned group 7-15% faster, paired). That loads numba for the
+    process's life (112 MiB from numba's cache, 144 MiB where the worker compiles it): the
     worker then reports it and is sized again without it within a second
     (:mod:`throttler.cluster.worker_memory`), a delay the 5% margin below the
     pause threshold covers. A smaller worker is left without it: on 600 MB

@@ -68,7 +68,7 @@ def open_checked(path: str, load_numba: bool = True):
 
     That module loads numba (0.34 s and 100 MiB of RSS, 68 MiB of it LLVM's
     library pages). ``load_numba=False`` uses it only where this process has
-    loaded it already (a worker of 2.19 GiB or more, where the daemon's package
+    loaded it already (a worker of 2.81 GiB or more, where the daemon's package
     probe loads it, or one that ran a ``dense`` task; either reports that code and
     is sized again without it), so an ``aligned`` or ``sum`` task never grows its
     worker by more than its estimate.
