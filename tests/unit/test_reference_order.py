@@ -109,22 +109,18 @@ def test_a_reference_not_in_grid_order_is_scattered_as_before(tmp_path, case):
     assert_matches_reference(tmp_path / "out.parquet", paths)
 
 
-def test_files_given_matching_first_are_added_after_the_shuffled_one_straight_into_the_grid(tmp_path, monkeypatch):
-    """Whatever the leaf's order, the file to scatter makes the grid first; the matching files and the
-    reference then add into its slice, with no reference-rows array of their own."""
+def test_a_grid_made_after_the_matching_files_takes_their_array(tmp_path, monkeypatch):
+    """Matching files first, then a shuffled one: their sums so far move into the grid, whose slice takes
+    the rest."""
     ref = write_sim(tmp_path / "ref.parquet", n_paths=20, n_dates=3)
     shuffled = write_sim(tmp_path / "s.parquet", n_paths=20, n_dates=3, seed=4, shuffle=True)
     copy = _copy(ref, tmp_path / "b.parquet")
-    added = []
-    real = dense._Accumulator._add_aligned
-    monkeypatch.setattr(dense._Accumulator, "_add_scattered",
-                        lambda self, pf, path, part, real_scatter=dense._Accumulator._add_scattered:
-                        (added.append((path, "scattered", self.grid is None)), real_scatter(self, pf, path, part)))
-    monkeypatch.setattr(dense._Accumulator, "_add_aligned",
-                        lambda self, pf, path, part: (real(self, pf, path, part),
-                                                      added.append((path, "aligned", self.one_array))))
+    made = []
+    real = dense._Accumulator._make_grid
+    monkeypatch.setattr(dense._Accumulator, "_make_grid",
+                        lambda self: (real(self), made.append(self.reference_sums.base is self.values)))
     leaf = dense.dense_leaf([copy, shuffled, ref], ref)
-    assert added == [(shuffled, "scattered", True), (copy, "aligned", True), (ref, "aligned", True)]
+    assert made == [True]
     dense_merge.dense_final([leaf], ref, str(tmp_path / "out.parquet"))
     assert_matches_reference(tmp_path / "out.parquet", [copy, shuffled, ref])
 

@@ -464,15 +464,6 @@ def presence(marks: np.ndarray, cells: int) -> np.ndarray:
     return np.unpackbits(marks, count=cells, bitorder="little").view(bool)
 
 
-@dataclass
-class _OpenFile:
-    """One file of a leaf, opened, and whether its key bytes are the reference's."""
-
-    path: str
-    pf: object
-    matches: bool
-
-
 class _Accumulator:
     """The grid's sums and bitmaps of marks, plus the reference-rows sums of byte-identical files.
 
@@ -495,7 +486,11 @@ class _Accumulator:
         self.grid = grid = domain(self.paths, self.reference.schema.date_type, self.decoded)
         self.marks, self.seen = new_marks(grid.cells), new_marks(grid.cells)
         self.coders = CellCoders(grid)
-        self.values = np.zeros(grid.cells, np.float64)  # before any aligned add (see in_order)
+        self.values = np.zeros(grid.cells, np.float64)
+        if self.reference_sums is not None and self.reference_first_cell() is not None:
+            rows = self._reference_slice()
+            rows += self.reference_sums  # the matching files' sums so far; from now on they add into the grid
+            self.reference_sums = rows
 
     def reference_first_cell(self) -> int | None:
         """The grid cell of the reference's first row when its rows are a run of the grid's cells
@@ -516,32 +511,17 @@ class _Accumulator:
         """The reference-rows sums are a slice of the grid's sums."""
         return self.grid is not None and self.reference_sums is not None and self.reference_sums.base is self.values
 
-    def in_order(self, paths: list[str]) -> list[_OpenFile]:
-        """The leaf's files opened (footers only) and put in the order they are added: the files to
-        scatter first, then those whose key bytes are the reference's, the reference last.
+    def add_file(self, path: str, part: Partial) -> None:
+        """Add one file: the aligned add where its key bytes are the reference's, else the scatter-add.
 
-        Scattering first makes the grid before any aligned add, so those adds go
-        straight into the grid's slice (:attr:`one_array`) when the reference's rows
-        are a run of its cells; the other way round, the aligned files filled a
-        reference-rows array of their own first (8 B a row, its pages faulted in),
-        copied into the grid once a file had to scatter. The reference comes last:
-        when no other file of the leaf matched its bytes, it is scattered like any
-        other file, which saves the reference-rows array and a second read of its keys.
+        The reference itself comes last (:func:`_reference_last`): when no other file
+        of the leaf matched its bytes, it is scattered like any other file, which
+        saves the reference-rows array and a second read of its keys.
         """
-        opened = []
-        for path in paths:
-            pf = contract.open_checked(path)
-            schema = contract.check_schema(pf, path)
-            matches = path != self.reference.path and self.reference.same_key_bytes(pf, path, schema)
-            opened.append(_OpenFile(path, pf, matches))
-        rank = {False: 0, True: 1}
-        return sorted(opened, key=lambda f: 2 if f.path == self.reference.path else rank[f.matches])
-
-    def add_file(self, file: _OpenFile, part: Partial) -> None:
-        """Add one file of :meth:`in_order`: the aligned add where its key bytes are the reference's
-        (the reference too, when some file matched it), else the scatter-add."""
-        path, pf = file.path, file.pf
-        if file.matches or (path == self.reference.path and self.reference_sums is not None):
+        pf = contract.open_checked(path)
+        schema = contract.check_schema(pf, path)
+        alone = path == self.reference.path and self.reference_sums is None
+        if not alone and self.reference.same_key_bytes(pf, path, schema):
             self._add_aligned(pf, path, part)
         else:
             self._add_scattered(pf, path, part)
@@ -661,15 +641,19 @@ def dense_leaf(paths: list[str], reference_path: str) -> Partial:
     return part
 
 
+def _reference_last(paths: list[str], reference_path: str) -> list[str]:
+    return [p for p in paths if p != reference_path] + [p for p in paths if p == reference_path]
+
+
 def _leaf(paths: list[str], reference_path: str, decoded: bool) -> Partial:
     part = Partial(None)
     with np.errstate(invalid="ignore"):  # inf + -inf is NaN, as the contract says: no warning
         acc = _Accumulator(paths, reference_path, decoded)
         part.date_type = acc.reference.schema.date_type
         progress = FileProgress()
-        for file in acc.in_order(paths):
-            acc.add_file(file, part)
-            progress.add(storage.size_bytes(file.path))
+        for path in _reference_last(paths, reference_path):
+            acc.add_file(path, part)
+            progress.add(storage.size_bytes(path))
         progress.send()
         aligned_bytes = 0 if acc.reference_sums is None or acc.one_array else acc.reference_sums.nbytes
         grid_bytes = int(acc.grid.cells * DENSE_LEAF_BYTES_PER_CELL) if acc.grid is not None else 0
