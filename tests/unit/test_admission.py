@@ -364,10 +364,20 @@ def test_tally_of_is_plus_folded(rows, threads):
     assert Tally.of(reserved).total_bytes(threads) == folded.total_bytes(threads)
 
 
-def test_a_withdrawn_worker_is_left_out_of_capacity_and_the_planning_shape():
+def test_a_withheld_worker_is_left_out_of_capacity_and_the_planning_shape():
     both = snap(worker("w1", limit=10 * GiB), worker("w2", limit=4 * GiB))
     usable = both.without(["tcp://w2:1", "tcp://gone:1"])
-    assert [w.name for w in usable.workers] == ["w1"]
+    assert [w.name for w in usable.running_workers] == ["w1"]
     assert Budget.of(usable, 0.6).capacity_bytes == int(0.6 * 10 * GiB)
     assert usable.shape().memory_limit_bytes == (10 * GiB,)
     assert both.without(["tcp://gone:1"]) is both
+
+
+def test_a_group_that_fits_only_a_withheld_worker_waits_for_it_rather_than_fail():
+    """The big worker is withheld (its first check is running, or it cannot see the output): a group
+    whose task only it could hold is not admitted, and not failed as one that can never fit."""
+    cluster = snap(worker("small", limit=2 * GiB), worker("big", limit=20 * GiB)).without(["tcp://big:1"])
+    verdict = decide(cluster, [], plan("g", group_peak=6 * GiB), now_seconds=0.0)
+    assert not verdict.admit and not verdict.fatal
+    alone = snap(worker("small", limit=2 * GiB))
+    assert decide(alone, [], plan("g", group_peak=6 * GiB), now_seconds=0.0).fatal

@@ -58,6 +58,10 @@ NUMBA_PRELOAD_MIN_LIMIT_BYTES = int(NUMBA_COMPILED_BYTES / SOLO_MARGIN)
 #: The worker metric (in its heartbeats) that reports :func:`resident_code_bytes`.
 RESIDENT_CODE_METRIC = "throttler_resident_code_bytes"
 
+#: The status :meth:`ClusterSnapshot.without` gives a worker the daemon withholds from its tasks (it
+#: could not reach the data or the output, or its first check is not done yet).
+WITHHELD = "withheld"
+
 #: Dask's default pause threshold, used when the worker's is disabled.
 DEFAULT_PAUSE_FRACTION = 0.8
 
@@ -246,11 +250,15 @@ class ClusterSnapshot:
         return sum(w.nthreads for w in self.running_workers)
 
     def without(self, addresses) -> "ClusterSnapshot":
-        """This snapshot without the workers at ``addresses`` (the same snapshot when none is here)."""
+        """This snapshot with the workers at ``addresses`` withheld from our tasks (the same snapshot
+        when none is here): status :data:`WITHHELD`, so neither running (admission's capacity, the
+        tasks' resources) nor in the planning shape, but still among the workers a task could
+        fit once they are back (a group is not failed for fitting only a worker withheld now)."""
         gone = set(addresses)
         if not gone.intersection(w.address for w in self.workers):
             return self
-        return replace(self, workers=tuple(w for w in self.workers if w.address not in gone))
+        return replace(self, workers=tuple(replace(w, status=WITHHELD) if w.address in gone else w
+                                           for w in self.workers))
 
     def shape(self) -> ClusterShape:
         """The planning shape: running and paused workers (closing ones are gone)."""

@@ -18,7 +18,14 @@ reach the data or the output is also withdrawn from our tasks
 (:func:`throttler.cluster.worker_memory.set_withdrawn`) and left out of what
 admission and planning count, so the groups run on the others instead of
 failing there attempt after attempt; it is checked again every
-``worker_recheck_seconds`` and given back once it can.
+``worker_recheck_seconds`` and given back once it can. The check of a worker
+starts as soon as a snapshot shows it, and admission counts the worker only once
+its first check is done (:meth:`StatusReporter.admissible`, waiting at most
+``FIRST_CHECK_WAIT_SECONDS``): ``throttler run``'s groups, submitted at once,
+would otherwise reach a worker before anyone knew it cannot see the output.
+Workers left out are *withheld* in the snapshot admission reads (not running,
+still there), so a group that only a withheld worker could hold waits for it
+instead of being failed as one that can never fit.
 """
 
 from __future__ import annotations
@@ -50,6 +57,9 @@ log = logging.getLogger(__name__)
 
 REFRESH_SECONDS = 1.0
 PACKAGE_CHECK_RETRY_SECONDS = 30.0  #: after a package check that could not run at all
+#: admission leaves out a worker whose first check has not finished for at most this long after it
+#: was first seen (a check that hangs or cannot run does not hold the groups back for longer)
+FIRST_CHECK_WAIT_SECONDS = 10.0
 KNOWN_STATUSES = ("running", "paused", "closing")
 
 
@@ -62,6 +72,9 @@ class StatusReporter:
         self._addresses: set[str] = set()
         self.workers_lost = 0
         self._checked: set[str] = set()  #: workers whose packages were checked
+        self._ready: set[str] = set()  #: workers whose first check has finished (admission counts them)
+        self._first_seen: dict[str, float] = {}  #: address -> when a snapshot first showed it
+        self._check_start_lock = threading.Lock()
         self.worker_problems: dict[str, str] = {}  #: address -> why it cannot run our tasks
         #: address -> why it cannot read the data root or write the output (withdrawn from our tasks)
         self.data_problems: dict[str, str] = {}
@@ -82,32 +95,49 @@ class StatusReporter:
         return self.usable(self._snapshot).shape()
 
     def usable(self, snapshot: ClusterSnapshot) -> ClusterSnapshot:
-        """``snapshot`` without the workers withdrawn from our tasks (what admission and planning count)."""
+        """``snapshot`` without the workers withdrawn from our tasks (what planning and the status count)."""
         with self._lock:
             withdrawn = list(self.data_problems)
         return snapshot.without(withdrawn)
 
-    def observe_snapshot(self, snapshot: ClusterSnapshot) -> ClusterSnapshot:
-        """Keep the newest snapshot and count workers that vanished since the last one.
-
-        Returns ``snapshot`` as admission may use it (:meth:`usable`).
-        """
+    def admissible(self, snapshot: ClusterSnapshot, now: float | None = None) -> ClusterSnapshot:
+        """:meth:`usable`, also without the workers whose first check is still running (for at most
+        ``FIRST_CHECK_WAIT_SECONDS``): admission waits for it rather than send a group to a worker
+        that may not see the output (seen: ``throttler run``'s first group failed an attempt there)."""
+        now = time.monotonic() if now is None else now
         with self._lock:
-            if self._snapshot is not None and snapshot.taken_at_seconds < self._snapshot.taken_at_seconds:
-                return self.usable(snapshot)
+            waiting = [a for a, seen in self._first_seen.items()
+                       if a not in self._ready and now - seen < FIRST_CHECK_WAIT_SECONDS]
+        return self.usable(snapshot).without(waiting)
+
+    def observe_snapshot(self, snapshot: ClusterSnapshot) -> ClusterSnapshot:
+        """Keep the newest snapshot, count workers that vanished since the last one and start the check
+        of those that joined. Returns ``snapshot`` as admission may use it (:meth:`admissible`)."""
+        now = time.monotonic()
+        with self._lock:
+            stale = self._snapshot is not None and snapshot.taken_at_seconds < self._snapshot.taken_at_seconds
+        if stale:  # a newer one is kept; this one is still what its reader admits with
+            return self.admissible(snapshot, now)
+        with self._lock:
             current = {w.address for w in snapshot.workers}
-            lost = self._addresses - current
+            lost, joined = self._addresses - current, current - self._addresses
             self._addresses = current
             self._snapshot = snapshot
             self._checked -= lost  # a worker back at the same address is checked again
+            self._ready -= lost
             for address in lost:
                 self.worker_problems.pop(address, None)
                 self.data_problems.pop(address, None)
+                self._first_seen.pop(address, None)
+            for address in joined:
+                self._first_seen[address] = now
         for address in lost:
             self.workers_lost += 1
             log.warning("worker %s left the cluster", address)
             self.service.metrics.worker_lost()
-        return self.usable(snapshot)
+        if joined:
+            self._check_new_workers(now)  # now, not at the next refresh: admission waits for it
+        return self.admissible(snapshot, now)
 
     def refresh(self, force: bool = False, read_scheduler: bool = True) -> None:
         """Publish gauges and rewrite the status file, at most once a second unless ``force``.
@@ -132,23 +162,32 @@ class StatusReporter:
 
     def _check_new_workers(self, now: float) -> None:
         """Check workers not checked yet, or withdrawn ones again when due, in a thread (one check at a time)."""
-        with self._lock:
-            new = sorted(self._addresses - self._checked)
-            withdrawn = sorted(self.data_problems)
-        busy = self._check_thread is not None and self._check_thread.is_alive()
-        if busy or now < self._check_after:
-            return
-        if new:
-            target, args = self.check_workers, (new,)
-        elif withdrawn and now >= self._recheck_at:
-            target, args = self.check_data_access, (withdrawn,)
-        else:
-            return
-        self._check_thread = threading.Thread(target=target, args=args, name="worker-check", daemon=True)
-        self._check_thread.start()
+        with self._check_start_lock:  # the main loop and the submitters' snapshots both start checks
+            with self._lock:
+                new = sorted(self._addresses - self._checked)
+                withdrawn = sorted(self.data_problems)
+            busy = self._check_thread is not None and self._check_thread.is_alive()
+            if busy or now < self._check_after:
+                return
+            if new:
+                target, args = self.check_workers, (new,)
+            elif withdrawn and now >= self._recheck_at:
+                target, args = self.check_data_access, (withdrawn,)
+            else:
+                return
+            self._check_thread = threading.Thread(target=target, args=args, name="worker-check", daemon=True)
+            self._check_thread.start()
 
     def check_workers(self, addresses: list[str]) -> None:
-        """Run the package probe on ``addresses`` and record what is wrong with each."""
+        """Check ``addresses``' packages, then their access to the data and the output; admission
+        counts them once this is done (:meth:`admissible`), whatever it found or failed to find."""
+        try:
+            self._check_packages_and_access(addresses)
+        finally:
+            with self._lock:
+                self._ready.update(a for a in addresses if a in self._addresses)
+
+    def _check_packages_and_access(self, addresses: list[str]) -> None:
         try:
             reports = worker_package_reports(self.service.client, addresses)
         except Exception as exc:  # noqa: BLE001 - try again later; tasks still run
