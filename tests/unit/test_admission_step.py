@@ -66,6 +66,8 @@ def test_one_round_submits_what_fits_in_queue_order_and_leaves_the_rest_waiting(
                       clock=lambda: NOW_SECONDS)
     a, b, c = waiting_job("a", 1 * GiB, 90.0), waiting_job("b", 3 * GiB, 95.0), waiting_job("c", 2 * GiB, 99.0)
     service.submitter._waiting.extend([a, b, c])
+    service.status.shape()  # the first snapshot starts its workers' first check, which admission waits for
+    service.status.wait_for_checks(10)  # (the fake client has no run(): the check gives up at once)
 
     # capacity 2 x 4 GiB x 0.6 = 4.8 GiB; used: each idle worker's 144 MiB baseline -> 4.52 GiB free:
     # a (1 GiB) and b (3 GiB) fit in turn, c (2 GiB) then waits for memory

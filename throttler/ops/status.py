@@ -178,6 +178,12 @@ class StatusReporter:
             self._check_thread = threading.Thread(target=target, args=args, name="worker-check", daemon=True)
             self._check_thread.start()
 
+    def wait_for_checks(self, timeout_seconds: float) -> None:
+        """Wait until the worker check now running (if any) has finished."""
+        thread = self._check_thread
+        if thread is not None:
+            thread.join(timeout_seconds)
+
     def check_workers(self, addresses: list[str]) -> None:
         """Check ``addresses``' packages, then their access to the data and the output; admission
         counts them once this is done (:meth:`admissible`), whatever it found or failed to find."""
