@@ -108,13 +108,18 @@ def data_root_reports(client: Any, addresses, data_root: str) -> dict[str, objec
 
 def data_root_problem(data_root: str, report: object) -> str | None:
     """Why a worker cannot read ``data_root``, or None when it can."""
+    return _probe_problem("data root", f"cannot read the data root {data_root}", report)
+
+
+def _probe_problem(check: str, cannot: str, report: object) -> str | None:
+    """What a data root or output probe's ``report`` says is wrong (None: nothing)."""
     if isinstance(report, BaseException):
-        return f"the data root check failed there: {type(report).__name__}: {report}"
+        return f"the {check} check failed there: {type(report).__name__}: {report}"
     if not isinstance(report, dict):
-        return f"the data root check returned {report!r}"
+        return f"the {check} check returned {report!r}"
     if report.get("error"):
-        return (f"cannot read the data root {data_root} ({report['error']}); its tasks would fail: give it the "
-                "same mount, endpoint and credentials as the daemon")
+        return (f"{cannot} ({report['error']}); its tasks would fail: give it the same mount, endpoint and "
+                "credentials as the daemon")
     return None
 
 
@@ -174,14 +179,7 @@ def output_reports(client: Any, addresses, output_root: str, marker_name: str | 
 
 def output_problem(output_root: str, report: object) -> str | None:
     """Why a worker cannot write ``output_root``, or None when it can."""
-    if isinstance(report, BaseException):
-        return f"the output check failed there: {type(report).__name__}: {report}"
-    if not isinstance(report, dict):
-        return f"the output check returned {report!r}"
-    if report.get("error"):
-        return (f"cannot write the output directory {output_root} ({report['error']}); its tasks would fail: "
-                "give it the same mount, endpoint and credentials as the daemon")
-    return None
+    return _probe_problem("output", f"cannot write the output directory {output_root}", report)
 
 
 @contextlib.contextmanager
