@@ -106,9 +106,9 @@ class StatusReporter:
         that may not see the output (seen: ``throttler run``'s first group failed an attempt there)."""
         now = time.monotonic() if now is None else now
         with self._lock:
-            waiting = [a for a, seen in self._first_seen.items()
-                       if a not in self._ready and now - seen < FIRST_CHECK_WAIT_SECONDS]
-        return self.usable(snapshot).without(waiting)
+            held = list(self.data_problems) + [a for a, seen in self._first_seen.items()
+                                               if a not in self._ready and now - seen < FIRST_CHECK_WAIT_SECONDS]
+        return snapshot.without(held)
 
     def observe_snapshot(self, snapshot: ClusterSnapshot) -> ClusterSnapshot:
         """Keep the newest snapshot, count workers that vanished since the last one and start the check
@@ -229,8 +229,15 @@ class StatusReporter:
         except Exception as exc:  # noqa: BLE001 - the package check ran; tasks will say the rest
             log.warning("cannot check the workers' access to the data and the output: %s", exc)
             return
+        to_set: dict[str | None, list[str]] = {}  #: the withdrawal reason (None: given back) -> workers
         for address in sorted(addresses):
-            self._settle_access(address, problems.get(address), joined)
+            if self._settle_access(address, problems.get(address), joined):
+                to_set.setdefault(problems.get(address), []).append(address)
+        for reason, workers in to_set.items():  # one round trip for every worker given back, say
+            try:
+                set_withdrawn(self.service.client, workers, reason)
+            except Exception as exc:  # noqa: BLE001 - admission leaves them out all the same
+                log.warning("cannot %s workers %s: %s", "withdraw" if reason else "give back", workers, exc)
 
     def _access_problems(self, addresses: list[str], data_root: str, output_root: str) -> dict[str, str]:
         """address -> what it cannot reach ("; "-joined), for the workers of ``addresses`` that cannot."""
@@ -246,28 +253,23 @@ class StatusReporter:
                 problems[address] = "; ".join(found)
         return problems
 
-    def _settle_access(self, address: str, problem: str | None, joined: bool) -> None:
-        """Record ``address``'s check and withdraw it from our tasks, or give it back."""
+    def _settle_access(self, address: str, problem: str | None, joined: bool) -> bool:
+        """Record ``address``'s check; True when the worker's withdrawal must be set (to ``problem``)."""
         with self._lock:
             if address not in self._addresses:
-                return  # left meanwhile
+                return False  # left meanwhile
             before = self.data_problems.get(address)
             if problem:
                 self.data_problems[address] = problem
             else:
                 self.data_problems.pop(address, None)
         changed = bool(problem) != bool(before)  # else: withdrawn still (its reason may read otherwise), or able
-        if not changed and not joined:
-            return
         if problem and changed:
             log.error("worker %s %s; it is given none of our tasks until it can", address, problem)
         elif changed:
             log.warning("worker %s can now reach the data root and the output directory; it is given our tasks "
                         "again", address)
-        try:
-            set_withdrawn(self.service.client, [address], problem)
-        except Exception as exc:  # noqa: BLE001 - admission leaves it out all the same
-            log.warning("cannot %s worker %s: %s", "withdraw" if problem else "give back", address, exc)
+        return changed or joined
 
     def workers_without_data_access(self) -> dict[str, str]:
         with self._lock:

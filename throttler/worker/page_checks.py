@@ -264,8 +264,8 @@ def _close(mapped: mmap.mmap) -> None:
     Dask's statistical profiler (a worker thread sampling every thread's stack
     every 10 ms) keeps the frames it sampled for a moment; a frame of
     :func:`_spans` it holds keeps that call's view of the mapping alive after the
-    call returned, and ``close`` then raises ``BufferError`` (seen once in CI: a
-    group's attempt failed with "cannot close exported pointers exist"). The
+    call returned, and ``close`` then raises ``BufferError`` (seen once in the
+    admission tests: a group's attempt failed with "cannot close exported pointers exist"). The
     mapping is read-only and is unmapped when its last view is freed.
     """
     try:
