@@ -252,3 +252,9 @@ def test_the_output_probe_needs_the_daemons_own_directory_and_a_file_it_can_crea
     assert output_probe(str(a_file), None)() == {"error": "NotADirectoryError: [Errno 20] Not a directory"}
     with output_marker(str(missing)) as marker:  # the daemon cannot create it: the workers' own test still runs
         assert marker is None
+    left = out / ".throttler-probe.0123456789ab.tmp"  # a worker killed during its write test
+    left.write_bytes(b"")
+    (out / "g.parquet").write_bytes(b"kept")
+    with output_marker(str(out)):
+        pass
+    assert sorted(p.name for p in out.iterdir()) == ["g.parquet"]

@@ -187,7 +187,10 @@ def output_marker(output_root: str) -> Iterator[str | None]:
     """The daemon's marker in a local ``output_root`` while its workers look for it: its name.
 
     None for an object store output, or when the daemon cannot create it (the
-    workers' own write test still runs).
+    workers' own write test still runs). On the way out, every probe file still in
+    the directory goes too: checks run one at a time and each waits for all its
+    workers, so what is left is a worker's write test cut short by its death
+    (seen in the chaos tests: a worker killed mid-check left one).
     """
     from throttler import storage
 
@@ -204,5 +207,12 @@ def output_marker(output_root: str) -> Iterator[str | None]:
     try:
         yield name
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+        _remove_probe_files(os.path.dirname(path))
+
+
+def _remove_probe_files(directory: str) -> None:
+    with contextlib.suppress(OSError), os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.name.startswith(PROBE_PREFIX) and entry.name.endswith(".tmp"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
